@@ -1,0 +1,247 @@
+"""The event (SPEC §2): one frozen dataclass, validated in one place, JSON in and out."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from cgrid.errors import InvalidEvent
+from cgrid.macros import MACRO_NAMES, MacroValue, substitute
+
+ID_MAX_CHARS = 128
+URL_MAX_BYTES = 8 * 1024
+USER_AGENT_MAX_CHARS = 16 * 1024
+FORWARDED_FOR_MAX_ENTRIES = 64
+FORWARDED_FOR_MAX_CHARS = 4 * 1024
+MACRO_VALUE_MAX_CHARS = 1024
+BUYER_MAX_CHARS = 128
+
+
+class Kind(StrEnum):
+    NURL = "nurl"
+    BURL = "burl"
+
+
+class Upstream(StrEnum):
+    S2S = "s2s"
+    U2S = "u2s"
+
+
+FIELDS = frozenset(
+    {"id", "kind", "url", "upstream", "user_agent", "forwarded_for", "macros", "buyer", "created_at"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: Kind
+    url: str
+    upstream: Upstream
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    user_agent: str | None = None
+    forwarded_for: tuple[str, ...] | None = None
+    macros: Mapping[str, MacroValue] = field(default_factory=dict)
+    buyer: str | None = None
+    created_at_s: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_dict(cls, data: object, *, now_s: float | None = None) -> Event:
+        """Validate a decoded JSON object; raises :class:`InvalidEvent` naming the field."""
+        return parse_event(data, now_s=now_s)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Event:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InvalidEvent("event", f"not valid JSON ({e.__class__.__name__})") from None
+        return parse_event(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "kind": self.kind.value,
+            "url": self.url,
+            "upstream": self.upstream.value,
+            "created_at": self.created_at_s,
+        }
+        if self.user_agent is not None:
+            out["user_agent"] = self.user_agent
+        if self.forwarded_for is not None:
+            out["forwarded_for"] = list(self.forwarded_for)
+        if self.macros:
+            out["macros"] = dict(self.macros)
+        if self.buyer is not None:
+            out["buyer"] = self.buyer
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    def target_url(self) -> str:
+        """The URL to call: macros substituted."""
+        return substitute(self.url, self.macros)
+
+
+def _printable_ascii(value: str) -> bool:
+    return all(" " <= ch <= "~" for ch in value)
+
+
+def _optional_str(data: Mapping[str, Any], name: str, max_chars: int) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidEvent(name, f"must be a string or null, not {type(value).__name__}")
+    if len(value) > max_chars:
+        raise InvalidEvent(name, f"longer than {max_chars} characters")
+    return value
+
+
+def _parse_id(data: Mapping[str, Any]) -> str:
+    if "id" not in data or data["id"] is None:
+        return uuid.uuid4().hex
+    value = data["id"]
+    if not isinstance(value, str):
+        raise InvalidEvent("id", f"must be a string, not {type(value).__name__}")
+    if not 1 <= len(value) <= ID_MAX_CHARS:
+        raise InvalidEvent("id", f"must be 1 to {ID_MAX_CHARS} characters long")
+    if not _printable_ascii(value):
+        raise InvalidEvent("id", "must be printable ASCII")
+    return value
+
+
+def _parse_enum(data: Mapping[str, Any], name: str, enum: type[Kind] | type[Upstream]) -> Any:
+    if name not in data:
+        raise InvalidEvent(name, "is required")
+    value = data[name]
+    allowed = " or ".join(f'"{member.value}"' for member in enum)
+    if not isinstance(value, str):
+        raise InvalidEvent(name, f"must be {allowed}")
+    try:
+        return enum(value)
+    except ValueError:
+        raise InvalidEvent(name, f"must be {allowed}, not {value[:40]!r}") from None
+
+
+def check_url(url: str, name: str = "url") -> None:
+    """An absolute http(s) URL with a host, within the length limit."""
+    if len(url.encode("utf-8", "surrogatepass")) > URL_MAX_BYTES:
+        raise InvalidEvent(name, f"longer than {URL_MAX_BYTES} bytes")
+    if any(ch <= " " or ch == "\x7f" for ch in url):
+        raise InvalidEvent(name, "contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise InvalidEvent(name, f"is not a valid URL ({e})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidEvent(name, "must be an absolute http:// or https:// URL")
+    if not parts.hostname:
+        raise InvalidEvent(name, "has no host")
+    if port == 0:
+        raise InvalidEvent(name, "port 0 is not allowed")
+
+
+def _parse_url(data: Mapping[str, Any]) -> str:
+    if "url" not in data:
+        raise InvalidEvent("url", "is required")
+    value = data["url"]
+    if not isinstance(value, str):
+        raise InvalidEvent("url", f"must be a string, not {type(value).__name__}")
+    check_url(value)
+    return value
+
+
+def _parse_forwarded_for(data: Mapping[str, Any]) -> tuple[str, ...] | None:
+    value = data.get("forwarded_for")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if len(value) > FORWARDED_FOR_MAX_CHARS:
+            raise InvalidEvent("forwarded_for", f"longer than {FORWARDED_FOR_MAX_CHARS} characters")
+        entries = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list):
+        entries = []
+        for index, entry in enumerate(value):
+            if not isinstance(entry, str):
+                raise InvalidEvent(f"forwarded_for[{index}]", "must be a string")
+            if len(entry) > 64:
+                raise InvalidEvent(f"forwarded_for[{index}]", "longer than 64 characters")
+            entries.append(entry.strip())
+    else:
+        raise InvalidEvent("forwarded_for", "must be a list of IP strings, a string, or null")
+    if len(entries) > FORWARDED_FOR_MAX_ENTRIES:
+        raise InvalidEvent("forwarded_for", f"more than {FORWARDED_FOR_MAX_ENTRIES} entries")
+    return tuple(entries)
+
+
+def _parse_macros(data: Mapping[str, Any]) -> dict[str, MacroValue]:
+    value = data.get("macros")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidEvent("macros", "must be an object of macro name to string or number")
+    macros: dict[str, MacroValue] = {}
+    for name, item in value.items():
+        where = f"macros.{str(name)[:40]}"
+        if name not in MACRO_NAMES:
+            raise InvalidEvent(where, "is not an OpenRTB auction macro (e.g. AUCTION_PRICE)")
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise InvalidEvent(where, "must be a string or a number")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InvalidEvent(where, "must be a finite number")
+        if isinstance(item, int) and abs(item) >= 10**30:
+            raise InvalidEvent(where, "number out of range")
+        if isinstance(item, str) and len(item) > MACRO_VALUE_MAX_CHARS:
+            raise InvalidEvent(where, f"longer than {MACRO_VALUE_MAX_CHARS} characters")
+        macros[name] = item
+    return macros
+
+
+def _parse_buyer(data: Mapping[str, Any]) -> str | None:
+    value = _optional_str(data, "buyer", BUYER_MAX_CHARS)
+    if value is not None and (not value or not _printable_ascii(value)):
+        raise InvalidEvent("buyer", "must be 1 to 128 printable ASCII characters")
+    return value
+
+
+def _parse_created_at(data: Mapping[str, Any], now_s: float) -> float:
+    value = data.get("created_at")
+    if value is None:
+        return now_s
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidEvent("created_at", "must be a number (unix seconds)")
+    if not math.isfinite(value) or not 0 < value < 10**11:
+        raise InvalidEvent("created_at", "must be unix seconds (positive, finite)")
+    return float(value)
+
+
+def parse_event(data: object, *, now_s: float | None = None) -> Event:
+    """The single place where an event is validated."""
+    if not isinstance(data, dict):
+        raise InvalidEvent("event", f"must be a JSON object, not {type(data).__name__}")
+    unknown = sorted(str(key) for key in data if key not in FIELDS)
+    if unknown:
+        raise InvalidEvent(unknown[0][:60], "unknown field")
+    event = Event(
+        id=_parse_id(data),
+        kind=_parse_enum(data, "kind", Kind),
+        url=_parse_url(data),
+        upstream=_parse_enum(data, "upstream", Upstream),
+        user_agent=_optional_str(data, "user_agent", USER_AGENT_MAX_CHARS),
+        forwarded_for=_parse_forwarded_for(data),
+        macros=_parse_macros(data),
+        buyer=_parse_buyer(data),
+        created_at_s=_parse_created_at(data, time.time() if now_s is None else now_s),
+    )
+    if event.macros or "${" in event.url:
+        check_url(event.target_url(), "url (after macro substitution)")
+    return event

@@ -1,0 +1,346 @@
+"""The ledger (SPEC §6): every accepted event's state and attempts, kept in Redis.
+
+The ledger is the source of truth; Celery messages are only triggers. Every state change
+is one Lua script, so it is atomic however many workers, duplicate messages or sweepers
+race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
+
+- ``P ev:<id>``        hash: event JSON, state, attempts ``a1``/``a2``, claim bookkeeping
+- ``P due``            sorted set: id -> when the sweeper must look at it next
+- ``P report:<day>``   hash: ``<buyer>\t<counter>`` -> count, per UTC day of ``created_at``
+- ``P report:days``    sorted set of days that have counters
+- ``P watermark``      newest ``sent_at`` of any trigger a worker has started
+
+The one-retry guard is :data:`_CLAIM`: attempt ``n`` of an event can be claimed once,
+attempt 2 only after attempt 1 failed, so no event is called more than twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+from cgrid.event import Event
+
+PREFIX = "cgrid:"
+NO_BUYER = "-"
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    RETRY_SCHEDULED = "retry_scheduled"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+TERMINAL_STATES = frozenset({State.DELIVERED, State.FAILED, State.REJECTED, State.EXPIRED})
+
+
+class Outcome(StrEnum):
+    """What one attempt (or the decision not to make one) came to."""
+
+    OK = "ok"
+    UNEXPECTED = "unexpected"
+    FAIL = "fail"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class Counter(StrEnum):
+    EVENTS = "events"
+    DELIVERED_FIRST = "delivered_first"
+    DELIVERED_RETRY = "delivered_retry"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    UNEXPECTED = "unexpected"
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The result of one claimed attempt, to be written by :meth:`Ledger.finish`."""
+
+    event_id: str
+    outcome: Outcome
+    attempt_json: str = ""
+    reason: str = ""
+
+
+_LUA_COMMON = """
+local prefix = ARGV[1]
+local now = tonumber(ARGV[2])
+local function bump(day, buyer, counter, report_ttl)
+  local key = prefix .. 'report:' .. day
+  redis.call('HINCRBY', key, buyer .. '\\t' .. counter, 1)
+  redis.call('EXPIRE', key, report_ttl)
+  redis.call('ZADD', prefix .. 'report:days', tonumber((string.gsub(day, '-', ''))), day)
+end
+"""
+
+# ARGV: prefix, now, ledger_ttl, report_ttl, redeliver_after, then per event:
+# id, day, buyer, event_json. Returns 1 (accepted) or 0 (already known) per event.
+_ACCEPT = _LUA_COMMON + """
+local ttl, report_ttl, redeliver = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local out = {}
+for i = 6, #ARGV, 4 do
+  local id, day, buyer = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local key = prefix .. 'ev:' .. id
+  if redis.call('EXISTS', key) == 1 then
+    out[#out + 1] = 0
+  else
+    redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
+      'buyer', buyer, 'accepted_at', ARGV[2], 'sent_at', ARGV[2], 'claim', 0)
+    redis.call('EXPIRE', key, ttl)
+    redis.call('ZADD', prefix .. 'due', now + redeliver, id)
+    bump(day, buyer, 'events', report_ttl)
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
+# ARGV: prefix, now, attempt n, lease_s, sent_at, ids...
+# Claims attempt n of each id that may have it; returns {id, event_json, ...} of the claimed.
+_CLAIM = _LUA_COMMON + """
+local n, lease, sent_at = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local wm_key = prefix .. 'watermark'
+local wm = tonumber(redis.call('GET', wm_key) or '0')
+if sent_at > wm then redis.call('SET', wm_key, ARGV[5]) end
+local out = {}
+for i = 6, #ARGV do
+  local id = ARGV[i]
+  local key = prefix .. 'ev:' .. id
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event')
+  local state, claim = rec[1], tonumber(rec[2] or '0')
+  local ok = false
+  if claim == 0 then
+    if n == 1 then
+      ok = state == 'pending' and not rec[3]
+    else
+      ok = state == 'retry_scheduled' and rec[3] and not rec[4]
+        and now >= tonumber(rec[5] or '0') - 1
+    end
+  end
+  if ok then
+    redis.call('HSET', key, 'claim', n, 'claimed_at', ARGV[2])
+    redis.call('ZADD', prefix .. 'due', now + lease, id)
+    out[#out + 1] = id
+    out[#out + 1] = rec[6]
+  end
+end
+return out
+"""
+
+# ARGV: prefix, now, attempt n, ledger_ttl, report_ttl, retry_delay, then per event:
+# id, outcome, attempt_json, reason. Returns the new state per event ('' if not ours).
+_FINISH = _LUA_COMMON + """
+local n, ttl, report_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local delay = tonumber(ARGV[6])
+local due = prefix .. 'due'
+local out = {}
+for i = 7, #ARGV, 4 do
+  local id, outcome, attempt, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = prefix .. 'ev:' .. id
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2')
+  local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
+  local new = ''
+  local akey = 'a' .. n
+  if claim == n then
+    redis.call('HSET', key, 'claim', 0)
+    if attempt ~= '' then redis.call('HSET', key, akey, attempt) end
+    if outcome == 'ok' or outcome == 'unexpected' then
+      new = 'delivered'
+      bump(day, buyer, n == 1 and 'delivered_first' or 'delivered_retry', report_ttl)
+      if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
+    elseif outcome == 'fail' and n == 1 then
+      new = 'retry_scheduled'
+      redis.call('HSET', key, 'retry_at', tostring(now + delay))
+      redis.call('HDEL', key, 'sent_at')
+      redis.call('ZADD', due, now + delay, id)
+    elseif outcome == 'fail' then
+      new = 'failed'
+      bump(day, buyer, 'failed', report_ttl)
+    else
+      new = outcome
+      redis.call('HSET', key, 'reason', reason)
+      bump(day, buyer, outcome, report_ttl)
+    end
+  elseif n == 1 and (outcome == 'ok' or outcome == 'unexpected') and state == 'retry_scheduled'
+      and claim == 0 and not rec[6] and rec[5] and string.find(rec[5], '"error":"lost"', 1, true) then
+    -- The sweeper gave this attempt up for lost, but it did succeed: keep the truth and
+    -- cancel the retry, so a success is never followed by a second call.
+    new = 'delivered'
+    redis.call('HSET', key, akey, attempt)
+    bump(day, buyer, 'delivered_first', report_ttl)
+    if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
+  end
+  if new ~= '' then
+    redis.call('HSET', key, 'state', new)
+    if new ~= 'retry_scheduled' then
+      redis.call('ZREM', due, id)
+      redis.call('EXPIRE', key, ttl)
+    end
+  end
+  out[#out + 1] = new
+end
+return out
+"""
+
+# ARGV: prefix, now, limit, lease unused, redeliver_after, retry_delay, report_ttl, queue
+# Looks at events whose due time has passed. Returns {send1 ids..., '|', send2 ids...}.
+_SWEEP = _LUA_COMMON + """
+local limit, redeliver = tonumber(ARGV[3]), tonumber(ARGV[5])
+local delay, report_ttl, queue = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local due = prefix .. 'due'
+local wm = tonumber(redis.call('GET', prefix .. 'watermark') or '0')
+local queue_empty = redis.call('LLEN', queue) == 0
+local send1, send2 = {}, {}
+local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  local key = prefix .. 'ev:' .. id
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer')
+  local state, claim = rec[1], tonumber(rec[2] or '0')
+  if not state or (state ~= 'pending' and state ~= 'retry_scheduled') then
+    redis.call('ZREM', due, id)
+  elseif claim ~= 0 then
+    -- The attempt was claimed but never finished in its lease: its worker died. It
+    -- counts as a failed attempt (SPEC §5).
+    local lost = '{"n":' .. claim .. ',"started_at":' .. (rec[3] or '0') ..
+      ',"ms":null,"status":null,"error":"lost"}'
+    redis.call('HSET', key, 'a' .. claim, lost, 'claim', 0)
+    if claim == 1 then
+      redis.call('HSET', key, 'state', 'retry_scheduled', 'retry_at', tostring(now + delay))
+      redis.call('HDEL', key, 'sent_at')
+      redis.call('ZADD', due, now + delay, id)
+    else
+      redis.call('HSET', key, 'state', 'failed')
+      redis.call('ZREM', due, id)
+      bump(rec[5], rec[6], 'failed', report_ttl)
+    end
+  else
+    local sent_at = tonumber(rec[4] or '-1')
+    -- A trigger is (re)sent when none was sent yet (a due retry), or when the one sent
+    -- must have been lost: the queue is empty, or workers already started newer ones.
+    if sent_at < 0 or queue_empty or wm > sent_at + redeliver then
+      redis.call('HSET', key, 'sent_at', ARGV[2])
+      if state == 'pending' then send1[#send1 + 1] = id else send2[#send2 + 1] = id end
+    end
+    redis.call('ZADD', due, now + redeliver, id)
+  end
+end
+local out = send1
+out[#out + 1] = '|'
+for _, id in ipairs(send2) do out[#out + 1] = id end
+return out
+"""
+
+
+def _num(value: float) -> str:
+    return repr(float(value))
+
+
+def day_of(created_at_s: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(created_at_s))
+
+
+class Ledger:
+    """Typed access to the ledger scripts; one instance per process is enough."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._accept = client.register_script(_ACCEPT)
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+        self._sweep = client.register_script(_SWEEP)
+
+    def accept(
+        self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float
+    ) -> list[bool]:
+        """Record new events as ``pending``; False for an id the ledger already holds."""
+        args: list[Any] = [self.prefix, _num(time.time()), ledger_ttl_s, report_ttl_s,
+                           _num(redeliver_after_s)]
+        for event in events:
+            args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.to_json()]
+        return [bool(flag) for flag in self._accept(args=args)]
+
+    def claim(
+        self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float
+    ) -> list[tuple[str, str]]:
+        """Claim attempt ``attempt`` of each id; returns (id, event JSON) of those won."""
+        if not ids:
+            return []
+        args = [self.prefix, _num(time.time()), attempt, _num(lease_s), _num(sent_at_s), *ids]
+        flat = [_text(item) for item in self._claim(args=args)]
+        return list(zip(flat[0::2], flat[1::2], strict=True))
+
+    def finish(
+        self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,
+        retry_delay_s: float,
+    ) -> list[str]:
+        """Write the outcomes of claimed attempts; returns each event's new state."""
+        if not results:
+            return []
+        args: list[Any] = [self.prefix, _num(time.time()), attempt, ledger_ttl_s, report_ttl_s,
+                           _num(retry_delay_s)]
+        for result in results:
+            args += [result.event_id, result.outcome.value, result.attempt_json, result.reason]
+        return [_text(state) for state in self._finish(args=args)]
+
+    def sweep(
+        self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
+        queue: str,
+    ) -> tuple[list[str], list[str]]:
+        """Handle events whose due time passed; returns ids to (re)send for attempt 1 and 2."""
+        args = [self.prefix, _num(time.time()), limit, 0, _num(redeliver_after_s),
+                _num(retry_delay_s), report_ttl_s, queue]
+        flat = [_text(item) for item in self._sweep(args=args)]
+        split = flat.index("|")
+        return flat[:split], flat[split + 1:]
+
+    def record(self, event_id: str) -> dict[str, Any] | None:
+        """The ledger record as the ``status`` command prints it; None if unknown."""
+        raw = self.client.hgetall(self.prefix + "ev:" + event_id)
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        attempts = [json.loads(fields[key]) for key in ("a1", "a2") if key in fields]
+        record: dict[str, Any] = {
+            "id": event_id,
+            "state": fields.get("state"),
+            "attempts": attempts,
+            "event": json.loads(fields["event"]),
+            "accepted_at": float(fields.get("accepted_at", "0")),
+        }
+        if fields.get("claim", "0") != "0":
+            record["in_flight_attempt"] = int(fields["claim"])
+        if "retry_at" in fields and fields.get("state") == State.RETRY_SCHEDULED:
+            record["retry_at"] = float(fields["retry_at"])
+        if fields.get("reason"):
+            record["reason"] = fields["reason"]
+        return record
+
+    def report(self, days: int | None = None) -> list[dict[str, Any]]:
+        """Counters per buyer and day, newest day first."""
+        day_keys = self.client.zrevrange(self.prefix + "report:days", 0, -1 if days is None else days - 1)
+        rows: list[dict[str, Any]] = []
+        for day in (_text(d) for d in day_keys):
+            per_buyer: dict[str, dict[str, Any]] = {}
+            for field, count in self.client.hgetall(self.prefix + "report:" + day).items():
+                buyer, _, counter = _text(field).rpartition("\t")
+                row = per_buyer.setdefault(
+                    buyer, {"day": day, "buyer": buyer, **{c.value: 0 for c in Counter}}
+                )
+                row[counter] = int(count)
+            rows += [per_buyer[b] for b in sorted(per_buyer)]
+        return rows
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

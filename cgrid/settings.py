@@ -1,0 +1,135 @@
+"""The one settings object, built from the environment in one place (SPEC §9)."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cgrid.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DAY_S = 86_400
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a number") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name}: {raw!r} must be a finite number >= {minimum}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: {raw!r} must be >= {minimum}")
+    return value
+
+
+def parse_networks(raw: str, name: str = "CGRID_ALLOWED_NETWORKS") -> tuple[IPNetwork, ...]:
+    """Comma-separated CIDRs (``127.0.0.0/8, ::1/128``) into network objects."""
+    networks = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {part!r} is not a CIDR network") from None
+    return tuple(networks)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the fleet. Names of the SPEC §9 variables are fixed; the rest are ours."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    timeout_s: float = 2.0
+    retry_delay_s: float = 10.0
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    ledger_ttl_s: int = 7 * DAY_S
+    # Ours, beyond SPEC §9:
+    report_ttl_s: int = 90 * DAY_S
+    event_max_age_s: float = DAY_S
+    batch_size: int = 100
+    linger_ms: float = 5.0
+    call_concurrency: int = 100
+    visibility_timeout_s: int = 3600
+    sweep_interval_s: float = 0.5
+    attempt_grace_s: float = 10.0
+    redeliver_after_s: float = 30.0
+    publish_timeout_s: float = 2.0
+    log_level: str = "INFO"
+    data_dir: str = "data"
+    queue: str = field(default="cgrid.deliver")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        settings = cls(
+            redis_url=env.get("CGRID_REDIS_URL", "").strip() or cls.redis_url,
+            timeout_s=_number(env, "CGRID_TIMEOUT_S", cls.timeout_s, minimum=0.01),
+            retry_delay_s=_number(env, "CGRID_RETRY_DELAY_S", cls.retry_delay_s),
+            allowed_networks=parse_networks(env.get("CGRID_ALLOWED_NETWORKS", "")),
+            ledger_ttl_s=_integer(env, "CGRID_LEDGER_TTL_S", cls.ledger_ttl_s, minimum=60),
+            report_ttl_s=_integer(env, "CGRID_REPORT_TTL_S", cls.report_ttl_s, minimum=60),
+            event_max_age_s=_number(env, "CGRID_EVENT_MAX_AGE_S", cls.event_max_age_s, minimum=1),
+            batch_size=_integer(env, "CGRID_BATCH_SIZE", cls.batch_size),
+            linger_ms=_number(env, "CGRID_LINGER_MS", cls.linger_ms),
+            call_concurrency=_integer(env, "CGRID_CALL_CONCURRENCY", cls.call_concurrency),
+            visibility_timeout_s=_integer(
+                env, "CGRID_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=10
+            ),
+            sweep_interval_s=_number(env, "CGRID_SWEEP_INTERVAL_S", cls.sweep_interval_s, minimum=0.05),
+            attempt_grace_s=_number(env, "CGRID_ATTEMPT_GRACE_S", cls.attempt_grace_s, minimum=1),
+            redeliver_after_s=_number(env, "CGRID_REDELIVER_AFTER_S", cls.redeliver_after_s, minimum=1),
+            publish_timeout_s=_number(env, "CGRID_PUBLISH_TIMEOUT_S", cls.publish_timeout_s, minimum=0.1),
+            log_level=env.get("CGRID_LOG_LEVEL", "").strip().upper() or cls.log_level,
+            data_dir=env.get("CGRID_DATA_DIR", "").strip() or cls.data_dir,
+        )
+        settings.validate()
+        return settings
+
+    @property
+    def attempt_lease_s(self) -> float:
+        """Longest time one claimed batch may take before its unfinished attempts count as lost."""
+        waves = math.ceil(self.batch_size / self.call_concurrency)
+        return self.timeout_s * waves + self.attempt_grace_s
+
+    def validate(self) -> None:
+        """Refuse combinations that would break the one-retry and nothing-lost guarantees."""
+        if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(f"CGRID_LOG_LEVEL: {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"CGRID_REDIS_URL: {self.redis_url!r} is not a redis:// URL")
+        # A task that is still running when the visibility timeout passes is handed to a
+        # second worker by the broker; a retry due after it would come from a redelivered task.
+        if self.attempt_lease_s >= self.visibility_timeout_s:
+            raise ConfigError(
+                "CGRID_TIMEOUT_S x ceil(CGRID_BATCH_SIZE / CGRID_CALL_CONCURRENCY) + "
+                f"CGRID_ATTEMPT_GRACE_S = {self.attempt_lease_s:g}s must stay below "
+                f"CGRID_VISIBILITY_TIMEOUT_S = {self.visibility_timeout_s}s"
+            )
+        if self.retry_delay_s >= self.visibility_timeout_s:
+            raise ConfigError(
+                f"CGRID_RETRY_DELAY_S = {self.retry_delay_s:g}s must stay below "
+                f"CGRID_VISIBILITY_TIMEOUT_S = {self.visibility_timeout_s}s"
+            )
+        if self.retry_delay_s >= self.ledger_ttl_s:
+            raise ConfigError("CGRID_RETRY_DELAY_S must stay below CGRID_LEDGER_TTL_S")

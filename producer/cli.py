@@ -1,0 +1,149 @@
+"""The ``cgrid-s2s`` command line: publish, status, report, mock-dsp (SPEC §10)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from cgrid.errors import CgridError, InvalidEvent
+from cgrid.event import parse_event
+from cgrid.ledger import Counter, Ledger
+from cgrid.settings import Settings
+
+REPORT_COLUMNS = [
+    ("day", "day"),
+    ("buyer", "buyer"),
+    (Counter.EVENTS, "events"),
+    (Counter.DELIVERED_FIRST, "first try"),
+    (Counter.DELIVERED_RETRY, "on retry"),
+    (Counter.FAILED, "failed"),
+    (Counter.REJECTED, "rejected"),
+    (Counter.EXPIRED, "expired"),
+    (Counter.UNEXPECTED, "unexpected"),
+]
+
+
+def _ledger(settings: Settings) -> Ledger:
+    import redis
+
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.publish_timeout_s,
+        socket_connect_timeout=settings.publish_timeout_s,
+    )
+    return Ledger(client)
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.publisher import Publisher
+
+    source: TextIO = open(args.file, encoding="utf-8") if args.file not in (None, "-") else sys.stdin
+    errors = 0
+    with source, Publisher(settings, linger_ms=0 if args.sync else None) as publisher:
+        for number, line in enumerate(source, start=1):
+            if not line.strip():
+                continue
+            try:
+                event = parse_event(json.loads(line))
+            except ValueError as e:  # InvalidEvent and JSON errors alike
+                reason = str(e) if isinstance(e, InvalidEvent) else f"event: not valid JSON ({e})"
+                print(f"line {number}: {reason}", file=sys.stderr)
+                errors += 1
+                continue
+            print(publisher.publish(event), flush=not args.file)
+        publisher.flush()
+    return 1 if errors else 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    record = _ledger(settings).record(args.id)
+    if record is None:
+        print(f"unknown event id: {args.id}", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no events in the ledger's report window"
+    table = [[title for _, title in REPORT_COLUMNS]]
+    table += [[str(row[key]) for key, _ in REPORT_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(REPORT_COLUMNS))]
+    lines = []
+    for index, line in enumerate(table):
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    rows = _ledger(settings).report(days=args.days)
+    if args.buyer:
+        rows = [row for row in rows if row["buyer"] == args.buyer]
+    print(json.dumps(rows, indent=2) if args.json else format_report(rows))
+    return 0
+
+
+def cmd_mock_dsp(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.mock_dsp import MockDspServer
+
+    server = MockDspServer(args.host, args.port, verbose=not args.quiet)
+    print(f"mock DSP listening on {server.url} (GET {server.url}/_calls lists the calls)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cgrid-s2s", description="cgrid-s2s: s2s win and billing notices")
+    sub = parser.add_subparsers(dest="command", required=True)
+    publish = sub.add_parser("publish", help="publish JSON-lines events; prints one id per line")
+    publish.add_argument("file", nargs="?", help="a JSON-lines file (default: standard input)")
+    publish.add_argument("--sync", action="store_true", help="send every event at once, no batching")
+    publish.set_defaults(run=cmd_publish)
+    status = sub.add_parser("status", help="the ledger record of one event as JSON")
+    status.add_argument("id")
+    status.set_defaults(run=cmd_status)
+    report = sub.add_parser("report", help="counts per buyer and day")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.add_argument("--days", type=int, default=None, help="only the newest N days")
+    report.add_argument("--buyer", default=None, help="only this buyer")
+    report.set_defaults(run=cmd_report)
+    mock = sub.add_parser("mock-dsp", help="a local buyer endpoint for demos and tests")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8099)
+    mock.add_argument("--quiet", action="store_true", help="do not log each call")
+    mock.set_defaults(run=cmd_mock_dsp)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return int(args.run(args, settings))
+    except CgridError as e:
+        print(f"cgrid-s2s: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"cgrid-s2s: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # redis errors on status/report: say what, not a traceback
+        import redis
+
+        if isinstance(e, redis.RedisError):
+            print(f"cgrid-s2s: Redis at {Settings.from_env().redis_url} is unreachable: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""``Publisher``: how upstream auction code hands events to the fleet (SPEC §10).
+
+``publish()`` validates the event and buffers it; a background thread sends the buffer
+every ``linger_ms`` (or as soon as ``batch_size`` events wait), like a Kafka producer.
+Sending = one Lua script that records the new events in the ledger (idempotently, by id)
+plus one Celery message per batch. An event is *accepted* once that script ran:
+``flush()`` returns only when every event published before it is accepted, and raises
+:class:`RedisUnavailable` if Redis cannot be reached within ``CGRID_PUBLISH_TIMEOUT_S``.
+
+Nothing is dropped silently: events that could not be sent stay buffered and are sent
+when Redis answers again; while the buffer is full and Redis is down, ``publish()``
+raises instead of accepting more. ``Publisher(linger_ms=0)`` sends on every call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+from celery import Celery
+
+from cgrid.broker import DELIVER_TASK, make_celery
+from cgrid.errors import RedisUnavailable
+from cgrid.event import Event, parse_event
+from cgrid.ledger import Ledger
+from cgrid.settings import Settings
+
+MAX_BUFFERED_EVENTS = 100_000
+
+
+class Publisher:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis_url: str | None = None,
+        linger_ms: float | None = None,
+        batch_size: int | None = None,
+        max_buffered: int = MAX_BUFFERED_EVENTS,
+    ) -> None:
+        settings = settings or Settings.from_env()
+        self.settings = settings
+        self.redis_url = redis_url or settings.redis_url
+        self.linger_s = (settings.linger_ms if linger_ms is None else linger_ms) / 1000
+        self.batch_size = batch_size or settings.batch_size
+        self.max_buffered = max_buffered
+        self._client = redis.Redis.from_url(
+            self.redis_url,
+            socket_timeout=settings.publish_timeout_s,
+            socket_connect_timeout=settings.publish_timeout_s,
+        )
+        self._ledger = Ledger(self._client)
+        self._celery: Celery = make_celery(
+            dataclasses.replace(settings, redis_url=self.redis_url), name="cgrid-producer"
+        )
+        self._buffer: list[Event] = []
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._last_error: RedisUnavailable | None = None
+        self._oldest_at = 0.0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if self.linger_s > 0:
+            self._thread = threading.Thread(target=self._linger_loop, name="cgrid-publisher", daemon=True)
+            self._thread.start()
+        atexit.register(self.close)
+
+    # -- public API --------------------------------------------------------------------
+
+    def publish(self, event: Mapping[str, Any] | Event) -> str:
+        """Validate and buffer one event; returns its id. Raises InvalidEvent naming the
+        field, or RedisUnavailable when Redis is down and the buffer is full."""
+        parsed = event if isinstance(event, Event) else parse_event(event)
+        self._enqueue([parsed])
+        return parsed.id
+
+    def publish_many(self, events: Iterable[Mapping[str, Any] | Event]) -> list[str]:
+        """Validate all first (one bad event refuses the whole call), then buffer them."""
+        parsed = [e if isinstance(e, Event) else parse_event(e) for e in events]
+        self._enqueue(parsed)
+        return [e.id for e in parsed]
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Send everything buffered; returns once it is accepted in Redis."""
+        budget_s = self.settings.publish_timeout_s if timeout_s is None else timeout_s
+        give_up_at = time.monotonic() + budget_s
+        while True:
+            try:
+                self._send_buffered()
+                return
+            except RedisUnavailable:
+                if time.monotonic() >= give_up_at:
+                    raise
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        """Flush and stop. Raises RedisUnavailable if buffered events could not be sent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+        try:
+            self.flush()
+        finally:
+            atexit.unregister(self.close)
+            self._client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _enqueue(self, events: list[Event]) -> None:
+        if self._closed:
+            raise RedisUnavailable("publisher is closed")
+        if not events:
+            return
+        with self._cond:
+            if len(self._buffer) + len(events) > self.max_buffered:
+                error = self._last_error or RedisUnavailable("publish buffer is full")
+                raise RedisUnavailable(
+                    f"not accepted: {len(self._buffer)} events already wait to be sent ({error})"
+                )
+            if not self._buffer:
+                self._oldest_at = time.monotonic()
+            self._buffer.extend(events)
+            full = len(self._buffer) >= self.batch_size
+            if full and self._thread is not None:
+                self._cond.notify()
+        if self._thread is None:
+            self._send_buffered()
+
+    def _take(self) -> list[Event]:
+        with self._cond:
+            taken, self._buffer = self._buffer, []
+            return taken
+
+    def _put_back(self, events: list[Event]) -> None:
+        with self._cond:
+            self._buffer[:0] = events
+
+    def _send_buffered(self) -> None:
+        with self._send_lock:
+            events = self._take()
+            for start in range(0, len(events), self.batch_size):
+                try:
+                    self._send(events[start:start + self.batch_size])
+                except RedisUnavailable as e:
+                    self._put_back(events[start:])
+                    self._last_error = e
+                    raise
+            self._last_error = None
+
+    def _send(self, batch: list[Event]) -> None:
+        settings = self.settings
+        try:
+            accepted = self._ledger.accept(
+                batch, ledger_ttl_s=settings.ledger_ttl_s, report_ttl_s=settings.report_ttl_s,
+                redeliver_after_s=settings.redeliver_after_s,
+            )
+        except redis.RedisError as e:
+            raise RedisUnavailable(f"Redis at {self.redis_url} is unreachable: {e}") from e
+        new_ids = [event.id for event, is_new in zip(batch, accepted, strict=True) if is_new]
+        if not new_ids:
+            return
+        try:
+            self._celery.send_task(DELIVER_TASK, args=[new_ids, 1, time.time()])
+        except Exception:
+            # The events are in the ledger, so they are accepted: the workers' sweeper
+            # sends their trigger again once it sees it was never delivered.
+            pass
+
+    def _linger_loop(self) -> None:
+        while not self._closed:
+            with self._cond:
+                if not self._buffer:
+                    self._cond.wait(0.5)
+                    continue
+                wait_s = self._oldest_at + self.linger_s - time.monotonic()
+                if wait_s > 0 and len(self._buffer) < self.batch_size:
+                    self._cond.wait(wait_s)
+                    continue
+            try:
+                self._send_buffered()
+            except RedisUnavailable:
+                time.sleep(0.2)

@@ -1,0 +1,57 @@
+"""The Celery app of the fleet: ``celery -A worker worker`` and ``celery -A worker flower``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import signals
+
+from cgrid.broker import DELIVER_TASK, make_celery
+from cgrid.errors import ConfigError
+from cgrid.settings import Settings
+from worker import logs
+
+try:
+    settings = Settings.from_env()
+except ConfigError as e:
+    print(f"cgrid-s2s: configuration error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+logs.configure(settings.log_level)
+app = make_celery(settings)
+
+
+@app.task(name=DELIVER_TASK)
+def deliver(ids: Any, attempt: Any = 1, sent_at: Any = 0.0) -> dict[str, int]:
+    """Deliver a batch of events: attempt 1, or the one retry (attempt 2)."""
+    from worker.batch import run_batch
+    from worker.runtime import get_runtime
+
+    return run_batch(get_runtime(settings), ids, attempt, sent_at)
+
+
+_sweeper: Any = None
+
+
+@signals.worker_ready.connect
+def _start_sweeper(**_: Any) -> None:
+    global _sweeper
+    from worker.runtime import redis_client
+    from worker.sweeper import Sweeper
+    from cgrid.ledger import Ledger
+
+    _sweeper = Sweeper(app, Ledger(redis_client(settings)), settings)
+    _sweeper.start()
+    logs.get_logger().info(
+        "worker_ready",
+        timeout_s=settings.timeout_s,
+        retry_delay_s=settings.retry_delay_s,
+        allowed_networks=[str(n) for n in settings.allowed_networks],
+    )
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeper(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()

@@ -1,0 +1,87 @@
+"""Delivering one event: macros, headers, the guarded call, classification.
+
+Plain functions, free of Celery and Redis, so the rules are testable on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import requests
+
+from cgrid.errors import ForbiddenDestination, InvalidEvent
+from cgrid.event import Event
+from cgrid.ledger import Finish, Outcome
+from worker.classify import ErrorClass, classify_status
+from worker.headers import build_headers
+from worker.http_client import AttemptError, InvalidTarget, call
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt at calling the buyer, or the decision not to call (``rejected``)."""
+
+    n: int
+    outcome: Outcome
+    started_at_s: float
+    duration_ms: float
+    status: int | None = None
+    error: ErrorClass | None = None
+    reason: str = ""
+
+    @property
+    def called(self) -> bool:
+        return self.outcome not in (Outcome.REJECTED, Outcome.EXPIRED)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "n": self.n,
+                "started_at": round(self.started_at_s, 6),
+                "ms": round(self.duration_ms, 3),
+                "status": self.status,
+                "error": self.error.value if self.error else None,
+            },
+            separators=(",", ":"),
+        )
+
+    def to_finish(self, event_id: str) -> Finish:
+        return Finish(
+            event_id=event_id,
+            outcome=self.outcome,
+            attempt_json=self.to_json() if self.called else "",
+            reason=self.reason,
+        )
+
+
+def deliver(event: Event, session: requests.Session, *, attempt_n: int, timeout_s: float) -> Attempt:
+    """Make attempt ``attempt_n`` of the event's s2s call and classify the answer."""
+    started_at_s = time.time()
+    started = time.perf_counter()
+
+    def elapsed_ms() -> float:
+        return (time.perf_counter() - started) * 1000
+
+    try:
+        url = event.target_url()
+        headers = build_headers(event)
+        status = call(session, url, headers, timeout_s)
+    except (ForbiddenDestination, InvalidTarget, InvalidEvent) as e:
+        return Attempt(attempt_n, Outcome.REJECTED, started_at_s, elapsed_ms(), reason=str(e))
+    except AttemptError as e:
+        return Attempt(attempt_n, Outcome.FAIL, started_at_s, elapsed_ms(), error=e.error_class)
+    return Attempt(attempt_n, classify_status(status), started_at_s, elapsed_ms(), status=status)
+
+
+def expired(event: Event, attempt_n: int, max_age_s: float, now_s: float | None = None) -> Attempt | None:
+    """An ``expired`` decision when the event is too old to be worth calling."""
+    now_s = time.time() if now_s is None else now_s
+    age_s = now_s - event.created_at_s
+    if age_s <= max_age_s:
+        return None
+    return Attempt(
+        attempt_n, Outcome.EXPIRED, now_s, 0.0,
+        reason=f"created {age_s:.0f}s ago, past CGRID_EVENT_MAX_AGE_S={max_age_s:g}",
+    )

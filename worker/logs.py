@@ -1,0 +1,78 @@
+"""Structured logs: one JSON line per attempt, with personal data truncated or hashed."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from cgrid.event import Event
+from worker.delivery import Attempt
+from worker.headers import clean_forwarded_for
+
+
+def configure(level: str = "INFO") -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger() -> Any:
+    return structlog.get_logger("cgrid")
+
+
+def hash_user_agent(user_agent: str | None) -> str | None:
+    """A short, stable digest: the same UA can be correlated, but not read back."""
+    if not user_agent:
+        return None
+    return hashlib.sha256(user_agent.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def truncate_ip(address: str) -> str:
+    """The network, not the person: IPv4 to /24, IPv6 to /48."""
+    ip = ipaddress.ip_address(address)
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def attempt_fields(event: Event, attempt: Attempt) -> dict[str, Any]:
+    chain = clean_forwarded_for(event.forwarded_for)
+    fields: dict[str, Any] = {
+        "event_id": event.id,
+        "kind": event.kind.value,
+        "buyer": event.buyer,
+        "attempt": attempt.n,
+        "outcome": attempt.outcome.value,
+        "status": attempt.status,
+        "error": attempt.error.value if attempt.error else None,
+        "duration_ms": round(attempt.duration_ms, 1),
+        "host": urlsplit(event.url).hostname,
+        "upstream": event.upstream.value,
+        "ua_hash": hash_user_agent(event.user_agent),
+        "client_net": truncate_ip(chain.split(", ")[0]) if chain else None,
+    }
+    if attempt.reason:
+        fields["reason"] = attempt.reason
+    return fields
+
+
+def log_attempt(event: Event, attempt: Attempt, state: str) -> None:
+    log = get_logger()
+    fields = attempt_fields(event, attempt)
+    if attempt.outcome.value in ("fail", "rejected", "expired"):
+        log.warning("attempt", state=state, **fields)
+    else:
+        log.info("attempt", state=state, **fields)

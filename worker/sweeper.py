@@ -1,0 +1,74 @@
+"""The sweeper: a thread in every worker's main process that keeps the ledger moving.
+
+Each pass runs one Lua script over the events whose due time has passed. It sends the
+one retry when it is due, resends a trigger that was lost (producer crash, Redis restart,
+a worker killed with messages in hand), and gives up attempts whose worker died (they
+count as failed). Every worker runs one; the script is atomic, so they never collide.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+from celery import Celery
+
+from cgrid.broker import DELIVER_TASK
+from cgrid.ledger import Ledger
+from cgrid.settings import Settings
+from worker.logs import get_logger
+
+SWEEP_LIMIT = 2000
+
+
+def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int) -> None:
+    sent_at_s = time.time()
+    for start in range(0, len(ids), batch_size):
+        app.send_task(DELIVER_TASK, args=[ids[start:start + batch_size], attempt_n, sent_at_s])
+
+
+def sweep_once(app: Celery, ledger: Ledger, settings: Settings) -> int:
+    """One pass; returns how many triggers it sent."""
+    first, second = ledger.sweep(
+        limit=SWEEP_LIMIT,
+        redeliver_after_s=settings.redeliver_after_s,
+        retry_delay_s=settings.retry_delay_s,
+        report_ttl_s=settings.report_ttl_s,
+        queue=settings.queue,
+    )
+    send_triggers(app, first, 1, settings.batch_size)
+    send_triggers(app, second, 2, settings.batch_size)
+    if first:
+        get_logger().warning("resent_lost_triggers", attempt=1, events=len(first))
+    return len(first) + len(second)
+
+
+class Sweeper:
+    def __init__(self, app: Celery, ledger: Ledger, settings: Settings) -> None:
+        self.app = app
+        self.ledger = ledger
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cgrid-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        log = get_logger()
+        pause_s = self.settings.sweep_interval_s
+        while not self._stop.wait(pause_s):
+            try:
+                sent = sweep_once(self.app, self.ledger, self.settings)
+                pause_s = 0.0 if sent >= SWEEP_LIMIT else self.settings.sweep_interval_s
+            except (redis.RedisError, OSError) as e:
+                log.warning("sweep_failed", error=str(e)[:200])
+                pause_s = min(max(pause_s * 2, 0.5), 5.0)
+            except Exception as e:  # never let the sweeper die quietly
+                log.error("sweep_crashed", error=repr(e)[:300])
+                pause_s = 5.0
