@@ -1,0 +1,95 @@
+"""Test helpers: wait on a condition, run real worker and Flower processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float = 20.0, what: str = "condition") -> T:
+    """Poll until ``condition()`` is truthy; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def fleet_env(redis_url: str, **overrides: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CGRID_")}
+    env.update(
+        {
+            "CGRID_REDIS_URL": redis_url,
+            "CGRID_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "CGRID_TIMEOUT_S": "0.5",
+            "CGRID_RETRY_DELAY_S": "1",
+            "CGRID_SWEEP_INTERVAL_S": "0.1",
+            "CGRID_ATTEMPT_GRACE_S": "2",
+            "CGRID_REDELIVER_AFTER_S": "3",
+            "CGRID_LINGER_MS": "2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+class WorkerProcess:
+    """A real ``celery -A worker worker`` subprocess; its output goes to a log file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, pool: str = "prefork",
+                 concurrency: int = 2, name: str = "w1") -> None:
+        self.log_path = log_path
+        self.args = [
+            sys.executable, "-m", "celery", "-A", "worker", "worker",
+            "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
+            "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+        ]
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> WorkerProcess:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(lambda: b'"worker_ready"' in self.log_path.read_bytes() or self._died(), timeout_s,
+                 f"worker ready ({self.log_path})")
+        if self._died():
+            raise AssertionError(f"worker exited at start:\n{self.log_path.read_text()[-3000:]}")
+        return self
+
+    def _died(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.process is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.process.wait()
+        self._log.close()
+        self.process = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -1,0 +1,113 @@
+"""The event model and its validation (SPEC §2): every refusal names its field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cgrid.errors import InvalidEvent
+from cgrid.event import Event, Kind, Upstream, parse_event
+
+BASE = {"kind": "burl", "url": "https://dsp.example/b?p=${AUCTION_PRICE}", "upstream": "s2s"}
+
+
+def refused(**changes: object) -> InvalidEvent:
+    data = {**BASE, **changes}
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(data)
+    return info.value
+
+
+def test_minimal_event_gets_defaults() -> None:
+    event = parse_event(BASE, now_s=1700000000.0)
+    assert event.kind is Kind.BURL and event.upstream is Upstream.S2S
+    assert len(event.id) == 32 and event.created_at_s == 1700000000.0
+    assert event.user_agent is None and event.forwarded_for is None and event.macros == {}
+
+
+def test_full_event_round_trips_through_json() -> None:
+    data = {
+        **BASE,
+        "id": "auction-1:imp-1:burl",
+        "user_agent": "Mozilla/5.0",
+        "forwarded_for": "77.16.215.3, 18.196.6.164",
+        "macros": {"AUCTION_PRICE": 1.25, "AUCTION_ID": "a1"},
+        "buyer": "dsp-7",
+        "created_at": 1700000000.5,
+    }
+    event = parse_event(data)
+    assert event.forwarded_for == ("77.16.215.3", "18.196.6.164")
+    assert Event.from_json(event.to_json()) == event
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"kind": "win"}, "kind"),
+        ({"kind": None}, "kind"),
+        ({"upstream": "web"}, "upstream"),
+        ({"url": "ftp://dsp.example/x"}, "url"),
+        ({"url": "/relative"}, "url"),
+        ({"url": "https://"}, "url"),
+        ({"url": "https://dsp.example/" + "a" * 9000}, "url"),
+        ({"url": "https://dsp.example/a b"}, "url"),
+        ({"url": "https://dsp.example:99999/"}, "url"),
+        ({"url": 5}, "url"),
+        ({"id": ""}, "id"),
+        ({"id": "x" * 129}, "id"),
+        ({"id": "caf\u00e9"}, "id"),
+        ({"id": 12}, "id"),
+        ({"user_agent": 5}, "user_agent"),
+        ({"forwarded_for": 5}, "forwarded_for"),
+        ({"forwarded_for": ["1.2.3.4", 5]}, "forwarded_for[1]"),
+        ({"macros": []}, "macros"),
+        ({"macros": {"AUCTION_PRCE": "1"}}, "macros.AUCTION_PRCE"),
+        ({"macros": {"AUCTION_PRICE": True}}, "macros.AUCTION_PRICE"),
+        ({"macros": {"AUCTION_PRICE": float("nan")}}, "macros.AUCTION_PRICE"),
+        ({"macros": {"AUCTION_PRICE": None}}, "macros.AUCTION_PRICE"),
+        ({"buyer": ""}, "buyer"),
+        ({"buyer": 3}, "buyer"),
+        ({"created_at": "yesterday"}, "created_at"),
+        ({"created_at": -1}, "created_at"),
+        ({"headers": {}}, "headers"),
+    ],
+)
+def test_invalid_fields_are_named(changes: dict[str, object], field: str) -> None:
+    error = refused(**changes)
+    assert error.field == field
+    assert str(error).startswith(field + ": ")
+    assert isinstance(error, ValueError)
+
+
+def test_missing_required_fields_are_named() -> None:
+    for name in ("kind", "url", "upstream"):
+        data = {k: v for k, v in BASE.items() if k != name}
+        with pytest.raises(InvalidEvent) as info:
+            parse_event(data)
+        assert info.value.field == name and "required" in info.value.reason
+
+
+def test_not_an_object() -> None:
+    for data in ([1, 2], "x", None, 3):
+        with pytest.raises(InvalidEvent) as info:
+            parse_event(data)
+        assert info.value.field == "event"
+
+
+def test_not_json() -> None:
+    with pytest.raises(InvalidEvent) as info:
+        Event.from_json("{nope")
+    assert info.value.field == "event"
+
+
+def test_url_too_long_after_macro_substitution() -> None:
+    url = "https://dsp.example/?" + "&".join(["p=${AUCTION_ID}"] * 20)
+    error = refused(url=url, macros={"AUCTION_ID": "\u00e9" * 500})
+    assert error.field == "url (after macro substitution)"
+
+
+def test_serialized_form_uses_spec_field_names() -> None:
+    event = parse_event({**BASE, "buyer": "b"}, now_s=5.0)
+    data = json.loads(event.to_json())
+    assert data["created_at"] == 5.0 and "created_at_s" not in data

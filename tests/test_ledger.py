@@ -1,0 +1,129 @@
+"""The ledger scripts against a real Redis: the atomic one-retry guard and the sweeper."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from cgrid.event import parse_event
+from cgrid.ledger import Finish, Ledger, Outcome
+
+TTL = dict(ledger_ttl_s=3600, report_ttl_s=3600)
+
+
+@pytest.fixture()
+def ledger(redis_url: str) -> Ledger:
+    return Ledger(redis.Redis.from_url(redis_url))
+
+
+def event(event_id: str, buyer: str = "b1"):  # type: ignore[no-untyped-def]
+    return parse_event({"id": event_id, "kind": "burl", "url": "https://d.example/", "upstream": "s2s",
+                        "buyer": buyer})
+
+
+def attempt(n: int, status: int | None = 204, error: str | None = None) -> str:
+    return json.dumps({"n": n, "started_at": time.time(), "ms": 1.0, "status": status, "error": error})
+
+
+def finish(ledger: Ledger, event_id: str, n: int, outcome: Outcome, delay_s: float = 0.0) -> str:
+    return ledger.finish([Finish(event_id, outcome, attempt(n))], n, retry_delay_s=delay_s, **TTL)[0]
+
+
+def test_accept_is_idempotent_by_id(ledger: Ledger) -> None:
+    assert ledger.accept([event("a"), event("b"), event("a")], redeliver_after_s=30, **TTL) == [True, True, False]
+    assert ledger.accept([event("a")], redeliver_after_s=30, **TTL) == [False]
+    assert ledger.record("a")["state"] == "pending"  # type: ignore[index]
+    assert ledger.report()[0]["events"] == 2
+
+
+def test_attempt_one_can_be_claimed_once(ledger: Ledger) -> None:
+    ledger.accept([event("a")], redeliver_after_s=30, **TTL)
+    assert [i for i, _ in ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)] == ["a"]
+    assert ledger.claim(["a"], 1, lease_s=10, sent_at_s=0) == []  # duplicate message
+    assert finish(ledger, "a", 1, Outcome.OK) == "delivered"
+    assert ledger.claim(["a"], 1, lease_s=10, sent_at_s=0) == []
+    assert ledger.claim(["a"], 2, lease_s=10, sent_at_s=0) == []  # success is never retried
+    record = ledger.record("a")
+    assert record is not None and record["state"] == "delivered" and len(record["attempts"]) == 1
+
+
+def test_retry_only_after_a_failure_and_only_once(ledger: Ledger) -> None:
+    ledger.accept([event("a")], redeliver_after_s=30, **TTL)
+    assert ledger.claim(["a"], 2, lease_s=10, sent_at_s=0) == []  # no retry before attempt 1
+    ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)
+    assert finish(ledger, "a", 1, Outcome.FAIL, delay_s=0.0) == "retry_scheduled"
+    assert len(ledger.claim(["a"], 2, lease_s=10, sent_at_s=0)) == 1
+    assert ledger.claim(["a"], 2, lease_s=10, sent_at_s=0) == []
+    assert finish(ledger, "a", 2, Outcome.FAIL) == "failed"
+    assert ledger.claim(["a"], 2, lease_s=10, sent_at_s=0) == []
+    record = ledger.record("a")
+    assert record is not None and [a["n"] for a in record["attempts"]] == [1, 2]
+
+
+def test_retry_not_claimable_before_its_delay(ledger: Ledger) -> None:
+    ledger.accept([event("a")], redeliver_after_s=30, **TTL)
+    ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)
+    finish(ledger, "a", 1, Outcome.FAIL, delay_s=60.0)
+    assert ledger.claim(["a"], 2, lease_s=10, sent_at_s=0) == []
+
+
+def test_sweeper_sends_the_due_retry_once(ledger: Ledger) -> None:
+    ledger.accept([event("a")], redeliver_after_s=30, **TTL)
+    ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)
+    finish(ledger, "a", 1, Outcome.FAIL, delay_s=0.0)
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, queue="q")
+    assert ledger.sweep(**sweep) == ([], ["a"])
+    assert ledger.sweep(**sweep) == ([], [])  # not due again for redeliver_after_s
+
+
+def test_lost_attempt_counts_as_failed_and_late_success_cancels_the_retry(ledger: Ledger) -> None:
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=60, report_ttl_s=3600, queue="q")
+    ledger.accept([event("a"), event("b")], redeliver_after_s=30, **TTL)
+    ledger.claim(["a", "b"], 1, lease_s=0.0, sent_at_s=0)  # the lease is over at once
+    ledger.sweep(**sweep)
+    for event_id in ("a", "b"):
+        record = ledger.record(event_id)
+        assert record is not None and record["state"] == "retry_scheduled"
+        assert record["attempts"][0]["error"] == "lost"
+    # "a"'s worker was only slow: its success still lands, and no retry follows.
+    assert finish(ledger, "a", 1, Outcome.OK) == "delivered"
+    assert ledger.claim(["a"], 2, lease_s=10, sent_at_s=0) == []
+    # "b"'s failure arriving late changes nothing: the sweeper already decided.
+    assert finish(ledger, "b", 1, Outcome.FAIL) == ""
+
+
+def test_lost_retry_is_final(ledger: Ledger) -> None:
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, queue="q")
+    ledger.accept([event("a")], redeliver_after_s=30, **TTL)
+    ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)
+    finish(ledger, "a", 1, Outcome.FAIL, delay_s=0.0)
+    ledger.claim(["a"], 2, lease_s=0.0, sent_at_s=0)
+    ledger.sweep(**sweep)
+    record = ledger.record("a")
+    assert record is not None and record["state"] == "failed"
+    assert [a.get("error") for a in record["attempts"]] == [None, "lost"]
+    assert ledger.report()[0]["failed"] == 1
+
+
+def test_unsent_trigger_is_resent_when_the_queue_is_empty(ledger: Ledger) -> None:
+    ledger.accept([event("a")], redeliver_after_s=0.0, **TTL)
+    sweep = dict(limit=100, redeliver_after_s=0.0, retry_delay_s=1, report_ttl_s=3600, queue="q")
+    ledger.client.rpush("q", "someone else's message")
+    assert ledger.sweep(**sweep) == ([], [])  # queue not empty, watermark not passed: wait
+    ledger.client.delete("q")
+    time.sleep(0.01)
+    assert ledger.sweep(**sweep) == (["a"], [])
+
+
+def test_report_counts_per_buyer_and_day(ledger: Ledger) -> None:
+    ledger.accept([event("a", "x"), event("b", "x"), event("c", "y")], redeliver_after_s=30, **TTL)
+    ledger.claim(["a", "b", "c"], 1, lease_s=10, sent_at_s=0)
+    ledger.finish([Finish("a", Outcome.OK, attempt(1)), Finish("b", Outcome.UNEXPECTED, attempt(1, 201)),
+                   Finish("c", Outcome.REJECTED, "", "host: forbidden")], 1, retry_delay_s=1, **TTL)
+    rows = {row["buyer"]: row for row in ledger.report()}
+    assert rows["x"]["events"] == 2 and rows["x"]["delivered_first"] == 2 and rows["x"]["unexpected"] == 1
+    assert rows["y"]["rejected"] == 1
+    assert ledger.record("c")["reason"] == "host: forbidden"  # type: ignore[index]
