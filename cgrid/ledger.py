@@ -276,7 +276,7 @@ class Ledger:
         """Claim attempt ``attempt`` of each id; returns (id, event JSON) of those won."""
         if not ids:
             return []
-        args = [self.prefix, _num(time.time()), attempt, _num(lease_s), _num(sent_at_s), *ids]
+        args: list[str | int] = [self.prefix, _num(time.time()), attempt, _num(lease_s), _num(sent_at_s), *ids]
         flat = [_text(item) for item in self._claim(args=args)]
         return list(zip(flat[0::2], flat[1::2], strict=True))
 
@@ -298,7 +298,7 @@ class Ledger:
         queue: str,
     ) -> tuple[list[str], list[str]]:
         """Handle events whose due time passed; returns ids to (re)send for attempt 1 and 2."""
-        args = [self.prefix, _num(time.time()), limit, 0, _num(redeliver_after_s),
+        args: list[str | int] = [self.prefix, _num(time.time()), limit, 0, _num(redeliver_after_s),
                 _num(retry_delay_s), report_ttl_s, queue]
         flat = [_text(item) for item in self._sweep(args=args)]
         split = flat.index("|")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -75,7 +76,8 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(REPORT_COLUMNS))]
     lines = []
     for index, line in enumerate(table):
-        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+        pairs = enumerate(zip(line, widths, strict=True))
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in pairs]
         lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -95,10 +97,8 @@ def cmd_mock_dsp(args: argparse.Namespace, settings: Settings) -> int:
 
     server = MockDspServer(args.host, args.port, verbose=not args.quiet)
     print(f"mock DSP listening on {server.url} (GET {server.url}/_calls lists the calls)", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -17,6 +17,7 @@ Every call (except ``/_`` paths) is recorded with its time, URL and headers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -115,10 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(HTTPStatus.NO_CONTENT)
 
     def finish(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             super().finish()
-        except OSError:
-            pass
 
 
 class MockDspServer(ThreadingHTTPServer):
@@ -137,7 +136,7 @@ class MockDspServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start_in_thread(self) -> MockDspServer:
         threading.Thread(target=self.serve_forever, name="mock-dsp", daemon=True).start()

@@ -159,7 +159,7 @@ def test_cli_publish_status_report(fleet: dict[str, Any], dsp: MockDspServer, tm
     ]
     cli = [sys.executable, "-m", "producer.cli"]
     env = fleet["env"]
-    published = subprocess.run(cli + ["publish"], input="\n".join(lines), capture_output=True, text=True,
+    published = subprocess.run([*cli, "publish"], input="\n".join(lines), capture_output=True, text=True,
                                env=env, cwd=ROOT, timeout=60)
     assert published.returncode == 1  # one line was refused...
     assert published.stdout.split() == [f"{run}-ok"]  # ...the other accepted
@@ -167,7 +167,7 @@ def test_cli_publish_status_report(fleet: dict[str, Any], dsp: MockDspServer, tm
     assert "Traceback" not in published.stderr
 
     def status() -> dict[str, Any] | None:
-        out = subprocess.run(cli + ["status", f"{run}-ok"], capture_output=True, text=True, env=env, cwd=ROOT)
+        out = subprocess.run([*cli, "status", f"{run}-ok"], capture_output=True, text=True, env=env, cwd=ROOT)
         record = json.loads(out.stdout) if out.returncode == 0 else None
         return record if record and record["state"] == "delivered" else None
 
@@ -175,12 +175,12 @@ def test_cli_publish_status_report(fleet: dict[str, Any], dsp: MockDspServer, tm
     assert record["attempts"][0]["n"] == 1 and record["attempts"][0]["status"] == 204
     assert "ms" in record["attempts"][0] and "error" in record["attempts"][0]
 
-    unknown = subprocess.run(cli + ["status", "no-such-id"], capture_output=True, text=True, env=env, cwd=ROOT)
+    unknown = subprocess.run([*cli, "status", "no-such-id"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert unknown.returncode == 1
 
-    report = subprocess.run(cli + ["report", "--json", "--buyer", f"cli-{run}"], capture_output=True,
+    report = subprocess.run([*cli, "report", "--json", "--buyer", f"cli-{run}"], capture_output=True,
                             text=True, env=env, cwd=ROOT)
     [row] = json.loads(report.stdout)
     assert row["events"] == 1 and row["delivered_first"] == 1
-    table = subprocess.run(cli + ["report"], capture_output=True, text=True, env=env, cwd=ROOT).stdout
+    table = subprocess.run([*cli, "report"], capture_output=True, text=True, env=env, cwd=ROOT).stdout
     assert "first try" in table and f"cli-{run}" in table

@@ -37,9 +37,9 @@ _sweeper: Any = None
 @signals.worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
     global _sweeper
+    from cgrid.ledger import Ledger
     from worker.runtime import redis_client
     from worker.sweeper import Sweeper
-    from cgrid.ledger import Ledger
 
     _sweeper = Sweeper(app, Ledger(redis_client(settings)), settings)
     _sweeper.start()

@@ -14,8 +14,8 @@ shuts the socket down when the attempt's wall-clock deadline passes.
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import http.client
+import ipaddress
 import itertools
 import os
 import socket
@@ -59,7 +59,7 @@ class InvalidTarget(CgridError):
 class _Deadline:
     """One attempt's deadline and the socket(s) it uses."""
 
-    __slots__ = ("at", "fired", "done", "socks", "lock")
+    __slots__ = ("at", "done", "fired", "lock", "socks")
 
     def __init__(self, at: float) -> None:
         self.at = at

@@ -1,0 +1,11 @@
+# One image for the worker, Flower, the mock DSP and the command line.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY cgrid ./cgrid
+COPY producer ./producer
+COPY worker ./worker
+COPY examples ./examples
+RUN pip install --no-cache-dir . && useradd --create-home cgrid
+USER cgrid
+CMD ["celery", "-A", "worker", "worker", "--loglevel", "INFO"]

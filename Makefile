@@ -1,0 +1,31 @@
+# cgrid-s2s — the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# `make run` is the laptop/demo mode: loopback may be called, so the mock DSP works.
+# In production leave CGRID_ALLOWED_NETWORKS empty (or name only what you must).
+export CGRID_ALLOWED_NETWORKS ?= 127.0.0.0/8
+
+.PHONY: install run test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: install
+	$(BIN)/python -m worker.fleet
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check cgrid producer worker tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

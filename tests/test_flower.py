@@ -1,0 +1,60 @@
+"""Flower, a real process, sees the delivery tasks through its HTTP API (task events on)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cgrid.redis_server import RedisServer, free_port
+from cgrid.settings import Settings
+from producer import Publisher
+from producer.mock_dsp import MockDspServer
+from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def get_json(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # loopback only
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def test_flower_lists_a_delivered_task(redis_server: RedisServer, dsp: MockDspServer, tmp_path: Path) -> None:
+    env = fleet_env(redis_server.url, FLOWER_UNAUTHENTICATED_API="true")
+    port = free_port()
+    flower_log = open(tmp_path / "flower.log", "wb")
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}", "--address=127.0.0.1"],
+        cwd=ROOT, env=env, stdout=flower_log, stderr=subprocess.STDOUT,
+    )
+    worker = WorkerProcess(env, tmp_path / "worker.log", name="flower-test").start()
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        wait_for(lambda: get_json(f"{api}/workers?refresh=1"), 30, "Flower to answer")
+        with Publisher(Settings.from_env(env)) as publisher:
+            event_id = publisher.publish({"kind": "burl", "upstream": "s2s", "url": f"{dsp.url}/status/204?f=1"})
+
+        def delivered_task() -> dict[str, Any] | None:
+            tasks = get_json(f"{api}/tasks?taskname=cgrid.deliver") or {}
+            for task in tasks.values():
+                if event_id in (task.get("args") or "") and task.get("state") == "SUCCESS":
+                    return task  # type: ignore[no-any-return]
+            return None
+
+        task = wait_for(delivered_task, 30, "Flower to list the delivered task")
+        assert task["name"] == "cgrid.deliver"
+        assert "'delivered': 1" in task["result"]
+    finally:
+        worker.stop()
+        flower.terminate()
+        flower.wait(timeout=10)
+        flower_log.close()

@@ -1,0 +1,100 @@
+"""The Publisher against a real Redis: idempotent ids, batching, flush, and clear errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from cgrid.ledger import Ledger
+from cgrid.redis_server import free_port
+from cgrid.settings import Settings
+from producer import InvalidEvent, Publisher, RedisUnavailable
+
+EVENT = {"kind": "nurl", "url": "https://dsp.example/w", "upstream": "s2s"}
+
+
+def settings_for(url: str, **extra: str) -> Settings:
+    return Settings.from_env({"CGRID_REDIS_URL": url, "CGRID_PUBLISH_TIMEOUT_S": "0.5", **extra})
+
+
+def queued_ids(client: redis.Redis, queue: str = "cgrid.deliver") -> list[str]:
+    import base64
+    import json
+
+    ids: list[str] = []
+    for raw in client.lrange(queue, 0, -1):
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        ids += body[0][0]
+    return ids
+
+
+def test_publish_buffers_then_flush_accepts(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    publisher = Publisher(settings_for(redis_url), linger_ms=10_000, batch_size=1000)
+    ids = [publisher.publish({**EVENT, "id": f"e{i}"}) for i in range(250)]
+    assert Ledger(client).record("e0") is None  # buffered, not yet accepted
+    publisher.flush()
+    assert Ledger(client).record("e249")["state"] == "pending"  # type: ignore[index]
+    assert sorted(queued_ids(client)) == sorted(ids)
+    publisher.close()
+
+
+def test_linger_sends_without_flush(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    with Publisher(settings_for(redis_url), linger_ms=20) as publisher:
+        publisher.publish({**EVENT, "id": "lingered"})
+        deadline = time.monotonic() + 5
+        while Ledger(client).record("lingered") is None:
+            assert time.monotonic() < deadline, "linger never sent the event"
+            time.sleep(0.01)
+
+
+def test_same_id_twice_is_one_delivery(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    with Publisher(settings_for(redis_url), linger_ms=0) as publisher:
+        assert publisher.publish({**EVENT, "id": "dup"}) == "dup"
+        assert publisher.publish({**EVENT, "id": "dup"}) == "dup"
+        assert publisher.publish_many([{**EVENT, "id": "dup"}, {**EVENT, "id": "dup"}]) == ["dup", "dup"]
+    assert queued_ids(client) == ["dup"]
+
+
+def test_batches_are_split_by_batch_size(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    with Publisher(settings_for(redis_url), linger_ms=10_000, batch_size=40) as publisher:
+        publisher.publish_many([dict(EVENT) for _ in range(100)])
+    assert client.llen("cgrid.deliver") == 3 and len(queued_ids(client)) == 100
+
+
+def test_invalid_event_names_the_field_and_sends_nothing(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    with Publisher(settings_for(redis_url), linger_ms=0) as publisher:
+        with pytest.raises(InvalidEvent, match=r"^upstream: "):
+            publisher.publish({**EVENT, "upstream": "x"})
+        with pytest.raises(InvalidEvent, match=r"^kind: "):
+            publisher.publish_many([dict(EVENT), {**EVENT, "kind": "x"}])
+    assert client.llen("cgrid.deliver") == 0
+
+
+def test_redis_unreachable_is_a_clear_error_and_keeps_the_event() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    publisher = Publisher(settings_for(url), linger_ms=0)
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable, match="unreachable"):
+        publisher.publish(dict(EVENT))
+    assert time.monotonic() - started < 5  # fails fast, within the publish timeout
+    with pytest.raises(RedisUnavailable):
+        publisher.flush(timeout_s=0.2)  # still buffered, still not accepted
+    with pytest.raises(RedisUnavailable):
+        publisher.close()
+
+
+def test_full_buffer_refuses_more_while_redis_is_down() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    publisher = Publisher(settings_for(url), linger_ms=60_000, batch_size=1000, max_buffered=5)
+    publisher.publish_many([dict(EVENT) for _ in range(5)])
+    with pytest.raises(RedisUnavailable, match="not accepted"):
+        publisher.publish(dict(EVENT))
+    with pytest.raises(RedisUnavailable):
+        publisher.close()
