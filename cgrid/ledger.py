@@ -310,12 +310,12 @@ class Ledger:
         if not raw:
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        attempts = [json.loads(fields[key]) for key in ("a1", "a2") if key in fields]
+        attempts = [_json_or_raw(fields[key]) for key in ("a1", "a2") if key in fields]
         record: dict[str, Any] = {
             "id": event_id,
             "state": fields.get("state"),
             "attempts": attempts,
-            "event": json.loads(fields["event"]),
+            "event": _json_or_raw(fields.get("event", "null")),
             "accepted_at": float(fields.get("accepted_at", "0")),
         }
         if fields.get("claim", "0") != "0":
@@ -340,6 +340,14 @@ class Ledger:
                 row[counter] = int(count)
             rows += [per_buyer[b] for b in sorted(per_buyer)]
         return rows
+
+
+def _json_or_raw(text: str) -> Any:
+    """Decoded JSON; a corrupt value is shown as it is rather than breaking ``status``."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"unreadable": text[:1000]}
 
 
 def _text(value: Any) -> str:

@@ -13,6 +13,7 @@ from cgrid.event import Event
 from cgrid.ledger import Finish, Outcome
 from worker.delivery import Attempt, deliver, expired
 from worker.logs import get_logger, log_attempt
+from worker.poison import record_poison
 from worker.runtime import Runtime
 
 MAX_IDS_PER_TASK = 10_000
@@ -75,7 +76,7 @@ def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any) -> dict[str
     """Claim attempt ``attempt_n`` of each id, make the calls concurrently, record them."""
     problem = check_args(ids, attempt_n, sent_at_s)
     if problem is not None:
-        get_logger().error("poisoned_message", reason=problem, sample=repr(ids)[:200])
+        record_poison(f"task arguments: {problem}", repr([ids, attempt_n, sent_at_s]))
         return {"poisoned": 1}
     claimed = rt.ledger.claim(
         ids, attempt_n, lease_s=rt.settings.attempt_lease_s, sent_at_s=float(sent_at_s)

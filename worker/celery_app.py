@@ -20,6 +20,8 @@ except ConfigError as e:
 
 logs.configure(settings.log_level)
 app = make_celery(settings)
+# Consume with the hardened transport: a poisoned message is dropped, not fatal.
+app.conf.broker_transport = "worker.transport:Transport"
 
 
 @app.task(name=DELIVER_TASK)

@@ -1,0 +1,36 @@
+"""Poisoned messages: logged, recorded in Redis (a capped list and a counter), dropped."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from worker.logs import get_logger
+
+POISON_LIST_KEY = "cgrid:poison"
+POISON_COUNT_KEY = "cgrid:poison:count"
+POISON_LIST_MAX = 1000
+
+_client: redis.Redis | None = None
+
+
+def record_poison(reason: str, sample: str) -> None:
+    """Never raises: a poisoned message must not take anything else down with it."""
+    global _client
+    get_logger().error("poisoned_message", reason=reason, sample=sample[:300])
+    try:
+        if _client is None:
+            from worker.celery_app import settings
+            from worker.runtime import redis_client
+
+            _client = redis_client(settings)
+        entry = json.dumps({"at": time.time(), "reason": reason, "sample": sample[:300]})
+        pipe = _client.pipeline()
+        pipe.lpush(POISON_LIST_KEY, entry)
+        pipe.ltrim(POISON_LIST_KEY, 0, POISON_LIST_MAX - 1)
+        pipe.incr(POISON_COUNT_KEY)
+        pipe.execute()
+    except Exception as e:  # Redis down: the log line is the record
+        get_logger().warning("poison_not_recorded", error=repr(e)[:200])

@@ -1,0 +1,59 @@
+"""A Redis broker transport that survives poisoned messages.
+
+kombu's Redis transport pops a message with BRPOP and then decodes it; a message that is
+not JSON, or JSON of the wrong shape, raises inside the worker's event loop and takes the
+whole worker down ("Unrecoverable error"). Here such a message — already popped, so it is
+never seen again — is logged, counted in the ledger's poison record, and dropped, and the
+worker goes on with the messages behind it. Connection errors still propagate, so the
+normal reconnect logic is untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+from worker.poison import record_poison
+
+
+class Channel(kombu_redis.Channel):  # type: ignore[misc]
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)
+        except self.connection_errors:
+            raise
+        except kombu_redis.Empty:
+            raise
+        except Exception as e:
+            record_poison("broker message is not a valid kombu/Celery envelope", repr(e))
+            return True
+
+
+def envelope_problem(message: Any) -> str | None:
+    """What makes a decoded broker message unusable, or None. kombu raises KeyError for a
+    missing field, and its Redis transport counts KeyError as a *connection* error, so a
+    bad shape must be caught here, before it reaches kombu."""
+    if not isinstance(message, dict):
+        return f"envelope is a {type(message).__name__}, not an object"
+    properties = message.get("properties")
+    if not isinstance(properties, dict) or "delivery_tag" not in properties:
+        return "envelope has no properties.delivery_tag"
+    if not isinstance(properties.get("delivery_info", {}), dict):
+        return "envelope properties.delivery_info is not an object"
+    if not isinstance(message.get("headers") or {}, dict):
+        return "envelope headers is not an object"
+    if not isinstance(message.get("body", ""), str):
+        return "envelope body is not a string"
+    return None
+
+
+class Transport(kombu_redis.Transport):  # type: ignore[misc]
+    Channel = Channel
+
+    def _deliver(self, message: Any, queue: Any) -> Any:
+        problem = envelope_problem(message)
+        if problem is not None:
+            record_poison(problem, repr(message))
+            return None
+        return super()._deliver(message, queue)
