@@ -10,6 +10,7 @@ normal reconnect logic is untouched.
 
 from __future__ import annotations
 
+from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -20,10 +21,10 @@ from worker.poison import record_poison
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _brpop_read(self, **options: Any) -> Any:
         try:
-            return super()._brpop_read(**options)
+            return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
         except self.connection_errors:
             raise
-        except kombu_redis.Empty:
+        except Empty:
             raise
         except Exception as e:
             record_poison("broker message is not a valid kombu/Celery envelope", repr(e))
@@ -56,4 +57,4 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
         if problem is not None:
             record_poison(problem, repr(message))
             return None
-        return super()._deliver(message, queue)
+        return super()._deliver(message, queue)  # type: ignore[no-untyped-call]
