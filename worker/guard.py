@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
+from typing import Any
 
+from cgrid.errors import ForbiddenDestination
 from cgrid.settings import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -45,10 +48,29 @@ def forbidden_reason(ip: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | 
         return "multicast address"
     if isinstance(target, ipaddress.IPv4Address) and target in _CGNAT:
         return "carrier-grade NAT address"
-    if target.is_private:
-        return "private address"
     if target.is_reserved:
         return "reserved address"
+    if target.is_private:
+        return "private address"
     if not target.is_global:
         return "not a globally routable address"
     return None
+
+
+def resolve_checked(host: str, port: int, allowed: Iterable[IPNetwork] = ()) -> list[tuple[int, Any]]:
+    """Resolve ``host`` once and keep the addresses that may be connected to, as
+    ``(family, sockaddr)`` pairs. Connects to nothing. Raises ``socket.gaierror`` when the
+    name does not resolve and :class:`ForbiddenDestination` when no address is allowed."""
+    allowed = tuple(allowed)
+    kept: list[tuple[int, Any]] = []
+    refusals: list[str] = []
+    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        ip = ipaddress.ip_address(sockaddr[0])
+        reason = forbidden_reason(ip, allowed)
+        if reason is None:
+            kept.append((family, sockaddr))
+        else:
+            refusals.append(f"{ip} is a {reason}")
+    if not kept:
+        raise ForbiddenDestination(f"host {host!r}: {'; '.join(dict.fromkeys(refusals))}")
+    return kept

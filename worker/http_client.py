@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import http.client
-import ipaddress
 import itertools
 import os
 import socket
@@ -36,7 +35,7 @@ from urllib3.util.timeout import _DEFAULT_TIMEOUT
 from cgrid.errors import CgridError, ForbiddenDestination
 from cgrid.settings import IPNetwork
 from worker.classify import ErrorClass
-from worker.guard import forbidden_reason
+from worker.guard import resolve_checked
 
 BODY_READ_MAX_BYTES = 4096
 
@@ -157,22 +156,10 @@ class _GuardMixin:
     _dns_host: str
 
     def _new_conn(self) -> socket.socket:
-        host = self._dns_host
         try:
-            infos = socket.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
+            addresses = resolve_checked(self._dns_host, self.port, self.allowed_networks)
         except socket.gaierror as e:
             raise NameResolutionError(self.host, self, e) from e  # type: ignore[arg-type]
-        refusals = []
-        addresses = []
-        for family, _, _, _, sockaddr in infos:
-            ip = ipaddress.ip_address(sockaddr[0])
-            reason = forbidden_reason(ip, self.allowed_networks)
-            if reason is None:
-                addresses.append((family, sockaddr))
-            else:
-                refusals.append(f"{ip} is a {reason}")
-        if not addresses:
-            raise ForbiddenDestination(f"host {host!r}: {'; '.join(dict.fromkeys(refusals))}")
         last_error: OSError | None = None
         for family, sockaddr in addresses:
             sock = socket.socket(family, socket.SOCK_STREAM)
