@@ -90,6 +90,14 @@ class Event:
         return substitute(self.url, self.macros)
 
 
+def _label(name: object) -> str:
+    """A field name fit for an error message: as it is when plain, else JSON-quoted."""
+    text = str(name)
+    if text and len(text) <= 40 and all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in text):
+        return text
+    return json.dumps(text[:40])
+
+
 def _printable_ascii(value: str) -> bool:
     return all(" " <= ch <= "~" for ch in value)
 
@@ -191,7 +199,7 @@ def _parse_macros(data: Mapping[str, Any]) -> dict[str, MacroValue]:
         raise InvalidEvent("macros", "must be an object of macro name to string or number")
     macros: dict[str, MacroValue] = {}
     for name, item in value.items():
-        where = f"macros.{str(name)[:40]}"
+        where = f"macros.{_label(name)}"
         if name not in MACRO_NAMES:
             raise InvalidEvent(where, "is not an OpenRTB auction macro (e.g. AUCTION_PRICE)")
         if isinstance(item, bool) or not isinstance(item, str | int | float):
@@ -230,7 +238,7 @@ def parse_event(data: object, *, now_s: float | None = None) -> Event:
         raise InvalidEvent("event", f"must be a JSON object, not {type(data).__name__}")
     unknown = sorted(str(key) for key in data if key not in FIELDS)
     if unknown:
-        raise InvalidEvent(unknown[0][:60], "unknown field")
+        raise InvalidEvent(_label(unknown[0]), "unknown field")
     event = Event(
         id=_parse_id(data),
         kind=_parse_enum(data, "kind", Kind),
