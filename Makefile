@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # In production leave CGRID_ALLOWED_NETWORKS empty (or name only what you must).
 export CGRID_ALLOWED_NETWORKS ?= 127.0.0.0/8
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint chaos clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ run: install
 
 test: install
 	$(BIN)/pytest
+
+# The fault-injection suite, long form: thousands of events, kills, a Redis restart.
+chaos: install
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 lint: install
 	$(BIN)/ruff check cgrid producer worker tests

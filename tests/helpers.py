@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -66,7 +67,7 @@ class WorkerProcess:
             self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for(lambda: b'"worker_ready"' in self.log_path.read_bytes() or self._died(), timeout_s,
+        wait_for(lambda: b" ready." in self.log_path.read_bytes() or self._died(), timeout_s,
                  f"worker ready ({self.log_path})")
         if self._died():
             raise AssertionError(f"worker exited at start:\n{self.log_path.read_text()[-3000:]}")
@@ -79,15 +80,23 @@ class WorkerProcess:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, sig)
 
+    def terminate(self) -> None:
+        """SIGTERM to the main process only: Celery's warm shutdown. (SIGTERM to the whole
+        group would also kill the pool children mid-task.)"""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.process is None:
             return
-        self.signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.process.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # leftovers, if any
+        self.process.wait()
         self._log.close()
         self.process = None
 

@@ -1,0 +1,345 @@
+"""The fault-injection suite: ``make chaos`` (and, short, ``tests/test_chaos.py`` in CI).
+
+A private Redis with AOF, several real ``celery worker`` processes, and a local buyer that
+answers 200/204/302, returns 500s, hangs past the deadline and resets connections, and
+records every call by event id. While thousands of events flow, it SIGKILLs workers (whole
+process groups, and single pool children) at random instants and starts new ones, SIGTERMs
+one (warm shutdown), restarts Redis once, and makes the buyer unreachable for a few seconds.
+Then it checks every event against the ledger and the buyer's record of calls.
+
+    python -m tests.chaos [--events 5000] [--seconds 40] [--workers 3] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from cgrid.errors import RedisUnavailable
+from cgrid.ledger import Ledger
+from cgrid.redis_server import RedisServer, free_port
+from cgrid.settings import Settings
+from producer import Publisher
+from producer.mock_dsp import CallLog, MockDspServer
+from tests.helpers import WorkerProcess, fleet_env
+
+TERMINAL = {"delivered", "failed", "rejected", "expired"}
+# Path of the buyer's answer, by weight.
+BEHAVIOURS = [
+    ("/status/204", 50), ("/status/200", 10), ("/status/302", 10), ("/status/500", 10),
+    ("/sequence/500,204", 8), ("/sleep/900", 6), ("/reset", 6),
+]
+
+
+@dataclass
+class Faults:
+    group_kills: int = 0
+    child_kills: int = 0
+    warm_shutdowns: int = 0
+    redis_restarts: int = 0
+    buyer_outages: int = 0
+    log: list[str] = field(default_factory=list)
+
+    def note(self, started: float, text: str) -> None:
+        self.log.append(f"{time.monotonic() - started:6.1f}s {text}")
+
+
+class Buyer:
+    """The mock DSP on a fixed port; can go away and come back, keeping its call log."""
+
+    def __init__(self) -> None:
+        self.calls = CallLog()
+        self.port = free_port()
+        self.server: MockDspServer | None = None
+        self.start()
+
+    def start(self) -> None:
+        server = MockDspServer("127.0.0.1", self.port)
+        server.log = self.calls
+        self.server = server.start_in_thread()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def pool_children(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
+class Chaos:
+    def __init__(self, events: int, seconds: float, workers: int, seed: int, workdir: Path) -> None:
+        self.n_events = events
+        self.seconds = seconds
+        self.n_workers = workers
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.workdir = workdir
+        self.redis = RedisServer(workdir / "redis").start()
+        self.buyer = Buyer()
+        self.env = fleet_env(
+            self.redis.url,
+            CGRID_TIMEOUT_S="0.5", CGRID_RETRY_DELAY_S="1", CGRID_SWEEP_INTERVAL_S="0.2",
+            CGRID_ATTEMPT_GRACE_S="2", CGRID_REDELIVER_AFTER_S="3", CGRID_BATCH_SIZE="20",
+            CGRID_CALL_CONCURRENCY="20", CGRID_PUBLISH_TIMEOUT_S="0.5", CGRID_LOG_LEVEL="WARNING",
+        )
+        self.settings = Settings.from_env(self.env)
+        self.workers: list[WorkerProcess] = []
+        self.worker_seq = 0
+        self.faults = Faults()
+        self.accepted: list[str] = []
+        self.started = time.monotonic()
+
+    # -- parts ---------------------------------------------------------------------------
+
+    def start_worker(self) -> None:
+        self.worker_seq += 1
+        pool = "prefork" if self.worker_seq % 3 else "threads"
+        worker = WorkerProcess(self.env, self.workdir / f"worker-{self.worker_seq}.log", pool=pool,
+                               concurrency=2, name=f"chaos{self.worker_seq}")
+        self.workers.append(worker.start(timeout_s=60))
+
+    def publish_all(self) -> None:
+        publish_seconds = self.seconds * 0.6
+        chunk = 25
+        pause_s = publish_seconds / max(1, self.n_events / chunk)
+        publisher = Publisher(self.settings, linger_ms=5)
+        paths = [p for p, _ in BEHAVIOURS]
+        weights = [w for _, w in BEHAVIOURS]
+        for start in range(0, self.n_events, chunk):
+            batch = []
+            for i in range(start, min(start + chunk, self.n_events)):
+                event_id = f"c{self.seed}-{i}"
+                path = self.rng.choices(paths, weights)[0]
+                batch.append({"id": event_id, "kind": "burl", "upstream": "s2s", "buyer": f"dsp{i % 3}",
+                              "url": f"http://127.0.0.1:{self.buyer.port}{path}?e={event_id}"})
+            while True:
+                try:
+                    publisher.publish_many(batch)
+                    break
+                except RedisUnavailable:
+                    time.sleep(0.2)
+            self.accepted += [e["id"] for e in batch]
+            time.sleep(pause_s)
+        give_up = time.monotonic() + 60
+        while True:
+            try:
+                publisher.close()
+                return
+            except RedisUnavailable:
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(0.2)
+
+    # -- faults --------------------------------------------------------------------------
+
+    def kill_group(self) -> None:
+        worker = self.rng.choice(self.workers)
+        worker.signal(signal.SIGKILL)
+        assert worker.process is not None
+        worker.process.wait()
+        self.workers.remove(worker)
+        self.faults.group_kills += 1
+        self.faults.note(self.started, f"SIGKILL worker group {worker.log_path.stem}")
+        self.start_worker()
+
+    def kill_child(self) -> None:
+        worker = self.rng.choice(self.workers)
+        assert worker.process is not None
+        children = pool_children(worker.process.pid)
+        if not children:
+            return self.kill_group()
+        os.kill(self.rng.choice(children), signal.SIGKILL)
+        self.faults.child_kills += 1
+        self.faults.note(self.started, f"SIGKILL a pool child of {worker.log_path.stem}")
+        return None
+
+    def warm_shutdown(self) -> None:
+        worker = self.rng.choice(self.workers)
+        self.workers.remove(worker)
+        worker.stop(timeout_s=30)
+        self.faults.warm_shutdowns += 1
+        self.faults.note(self.started, f"SIGTERM (warm shutdown) {worker.log_path.stem}")
+        self.start_worker()
+
+    def restart_redis(self) -> None:
+        self.redis.stop()
+        time.sleep(1.0)
+        self.redis.start()
+        self.faults.redis_restarts += 1
+        self.faults.note(self.started, "Redis restarted (AOF)")
+
+    def buyer_outage(self) -> None:
+        self.buyer.stop()
+        self.faults.note(self.started, "buyer unreachable")
+        time.sleep(3.0)
+        self.buyer.start()
+        self.faults.buyer_outages += 1
+        self.faults.note(self.started, "buyer back")
+
+    def inject(self, stop: threading.Event) -> None:
+        """Random kills all along; the one-off faults at fixed points while events flow."""
+        once = [(0.25, self.buyer_outage), (0.4, self.restart_redis), (0.5, self.warm_shutdown)]
+        plan_end = self.started + self.seconds * 0.8
+        while not stop.is_set() and time.monotonic() < plan_end:
+            stop.wait(self.rng.uniform(0.8, 2.5))
+            elapsed = (time.monotonic() - self.started) / self.seconds
+            if once and elapsed >= once[0][0]:
+                once.pop(0)[1]()
+            elif self.rng.random() < 0.6:
+                self.kill_group()
+            else:
+                self.kill_child()
+        for _, action in once:
+            action()
+        while self.faults.group_kills + self.faults.child_kills < 3:  # at least a few, however short the run
+            self.kill_group() if self.rng.random() < 0.6 else self.kill_child()
+            time.sleep(0.5)
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        for _ in range(self.n_workers):
+            self.start_worker()
+        self.started = time.monotonic()
+        stop = threading.Event()
+        publisher = threading.Thread(target=self.publish_all, name="publisher")
+        publisher.start()
+        self.inject(stop)
+        publisher.join()
+        return self.settle_and_check(deadline_s=120)
+
+    def settle_and_check(self, deadline_s: float) -> dict[str, Any]:
+        ledger = Ledger(redis.Redis.from_url(self.redis.url))
+        give_up = time.monotonic() + deadline_s
+        while True:
+            records = {i: ledger.record(i) for i in self.accepted}
+            open_ = [i for i, r in records.items() if r is None or r["state"] not in TERMINAL]
+            if not open_ or time.monotonic() > give_up:
+                break
+            time.sleep(0.5)
+        return self.check(records)
+
+    def check(self, records: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+        calls: dict[str, int] = Tally()
+        for call in self.buyer.calls.snapshot():
+            if "e=" in call["target"]:
+                calls[call["target"].split("e=", 1)[1]] += 1
+        states: Tally[str] = Tally()
+        lost, over_called, violations = [], [], []
+        for event_id, record in records.items():
+            n_calls = calls.get(event_id, 0)
+            if record is None or record["state"] not in TERMINAL:
+                lost.append(event_id)
+                continue
+            states[record["state"]] += 1
+            attempts = record["attempts"]
+            if n_calls > 2:
+                over_called.append(event_id)
+
+            def ok(a: dict[str, Any]) -> bool:
+                return a.get("error") is None and a.get("status") is not None and a["status"] < 400
+
+            if n_calls == 2 and ok(attempts[0]):
+                violations.append(f"{event_id}: called twice, yet its first attempt succeeded")
+            if attempts and ok(attempts[0]) and len(attempts) > 1:
+                violations.append(f"{event_id}: a success was followed by a retry")
+            with_status = sum(1 for a in attempts if a.get("status") is not None)
+            if not with_status <= n_calls <= len(attempts):
+                violations.append(f"{event_id}: ledger has {len(attempts)} attempts ({with_status} answered), "
+                                  f"buyer saw {n_calls} calls")
+            if record["state"] == "delivered" and not ok(attempts[-1]):
+                violations.append(f"{event_id}: delivered, but its last attempt did not succeed")
+        retried = sum(1 for r in records.values() if r and len(r["attempts"]) == 2)
+        answers: Tally[str] = Tally(
+            str(a.get("status") or a.get("error")) for r in records.values() if r for a in r["attempts"])
+        lost_attempts = answers["lost"]
+        return {
+            "seed": self.seed,
+            "events": len(records),
+            "worker_group_kills": self.faults.group_kills,
+            "worker_child_kills": self.faults.child_kills,
+            "warm_shutdowns": self.faults.warm_shutdowns,
+            "redis_restarts": self.faults.redis_restarts,
+            "buyer_outages": self.faults.buyer_outages,
+            "calls": sum(calls.values()),
+            "retried": retried,
+            "attempts_lost_to_kills": lost_attempts,
+            "attempt_answers": dict(answers.most_common()),
+            "states": dict(states),
+            "lost": len(lost),
+            "over_called": len(over_called),
+            "violations": len(violations),
+            "examples": (lost[:5] + over_called[:5] + violations[:5]),
+            "timeline": self.faults.log,
+        }
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop(timeout_s=10)
+        self.buyer.stop()
+        self.redis.stop()
+
+
+def run_chaos(events: int, seconds: float, workers: int, seed: int, workdir: Path) -> dict[str, Any]:
+    chaos = Chaos(events, seconds, workers, seed, workdir)
+    try:
+        return chaos.run()
+    finally:
+        chaos.close()
+
+
+def print_result(result: dict[str, Any]) -> None:
+    print("\nchaos timeline:")
+    for line in result["timeline"]:
+        print("  " + line)
+    print("\nchaos result:")
+    for key in result:
+        if key in ("examples", "timeline"):
+            continue
+        print(f"  {key:24} {result[key]}")
+    if result["examples"]:
+        print("  examples: " + json.dumps(result["examples"]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--seconds", type=float, default=40.0)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=random.randrange(1_000_000))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cgrid-chaos-") as workdir:
+        result = run_chaos(args.events, args.seconds, args.workers, args.seed, Path(workdir))
+    print_result(result)
+    failed = result["lost"] or result["over_called"] or result["violations"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

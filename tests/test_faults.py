@@ -1,0 +1,104 @@
+"""Focused faults: a worker killed mid-call, a warm shutdown, and settings that would break
+the guarantees."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from cgrid.ledger import Ledger
+from cgrid.redis_server import RedisServer
+from cgrid.settings import Settings
+from producer import Publisher
+from producer.mock_dsp import MockDspServer
+from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def calls_for(dsp: MockDspServer, event_id: str) -> list[float]:
+    return [c["t"] for c in dsp.log.snapshot() if c["target"].endswith(f"e={event_id}")]
+
+
+def test_worker_killed_mid_call_counts_as_a_failed_attempt_and_retries_once(
+    redis_server: RedisServer, dsp: MockDspServer, tmp_path: Path
+) -> None:
+    env = fleet_env(redis_server.url, CGRID_TIMEOUT_S="3", CGRID_ATTEMPT_GRACE_S="1")
+    ledger = Ledger(redis.Redis.from_url(redis_server.url))
+    event_id = f"killed-{uuid.uuid4().hex[:8]}"
+    first = WorkerProcess(env, tmp_path / "w1.log", name="victim").start()
+    try:
+        with Publisher(Settings.from_env(env)) as publisher:
+            # The buyer answers after 2 s; the worker is killed while it waits.
+            publisher.publish({"id": event_id, "kind": "burl", "upstream": "s2s",
+                               "url": f"{dsp.url}/sleep/2000?e={event_id}"})
+        wait_for(lambda: (ledger.record(event_id) or {}).get("in_flight_attempt") == 1, 20, "attempt 1 in flight")
+        first.signal(signal.SIGKILL)
+    finally:
+        first.stop()
+    second = WorkerProcess(env, tmp_path / "w2.log", name="rescuer").start()
+    try:
+        record = wait_for(lambda: (r := ledger.record(event_id)) and r["state"] == "delivered" and r, 30,
+                          "delivered by the retry")
+        assert [a["error"] for a in record["attempts"]] == ["lost", None]
+        assert record["attempts"][1]["status"] == 204
+        assert len(calls_for(dsp, event_id)) == 2  # the interrupted call, and the one retry
+    finally:
+        second.stop()
+
+
+def test_warm_shutdown_finishes_or_hands_back_in_flight_work(
+    redis_server: RedisServer, dsp: MockDspServer, tmp_path: Path
+) -> None:
+    env = fleet_env(redis_server.url, CGRID_TIMEOUT_S="3", CGRID_BATCH_SIZE="5", CGRID_LINGER_MS="1")
+    ledger = Ledger(redis.Redis.from_url(redis_server.url))
+    run = uuid.uuid4().hex[:8]
+    ids = [f"warm-{run}-{i}" for i in range(40)]
+    first = WorkerProcess(env, tmp_path / "w1.log", name="leaving").start()
+    with Publisher(Settings.from_env(env)) as publisher:
+        publisher.publish_many([{"id": i, "kind": "burl", "upstream": "s2s", "url": f"{dsp.url}/sleep/300?e={i}"}
+                                for i in ids])
+    wait_for(lambda: any(calls_for(dsp, i) for i in ids), 20, "the first calls")
+    first.terminate()  # warm shutdown while calls are in flight
+    assert first.process is not None
+    first.process.wait(timeout=30)
+    first.stop()
+    second = WorkerProcess(env, tmp_path / "w2.log", name="arriving").start()
+    try:
+        wait_for(lambda: all((ledger.record(i) or {}).get("state") == "delivered" for i in ids), 60,
+                 "every event delivered")
+        for event_id in ids:
+            record = ledger.record(event_id)
+            assert record is not None and len(record["attempts"]) == 1, record
+            assert len(calls_for(dsp, event_id)) == 1, event_id
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"CGRID_RETRY_DELAY_S": "4000"}, "CGRID_RETRY_DELAY_S"),
+        ({"CGRID_TIMEOUT_S": "100", "CGRID_VISIBILITY_TIMEOUT_S": "60"}, "CGRID_VISIBILITY_TIMEOUT_S"),
+        ({"CGRID_TIMEOUT_S": "fast"}, "CGRID_TIMEOUT_S"),
+        ({"CGRID_ALLOWED_NETWORKS": "10.0.0.0/33"}, "CGRID_ALLOWED_NETWORKS"),
+    ],
+)
+def test_worker_refuses_to_start_with_settings_that_break_the_guarantees(
+    overrides: dict[str, str], message: str
+) -> None:
+    env = fleet_env("redis://127.0.0.1:1/0", **overrides)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "cgrid-s2s: configuration error: " in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30
