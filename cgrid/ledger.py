@@ -72,9 +72,14 @@ class Finish:
     reason: str = ""
 
 
+# Every script reads the time from Redis, so that hosts with skewed clocks still agree on
+# retry delays and leases. (Scripts are replicated by effects, so TIME is allowed.)
 _LUA_COMMON = """
 local prefix = ARGV[1]
-local now = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function stamp(t) return string.format('%.6f', t) end
+local now_text = stamp(now)
 local function bump(day, buyer, counter, report_ttl)
   local key = prefix .. 'report:' .. day
   redis.call('HINCRBY', key, buyer .. '\\t' .. counter, 1)
@@ -83,19 +88,19 @@ local function bump(day, buyer, counter, report_ttl)
 end
 """
 
-# ARGV: prefix, now, ledger_ttl, report_ttl, redeliver_after, then per event:
-# id, day, buyer, event_json. Returns 1 (accepted) or 0 (already known) per event.
+# ARGV: prefix, ledger_ttl, report_ttl, redeliver_after, then per event: id, day, buyer,
+# event_json. Returns the time, then 1 (accepted) or 0 (already known) per event.
 _ACCEPT = _LUA_COMMON + """
-local ttl, report_ttl, redeliver = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local out = {}
-for i = 6, #ARGV, 4 do
+local ttl, report_ttl, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local out = {now_text}
+for i = 5, #ARGV, 4 do
   local id, day, buyer = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local key = prefix .. 'ev:' .. id
   if redis.call('EXISTS', key) == 1 then
     out[#out + 1] = 0
   else
     redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
-      'buyer', buyer, 'accepted_at', ARGV[2], 'sent_at', ARGV[2], 'claim', 0)
+      'buyer', buyer, 'accepted_at', now_text, 'sent_at', now_text, 'claim', 0)
     redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', prefix .. 'due', now + redeliver, id)
     bump(day, buyer, 'events', report_ttl)
@@ -105,15 +110,15 @@ end
 return out
 """
 
-# ARGV: prefix, now, attempt n, lease_s, sent_at, ids...
+# ARGV: prefix, attempt n, lease_s, sent_at (of the trigger, by this clock), ids...
 # Claims attempt n of each id that may have it; returns {id, event_json, ...} of the claimed.
 _CLAIM = _LUA_COMMON + """
-local n, lease, sent_at = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n, lease, sent_at = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local wm_key = prefix .. 'watermark'
 local wm = tonumber(redis.call('GET', wm_key) or '0')
-if sent_at > wm then redis.call('SET', wm_key, ARGV[5]) end
+if sent_at > wm then redis.call('SET', wm_key, ARGV[4]) end
 local out = {}
-for i = 6, #ARGV do
+for i = 5, #ARGV do
   local id = ARGV[i]
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event')
@@ -128,7 +133,7 @@ for i = 6, #ARGV do
     end
   end
   if ok then
-    redis.call('HSET', key, 'claim', n, 'claimed_at', ARGV[2])
+    redis.call('HSET', key, 'claim', n, 'claimed_at', now_text)
     redis.call('ZADD', prefix .. 'due', now + lease, id)
     out[#out + 1] = id
     out[#out + 1] = rec[6]
@@ -137,14 +142,14 @@ end
 return out
 """
 
-# ARGV: prefix, now, attempt n, ledger_ttl, report_ttl, retry_delay, then per event:
+# ARGV: prefix, attempt n, ledger_ttl, report_ttl, retry_delay, then per event:
 # id, outcome, attempt_json, reason. Returns the new state per event ('' if not ours).
 _FINISH = _LUA_COMMON + """
-local n, ttl, report_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local delay = tonumber(ARGV[6])
+local n, ttl, report_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local delay = tonumber(ARGV[5])
 local due = prefix .. 'due'
 local out = {}
-for i = 7, #ARGV, 4 do
+for i = 6, #ARGV, 4 do
   local id, outcome, attempt, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2')
@@ -160,7 +165,7 @@ for i = 7, #ARGV, 4 do
       if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
     elseif outcome == 'fail' and n == 1 then
       new = 'retry_scheduled'
-      redis.call('HSET', key, 'retry_at', tostring(now + delay))
+      redis.call('HSET', key, 'retry_at', stamp(now + delay))
       redis.call('HDEL', key, 'sent_at')
       redis.call('ZADD', due, now + delay, id)
     elseif outcome == 'fail' then
@@ -192,11 +197,11 @@ end
 return out
 """
 
-# ARGV: prefix, now, limit, lease unused, redeliver_after, retry_delay, report_ttl, queue
-# Looks at events whose due time has passed. Returns {send1 ids..., '|', send2 ids...}.
+# ARGV: prefix, limit, redeliver_after, retry_delay, report_ttl, queue
+# Looks at events whose due time has passed. Returns {time, send1 ids..., '|', send2 ids...}.
 _SWEEP = _LUA_COMMON + """
-local limit, redeliver = tonumber(ARGV[3]), tonumber(ARGV[5])
-local delay, report_ttl, queue = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local limit, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3])
+local delay, report_ttl, queue = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local due = prefix .. 'due'
 local wm = tonumber(redis.call('GET', prefix .. 'watermark') or '0')
 local queue_empty = redis.call('LLEN', queue) == 0
@@ -215,7 +220,7 @@ for _, id in ipairs(ids) do
       ',"ms":null,"status":null,"error":"lost"}'
     redis.call('HSET', key, 'a' .. claim, lost, 'claim', 0)
     if claim == 1 then
-      redis.call('HSET', key, 'state', 'retry_scheduled', 'retry_at', tostring(now + delay))
+      redis.call('HSET', key, 'state', 'retry_scheduled', 'retry_at', stamp(now + delay))
       redis.call('HDEL', key, 'sent_at')
       redis.call('ZADD', due, now + delay, id)
     else
@@ -228,13 +233,14 @@ for _, id in ipairs(ids) do
     -- A trigger is (re)sent when none was sent yet (a due retry), or when the one sent
     -- must have been lost: the queue is empty, or workers already started newer ones.
     if sent_at < 0 or queue_empty or wm > sent_at + redeliver then
-      redis.call('HSET', key, 'sent_at', ARGV[2])
+      redis.call('HSET', key, 'sent_at', now_text)
       if state == 'pending' then send1[#send1 + 1] = id else send2[#send2 + 1] = id end
     end
     redis.call('ZADD', due, now + redeliver, id)
   end
 end
-local out = send1
+local out = {now_text}
+for _, id in ipairs(send1) do out[#out + 1] = id end
 out[#out + 1] = '|'
 for _, id in ipairs(send2) do out[#out + 1] = id end
 return out
@@ -262,13 +268,14 @@ class Ledger:
 
     def accept(
         self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float
-    ) -> list[bool]:
-        """Record new events as ``pending``; False for an id the ledger already holds."""
-        args: list[Any] = [self.prefix, _num(time.time()), ledger_ttl_s, report_ttl_s,
-                           _num(redeliver_after_s)]
+    ) -> tuple[float, list[bool]]:
+        """Record new events as ``pending``. Returns the ledger's time (the trigger's
+        ``sent_at``) and, per event, False for an id the ledger already holds."""
+        args: list[Any] = [self.prefix, ledger_ttl_s, report_ttl_s, _num(redeliver_after_s)]
         for event in events:
             args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.to_json()]
-        return [bool(flag) for flag in self._accept(args=args)]
+        now, *flags = self._accept(args=args)
+        return float(_text(now)), [bool(flag) for flag in flags]
 
     def claim(
         self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float
@@ -276,7 +283,7 @@ class Ledger:
         """Claim attempt ``attempt`` of each id; returns (id, event JSON) of those won."""
         if not ids:
             return []
-        args: list[str | int] = [self.prefix, _num(time.time()), attempt, _num(lease_s), _num(sent_at_s), *ids]
+        args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), *ids]
         flat = [_text(item) for item in self._claim(args=args)]
         return list(zip(flat[0::2], flat[1::2], strict=True))
 
@@ -287,8 +294,7 @@ class Ledger:
         """Write the outcomes of claimed attempts; returns each event's new state."""
         if not results:
             return []
-        args: list[Any] = [self.prefix, _num(time.time()), attempt, ledger_ttl_s, report_ttl_s,
-                           _num(retry_delay_s)]
+        args: list[Any] = [self.prefix, attempt, ledger_ttl_s, report_ttl_s, _num(retry_delay_s)]
         for result in results:
             args += [result.event_id, result.outcome.value, result.attempt_json, result.reason]
         return [_text(state) for state in self._finish(args=args)]
@@ -296,13 +302,14 @@ class Ledger:
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
         queue: str,
-    ) -> tuple[list[str], list[str]]:
-        """Handle events whose due time passed; returns ids to (re)send for attempt 1 and 2."""
-        args: list[str | int] = [self.prefix, _num(time.time()), limit, 0, _num(redeliver_after_s),
-                _num(retry_delay_s), report_ttl_s, queue]
-        flat = [_text(item) for item in self._sweep(args=args)]
+    ) -> tuple[float, list[str], list[str]]:
+        """Handle events whose due time passed. Returns the ledger's time and the ids whose
+        trigger must be (re)sent, for attempt 1 and for attempt 2."""
+        args: list[str | int] = [self.prefix, limit, _num(redeliver_after_s), _num(retry_delay_s),
+                                 report_ttl_s, queue]
+        now, *flat = [_text(item) for item in self._sweep(args=args)]
         split = flat.index("|")
-        return flat[:split], flat[split + 1:]
+        return float(now), flat[:split], flat[split + 1:]
 
     def record(self, event_id: str) -> dict[str, Any] | None:
         """The ledger record as the ``status`` command prints it; None if unknown."""

@@ -165,7 +165,7 @@ class Publisher:
     def _send(self, batch: list[Event]) -> None:
         settings = self.settings
         try:
-            accepted = self._ledger.accept(
+            sent_at_s, accepted = self._ledger.accept(
                 batch, ledger_ttl_s=settings.ledger_ttl_s, report_ttl_s=settings.report_ttl_s,
                 redeliver_after_s=settings.redeliver_after_s,
             )
@@ -175,7 +175,7 @@ class Publisher:
         if not new_ids:
             return
         try:
-            self._celery.send_task(DELIVER_TASK, args=[new_ids, 1, time.time()])
+            self._celery.send_task(DELIVER_TASK, args=[new_ids, 1, sent_at_s])
         except Exception:
             # The events are in the ledger, so they are accepted: the workers' sweeper
             # sends their trigger again once it sees it was never delivered.

@@ -9,7 +9,6 @@ count as failed). Every worker runs one; the script is atomic, so they never col
 from __future__ import annotations
 
 import threading
-import time
 
 import redis
 from celery import Celery
@@ -22,23 +21,22 @@ from worker.logs import get_logger
 SWEEP_LIMIT = 2000
 
 
-def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int) -> None:
-    sent_at_s = time.time()
+def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int, sent_at_s: float) -> None:
     for start in range(0, len(ids), batch_size):
         app.send_task(DELIVER_TASK, args=[ids[start:start + batch_size], attempt_n, sent_at_s])
 
 
 def sweep_once(app: Celery, ledger: Ledger, settings: Settings) -> int:
     """One pass; returns how many triggers it sent."""
-    first, second = ledger.sweep(
+    now_s, first, second = ledger.sweep(
         limit=SWEEP_LIMIT,
         redeliver_after_s=settings.redeliver_after_s,
         retry_delay_s=settings.retry_delay_s,
         report_ttl_s=settings.report_ttl_s,
         queue=settings.queue,
     )
-    send_triggers(app, first, 1, settings.batch_size)
-    send_triggers(app, second, 2, settings.batch_size)
+    send_triggers(app, first, 1, settings.batch_size, now_s)
+    send_triggers(app, second, 2, settings.batch_size, now_s)
     if first:
         get_logger().warning("resent_lost_triggers", attempt=1, events=len(first))
     return len(first) + len(second)
