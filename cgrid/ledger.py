@@ -9,6 +9,7 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P report:<day>``   hash: ``<buyer>\t<counter>`` -> count, per UTC day of ``created_at``
 - ``P report:days``    sorted set of days that have counters
 - ``P watermark``      newest ``sent_at`` of any trigger a worker has started
+- ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 
 The one-retry guard is :data:`_CLAIM`: attempt ``n`` of an event can be claimed once,
 attempt 2 only after attempt 1 failed, so no event is called more than twice.
@@ -28,6 +29,9 @@ from cgrid.event import Event
 
 PREFIX = "cgrid:"
 NO_BUYER = "-"
+# Poisoned messages (worker/poison.py): a capped list of the last ones, and a counter.
+POISON_LIST_KEY = PREFIX + "poison"
+POISON_COUNT_KEY = PREFIX + "poison:count"
 
 
 class State(StrEnum):
@@ -332,6 +336,10 @@ class Ledger:
         if fields.get("reason"):
             record["reason"] = fields["reason"]
         return record
+
+    def poisoned(self) -> int:
+        """How many poisoned messages workers have dropped."""
+        return int(self.client.get(POISON_COUNT_KEY) or 0)
 
     def report(self, days: int | None = None) -> list[dict[str, Any]]:
         """Counters per buyer and day, newest day first."""

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from cgrid.errors import CgridError, InvalidEvent
 from cgrid.event import parse_event
-from cgrid.ledger import Counter, Ledger
+from cgrid.ledger import POISON_LIST_KEY, Counter, Ledger
 from cgrid.settings import Settings
 
 REPORT_COLUMNS = [
@@ -85,10 +85,17 @@ def format_report(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    rows = _ledger(settings).report(days=args.days)
+    ledger = _ledger(settings)
+    rows = ledger.report(days=args.days)
     if args.buyer:
         rows = [row for row in rows if row["buyer"] == args.buyer]
-    print(json.dumps(rows, indent=2) if args.json else format_report(rows))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_report(rows))
+    poisoned = ledger.poisoned()
+    if poisoned:
+        print(f"\npoisoned broker messages dropped: {poisoned} (the last ones: LRANGE {POISON_LIST_KEY} 0 -1)")
     return 0
 
 

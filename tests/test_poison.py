@@ -10,13 +10,12 @@ import pytest
 import redis
 
 from cgrid.broker import DELIVER_TASK, make_celery
-from cgrid.ledger import Ledger
+from cgrid.ledger import POISON_COUNT_KEY, POISON_LIST_KEY, Ledger
 from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
 from producer import Publisher
 from producer.mock_dsp import MockDspServer
 from tests.helpers import WorkerProcess, fleet_env, wait_for
-from worker.poison import POISON_COUNT_KEY, POISON_LIST_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +64,7 @@ def test_poisoned_messages_do_not_wedge_the_worker(
                            30, "the corrupt record to be rejected")
         assert "event" in corrupt["reason"]
         # 5 raw poisons + the stray "poke" string + bad task arguments, each recorded.
-        wait_for(lambda: int(client.get(POISON_COUNT_KEY) or 0) >= 7, 10, "poison to be recorded")
+        wait_for(lambda: ledger.poisoned() >= 7, 10, "poison to be recorded")
         reasons = [json.loads(e)["reason"] for e in client.lrange(POISON_LIST_KEY, 0, -1)]
         assert any(r.startswith("task arguments: ids") for r in reasons)
         assert "Unrecoverable error" not in worker.log_text()

@@ -7,10 +7,9 @@ import time
 
 import redis
 
+from cgrid.ledger import POISON_COUNT_KEY, POISON_LIST_KEY
 from worker.logs import get_logger
 
-POISON_LIST_KEY = "cgrid:poison"
-POISON_COUNT_KEY = "cgrid:poison:count"
 POISON_LIST_MAX = 1000
 
 _client: redis.Redis | None = None
