@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -68,7 +69,7 @@ class Publisher:
         if self.linger_s > 0:
             self._thread = threading.Thread(target=self._linger_loop, name="cgrid-publisher", daemon=True)
             self._thread.start()
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
 
     # -- public API --------------------------------------------------------------------
 
@@ -99,19 +100,24 @@ class Publisher:
                 time.sleep(0.05)
 
     def close(self) -> None:
-        """Flush and stop. Raises RedisUnavailable if buffered events could not be sent."""
-        if self._closed:
-            return
-        self._closed = True
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=1)
+        """Flush and stop. Raises RedisUnavailable if buffered events could not be sent;
+        they stay buffered, and calling ``close()`` again tries again."""
+        if not self._closed:
+            self._closed = True
+            with self._cond:
+                self._cond.notify_all()
+            if self._thread is not None:
+                self._thread.join(timeout=1)
+        self.flush()
+        atexit.unregister(self._close_at_exit)
+        self._client.close()
+
+    def _close_at_exit(self) -> None:
         try:
-            self.flush()
-        finally:
-            atexit.unregister(self.close)
-            self._client.close()
+            self.close()
+        except RedisUnavailable as e:
+            print(f"cgrid-s2s: {len(self._buffer)} published events were NOT accepted at exit: {e}",
+                  file=sys.stderr)
 
     def __enter__(self) -> Publisher:
         return self

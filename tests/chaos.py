@@ -1,10 +1,10 @@
 """The fault-injection suite: ``make chaos`` (and, short, ``tests/test_chaos.py`` in CI).
 
-A private Redis with AOF, several real ``celery worker`` processes, and a local buyer that
+A private Redis with AOF (appendfsync always), several real ``celery worker`` processes, and a local buyer that
 answers 200/204/302, returns 500s, hangs past the deadline and resets connections, and
 records every call by event id. While thousands of events flow, it SIGKILLs workers (whole
 process groups, and single pool children) at random instants and starts new ones, SIGTERMs
-one (warm shutdown), restarts Redis once, and makes the buyer unreachable for a few seconds.
+one (warm shutdown), crashes and restarts Redis once (SIGKILL), and makes the buyer unreachable for a few seconds.
 Then it checks every event against the ledger and the buyer's record of calls.
 
     python -m tests.chaos [--events 5000] [--seconds 40] [--workers 3] [--seed N]
@@ -187,11 +187,11 @@ class Chaos:
         self.start_worker()
 
     def restart_redis(self) -> None:
-        self.redis.stop()
+        self.redis.stop(kill=True)  # a crash, not a clean shutdown: only the AOF is left
         time.sleep(1.0)
         self.redis.start()
         self.faults.redis_restarts += 1
-        self.faults.note(self.started, "Redis restarted (AOF)")
+        self.faults.note(self.started, "Redis SIGKILLed and restarted from its AOF")
 
     def buyer_outage(self) -> None:
         self.buyer.stop()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import redis
 
 from cgrid.ledger import Ledger
-from cgrid.redis_server import free_port
+from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from producer import InvalidEvent, Publisher, RedisUnavailable
 
@@ -98,3 +99,19 @@ def test_full_buffer_refuses_more_while_redis_is_down() -> None:
         publisher.publish(dict(EVENT))
     with pytest.raises(RedisUnavailable):
         publisher.close()
+
+
+def test_close_that_failed_can_be_retried_and_loses_nothing(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, free_port()).start()
+    try:
+        publisher = Publisher(settings_for(server.url), linger_ms=60_000, batch_size=1000)
+        ids = publisher.publish_many([dict(EVENT) for _ in range(10)])
+        server.stop(kill=True)
+        with pytest.raises(RedisUnavailable):
+            publisher.close()
+        server.start()
+        publisher.close()  # again, now that Redis is back
+        ledger = Ledger(redis.Redis.from_url(server.url))
+        assert all(ledger.record(i) is not None for i in ids)
+    finally:
+        server.stop()
