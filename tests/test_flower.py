@@ -52,7 +52,7 @@ def test_flower_lists_a_delivered_task(redis_server: RedisServer, dsp: MockDspSe
 
         task = wait_for(delivered_task, 30, "Flower to list the delivered task")
         assert task["name"] == "cgrid.deliver"
-        assert "'delivered': 1" in task["result"]
+        assert "'claimed': 1" in task["result"]
     finally:
         worker.stop()
         flower.terminate()

@@ -20,7 +20,7 @@ from cgrid.errors import ForbiddenDestination
 from cgrid.settings import parse_networks
 from producer.mock_dsp import MockDspServer
 from worker.guard import forbidden_reason, resolve_checked
-from worker.http_client import call, make_session
+from worker.http_client import call, make_pool
 
 ONLY_127_0_0_1 = parse_networks("127.0.0.1/32")
 
@@ -103,7 +103,7 @@ def test_name_resolving_to_a_forbidden_address_is_refused_without_a_call(
     fake_dns: dict[str, list[str]], dsp: MockDspServer
 ) -> None:
     fake_dns["evil.test"] = ["127.0.0.2"]  # loopback, but outside the allow-list
-    session = make_session(ONLY_127_0_0_1)
+    session = make_pool(ONLY_127_0_0_1)
     with pytest.raises(ForbiddenDestination, match=r"127\.0\.0\.2 is a loopback address"):
         call(session, f"http://evil.test:{dsp.server_address[1]}/", {}, 1.0)
     assert dsp.log.snapshot() == []
@@ -112,7 +112,7 @@ def test_name_resolving_to_a_forbidden_address_is_refused_without_a_call(
 @pytest.mark.parametrize("host", ["2130706433", "0x7f000001", "127.1", "0177.0.0.1", "[::ffff:127.0.0.1]",
                                   "localhost", "127.0.0.2"])
 def test_real_calls_to_loopback_forms_are_refused(host: str, dsp: MockDspServer) -> None:
-    session = make_session(())  # nothing allowed
+    session = make_pool(())  # nothing allowed
     port = dsp.server_address[1]
     with pytest.raises(ForbiddenDestination):
         call(session, f"http://{host}:{port}/", {}, 1.0)
@@ -124,7 +124,7 @@ def test_checked_address_is_the_connected_one_and_host_header_is_kept(
 ) -> None:
     # DNS rebinding: the first answer is allowed, a second look-up would say 127.0.0.2.
     fake_dns["buyer.test"] = ["127.0.0.1", "127.0.0.2"]
-    session = make_session(ONLY_127_0_0_1)
+    session = make_pool(ONLY_127_0_0_1)
     port = dsp.server_address[1]
     assert call(session, f"http://buyer.test:{port}/status/204", {}, 2.0) == 204
     assert fake_dns["__lookups__"] == ["buyer.test"]  # type: ignore[comparison-overlap]
@@ -162,8 +162,8 @@ def test_tls_keeps_the_host_name_for_sni_and_verification(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         fake_dns["buyer.test"] = ["127.0.0.1"]
-        session = make_session(ONLY_127_0_0_1)
-        session.verify = str(cert)  # trust the test certificate; verification stays on
+        session = make_pool(ONLY_127_0_0_1)
+        session.connection_pool_kw["ca_certs"] = str(cert)  # trust the test cert; verification stays on
         port = server.server_address[1]
         assert call(session, f"https://buyer.test:{port}/", {}, 5.0) == 204
         assert seen == {"sni": ["buyer.test"], "host": [f"buyer.test:{port}"]}

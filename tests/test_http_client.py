@@ -9,20 +9,21 @@ import threading
 import time
 
 import pytest
+import urllib3
 
 from cgrid.errors import ForbiddenDestination
 from cgrid.event import parse_event
 from producer.mock_dsp import MockDspServer
 from worker.classify import ErrorClass
 from worker.delivery import deliver
-from worker.http_client import AttemptError, call, make_session
+from worker.http_client import AttemptError, call, make_pool
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 
 
 @pytest.fixture()
-def session():  # type: ignore[no-untyped-def]
-    return make_session(LOOPBACK, pool_maxsize=4)
+def session() -> urllib3.PoolManager:
+    return make_pool(LOOPBACK, maxsize=4)
 
 
 def test_redirect_is_success_and_not_followed(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
@@ -96,14 +97,14 @@ def test_keep_alive_connection_is_reused_after_a_small_body(session, dsp: MockDs
 
 def test_guard_refuses_loopback_outside_the_allow_list(dsp: MockDspServer) -> None:
     # Allow only 127.0.0.1; 127.0.0.2 is loopback too, so nothing leaves the machine.
-    session = make_session((ipaddress.ip_network("127.0.0.1/32"),))
+    session = make_pool((ipaddress.ip_network("127.0.0.1/32"),))
     with pytest.raises(ForbiddenDestination, match="loopback"):
         call(session, "http://127.0.0.2:9/", {}, 1.0)
     assert call(session, dsp.url + "/", {}, 2.0) == 204
 
 
 def test_deliver_turns_a_forbidden_host_into_rejected(dsp: MockDspServer) -> None:
-    session = make_session(())
+    session = make_pool(())
     event = parse_event({"kind": "burl", "url": dsp.url + "/", "upstream": "s2s"})
     attempt = deliver(event, session, attempt_n=1, timeout_s=1.0)
     assert attempt.outcome.value == "rejected" and "loopback" in attempt.reason

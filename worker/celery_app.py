@@ -57,3 +57,14 @@ def _start_sweeper(**_: Any) -> None:
 def _stop_sweeper(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+    _drain_engine()
+
+
+@signals.worker_process_shutdown.connect
+def _drain_engine(**_: Any) -> None:
+    """Warm shutdown: the calls this process has claimed are made and recorded first."""
+    from worker.runtime import current_runtime
+
+    runtime = current_runtime()
+    if runtime is not None and runtime._engine is not None:
+        runtime._engine.drain(settings.attempt_lease_s)

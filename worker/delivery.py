@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import dataclass
 
-import requests
+import urllib3
 
 from cgrid.errors import ForbiddenDestination, InvalidEvent
 from cgrid.event import Event
@@ -56,7 +56,7 @@ class Attempt:
         )
 
 
-def deliver(event: Event, session: requests.Session, *, attempt_n: int, timeout_s: float) -> Attempt:
+def deliver(event: Event, pool: urllib3.PoolManager, *, attempt_n: int, timeout_s: float) -> Attempt:
     """Make attempt ``attempt_n`` of the event's s2s call and classify the answer."""
     started_at_s = time.time()
     started = time.perf_counter()
@@ -67,7 +67,7 @@ def deliver(event: Event, session: requests.Session, *, attempt_n: int, timeout_
     try:
         url = event.target_url()
         headers = build_headers(event)
-        status = call(session, url, headers, timeout_s)
+        status = call(pool, url, headers, timeout_s)
     except (ForbiddenDestination, InvalidTarget, InvalidEvent) as e:
         return Attempt(attempt_n, Outcome.REJECTED, started_at_s, elapsed_ms(), reason=str(e))
     except AttemptError as e:

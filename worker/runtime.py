@@ -1,24 +1,22 @@
-"""Per-process resources: settings, the ledger's Redis client, the HTTP session, and
-the concurrency used to deliver a batch. Built lazily in each process, after fork."""
+"""Per-process resources: settings, the ledger's Redis client, the HTTP pool and the
+delivery engine. Built lazily in each process, after fork."""
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
-import requests
+import urllib3
 
 from cgrid.ledger import Ledger
 from cgrid.settings import Settings
-from worker.http_client import make_session
+from worker.http_client import make_pool
 
-T = TypeVar("T")
-R = TypeVar("R")
+if TYPE_CHECKING:
+    from worker.engine import DeliveryEngine
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -30,34 +28,23 @@ def redis_client(settings: Settings) -> redis.Redis:
     )
 
 
-def _gevent_active() -> bool:
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
-    return bool(monkey.is_module_patched("socket"))
-
-
 @dataclass
 class Runtime:
     settings: Settings
     ledger: Ledger
-    session: requests.Session
+    pool: urllib3.PoolManager
     pid: int
-    _executor: ThreadPoolExecutor | None = None
+    _engine: DeliveryEngine | None = field(default=None, repr=False)
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """``fn`` over ``items`` with up to ``call_concurrency`` calls in flight."""
-        items = list(items)
-        if len(items) <= 1:
-            return [fn(item) for item in items]
-        if _gevent_active():
-            from gevent.pool import Pool
+    @property
+    def engine(self) -> DeliveryEngine:
+        from worker.engine import DeliveryEngine
 
-            return list(Pool(self.settings.call_concurrency).imap(fn, items))
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.settings.call_concurrency, "cgrid-call")
-        return list(self._executor.map(fn, items))
+        if self._engine is None:
+            with _lock:
+                if self._engine is None:
+                    self._engine = DeliveryEngine(self)
+        return self._engine
 
 
 _runtime: Runtime | None = None
@@ -72,7 +59,12 @@ def get_runtime(settings: Settings) -> Runtime:
                 _runtime = Runtime(
                     settings=settings,
                     ledger=Ledger(redis_client(settings)),
-                    session=make_session(settings.allowed_networks, settings.call_concurrency),
+                    pool=make_pool(settings.allowed_networks, settings.call_concurrency),
                     pid=os.getpid(),
                 )
     return _runtime
+
+
+def current_runtime() -> Runtime | None:
+    """This process's runtime, if it has made one (for shutdown)."""
+    return _runtime if _runtime is not None and _runtime.pid == os.getpid() else None
