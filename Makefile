@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # In production leave CGRID_ALLOWED_NETWORKS empty (or name only what you must).
 export CGRID_ALLOWED_NETWORKS ?= 127.0.0.0/8
 
-.PHONY: install run test lint chaos clean
+.PHONY: install run test lint chaos bench clean
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+
+# The benchmark: measures and prints, asserts nothing. BENCH_ARGS="--scenario fast --events 20000"
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

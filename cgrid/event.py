@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -64,6 +65,29 @@ class Event:
             raise InvalidEvent("event", f"not valid JSON ({e.__class__.__name__})") from None
         return parse_event(data)
 
+    @classmethod
+    def from_ledger_json(cls, text: str | bytes) -> Event:
+        """Decode an event the ledger holds. It was validated when it was published, so
+        this checks only what could make the delivery code fail (types), not the rules:
+        a corrupt record still raises :class:`InvalidEvent`, never anything else."""
+        try:
+            data = json.loads(text)
+            forwarded_for = data.get("forwarded_for")
+            event = cls(
+                id=data["id"], kind=Kind(data["kind"]), url=data["url"], upstream=Upstream(data["upstream"]),
+                user_agent=data.get("user_agent"),
+                forwarded_for=None if forwarded_for is None else tuple(forwarded_for),
+                macros=data.get("macros") or {}, buyer=data.get("buyer"),
+                created_at_s=float(data["created_at"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise InvalidEvent("event", f"unreadable ledger record ({e.__class__.__name__})") from None
+        if not (isinstance(event.id, str) and isinstance(event.url, str) and isinstance(event.macros, dict)
+                and isinstance(event.user_agent, str | None) and isinstance(event.buyer, str | None)
+                and all(isinstance(ip, str) for ip in event.forwarded_for or ())):
+            raise InvalidEvent("event", "unreadable ledger record (wrong types)")
+        return event
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id,
@@ -98,8 +122,12 @@ def _label(name: object) -> str:
     return json.dumps(text[:40])
 
 
+_PRINTABLE_ASCII = re.compile(r"[ -~]*")
+_WHITESPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _printable_ascii(value: str) -> bool:
-    return all(" " <= ch <= "~" for ch in value)
+    return _PRINTABLE_ASCII.fullmatch(value) is not None
 
 
 def _optional_str(data: Mapping[str, Any], name: str, max_chars: int) -> str | None:
@@ -130,20 +158,19 @@ def _parse_enum(data: Mapping[str, Any], name: str, enum: type[Kind] | type[Upst
     if name not in data:
         raise InvalidEvent(name, "is required")
     value = data[name]
-    allowed = " or ".join(f'"{member.value}"' for member in enum)
-    if not isinstance(value, str):
-        raise InvalidEvent(name, f"must be {allowed}")
     try:
         return enum(value)
     except ValueError:
-        raise InvalidEvent(name, f"must be {allowed}, not {value[:40]!r}") from None
+        allowed = " or ".join(f'"{member.value}"' for member in enum)
+        shown = f", not {value[:40]!r}" if isinstance(value, str) else ""
+        raise InvalidEvent(name, f"must be {allowed}{shown}") from None
 
 
 def check_url(url: str, name: str = "url") -> None:
     """An absolute http(s) URL with a host, within the length limit."""
     if len(url.encode("utf-8", "surrogatepass")) > URL_MAX_BYTES:
         raise InvalidEvent(name, f"longer than {URL_MAX_BYTES} bytes")
-    if any(ch <= " " or ch == "\x7f" for ch in url):
+    if _WHITESPACE_OR_CONTROL.search(url):
         raise InvalidEvent(name, "contains whitespace or control characters")
     try:
         parts = urlsplit(url)
@@ -199,19 +226,25 @@ def _parse_macros(data: Mapping[str, Any]) -> dict[str, MacroValue]:
         raise InvalidEvent("macros", "must be an object of macro name to string or number")
     macros: dict[str, MacroValue] = {}
     for name, item in value.items():
-        where = f"macros.{_label(name)}"
         if name not in MACRO_NAMES:
-            raise InvalidEvent(where, "is not an OpenRTB auction macro (e.g. AUCTION_PRICE)")
-        if isinstance(item, bool) or not isinstance(item, str | int | float):
-            raise InvalidEvent(where, "must be a string or a number")
-        if isinstance(item, float) and not math.isfinite(item):
-            raise InvalidEvent(where, "must be a finite number")
-        if isinstance(item, int) and abs(item) >= 10**30:
-            raise InvalidEvent(where, "number out of range")
-        if isinstance(item, str) and len(item) > MACRO_VALUE_MAX_CHARS:
-            raise InvalidEvent(where, f"longer than {MACRO_VALUE_MAX_CHARS} characters")
+            raise InvalidEvent(f"macros.{_label(name)}", "is not an OpenRTB auction macro (e.g. AUCTION_PRICE)")
+        problem = _macro_value_problem(item)
+        if problem:
+            raise InvalidEvent(f"macros.{name}", problem)
         macros[name] = item
     return macros
+
+
+def _macro_value_problem(item: object) -> str | None:
+    if isinstance(item, str):
+        return f"longer than {MACRO_VALUE_MAX_CHARS} characters" if len(item) > MACRO_VALUE_MAX_CHARS else None
+    if isinstance(item, bool) or not isinstance(item, int | float):
+        return "must be a string or a number"
+    if isinstance(item, float) and not math.isfinite(item):
+        return "must be a finite number"
+    if isinstance(item, int) and abs(item) >= 10**30:
+        return "number out of range"
+    return None
 
 
 def _parse_buyer(data: Mapping[str, Any]) -> str | None:

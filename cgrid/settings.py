@@ -108,9 +108,10 @@ class Settings:
 
     @property
     def attempt_lease_s(self) -> float:
-        """Longest time a claimed attempt may take before it counts as lost: it may wait
-        behind a full engine queue (one batch) and the batch being claimed, then be made."""
-        waves = 1 + math.ceil(2 * self.batch_size / self.call_concurrency)
+        """Longest time a claimed attempt may take before it counts as lost: a process
+        claims at most CGRID_CALL_CONCURRENCY + CGRID_BATCH_SIZE attempts, so one may wait
+        behind one batch's worth of calls before its own is made."""
+        waves = 1 + math.ceil(self.batch_size / self.call_concurrency)
         return self.timeout_s * waves + self.attempt_grace_s
 
     def validate(self) -> None:
@@ -123,7 +124,7 @@ class Settings:
         # second worker by the broker; a retry due after it would come from a redelivered task.
         if self.attempt_lease_s >= self.visibility_timeout_s:
             raise ConfigError(
-                "CGRID_TIMEOUT_S x (1 + ceil(2 x CGRID_BATCH_SIZE / CGRID_CALL_CONCURRENCY)) + "
+                "CGRID_TIMEOUT_S x (1 + ceil(CGRID_BATCH_SIZE / CGRID_CALL_CONCURRENCY)) + "
                 f"CGRID_ATTEMPT_GRACE_S = {self.attempt_lease_s:g}s must stay below "
                 f"CGRID_VISIBILITY_TIMEOUT_S = {self.visibility_timeout_s}s"
             )

@@ -103,3 +103,20 @@ def test_substitute_never_raises_and_encodes_values(url: str, macros: dict[str, 
     out = substitute(url, macros)
     for name in MACRO_NAMES & macros.keys():
         assert "${" + name + "}" not in out or "${" + name + "}" in json.dumps(macros)
+
+
+@PROPERTY
+@given(st.dictionaries(field_names, json_values, max_size=9) | json_values)
+def test_ledger_decode_of_a_corrupt_record_is_a_clear_error(data: Any) -> None:
+    try:
+        event = Event.from_ledger_json(json.dumps(data))
+    except InvalidEvent as e:
+        assert e.field == "event"
+        return
+    assert isinstance(event.url, str) and isinstance(event.macros, dict)
+
+
+def test_ledger_decode_round_trips_a_valid_event() -> None:
+    event = parse_event({**VALID, "user_agent": "ua", "forwarded_for": ["1.2.3.4"], "macros": {"AUCTION_ID": 5},
+                         "buyer": "b"})
+    assert Event.from_ledger_json(event.to_json()) == event

@@ -47,6 +47,16 @@ def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any) -> dict[str
     if problem is not None:
         record_poison(f"task arguments: {problem}", repr([ids, attempt_n, sent_at_s]))
         return {"poisoned": 1}
-    claimed = claim(rt, ids, attempt_n, float(sent_at_s))
-    rt.engine.submit(claimed, attempt_n)
-    return {"ids": len(ids), "claimed": len(claimed)}
+    engine = rt.engine
+    claimed_total = 0
+    for start in range(0, len(ids), rt.settings.batch_size):
+        chunk = ids[start:start + rt.settings.batch_size]
+        engine.reserve(len(chunk))
+        try:
+            claimed = claim(rt, chunk, attempt_n, float(sent_at_s))
+        except BaseException:
+            engine.submit([], attempt_n, reserved=len(chunk))
+            raise
+        engine.submit(claimed, attempt_n, reserved=len(chunk))
+        claimed_total += len(claimed)
+    return {"ids": len(ids), "claimed": claimed_total}

@@ -37,7 +37,7 @@ class Handled:
 def handle(rt: Runtime, event_id: str, event_json: str, attempt_n: int) -> Handled:
     """Decide and make one claimed attempt."""
     try:
-        event = Event.from_json(event_json)
+        event = Event.from_ledger_json(event_json)
     except InvalidEvent as e:
         return Handled(event_id, None, Attempt(attempt_n, Outcome.REJECTED, time.time(), 0.0, reason=str(e)))
     decision = expired(event, attempt_n, rt.settings.event_max_age_s)
@@ -51,18 +51,29 @@ class DeliveryEngine:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         settings = rt.settings
-        self._work: queue.Queue[tuple[str, str, int]] = queue.Queue(maxsize=settings.batch_size)
+        self._work: queue.Queue[tuple[str, str, int]] = queue.Queue()
         self._done: list[Handled] = []
         self._cond = threading.Condition()
-        self._pending = 0  # claimed here and not yet recorded
+        self._pending = 0  # reserved or claimed here, and not yet recorded
+        # At most this many attempts are claimed by one process at once, whatever the pool's
+        # concurrency, so a claimed attempt waits at most one batch before its call starts.
+        self.capacity = settings.call_concurrency + settings.batch_size
         for index in range(settings.call_concurrency):
             threading.Thread(target=self._call_loop, name=f"cgrid-call-{index}", daemon=True).start()
         threading.Thread(target=self._record_loop, name="cgrid-recorder", daemon=True).start()
 
-    def submit(self, claimed: list[tuple[str, str]], attempt_n: int) -> None:
-        """Queue claimed attempts; blocks while the queue is full (back-pressure)."""
+    def reserve(self, n: int) -> None:
+        """Wait for room for ``n`` attempts before claiming them (back-pressure)."""
         with self._cond:
-            self._pending += len(claimed)
+            while self._pending and self._pending + n > self.capacity:
+                self._cond.wait()
+            self._pending += n
+
+    def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int) -> None:
+        """Queue the claimed attempts; give back the room of ids that were not claimed."""
+        with self._cond:
+            self._pending -= reserved - len(claimed)
+            self._cond.notify_all()
         for event_id, event_json in claimed:
             self._work.put((event_id, event_json, attempt_n))
 

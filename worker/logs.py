@@ -13,10 +13,13 @@ import structlog
 
 from cgrid.event import Event
 from worker.delivery import Attempt
-from worker.headers import clean_forwarded_for
+
+_info_enabled = True
 
 
 def configure(level: str = "INFO") -> None:
+    global _info_enabled
+    _info_enabled = logging.getLevelName(level) <= logging.INFO
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -41,15 +44,29 @@ def hash_user_agent(user_agent: str | None) -> str | None:
     return hashlib.sha256(user_agent.encode("utf-8", "replace")).hexdigest()[:12]
 
 
-def truncate_ip(address: str) -> str:
-    """The network, not the person: IPv4 to /24, IPv6 to /48."""
-    ip = ipaddress.ip_address(address)
+def truncate_ip(address: str) -> str | None:
+    """The network, not the person: IPv4 to /24, IPv6 to /48; None if not an address."""
+    parts = address.split(".")
+    if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
+        return ".".join(parts[:3]) + ".0/24"  # the common case, without ipaddress's cost
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
     prefix = 24 if ip.version == 4 else 48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
+def _client_net(chain: tuple[str, ...] | None) -> str | None:
+    """The originating address (the first valid one of the chain), truncated."""
+    for entry in chain or ():
+        net = truncate_ip(entry.strip())
+        if net is not None:
+            return net
+    return None
+
+
 def attempt_fields(event: Event, attempt: Attempt) -> dict[str, Any]:
-    chain = clean_forwarded_for(event.forwarded_for)
     fields: dict[str, Any] = {
         "event_id": event.id,
         "kind": event.kind.value,
@@ -62,7 +79,7 @@ def attempt_fields(event: Event, attempt: Attempt) -> dict[str, Any]:
         "host": urlsplit(event.url).hostname,
         "upstream": event.upstream.value,
         "ua_hash": hash_user_agent(event.user_agent),
-        "client_net": truncate_ip(chain.split(", ")[0]) if chain else None,
+        "client_net": _client_net(event.forwarded_for),
     }
     if attempt.reason:
         fields["reason"] = attempt.reason
@@ -70,9 +87,11 @@ def attempt_fields(event: Event, attempt: Attempt) -> dict[str, Any]:
 
 
 def log_attempt(event: Event, attempt: Attempt, state: str) -> None:
-    log = get_logger()
+    failed = attempt.outcome.value in ("fail", "rejected", "expired")
+    if not failed and not _info_enabled:
+        return  # skip building the fields of a line nobody will see
     fields = attempt_fields(event, attempt)
-    if attempt.outcome.value in ("fail", "rejected", "expired"):
-        log.warning("attempt", state=state, **fields)
+    if failed:
+        get_logger().warning("attempt", state=state, **fields)
     else:
-        log.info("attempt", state=state, **fields)
+        get_logger().info("attempt", state=state, **fields)

@@ -1,0 +1,496 @@
+"""``make bench``: cgrid-s2s against the ceiling and the naive baseline, same machine, same
+buyer server. Prints a table and saves JSON under ``bench/results/``. It measures; it
+asserts nothing (tests check behaviour, the benchmark reports figures).
+
+    python -m bench.run [--scenario fast|realistic|all] [--events N] [--pool prefork|gevent|threads]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.buyers import find_nginx, start_nginx
+from cgrid.event import Event, parse_event
+from cgrid.redis_server import RedisServer, free_port
+from cgrid.settings import Settings
+from producer import Publisher
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = 4
+
+
+# -- processes and their costs ----------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLOCK_TICKS
+
+
+def peak_rss_mib(pids: list[int]) -> list[float]:
+    peaks = []
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(round(int(line.split()[1]) / 1024, 1))
+        except OSError:
+            continue
+    return peaks
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def wait_until(condition: Any, timeout_s: float, poll_s: float = 0.05) -> bool:
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return False
+
+
+# -- the buyer ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Buyer:
+    kind: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, scenario: str, hang_s: float) -> Buyer:
+        port = free_port()
+        if scenario == "fast" and find_nginx():
+            process, _ = start_nginx(port)
+            kind = "nginx"
+        else:
+            process = subprocess.Popen([sys.executable, "-m", "bench.buyers", scenario, "--port", str(port),
+                                        "--hang-s", str(hang_s)], cwd=ROOT)
+            kind = f"asyncio ({scenario})"
+        import socket
+
+        def listening() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, 10)
+        return cls(kind, port, process)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def make_events(n: int, port: int, run: str) -> list[dict[str, Any]]:
+    return [
+        {"id": f"{run}-{i}", "kind": "burl", "upstream": "u2s", "buyer": f"dsp{i % 4}",
+         "url": f"http://127.0.0.1:{port}/win?e={run}-{i}&p=${{AUCTION_PRICE}}&a=${{AUCTION_ID}}",
+         "macros": {"AUCTION_PRICE": 1.25 + i % 7, "AUCTION_ID": f"auction-{i}"},
+         "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15",
+         "forwarded_for": ["77.16.215.3", "18.196.6.164"]}
+        for i in range(n)
+    ]
+
+
+# -- 1. the ceiling: the same client, the same calls, a bare loop ------------------------------
+
+
+def _ceiling_worker(args: tuple[list[str], int, float, list[str]]) -> tuple[int, float, float]:
+    from worker.delivery import deliver
+    from worker.http_client import make_pool
+
+    events_json, threads, timeout_s, networks = args
+    from cgrid.settings import parse_networks
+
+    pool = make_pool(parse_networks(",".join(networks)), maxsize=max(threads, 1))
+    events = [Event.from_json(e) for e in events_json]
+    ok = 0
+    lock = threading.Lock()
+    started = time.perf_counter()
+    cpu0 = time.process_time()
+
+    def loop(share: list[Event]) -> None:
+        nonlocal ok
+        for event in share:
+            attempt = deliver(event, pool, attempt_n=1, timeout_s=timeout_s)
+            if attempt.status is not None:
+                with lock:
+                    ok += 1
+
+    workers = [threading.Thread(target=loop, args=(events[i::threads],)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return ok, time.perf_counter() - started, time.process_time() - cpu0
+
+
+def run_ceiling(events: list[dict[str, Any]], processes: int, threads: int, settings: Settings) -> dict[str, Any]:
+    as_json = [parse_event(e).to_json() for e in events]
+    shares = [(as_json[i::processes], threads, settings.timeout_s, ["127.0.0.0/8"]) for i in range(processes)]
+    ctx = multiprocessing.get_context("fork")
+    started = time.perf_counter()
+    with ctx.Pool(processes) as pool:
+        results = pool.map(_ceiling_worker, shares)
+    wall = time.perf_counter() - started
+    answered = sum(r[0] for r in results)
+    slowest = max(r[1] for r in results)
+    cpu = sum(r[2] for r in results)
+    return {"deliveries": len(events), "answered": answered, "seconds": round(slowest, 3),
+            "rate": round(len(events) / slowest), "cpu_s_per_1000": round(cpu / len(events) * 1000, 3),
+            "wall_with_startup_s": round(wall, 2), "processes": processes, "threads_per_process": threads}
+
+
+# -- 2. the naive baseline ---------------------------------------------------------------------
+
+
+def run_naive(events: list[dict[str, Any]], processes: int, redis_url: str, workdir: Path) -> dict[str, Any]:
+    from worker.headers import build_headers
+
+    env = {**os.environ, "BENCH_REDIS_URL": redis_url}
+    client = redis.Redis.from_url(redis_url)
+    client.delete("naive:done")
+    from bench.naive import app as naive_app
+
+    naive_app.conf.broker_url = redis_url
+    calls = [(parse_event(e).target_url(), build_headers(parse_event(e))) for e in events]
+    with naive_app.producer_or_acquire() as producer:
+        for url, headers in calls:
+            naive_app.send_task("naive.notify", args=[url, headers], producer=producer)
+    log = open(workdir / "naive-worker.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench.naive", "worker", "-c", str(processes),
+                               "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: int(client.get("naive:done") or 0) >= 1, 60, 0.01)
+        first = time.time()
+        tree = process_tree(worker.pid)
+        cpu0 = cpu_seconds(tree)
+        done = wait_until(lambda: int(client.get("naive:done") or 0) >= len(events), 600, 0.01)
+        seconds = time.time() - first
+        cpu = cpu_seconds(process_tree(worker.pid)) - cpu0
+        return {"deliveries": int(client.get("naive:done") or 0), "complete": done, "seconds": round(seconds, 3),
+                "rate": round(len(events) / seconds), "cpu_s_per_1000": round(cpu / len(events) * 1000, 3),
+                "processes": processes}
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        log.close()
+
+
+# -- 3. cgrid-s2s --------------------------------------------------------------------------------
+
+
+def fleet_env(redis_url: str, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CGRID_")}
+    env.update({"CGRID_REDIS_URL": redis_url, "CGRID_ALLOWED_NETWORKS": "127.0.0.0/8",
+                "CGRID_LOG_LEVEL": "WARNING", **extra})
+    return env
+
+
+class Fleet:
+    """The worker fleet under test: one prefork worker with a process per core, or, for the
+    gevent and threads pools (one core each), one worker instance per core."""
+
+    def __init__(self, env: dict[str, str], pool: str, processes: int, concurrency: int, workdir: Path):
+        instances = 1 if pool == "prefork" else processes
+        self.logs = [open(workdir / f"cgrid-worker-{time.time():.0f}-{i}.log", "wb") for i in range(instances)]
+        self.processes = []
+        for index, log in enumerate(self.logs):
+            args = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", pool, "--loglevel", "INFO",
+                    "--without-mingle", "--without-gossip", "-n", f"bench{index}@%h",
+                    "-c", str(processes if pool == "prefork" else concurrency)]
+            self.processes.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
+        for log in self.logs:
+            log_path = Path(log.name)
+            if not wait_until(lambda p=log_path: b" ready." in p.read_bytes(), 60):
+                raise RuntimeError(f"worker did not start: {log_path.read_text()[-2000:]}")
+
+    def tree(self) -> list[int]:
+        return [pid for process in self.processes for pid in process_tree(process.pid)]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log in self.logs:
+            log.close()
+
+
+def terminal_count(client: redis.Redis) -> int:
+    total = 0
+    for day in client.zrange("cgrid:report:days", 0, -1):
+        for field, count in client.hgetall(b"cgrid:report:" + day).items():
+            if field.rsplit(b"\t", 1)[1] in (b"delivered_first", b"delivered_retry", b"failed", b"rejected",
+                                             b"expired"):
+                total += int(count)
+    return total
+
+
+def read_records(client: redis.Redis, ids: list[str]) -> list[dict[str, Any]]:
+    records = []
+    for start in range(0, len(ids), 1000):
+        pipe = client.pipeline(transaction=False)
+        for event_id in ids[start:start + 1000]:
+            pipe.hmget(f"cgrid:ev:{event_id}", "state", "a1", "a2")
+        for state, a1, a2 in pipe.execute():
+            records.append({"state": state.decode() if state else None,
+                            "attempts": [json.loads(a) for a in (a1, a2) if a]})
+    return records
+
+
+def finished_at(record: dict[str, Any]) -> float:
+    last = record["attempts"][-1]
+    return float(last["started_at"]) + float(last["ms"] or 0) / 1000
+
+
+def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: str, processes: int,
+              workdir: Path, client: redis.Redis) -> dict[str, Any]:
+    settings = Settings.from_env(settings_env)
+    client.flushall()
+    used0 = int(client.info("memory")["used_memory"])
+    with Publisher(settings) as publisher:
+        published = time.perf_counter()
+        for start in range(0, len(events), 1000):
+            publisher.publish_many(events[start:start + 1000])
+        publisher.flush()
+        publish_s = time.perf_counter() - published
+    in_flight_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
+    redis_cpu0 = redis_cpu_s(client)
+    fleet = Fleet(settings_env, pool, processes, settings.call_concurrency, workdir)
+    try:
+        tree = fleet.tree()
+        cpu0 = cpu_seconds(tree)
+        done = wait_until(lambda: terminal_count(client) >= len(events), 900, 0.1)
+        tree = fleet.tree()
+        cpu = cpu_seconds(tree) - cpu0
+        redis_cpu = redis_cpu_s(client) - redis_cpu0
+        rss = peak_rss_mib(tree)
+        records = read_records(client, [e["id"] for e in events])
+        first_attempt_starts = [float(r["attempts"][0]["started_at"]) for r in records if r["attempts"]]
+        first_attempt_ends = [float(r["attempts"][0]["started_at"]) + float(r["attempts"][0]["ms"] or 0) / 1000
+                              for r in records if r["attempts"]]
+        seconds = max(first_attempt_ends) - min(first_attempt_starts)
+        finished_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
+        states: dict[str, int] = {}
+        for r in records:
+            states[r["state"] or "missing"] = states.get(r["state"] or "missing", 0) + 1
+        failed_first = sum(1 for r in records if r["attempts"] and (
+            r["attempts"][0]["error"] is not None or (r["attempts"][0]["status"] or 0) >= 400))
+        retried = sum(1 for r in records if len(r["attempts"]) == 2)
+        latency = measure_latency(settings, client, events[0]["url"].split("/win")[0],
+                                  rate=max(1, int(len(events) / seconds / 2)), duration_s=8)
+        return {
+            "deliveries": len(records), "complete": done, "seconds": round(seconds, 3),
+            "rate": round(len(events) / seconds),
+            "cpu_s_per_1000": round(cpu / len(events) * 1000, 3),
+            "redis_cpu_s_per_1000": round(redis_cpu / len(events) * 1000, 3),
+            "peak_rss_mib_per_process": rss,
+            "redis_bytes_per_in_flight_event": round(in_flight_bytes),
+            "redis_bytes_per_finished_event": round(finished_bytes),
+            "publish_preload_rate": round(len(events) / publish_s),
+            "states": states, "first_attempt_failed": failed_first, "retried": retried,
+            "retried_exactly_once": failed_first == retried,
+            "pool": pool, "processes": processes, "latency": latency,
+        }
+    finally:
+        fleet.stop()
+
+
+def measure_latency(
+    settings: Settings, client: redis.Redis, base_url: str, rate: int, duration_s: float
+) -> dict[str, Any]:
+    """p50/p99 from publish() to the end of the first attempt, at a steady ``rate``."""
+    n = int(rate * duration_s)
+    run = f"lat{time.time():.0f}"
+    events = make_events(n, int(base_url.rsplit(":", 1)[1]), run)
+    published_at: dict[str, float] = {}
+    with Publisher(settings) as publisher:
+        started = time.perf_counter()
+        for i, event in enumerate(events):
+            target = started + i / rate
+            pause = target - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            published_at[event["id"]] = time.time()
+            publisher.publish(event)
+    ids = list(published_at)
+
+    def all_first_attempts_done() -> bool:
+        records = read_records(client, ids)
+        return all(r["attempts"] for r in records)
+
+    wait_until(all_first_attempts_done, 120, 0.2)
+    records = read_records(client, ids)
+    lat_ms = sorted((float(r["attempts"][0]["started_at"]) + float(r["attempts"][0]["ms"] or 0) / 1000
+                     - published_at[i]) * 1000 for i, r in zip(ids, records, strict=True) if r["attempts"])
+    return {"rate": rate, "events": n, "p50_ms": round(statistics.median(lat_ms), 1),
+            "p99_ms": round(lat_ms[int(len(lat_ms) * 0.99) - 1], 1)}
+
+
+# -- the publisher on its own ------------------------------------------------------------------
+
+
+def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000) -> dict[str, Any]:
+    client.flushall()
+    events = make_events(n, 9, "pub")
+    durations = []
+    publisher = Publisher(settings)
+    perf = time.perf_counter_ns
+    started = perf()
+    for event in events:
+        t0 = perf()
+        publisher.publish(event)
+        durations.append(perf() - t0)
+    loop_s = (perf() - started) / 1e9
+    flush_started = perf()
+    publisher.close()
+    flush_s = (perf() - flush_started) / 1e9
+    durations.sort()
+    accepted = int(client.zcard("cgrid:due"))
+    client.flushall()
+    return {"events": n, "calls_per_s": round(n / loop_s), "p50_us": round(durations[n // 2] / 1000, 1),
+            "p99_us": round(durations[int(n * 0.99)] / 1000, 1), "max_us": round(durations[-1] / 1000),
+            "final_flush_s": round(flush_s, 3), "accepted_per_s_incl_flush": round(n / (loop_s + flush_s)),
+            "accepted": accepted}
+
+
+# -- the whole benchmark -----------------------------------------------------------------------
+
+
+def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: RedisServer) -> dict[str, Any]:
+    processes = os.cpu_count() or 2
+    timeout_s = 2.0
+    extra = {"CGRID_TIMEOUT_S": str(timeout_s), "CGRID_CALL_CONCURRENCY": "100" if name == "fast" else "500",
+             "CGRID_BATCH_SIZE": "100"}
+    env = fleet_env(server.url, extra)
+    settings = Settings.from_env(env)
+    client = redis.Redis.from_url(server.url)
+    buyer = Buyer.start(name, hang_s=timeout_s + 1)
+    try:
+        events = make_events(n, buyer.port, f"{name}{time.time():.0f}")
+        print(f"[{name}] buyer: {buyer.kind}; {n} events; ceiling...", flush=True)
+        ceiling = run_ceiling(events, processes, 1 if name == "fast" else settings.call_concurrency, settings)
+        print(f"[{name}] ceiling {ceiling['rate']}/s; naive baseline...", flush=True)
+        client.flushall()
+        naive = run_naive(make_events(n_naive, buyer.port, f"naive{time.time():.0f}"), processes, server.url,
+                          workdir)
+        print(f"[{name}] naive {naive['rate']}/s; cgrid-s2s...", flush=True)
+        cgrid = run_cgrid(events, env, pool, processes, workdir, client)
+        print(f"[{name}] cgrid-s2s {cgrid['rate']}/s", flush=True)
+    finally:
+        buyer.stop()
+    return {"scenario": name, "buyer": buyer.kind, "ceiling": ceiling, "naive": naive, "cgrid": cgrid,
+            "ratio_to_ceiling": round(cgrid["rate"] / ceiling["rate"], 2),
+            "ratio_to_naive": round(cgrid["rate"] / naive["rate"], 1)}
+
+
+def print_table(results: list[dict[str, Any]], publish: dict[str, Any] | None) -> None:
+    print()
+    print(f"{'scenario':10} {'system':10} {'deliveries/s':>12} {'CPU s/1k':>9} {'vs ceiling':>10} "
+          f"{'vs naive':>8}  notes")
+    for r in results:
+        c, n, g = r["ceiling"], r["naive"], r["cgrid"]
+        print(f"{r['scenario']:10} {'ceiling':10} {c['rate']:>12} {c['cpu_s_per_1000']:>9} {'1.00':>10} "
+              f"{'':>8}  {c['processes']} proc x {c['threads_per_process']} threads, bare loop")
+        print(f"{'':10} {'naive':10} {n['rate']:>12} {n['cpu_s_per_1000']:>9} {'':>10} {'1.0':>8}  "
+              f"{n['deliveries']} events, prefork -c {n['processes']}")
+        print(f"{'':10} {'cgrid-s2s':10} {g['rate']:>12} {g['cpu_s_per_1000']:>9} {r['ratio_to_ceiling']:>10} "
+              f"{r['ratio_to_naive']:>8}  + Redis {g['redis_cpu_s_per_1000']} CPU s/1k; {g['pool']}")
+        lat = g["latency"]
+        print(f"{'':10} {'':10} publish->first attempt done at {lat['rate']}/s: p50 {lat['p50_ms']} ms, "
+              f"p99 {lat['p99_ms']} ms")
+        print(f"{'':10} {'':10} peak RSS MiB/process {g['peak_rss_mib_per_process']}; Redis bytes per "
+              f"in-flight event {g['redis_bytes_per_in_flight_event']}, "
+              f"per finished {g['redis_bytes_per_finished_event']}")
+        print(f"{'':10} {'':10} states {g['states']}; first attempts failed {g['first_attempt_failed']}, "
+              f"retried {g['retried']} (exactly once: {g['retried_exactly_once']})")
+    if publish:
+        print(f"\nPublisher.publish, one thread: {publish['calls_per_s']} calls/s, p50 {publish['p50_us']} µs, "
+              f"p99 {publish['p99_us']} µs, max {publish['max_us']} µs; {publish['events']} events accepted "
+              f"at {publish['accepted_per_s_incl_flush']}/s including the final flush")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=["fast", "realistic", "all"], default="all")
+    parser.add_argument("--events", type=int, default=40_000)
+    parser.add_argument("--naive-events", type=int, default=5_000)
+    parser.add_argument("--pool", choices=["prefork", "threads", "gevent"], default="prefork")
+    parser.add_argument("--no-publish", action="store_true", help="skip the Publisher micro-benchmark")
+    args = parser.parse_args()
+    results = []
+    publish = None
+    with tempfile.TemporaryDirectory(prefix="cgrid-bench-") as tmp:
+        workdir = Path(tmp)
+        server = RedisServer(workdir / "redis").start()
+        try:
+            if not args.no_publish:
+                publish = run_publish(Settings.from_env(fleet_env(server.url, {})), redis.Redis.from_url(server.url))
+            names = ["fast", "realistic"] if args.scenario == "all" else [args.scenario]
+            for name in names:
+                n = args.events if name == "fast" else max(args.events // 2, 1000)
+                n_naive = args.naive_events if name == "fast" else max(args.naive_events // 10, 200)
+                results.append(scenario(name, n, n_naive, args.pool, workdir, server))
+        finally:
+            server.stop()
+    print_table(results, publish)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                               "publish": publish, "scenarios": results}, indent=2))
+    print(f"\nsaved {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
