@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cgrid.errors import InvalidEvent
 from cgrid.macros import MACRO_NAMES, MacroValue, substitute
@@ -166,7 +166,7 @@ def _parse_enum(data: Mapping[str, Any], name: str, enum: type[Kind] | type[Upst
         raise InvalidEvent(name, f"must be {allowed}{shown}") from None
 
 
-def check_url(url: str, name: str = "url") -> None:
+def check_url(url: str, name: str = "url") -> SplitResult:
     """An absolute http(s) URL with a host, within the length limit."""
     if len(url.encode("utf-8", "surrogatepass")) > URL_MAX_BYTES:
         raise InvalidEvent(name, f"longer than {URL_MAX_BYTES} bytes")
@@ -183,6 +183,21 @@ def check_url(url: str, name: str = "url") -> None:
         raise InvalidEvent(name, "has no host")
     if port == 0:
         raise InvalidEvent(name, "port 0 is not allowed")
+    return parts
+
+
+def _check_target_url(url: str, macros: Mapping[str, MacroValue]) -> None:
+    """The URL after macro substitution must still be valid and within the limit."""
+    parts = check_url(url)
+    if not macros and "${" not in url:
+        return
+    target = substitute(url, macros)
+    if "${" in parts.scheme or "${" in parts.netloc:
+        check_url(target, "url (after macro substitution)")
+    elif len(target.encode("utf-8", "surrogatepass")) > URL_MAX_BYTES:
+        # Substituted values are percent-encoded and land in the path, query or fragment,
+        # so only the length can change there.
+        raise InvalidEvent("url (after macro substitution)", f"longer than {URL_MAX_BYTES} bytes")
 
 
 def _parse_url(data: Mapping[str, Any]) -> str:
@@ -191,7 +206,6 @@ def _parse_url(data: Mapping[str, Any]) -> str:
     value = data["url"]
     if not isinstance(value, str):
         raise InvalidEvent("url", f"must be a string, not {type(value).__name__}")
-    check_url(value)
     return value
 
 
@@ -269,8 +283,8 @@ def parse_event(data: object, *, now_s: float | None = None) -> Event:
     """The single place where an event is validated."""
     if not isinstance(data, dict):
         raise InvalidEvent("event", f"must be a JSON object, not {type(data).__name__}")
-    unknown = sorted(str(key) for key in data if key not in FIELDS)
-    if unknown:
+    if not FIELDS.issuperset(data):
+        unknown = sorted(str(key) for key in data if key not in FIELDS)
         raise InvalidEvent(_label(unknown[0]), "unknown field")
     event = Event(
         id=_parse_id(data),
@@ -283,6 +297,5 @@ def parse_event(data: object, *, now_s: float | None = None) -> Event:
         buyer=_parse_buyer(data),
         created_at_s=_parse_created_at(data, time.time() if now_s is None else now_s),
     )
-    if event.macros or "${" in event.url:
-        check_url(event.target_url(), "url (after macro substitution)")
+    _check_target_url(event.url, event.macros)
     return event

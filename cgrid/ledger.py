@@ -84,11 +84,22 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local function stamp(t) return string.format('%.6f', t) end
 local now_text = stamp(now)
+-- Report counters are summed in the script and written once per day and counter.
+local bumps, bump_ttl = {}, 0
 local function bump(day, buyer, counter, report_ttl)
-  local key = prefix .. 'report:' .. day
-  redis.call('HINCRBY', key, buyer .. '\\t' .. counter, 1)
-  redis.call('EXPIRE', key, report_ttl)
-  redis.call('ZADD', prefix .. 'report:days', tonumber((string.gsub(day, '-', ''))), day)
+  local fields = bumps[day]
+  if not fields then fields = {}; bumps[day] = fields end
+  local field = buyer .. '\\t' .. counter
+  fields[field] = (fields[field] or 0) + 1
+  bump_ttl = report_ttl
+end
+local function write_bumps()
+  for day, fields in pairs(bumps) do
+    local key = prefix .. 'report:' .. day
+    for field, count in pairs(fields) do redis.call('HINCRBY', key, field, count) end
+    redis.call('EXPIRE', key, bump_ttl)
+    redis.call('ZADD', prefix .. 'report:days', tonumber((string.gsub(day, '-', ''))), day)
+  end
 end
 """
 
@@ -111,6 +122,7 @@ for i = 5, #ARGV, 4 do
     out[#out + 1] = 1
   end
 end
+write_bumps()
 return out
 """
 
@@ -198,6 +210,7 @@ for i = 6, #ARGV, 4 do
   end
   out[#out + 1] = new
 end
+write_bumps()
 return out
 """
 
@@ -243,6 +256,7 @@ for _, id in ipairs(ids) do
     redis.call('ZADD', due, now + redeliver, id)
   end
 end
+write_bumps()
 local out = {now_text}
 for _, id in ipairs(send1) do out[#out + 1] = id end
 out[#out + 1] = '|'

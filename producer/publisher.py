@@ -25,7 +25,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from cgrid.broker import DELIVER_TASK, make_celery
+from cgrid.broker import make_celery, send_deliver
 from cgrid.errors import RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import Ledger
@@ -181,7 +181,7 @@ class Publisher:
         if not new_ids:
             return
         try:
-            self._celery.send_task(DELIVER_TASK, args=[new_ids, 1, sent_at_s])
+            send_deliver(self._celery, new_ids, 1, sent_at_s)
         except Exception:
             # The events are in the ledger, so they are accepted: the workers' sweeper
             # sends their trigger again once it sees it was never delivered.

@@ -128,3 +128,15 @@ def test_report_counts_per_buyer_and_day(ledger: Ledger) -> None:
     assert rows["x"]["events"] == 2 and rows["x"]["delivered_first"] == 2 and rows["x"]["unexpected"] == 1
     assert rows["y"]["rejected"] == 1
     assert ledger.record("c")["reason"] == "host: forbidden"  # type: ignore[index]
+
+
+def test_report_counters_of_one_batch_are_summed_per_day_and_buyer(ledger: Ledger) -> None:
+    day1, day2 = 1_700_000_000.0, 1_700_000_000.0 + 86_400
+    events = [parse_event({"id": f"d{i}", "kind": "nurl", "url": "https://d.example/", "upstream": "s2s",
+                           "buyer": "x" if i % 2 else "y", "created_at": day1 if i < 6 else day2})
+              for i in range(10)]
+    ledger.accept(events, redeliver_after_s=30, **TTL)
+    rows = {(row["day"], row["buyer"]): row["events"] for row in ledger.report()}
+    assert rows == {("2023-11-14", "x"): 3, ("2023-11-14", "y"): 3, ("2023-11-15", "x"): 2, ("2023-11-15", "y"): 2}
+    for day in ("2023-11-14", "2023-11-15"):
+        assert 0 < ledger.client.ttl(f"cgrid:report:{day}") <= 3600

@@ -13,7 +13,7 @@ import threading
 import redis
 from celery import Celery
 
-from cgrid.broker import DELIVER_TASK
+from cgrid.broker import send_deliver
 from cgrid.ledger import Ledger
 from cgrid.settings import Settings
 from worker.logs import get_logger
@@ -23,7 +23,7 @@ SWEEP_LIMIT = 2000
 
 def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int, sent_at_s: float) -> None:
     for start in range(0, len(ids), batch_size):
-        app.send_task(DELIVER_TASK, args=[ids[start:start + batch_size], attempt_n, sent_at_s])
+        send_deliver(app, ids[start:start + batch_size], attempt_n, sent_at_s)
 
 
 def sweep_once(app: Celery, ledger: Ledger, settings: Settings) -> int:
