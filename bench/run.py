@@ -235,14 +235,17 @@ class Fleet:
     """The worker fleet under test: one prefork worker with a process per core, or, for the
     gevent and threads pools (one core each), one worker instance per core."""
 
-    def __init__(self, env: dict[str, str], pool: str, processes: int, concurrency: int, workdir: Path):
+    def __init__(self, env: dict[str, str], pool: str, processes: int, workdir: Path, slots: int | None = None):
         instances = 1 if pool == "prefork" else processes
         self.logs = [open(workdir / f"cgrid-worker-{time.time():.0f}-{i}.log", "wb") for i in range(instances)]
         self.processes = []
         for index, log in enumerate(self.logs):
+            # -c is Celery's default (the number of CPUs): task slots. The calls are made by
+            # the engine's CGRID_CALL_CONCURRENCY callers, whatever the pool.
             args = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", pool, "--loglevel", "INFO",
-                    "--without-mingle", "--without-gossip", "-n", f"bench{index}@%h",
-                    "-c", str(processes if pool == "prefork" else concurrency)]
+                    "--without-mingle", "--without-gossip", "-n", f"bench{index}@%h"]
+            if slots:
+                args += ["-c", str(slots)]
             self.processes.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                    start_new_session=True))
         for log in self.logs:
@@ -305,7 +308,7 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
         publish_s = time.perf_counter() - published
     in_flight_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
     redis_cpu0 = redis_cpu_s(client)
-    fleet = Fleet(settings_env, pool, processes, settings.call_concurrency, workdir)
+    fleet = Fleet(settings_env, pool, processes, workdir)
     try:
         tree = fleet.tree()
         cpu0 = cpu_seconds(tree)
@@ -465,7 +468,7 @@ def main() -> int:
     parser.add_argument("--scenario", choices=["fast", "realistic", "all"], default="all")
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--naive-events", type=int, default=5_000)
-    parser.add_argument("--pool", choices=["prefork", "threads", "gevent"], default="prefork")
+    parser.add_argument("--pool", choices=["prefork", "threads", "gevent"], default="gevent")
     parser.add_argument("--no-publish", action="store_true", help="skip the Publisher micro-benchmark")
     args = parser.parse_args()
     results = []

@@ -35,7 +35,9 @@ def format_value(value: MacroValue) -> str:
         return value
     if isinstance(value, int):
         return str(value)
-    text = format(Decimal(repr(value)), "f")
+    text = repr(value)
+    if "e" in text or "n" in text:  # an exponent (1e-07), or inf/nan (refused at parse time)
+        text = format(Decimal(text), "f")
     return text
 
 
