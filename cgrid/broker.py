@@ -1,6 +1,6 @@
 """The Celery configuration both sides share: the worker's app and the publisher's sender.
 
-Choices (README "Guarantees" explains them): late acks, prefetch of one, no results, task
+Choices (README "Guarantees" explains them): late acks, a prefetch of eight triggers per task slot, no results, task
 events on for Flower, and an explicit visibility timeout. Retries are *not* Celery ETA
 messages: the ledger schedules them (cgrid.ledger), so no message waits in a worker.
 """
@@ -37,7 +37,11 @@ def make_celery(settings: Settings, name: str = "cgrid") -> Celery:
         # redelivery, decides what happens to the attempt (it counts as a failed one).
         task_reject_on_worker_lost=False,
         task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
+        # Triggers are cheap to hold (the ledger, not the message, is the truth), and a
+        # worker that fetches ahead keeps up with many small triggers: at 2,000 events/s
+        # in 5 ms lingers a prefetch of one let the queue grow (p50 800 ms publish to
+        # delivered), eight kept it empty (p50 46 ms). README "Guarantees".
+        worker_prefetch_multiplier=8,
         worker_send_task_events=True,
         # No "task-sent" events: they cost a second Redis write per trigger, and Flower
         # lists tasks from the workers' received/started/succeeded events.

@@ -68,7 +68,7 @@ class Settings:
     report_ttl_s: int = 90 * DAY_S
     event_max_age_s: float = DAY_S
     batch_size: int = 100
-    linger_ms: float = 5.0
+    linger_ms: float = 20.0
     call_concurrency: int = 100
     visibility_timeout_s: int = 3600
     sweep_interval_s: float = 0.5

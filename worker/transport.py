@@ -24,7 +24,7 @@ from kombu.transport import redis as kombu_redis
 
 from worker.poison import record_poison
 
-QOS_FULL_POLL_S = 0.02
+QOS_FULL_POLL_S = 0.002
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
