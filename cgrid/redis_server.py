@@ -82,7 +82,10 @@ class RedisServer:
             "--save", "",
             "--logfile", "redis.log",
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C (SIGINT to the terminal's process group) must not stop
+        # Redis before the workers' warm shutdown has recorded their last attempts.
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         while True:
