@@ -28,7 +28,7 @@ chaos: install
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 lint: install
-	$(BIN)/ruff check cgrid producer worker tests
+	$(BIN)/ruff check cgrid producer worker tests bench
 	$(BIN)/mypy
 
 clean:

@@ -68,7 +68,10 @@ def test_warm_shutdown_finishes_or_hands_back_in_flight_work(
     wait_for(lambda: any(calls_for(dsp, i) for i in ids), 20, "the first calls")
     first.terminate()  # warm shutdown while calls are in flight
     assert first.process is not None
-    first.process.wait(timeout=30)
+    # Usually seconds; once a task that finished at the instant of the SIGTERM held the
+    # shutdown 31 s (Celery does not ack it and restores its message, which is harmless:
+    # its ids are claimed). The bound is generous; the checks below are the point.
+    first.process.wait(timeout=75)
     first.stop()
     second = WorkerProcess(env, tmp_path / "w2.log", name="arriving").start()
     try:
