@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import redis
-
 from worker.poison import record_poison
-from worker.runtime import Runtime
+from worker.runtime import Runtime, ride_out_redis
 
 MAX_IDS_PER_TASK = 10_000
 
@@ -29,16 +26,10 @@ def check_args(ids: Any, attempt: Any, sent_at: Any) -> str | None:
 def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float) -> list[tuple[str, str]]:
     """Claim, riding out a short Redis outage; a longer one leaves the events to the
     sweeper (their trigger is resent), so nothing is lost by giving up."""
-    give_up_at = time.monotonic() + rt.settings.attempt_grace_s / 2
-    delay_s = 0.05
-    while True:
-        try:
-            return rt.ledger.claim(ids, attempt_n, lease_s=rt.settings.attempt_lease_s, sent_at_s=sent_at_s)
-        except redis.RedisError:
-            if time.monotonic() + delay_s > give_up_at:
-                raise
-            time.sleep(delay_s)
-            delay_s = min(delay_s * 2, 1.0)
+    return ride_out_redis(
+        lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.settings.attempt_lease_s, sent_at_s=sent_at_s),
+        rt.settings.attempt_grace_s / 2,
+    )
 
 
 def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any) -> dict[str, int]:

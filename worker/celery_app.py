@@ -66,5 +66,5 @@ def _drain_engine(**_: Any) -> None:
     from worker.runtime import current_runtime
 
     runtime = current_runtime()
-    if runtime is not None and runtime._engine is not None:
-        runtime._engine.drain(settings.attempt_lease_s)
+    if runtime is not None:
+        runtime.drain(settings.attempt_lease_s)

@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import redis
 
@@ -22,9 +21,7 @@ from cgrid.event import Event
 from cgrid.ledger import Outcome
 from worker.delivery import Attempt, deliver, expired
 from worker.logs import get_logger, log_attempt
-
-if TYPE_CHECKING:
-    from worker.runtime import Runtime
+from worker.runtime import Runtime, ride_out_redis
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,22 +120,18 @@ class DeliveryEngine:
         """Write outcomes, riding out a short Redis outage. If it lasts past the attempts'
         lease, the sweeper counts them as lost (failed) attempts: never as silently done."""
         settings = self.rt.settings
-        give_up_at = time.monotonic() + settings.attempt_grace_s / 2
-        delay_s = 0.05
-        while True:
-            try:
-                states = self.rt.ledger.finish(
-                    [h.attempt.to_finish(h.event_id) for h in batch], attempt_n,
-                    ledger_ttl_s=settings.ledger_ttl_s, report_ttl_s=settings.report_ttl_s,
-                    retry_delay_s=settings.retry_delay_s,
-                )
-                break
-            except redis.RedisError as e:
-                if time.monotonic() + delay_s > give_up_at:
-                    get_logger().error("ledger_write_failed", events=len(batch), error=str(e)[:200])
-                    return
-                time.sleep(delay_s)
-                delay_s = min(delay_s * 2, 1.0)
+        finishes = [h.attempt.to_finish(h.event_id) for h in batch]
+        try:
+            states = ride_out_redis(
+                lambda: self.rt.ledger.finish(
+                    finishes, attempt_n, ledger_ttl_s=settings.ledger_ttl_s,
+                    report_ttl_s=settings.report_ttl_s, retry_delay_s=settings.retry_delay_s,
+                ),
+                settings.attempt_grace_s / 2,
+            )
+        except redis.RedisError as e:
+            get_logger().error("ledger_write_failed", events=len(batch), error=str(e)[:200])
+            return
         for item, state in zip(batch, states, strict=True):
             if item.event is not None:
                 log_attempt(item.event, item.attempt, state or "superseded")

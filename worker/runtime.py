@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import redis
 import urllib3
@@ -17,6 +19,23 @@ from worker.http_client import make_pool
 
 if TYPE_CHECKING:
     from worker.engine import DeliveryEngine
+
+T = TypeVar("T")
+
+
+def ride_out_redis(call: Callable[[], T], budget_s: float) -> T:
+    """``call()``, tried again with backoff (50 ms, doubling to 1 s) while Redis errors
+    last no longer than ``budget_s``; after that the last error is raised."""
+    give_up_at = time.monotonic() + budget_s
+    delay_s = 0.05
+    while True:
+        try:
+            return call()
+        except redis.RedisError:
+            if time.monotonic() + delay_s > give_up_at:
+                raise
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -45,6 +64,11 @@ class Runtime:
                 if self._engine is None:
                     self._engine = DeliveryEngine(self)
         return self._engine
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until the attempts this process claimed are made and recorded (a process
+        that never delivered has nothing to wait for)."""
+        return self._engine is None or self._engine.drain(timeout_s)
 
 
 _runtime: Runtime | None = None
