@@ -31,3 +31,10 @@ def test_attempt_line_has_the_fields_and_no_personal_data(capsys: pytest.Capture
 
 def test_ipv6_is_cut_to_a_48() -> None:
     assert logs.truncate_ip("2001:db8:1234:5678::1") == "2001:db8:1234::/48"
+
+
+def test_client_net_skips_what_the_header_drops() -> None:
+    # A leading zero or an IPv6 zone id is not a client address in X-Forwarded-For either.
+    event = parse_event({"kind": "nurl", "upstream": "u2s", "url": "https://dsp.example/",
+                         "forwarded_for": ["010.1.2.3", "fe80::1%eth0", "bogus", "18.196.6.164"]})
+    assert logs.attempt_fields(event, Attempt(1, Outcome.OK, 1.0, 1.0, status=204))["client_net"] == "18.196.6.0/24"

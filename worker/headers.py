@@ -21,20 +21,22 @@ def clean_user_agent(user_agent: str | None) -> str | None:
     return cleaned or None
 
 
+def client_ip(entry: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """One ``forwarded_for`` entry as an address; None when it is not a valid one."""
+    entry = entry.strip()
+    if "%" in entry:  # IPv6 zone ids are local to the sender, never a client address
+        return None
+    try:
+        return ipaddress.ip_address(entry)
+    except ValueError:
+        return None
+
+
 def clean_forwarded_for(chain: Iterable[str] | None) -> str | None:
     """Valid IPv4/IPv6 entries, originating address first, joined with ", "; None if empty."""
     if chain is None:
         return None
-    kept = []
-    for entry in chain:
-        entry = entry.strip()
-        if "%" in entry:  # IPv6 zone ids are local to the sender, never a client address
-            continue
-        try:
-            kept.append(str(ipaddress.ip_address(entry)))
-        except ValueError:
-            continue
-    return ", ".join(kept) or None
+    return ", ".join(str(ip) for ip in map(client_ip, chain) if ip is not None) or None
 
 
 def build_headers(event: Event) -> dict[str, str]:

@@ -13,6 +13,7 @@ import structlog
 
 from cgrid.event import Event
 from worker.delivery import Attempt
+from worker.headers import client_ip
 
 _info_enabled = True
 
@@ -45,22 +46,20 @@ def hash_user_agent(user_agent: str | None) -> str | None:
 
 
 def truncate_ip(address: str) -> str | None:
-    """The network, not the person: IPv4 to /24, IPv6 to /48; None if not an address."""
-    parts = address.split(".")
-    if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
-        return ".".join(parts[:3]) + ".0/24"  # the common case, without ipaddress's cost
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    """The network, not the person: IPv4 to /24, IPv6 to /48; None if not an address
+    (by the rule the X-Forwarded-For header uses)."""
+    ip = client_ip(address)
+    if ip is None:
         return None
-    prefix = 24 if ip.version == 4 else 48
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    if ip.version == 4:
+        return str(ip).rsplit(".", 1)[0] + ".0/24"
+    return str(ipaddress.ip_network(f"{ip}/48", strict=False))
 
 
 def _client_net(chain: tuple[str, ...] | None) -> str | None:
     """The originating address (the first valid one of the chain), truncated."""
     for entry in chain or ():
-        net = truncate_ip(entry.strip())
+        net = truncate_ip(entry)
         if net is not None:
             return net
     return None
