@@ -34,7 +34,7 @@ from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from producer import Publisher
 from producer.mock_dsp import CallLog, MockDspServer
-from tests.helpers import WorkerProcess, fleet_env
+from tests.helpers import WorkerProcess, fleet_env, parent_pids
 
 TERMINAL = {"delivered", "failed", "rejected", "expired"}
 # Path of the buyer's answer, by weight.
@@ -76,19 +76,6 @@ class Buyer:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
-
-
-def pool_children(pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry))
-    return children
 
 
 class Chaos:
@@ -170,7 +157,7 @@ class Chaos:
     def kill_child(self) -> None:
         worker = self.rng.choice(self.workers)
         assert worker.process is not None
-        children = pool_children(worker.process.pid)
+        children = [child for child, parent in parent_pids().items() if parent == worker.process.pid]
         if not children:
             return self.kill_group()
         os.kill(self.rng.choice(children), signal.SIGKILL)

@@ -16,6 +16,29 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def parent_pids() -> dict[int, int]:
+    """Every live process's parent, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    parents = parent_pids()
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
 def wait_for(condition: Callable[[], T], timeout_s: float = 20.0, what: str = "condition") -> T:
     """Poll until ``condition()`` is truthy; fail with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
