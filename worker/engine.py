@@ -1,10 +1,10 @@
-"""The per-process delivery engine: a bounded queue of claimed events, caller threads that
-make the calls, and one recorder thread that writes outcomes to the ledger in batches.
+"""The per-process delivery engine: a queue of claimed events, caller threads that make
+the calls, and one recorder thread that writes outcomes to the ledger in batches.
 
-A delivery task only claims its batch and hands it to the engine (waiting while the queue
-is full), so a slow or hanging buyer holds one caller thread, never a whole batch, and a
-task's Celery overhead is paid once per batch. Under ``-P gevent`` the threads are
-greenlets (the monkey patch turns ``threading`` into them).
+A delivery task only claims its batch and hands it to the engine, after waiting for room
+(a process holds at most ``capacity`` claimed attempts), so a slow or hanging buyer holds
+one caller thread, never a whole batch, and a task's Celery overhead is paid once per batch.
+Under ``-P gevent`` the threads are greenlets (the monkey patch turns ``threading`` into them).
 """
 
 from __future__ import annotations

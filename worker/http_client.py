@@ -2,8 +2,8 @@
 retries, a wall-clock deadline, and the request-forgery guard at connect time.
 
 We call urllib3 directly rather than through ``requests`` (which sits on top of it): on
-this project's 2-core benchmark machine ``requests`` costs about 440 µs of CPU per call
-against 230 µs for urllib3, so ``requests`` alone would use 1.8 cores at the 4,000
+this project's 2-core benchmark machine ``requests`` costs about 441 µs of CPU per call
+against 241 µs for urllib3, so ``requests`` alone would use 1.8 cores at the 4,000
 deliveries/s target (README, "Performance").
 
 The guard sits in the urllib3 connection: the host name is resolved once, every address is
