@@ -101,6 +101,9 @@ class Buyer:
         wait_until(listening, 10)
         return cls(kind, port, process)
 
+    def pids(self) -> list[int]:
+        return process_tree(self.process.pid)
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
@@ -121,10 +124,11 @@ def make_events(n: int, port: int, run: str) -> list[dict[str, Any]]:
 
 
 def run_ceiling_loop(events: list[dict[str, Any]], processes: int, mode: str, concurrency: int,
-                     workdir: Path) -> dict[str, Any]:
+                     workdir: Path, buyer: Buyer) -> dict[str, Any]:
     """``processes`` bare-loop processes (bench/ceiling.py), each with its share of the calls."""
     as_json = [parse_event(e).to_json() for e in events]
     children = []
+    buyer_cpu0 = cpu_seconds(buyer.pids())
     for index in range(processes):
         share = workdir / f"ceiling-{index}.jsonl"
         share.write_text("\n".join(as_json[index::processes]))
@@ -132,17 +136,19 @@ def run_ceiling_loop(events: list[dict[str, Any]], processes: int, mode: str, co
             [sys.executable, "-m", "bench.ceiling", "--mode", mode, "--concurrency", str(concurrency),
              "--events", str(share)], cwd=ROOT, stdout=subprocess.PIPE))
     results = [json.loads(child.communicate(timeout=900)[0]) for child in children]
+    buyer_cpu = cpu_seconds(buyer.pids()) - buyer_cpu0
     slowest = max(r["seconds"] for r in results)
     cpu = sum(r["cpu_s"] for r in results)
     return {"mode": mode, "concurrency": concurrency, "processes": processes, "seconds": round(slowest, 3),
             "answered": sum(r["answered"] for r in results), "rate": round(len(events) / slowest),
-            "cpu_s_per_1000": round(cpu / len(events) * 1000, 3)}
+            "cpu_s_per_1000": round(cpu / len(events) * 1000, 3),
+            "buyer_cpu_s_per_1000": round(buyer_cpu / len(events) * 1000, 3)}
 
 
 def run_ceiling(events: list[dict[str, Any]], processes: int, loops: list[tuple[str, int]],
-                workdir: Path) -> dict[str, Any]:
+                workdir: Path, buyer: Buyer) -> dict[str, Any]:
     """Every loop in ``loops``; the ceiling is the fastest of them."""
-    tried = [run_ceiling_loop(events, processes, mode, concurrency, workdir) for mode, concurrency in loops]
+    tried = [run_ceiling_loop(events, processes, mode, concurrency, workdir, buyer) for mode, concurrency in loops]
     best = max(tried, key=lambda r: r["rate"])
     return {**best, "tried": tried}
 
@@ -259,7 +265,7 @@ def finished_at(record: dict[str, Any]) -> float:
 
 
 def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: str, processes: int,
-              workdir: Path, client: redis.Redis) -> dict[str, Any]:
+              workdir: Path, client: redis.Redis, buyer: Buyer) -> dict[str, Any]:
     settings = Settings.from_env(settings_env)
     client.flushall()
     used0 = int(client.info("memory")["used_memory"])
@@ -274,10 +280,11 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
     fleet = Fleet(settings_env, pool, processes, workdir)
     try:
         tree = fleet.tree()
-        cpu0 = cpu_seconds(tree)
+        cpu0, buyer_cpu0 = cpu_seconds(tree), cpu_seconds(buyer.pids())
         done = wait_until(lambda: terminal_count(client) >= len(events), 900, 0.1)
         tree = fleet.tree()
         cpu = cpu_seconds(tree) - cpu0
+        buyer_cpu = cpu_seconds(buyer.pids()) - buyer_cpu0
         redis_cpu = redis_cpu_s(client) - redis_cpu0
         rss = peak_rss_mib(tree)
         records = read_records(client, [e["id"] for e in events])
@@ -299,6 +306,7 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
             "rate": round(len(events) / seconds),
             "cpu_s_per_1000": round(cpu / len(events) * 1000, 3),
             "redis_cpu_s_per_1000": round(redis_cpu / len(events) * 1000, 3),
+            "buyer_cpu_s_per_1000": round(buyer_cpu / len(events) * 1000, 3),
             "peak_rss_mib_per_process": rss,
             "redis_bytes_per_in_flight_event": round(in_flight_bytes),
             "redis_bytes_per_finished_event": round(finished_bytes),
@@ -388,19 +396,32 @@ def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: 
         # calls in flight as the fleet has. Both also as gevent greenlets, like the fleet.
         loops = [("threads", 1 if name == "fast" else settings.call_concurrency),
                  ("gevent", settings.call_concurrency)]
-        ceiling = run_ceiling(events, processes, loops, workdir)
+        ceiling = run_ceiling(events, processes, loops, workdir, buyer)
         print(f"[{name}] ceiling {ceiling['rate']}/s; naive baseline...", flush=True)
         client.flushall()
         naive = run_naive(make_events(n_naive, buyer.port, f"naive{time.time():.0f}"), processes, server.url,
                           workdir)
         print(f"[{name}] naive {naive['rate']}/s; cgrid-s2s...", flush=True)
-        cgrid = run_cgrid(events, env, pool, processes, workdir, client)
+        cgrid = run_cgrid(events, env, pool, processes, workdir, client, buyer)
         print(f"[{name}] cgrid-s2s {cgrid['rate']}/s", flush=True)
     finally:
         buyer.stop()
+    bound = cpu_bound(ceiling, cgrid, processes) if pool == "gevent" else None
     return {"scenario": name, "buyer": buyer.kind, "ceiling": ceiling, "naive": naive, "cgrid": cgrid,
-            "ratio_to_ceiling": round(cgrid["rate"] / ceiling["rate"], 2),
+            "cpu_bound": bound, "ratio_to_ceiling": round(cgrid["rate"] / ceiling["rate"], 2),
             "ratio_to_naive": round(cgrid["rate"] / naive["rate"], 1)}
+
+
+def cpu_bound(ceiling: dict[str, Any], cgrid: dict[str, Any], cores: int) -> dict[str, Any]:
+    """The most a gevent fleet could deliver on these cores if its workers spent no CPU
+    beyond the gevent calls themselves: the cores shared by those calls (the gevent bare
+    loop's CPU), the buyer's CPU for them and the ledger's Redis CPU (as measured for the
+    fleet). Only a bound where the rate is limited by CPU (the fast buyer)."""
+    loop = next(t for t in ceiling["tried"] if t["mode"] == "gevent")
+    per_1000_s = loop["cpu_s_per_1000"] + loop["buyer_cpu_s_per_1000"] + cgrid["redis_cpu_s_per_1000"]
+    rate = cores * 1000 / per_1000_s
+    return {"cores": cores, "cpu_s_per_1000": round(per_1000_s, 3), "rate": round(rate),
+            "ratio_to_ceiling": round(rate / ceiling["rate"], 2)}
 
 
 def print_table(results: list[dict[str, Any]], publish: dict[str, Any] | None) -> None:
@@ -419,6 +440,13 @@ def print_table(results: list[dict[str, Any]], publish: dict[str, Any] | None) -
               f"{n['deliveries']} events, prefork -c {n['processes']}")
         print(f"{'':10} {'cgrid-s2s':10} {g['rate']:>12} {g['cpu_s_per_1000']:>9} {r['ratio_to_ceiling']:>10} "
               f"{r['ratio_to_naive']:>8}  + Redis {g['redis_cpu_s_per_1000']} CPU s/1k; {g['pool']}")
+        print(f"{'':10} {'':10} CPU s/1k of the buyer: ceiling {c['buyer_cpu_s_per_1000']}, "
+              f"cgrid-s2s {g['buyer_cpu_s_per_1000']}")
+        if r["cpu_bound"]:
+            b = r["cpu_bound"]
+            print(f"{'':10} {'':10} a gevent fleet adding no CPU to its calls: at most {b['rate']}/s "
+                  f"({b['ratio_to_ceiling']}x ceiling) = {b['cores']} cores / "
+                  f"{b['cpu_s_per_1000']} CPU s/1k (gevent loop + its buyer + Redis)")
         lat = g["latency"]
         print(f"{'':10} {'':10} publish->first attempt done at {lat['rate']}/s: p50 {lat['p50_ms']} ms, "
               f"p99 {lat['p99_ms']} ms")

