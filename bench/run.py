@@ -383,8 +383,7 @@ def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000) -> di
 def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: RedisServer) -> dict[str, Any]:
     processes = os.cpu_count() or 2
     timeout_s = 2.0
-    extra = {"CGRID_TIMEOUT_S": str(timeout_s), "CGRID_CALL_CONCURRENCY": "100" if name == "fast" else "500",
-             "CGRID_BATCH_SIZE": "100"}
+    extra = {"CGRID_TIMEOUT_S": str(timeout_s), "CGRID_CALL_CONCURRENCY": "100" if name == "fast" else "500"}
     env = fleet_env(server.url, extra)
     settings = Settings.from_env(env)
     client = redis.Redis.from_url(server.url)
