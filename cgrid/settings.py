@@ -67,7 +67,7 @@ class Settings:
     # Ours, beyond SPEC §9:
     report_ttl_s: int = 90 * DAY_S
     event_max_age_s: float = DAY_S
-    batch_size: int = 200
+    batch_size: int = 100
     linger_ms: float = 20.0
     call_concurrency: int = 100
     visibility_timeout_s: int = 3600
