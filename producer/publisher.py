@@ -175,6 +175,8 @@ class Publisher:
                 batch, ledger_ttl_s=settings.ledger_ttl_s, report_ttl_s=settings.report_ttl_s,
                 redeliver_after_s=settings.redeliver_after_s,
             )
+        except redis.ResponseError as e:  # e.g. out of memory (maxmemory with noeviction)
+            raise RedisUnavailable(f"Redis at {self.redis_url} refused the events: {e}") from e
         except redis.RedisError as e:
             raise RedisUnavailable(f"Redis at {self.redis_url} is unreachable: {e}") from e
         new_ids = [event.id for event, is_new in zip(batch, accepted, strict=True) if is_new]

@@ -91,6 +91,21 @@ def test_redis_unreachable_is_a_clear_error_and_keeps_the_event() -> None:
         publisher.close()
 
 
+def test_redis_out_of_memory_is_a_clear_error_and_keeps_the_event(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, free_port()).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.config_set("maxmemory", 1)  # below what it uses: every write is refused
+        publisher = Publisher(settings_for(server.url), linger_ms=0)
+        with pytest.raises(RedisUnavailable, match="refused the events: .*maxmemory"):
+            publisher.publish({**EVENT, "id": "oom-1"})
+        client.config_set("maxmemory", 0)
+        publisher.close()  # the buffered event goes out once Redis has room
+        assert Ledger(client).record("oom-1") is not None
+    finally:
+        server.stop()
+
+
 def test_full_buffer_refuses_more_while_redis_is_down() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     publisher = Publisher(settings_for(url), linger_ms=60_000, batch_size=1000, max_buffered=5)
