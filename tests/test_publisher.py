@@ -97,7 +97,7 @@ def test_redis_out_of_memory_is_a_clear_error_and_keeps_the_event(tmp_path: Path
         client = redis.Redis.from_url(server.url)
         client.config_set("maxmemory", 1)  # below what it uses: every write is refused
         publisher = Publisher(settings_for(server.url), linger_ms=0)
-        with pytest.raises(RedisUnavailable, match="refused the events: .*maxmemory"):
+        with pytest.raises(RedisUnavailable, match=r"refused the events: .*maxmemory"):
             publisher.publish({**EVENT, "id": "oom-1"})
         client.config_set("maxmemory", 0)
         publisher.close()  # the buffered event goes out once Redis has room
