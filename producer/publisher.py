@@ -138,11 +138,13 @@ class Publisher:
                 raise RedisUnavailable(
                     f"not accepted: {len(self._buffer)} events already wait to be sent ({error})"
                 )
-            if not self._buffer:
+            first = not self._buffer
+            if first:
                 self._oldest_at = time.monotonic()
             self._buffer.extend(events)
-            full = len(self._buffer) >= self.batch_size
-            if full and self._thread is not None:
+            # Wake the sender for the first event (it starts the linger clock) and when a
+            # batch is full.
+            if self._thread is not None and (first or len(self._buffer) >= self.batch_size):
                 self._cond.notify()
         if self._thread is None:
             self._send_buffered()
@@ -190,10 +192,12 @@ class Publisher:
             pass
 
     def _linger_loop(self) -> None:
-        while not self._closed:
+        while True:
             with self._cond:
+                if self._closed:
+                    return
                 if not self._buffer:
-                    self._cond.wait(0.5)
+                    self._cond.wait()  # until the next first event, or close()
                     continue
                 wait_s = self._oldest_at + self.linger_s - time.monotonic()
                 if wait_s > 0 and len(self._buffer) < self.batch_size:

@@ -52,6 +52,25 @@ def test_linger_sends_without_flush(redis_url: str) -> None:
             time.sleep(0.01)
 
 
+def test_an_event_after_a_quiet_spell_waits_only_the_linger(redis_url: str) -> None:
+    """The first event into an empty buffer starts the linger clock: it is accepted about
+    CGRID_LINGER_MS later, not whenever the idle sender happens to look again."""
+    ledger = Ledger(redis.Redis.from_url(redis_url))
+    with Publisher(settings_for(redis_url), linger_ms=20) as publisher:
+        publisher.publish({**EVENT, "id": "quiet-warm"})
+        publisher.flush()  # connections made
+        waits_s = []
+        for n in range(8):
+            time.sleep(0.05)  # the buffer is empty: the sender is idle
+            published_at = time.monotonic()
+            publisher.publish({**EVENT, "id": f"quiet-{n}"})
+            while ledger.record(f"quiet-{n}") is None:
+                assert time.monotonic() - published_at < 5, "the lingered event was never sent"
+                time.sleep(0.002)
+            waits_s.append(time.monotonic() - published_at)
+    assert max(waits_s) < 0.2, waits_s  # 20 ms of linger, with ample slack
+
+
 def test_same_id_twice_is_one_delivery(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     with Publisher(settings_for(redis_url), linger_ms=0) as publisher:
