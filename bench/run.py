@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,17 +84,18 @@ class Buyer:
     kind: str
     port: int
     process: subprocess.Popen[bytes]
+    workdir: str | None = None  # nginx's configuration and logs
 
     @classmethod
     def start(cls, scenario: str, hang_s: float) -> Buyer:
         port = free_port()
         if scenario == "fast" and find_nginx():
-            process, _ = start_nginx(port)
+            process, workdir = start_nginx(port)
             kind = "nginx"
         else:
             process = subprocess.Popen([sys.executable, "-m", "bench.buyers", scenario, "--port", str(port),
                                         "--hang-s", str(hang_s)], cwd=ROOT)
-            kind = f"asyncio ({scenario})"
+            kind, workdir = f"asyncio ({scenario})", None
         import socket
 
         def listening() -> bool:
@@ -101,7 +103,7 @@ class Buyer:
                 return sock.connect_ex(("127.0.0.1", port)) == 0
 
         wait_until(listening, 10)
-        return cls(kind, port, process)
+        return cls(kind, port, process, workdir)
 
     def pids(self) -> list[int]:
         return process_tree(self.process.pid)
@@ -109,6 +111,8 @@ class Buyer:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def make_events(n: int, port: int, run: str) -> list[dict[str, Any]]:
