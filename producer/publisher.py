@@ -1,7 +1,8 @@
 """``Publisher``: how upstream auction code hands events to the fleet (SPEC §10).
 
 ``publish()`` validates the event and buffers it; a background thread sends the buffer
-every ``linger_ms`` (or as soon as ``batch_size`` events wait), like a Kafka producer.
+``linger_ms`` after the first event into it (or as soon as ``batch_size`` events wait),
+like a Kafka producer.
 Sending = one Lua script that records the new events in the ledger (idempotently, by id)
 plus one Celery message per batch. An event is *accepted* once that script ran:
 ``flush()`` returns only when every event published before it is accepted, and raises
