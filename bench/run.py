@@ -265,9 +265,9 @@ def read_records(client: redis.Redis, ids: list[str]) -> list[dict[str, Any]]:
     return records
 
 
-def finished_at(record: dict[str, Any]) -> float:
-    last = record["attempts"][-1]
-    return float(last["started_at"]) + float(last["ms"] or 0) / 1000
+def attempt_end_s(attempt: dict[str, Any]) -> float:
+    """When a recorded attempt ended (a lost one has no duration)."""
+    return float(attempt["started_at"]) + float(attempt["ms"] or 0) / 1000
 
 
 def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: str, processes: int,
@@ -295,8 +295,7 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
         rss = peak_rss_mib(tree)
         records = read_records(client, [e["id"] for e in events])
         first_attempt_starts = [float(r["attempts"][0]["started_at"]) for r in records if r["attempts"]]
-        first_attempt_ends = [float(r["attempts"][0]["started_at"]) + float(r["attempts"][0]["ms"] or 0) / 1000
-                              for r in records if r["attempts"]]
+        first_attempt_ends = [attempt_end_s(r["attempts"][0]) for r in records if r["attempts"]]
         seconds = max(first_attempt_ends) - min(first_attempt_starts)
         finished_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
         states: dict[str, int] = {}
@@ -351,13 +350,12 @@ def measure_latency(
     wait_until(all_first_attempts_done, 120, 0.2)
     records = read_records(client, ids)
     firsts = [(i, r["attempts"][0]) for i, r in zip(ids, records, strict=True) if r["attempts"]]
-    lat_ms = sorted((float(a["started_at"]) + float(a["ms"] or 0) / 1000 - published_at[i]) * 1000
-                    for i, a in firsts)
+    firsts_ms = [((attempt_end_s(a) - published_at[i]) * 1000, a["status"] is not None) for i, a in firsts]
+    lat_ms = sorted(ms for ms, _ in firsts_ms)
     # A buyer that hangs past the deadline (the realistic one, 1% of calls) puts its calls at
     # the deadline, right at the p99 boundary: report the p99 of the calls that got an HTTP
     # answer too, and how many did not (timeouts, connection errors).
-    answered_ms = sorted((float(a["started_at"]) + float(a["ms"] or 0) / 1000 - published_at[i]) * 1000
-                         for i, a in firsts if a["status"] is not None)
+    answered_ms = sorted(ms for ms, answered in firsts_ms if answered)
     return {"rate": rate, "events": n, "p50_ms": round(statistics.median(lat_ms), 1),
             "p99_ms": round(percentile(lat_ms, 0.99), 1),
             "p99_answered_ms": round(percentile(answered_ms, 0.99), 1) if answered_ms else None,
