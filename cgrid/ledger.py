@@ -9,6 +9,9 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P report:<day>``   hash: ``<buyer>\t<counter>`` -> count, per UTC day of ``created_at``
 - ``P report:days``    sorted set of days that have counters
 - ``P watermark``      newest ``sent_at`` of any trigger a worker has started
+- ``P parked:<buyer>`` sorted set: id -> created_at, attempts waiting for room in the
+                       buyer's lane (claimed, then handed back unstarted: no attempt counted)
+- ``P parked:activity`` sorted set: buyer -> when its parked set was last touched
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 
 The one-retry guard is :data:`_CLAIM`: attempt ``n`` of an event can be claimed once,
@@ -46,6 +49,24 @@ class State(StrEnum):
 TERMINAL_STATES = frozenset({State.DELIVERED, State.FAILED, State.REJECTED, State.EXPIRED})
 
 
+class WaitReason(StrEnum):
+    """Why an accepted event waits without being called (``status`` shows it)."""
+
+    QUEUED = "queued"  # its trigger is on the queue, no worker has taken it yet
+    IN_FLIGHT = "in_flight"  # a worker claimed the attempt and is making the call
+    RETRY_DELAY = "retry_delay"  # its first attempt failed; the retry is not due yet
+    LANE_FULL = "lane_full"  # its buyer's lane had no room: parked in Redis, called in turn
+
+
+WAIT_DETAILS = {
+    WaitReason.QUEUED: "on the queue, waiting for a worker",
+    WaitReason.IN_FLIGHT: "a worker is making the call",
+    WaitReason.RETRY_DELAY: "the first attempt failed; the one retry waits for CGRID_RETRY_DELAY_S",
+    WaitReason.LANE_FULL: "the buyer's lane is at its limit of calls in flight (or throttled while the "
+                          "buyer fails): parked in Redis, called in creation order as the lane has room",
+}
+
+
 class Outcome(StrEnum):
     """What one attempt (or the decision not to make one) came to."""
 
@@ -64,6 +85,16 @@ class Counter(StrEnum):
     REJECTED = "rejected"
     EXPIRED = "expired"
     UNEXPECTED = "unexpected"
+
+
+@dataclass(frozen=True, slots=True)
+class Park:
+    """A claimed attempt handed back unstarted, to wait in its buyer's parked set."""
+
+    event_id: str
+    attempt_n: int
+    created_at_s: float
+    buyer: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +245,76 @@ write_bumps()
 return out
 """
 
-# ARGV: prefix, limit, redeliver_after, retry_delay, report_ttl, queue
-# Looks at events whose due time has passed. Returns {time, send1 ids..., '|', send2 ids...}.
+# ARGV: prefix, reason, then per event: id, attempt n, created_at, buyer.
+# Hands claimed attempts back unstarted: the claim is released, no attempt is recorded, and
+# the event waits in its buyer's parked set. Returns 1 (parked) or 0 (not ours) per event.
+_PARK = _LUA_COMMON + """
+local reason = ARGV[2]
+local out = {}
+for i = 3, #ARGV, 4 do
+  local id, n, buyer = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 3]
+  local key = prefix .. 'ev:' .. id
+  if tonumber(redis.call('HGET', key, 'claim') or '0') == n then
+    redis.call('HSET', key, 'claim', 0, 'wait', reason, 'waiting_since', now_text)
+    redis.call('ZREM', prefix .. 'due', id)
+    redis.call('ZADD', prefix .. 'parked:' .. buyer, tonumber(ARGV[i + 2]), id)
+    redis.call('ZADD', prefix .. 'parked:activity', now, buyer)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+# ARGV: prefix, buyer, k, lease. Claims the next attempt of up to k parked events of the
+# buyer, oldest first. Returns {left in the parked set, then n, id, event_json per claim}.
+_PULL = _LUA_COMMON + """
+local buyer, k, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local pkey = prefix .. 'parked:' .. buyer
+local out = {0}
+local got = 0
+while got < k do
+  local popped = redis.call('ZPOPMIN', pkey, k - got)
+  if #popped == 0 then break end
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local key = prefix .. 'ev:' .. id
+    local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'event')
+    local n = nil
+    if tonumber(rec[2] or '0') == 0 then
+      if rec[1] == 'pending' and not rec[3] then n = 1
+      elseif rec[1] == 'retry_scheduled' and rec[3] and not rec[4] then n = 2 end
+    end
+    if n then
+      redis.call('HSET', key, 'claim', n, 'claimed_at', now_text)
+      redis.call('HDEL', key, 'wait', 'waiting_since')
+      redis.call('ZADD', prefix .. 'due', now + lease, id)
+      out[#out + 1] = n
+      out[#out + 1] = id
+      out[#out + 1] = rec[5]
+      got = got + 1
+    end
+  end
+end
+local left = redis.call('ZCARD', pkey)
+out[1] = left
+if left == 0 then
+  redis.call('ZREM', prefix .. 'parked:activity', buyer)
+else
+  redis.call('ZADD', prefix .. 'parked:activity', now, buyer)
+end
+return out
+"""
+
+# ARGV: prefix, limit, redeliver_after, retry_delay, report_ttl, queue, revive_after, revive_batch
+# Looks at events whose due time has passed, and at parked sets no worker has touched for
+# revive_after (their workers are gone): a few of those are sent again as triggers.
+# Returns {time, send1 ids..., '|', send2 ids...}.
 _SWEEP = _LUA_COMMON + """
 local limit, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3])
 local delay, report_ttl, queue = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local revive_after, revive_batch = tonumber(ARGV[7]), tonumber(ARGV[8])
 local due = prefix .. 'due'
 local wm = tonumber(redis.call('GET', prefix .. 'watermark') or '0')
 local queue_empty = redis.call('LLEN', queue) == 0
@@ -256,6 +352,27 @@ for _, id in ipairs(ids) do
     redis.call('ZADD', due, now + redeliver, id)
   end
 end
+local activity = prefix .. 'parked:activity'
+for _, buyer in ipairs(redis.call('ZRANGEBYSCORE', activity, '-inf', now - revive_after, 'LIMIT', 0, 100)) do
+  local pkey = prefix .. 'parked:' .. buyer
+  local popped = redis.call('ZPOPMIN', pkey, revive_batch)
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local key = prefix .. 'ev:' .. id
+    local rec = redis.call('HMGET', key, 'state', 'claim')
+    if tonumber(rec[2] or '0') == 0 and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
+      redis.call('HSET', key, 'sent_at', now_text)
+      redis.call('HDEL', key, 'wait', 'waiting_since')
+      redis.call('ZADD', due, now + redeliver, id)
+      if rec[1] == 'pending' then send1[#send1 + 1] = id else send2[#send2 + 1] = id end
+    end
+  end
+  if redis.call('ZCARD', pkey) == 0 then
+    redis.call('ZREM', activity, buyer)
+  else
+    redis.call('ZADD', activity, now, buyer)
+  end
+end
 write_bumps()
 local out = {now_text}
 for _, id in ipairs(send1) do out[#out + 1] = id end
@@ -283,6 +400,8 @@ class Ledger:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._sweep = client.register_script(_SWEEP)
+        self._park = client.register_script(_PARK)
+        self._pull = client.register_script(_PULL)
 
     def accept(
         self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float
@@ -317,14 +436,31 @@ class Ledger:
             args += [result.event_id, result.outcome.value, result.attempt_json, result.reason]
         return [_text(state) for state in self._finish(args=args)]
 
+    def park(self, parks: list[Park], reason: str) -> list[bool]:
+        """Hand claimed attempts back unstarted, to wait in their buyer's parked set."""
+        if not parks:
+            return []
+        args: list[Any] = [self.prefix, reason]
+        for park in parks:
+            args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer]
+        return [bool(flag) for flag in self._park(args=args)]
+
+    def pull(self, buyer: str, k: int, *, lease_s: float) -> tuple[int, list[tuple[int, str, str]]]:
+        """Claim the next attempt of up to ``k`` parked events of ``buyer``, oldest first.
+        Returns how many stay parked and (attempt n, id, event JSON) per claim."""
+        left, *flat = self._pull(args=[self.prefix, buyer, k, _num(lease_s)])
+        items = [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
+        return int(left), items
+
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
-        queue: str,
+        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10,
     ) -> tuple[float, list[str], list[str]]:
-        """Handle events whose due time passed. Returns the ledger's time and the ids whose
-        trigger must be (re)sent, for attempt 1 and for attempt 2."""
+        """Handle events whose due time passed, and revive parked sets no worker touched for
+        ``revive_after_s``. Returns the ledger's time and the ids whose trigger must be
+        (re)sent, for attempt 1 and for attempt 2."""
         args: list[str | int] = [self.prefix, limit, _num(redeliver_after_s), _num(retry_delay_s),
-                                 report_ttl_s, queue]
+                                 report_ttl_s, queue, _num(revive_after_s), revive_batch]
         now, *flat = [_text(item) for item in self._sweep(args=args)]
         split = flat.index("|")
         return float(now), flat[:split], flat[split + 1:]
@@ -349,6 +485,13 @@ class Ledger:
             record["retry_at"] = float(fields["retry_at"])
         if fields.get("reason"):
             record["reason"] = fields["reason"]
+        waiting = _wait_reason(fields, now_s=time.time())
+        if waiting is not None:
+            record["waiting"] = {"reason": waiting.value, "detail": WAIT_DETAILS[waiting]}
+            if waiting is WaitReason.LANE_FULL:
+                buyer = fields.get("buyer", NO_BUYER)
+                record["waiting"]["buyer"] = buyer
+                record["waiting"]["since"] = float(fields.get("waiting_since", "0"))
         return record
 
     def poisoned(self) -> int:
@@ -369,6 +512,20 @@ class Ledger:
                 row[counter] = int(count)
             rows += [per_buyer[b] for b in sorted(per_buyer)]
         return rows
+
+
+def _wait_reason(fields: dict[str, str], now_s: float) -> WaitReason | None:
+    """Why a non-terminal event is not being called right now."""
+    state = fields.get("state")
+    if state not in (State.PENDING, State.RETRY_SCHEDULED):
+        return None
+    if fields.get("claim", "0") != "0":
+        return WaitReason.IN_FLIGHT
+    if fields.get("wait"):
+        return WaitReason(fields["wait"]) if fields["wait"] in WaitReason._value2member_map_ else None
+    if state == State.RETRY_SCHEDULED and now_s < float(fields.get("retry_at", "0")):
+        return WaitReason.RETRY_DELAY
+    return WaitReason.QUEUED
 
 
 def _json_or_raw(text: str) -> Any:

@@ -69,7 +69,10 @@ class Settings:
     event_max_age_s: float = DAY_S
     batch_size: int = 100
     linger_ms: float = 20.0
-    call_concurrency: int = 100
+    call_concurrency: int = 1000
+    buyer_max_concurrency: int = 100
+    ca_file: str = ""
+    park_revive_s: float = 10.0
     visibility_timeout_s: int = 3600
     sweep_interval_s: float = 0.5
     attempt_grace_s: float = 10.0
@@ -93,6 +96,9 @@ class Settings:
             batch_size=_integer(env, "CGRID_BATCH_SIZE", cls.batch_size),
             linger_ms=_number(env, "CGRID_LINGER_MS", cls.linger_ms),
             call_concurrency=_integer(env, "CGRID_CALL_CONCURRENCY", cls.call_concurrency),
+            buyer_max_concurrency=_integer(env, "CGRID_BUYER_MAX_CONCURRENCY", cls.buyer_max_concurrency),
+            ca_file=env.get("CGRID_CA_FILE", "").strip(),
+            park_revive_s=_number(env, "CGRID_PARK_REVIVE_S", cls.park_revive_s, minimum=1),
             visibility_timeout_s=_integer(
                 env, "CGRID_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=10
             ),
@@ -133,5 +139,7 @@ class Settings:
                 f"CGRID_RETRY_DELAY_S = {self.retry_delay_s:g}s must stay below "
                 f"CGRID_VISIBILITY_TIMEOUT_S = {self.visibility_timeout_s}s"
             )
+        if self.ca_file and not os.path.isfile(self.ca_file):
+            raise ConfigError(f"CGRID_CA_FILE: {self.ca_file!r} is not a readable file")
         if self.retry_delay_s >= self.ledger_ttl_s:
             raise ConfigError("CGRID_RETRY_DELAY_S must stay below CGRID_LEDGER_TTL_S")

@@ -8,6 +8,7 @@ The path chooses the answer, so one server plays every kind of buyer:
 | ``/sleep/<ms>[/<code>]``     | waits, then answers (``204`` by default)                |
 | ``/trickle/<ms>``            | sends its answer one byte every ``<ms>`` milliseconds   |
 | ``/reset``                   | resets the connection without answering                |
+| ``/big/<bytes>``             | ``200`` with a body of that many bytes                  |
 | ``/sequence/<c1>,<c2>,...``  | the n-th call of this exact URL gets the n-th code      |
 | anything else                | ``204``                                                 |
 | ``GET /_calls``              | every recorded call as JSON (``POST /_reset`` clears)   |
@@ -109,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             self.connection.close()
+        elif head == "big":
+            self._answer(200, b"x" * min(int(parts[1]), 50_000_000))
         elif head == "sequence":
             codes = [int(c) for c in parts[1].split(",")]
             self._answer(codes[min(previous, len(codes) - 1)])

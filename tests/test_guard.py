@@ -1,28 +1,48 @@
-"""Request-forgery guard (SPEC §8). Non-loopback addresses are only ever *checked* here
-(``resolve_checked`` and ``forbidden_reason`` connect to nothing); every test that makes a
-real call targets loopback, with the allow-list narrowed to 127.0.0.1/32."""
+"""Request-forgery guard (SPEC §8). Non-loopback addresses are only ever *checked* here:
+libcurl parses the URL and resolves the host, and the socket opener records what the
+guard says and then refuses every address, so nothing is connected to. Every test that
+makes a real call targets loopback, with the allow-list narrowed to 127.0.0.1/32."""
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 import ssl
-import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pycurl
 import pytest
+import trustme
 
 from cgrid.errors import ForbiddenDestination
-from cgrid.settings import parse_networks
+from cgrid.settings import IPNetwork, parse_networks
 from producer.mock_dsp import MockDspServer
-from worker.guard import forbidden_reason, resolve_checked
-from worker.http_client import call, make_pool
+from worker.guard import forbidden_reason
+from worker.classify import ErrorClass
+from worker.http_client import AttemptError, Transfer, call, make_client
 
 ONLY_127_0_0_1 = parse_networks("127.0.0.1/32")
+
+
+def guard_verdicts(url: str, allowed: Iterable[IPNetwork] = ()) -> list[tuple[str, str | None]]:
+    """(address, refusal) for every address libcurl would connect to for ``url``; connects
+    to none of them."""
+    transfer = Transfer(make_client(allowed))
+    seen: list[tuple[str, str | None]] = []
+
+    def never_connect(purpose: int, address: Any) -> Any:
+        seen.append((address.addr[0], transfer.refusal(address.addr[0])))
+        return pycurl.SOCKET_BAD
+
+    transfer.curl.setopt(pycurl.OPENSOCKETFUNCTION, never_connect)
+    transfer.prepare(url, [], 1.0)
+    with pytest.raises(pycurl.error):
+        transfer.curl.perform()
+    transfer.curl.close()
+    return seen
 
 
 @pytest.mark.parametrize(
@@ -57,89 +77,64 @@ ONLY_127_0_0_1 = parse_networks("127.0.0.1/32")
     ],
 )
 def test_forbidden_addresses_however_written(host: str, reason: str) -> None:
-    with pytest.raises(ForbiddenDestination, match=reason):
-        resolve_checked(host, 80)
+    literal = f"[{host}]" if ":" in host else host
+    verdicts = guard_verdicts(f"http://{literal}:80/")
+    assert verdicts, "libcurl offered no address"
+    for _address, refusal in verdicts:
+        assert refusal is not None and reason in refusal
 
 
-@pytest.mark.parametrize("host", ["93.184.215.14", "8.8.8.8", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("host", ["93.184.215.14", "8.8.8.8", "[2606:4700:4700::1111]"])
 def test_public_addresses_pass(host: str) -> None:
-    assert resolve_checked(host, 443)  # checked only: nothing is connected to
+    assert [refusal for _, refusal in guard_verdicts(f"https://{host}/")] == [None]  # checked, not connected
 
 
 def test_allow_list_lifts_the_ban_for_named_networks_only() -> None:
     allowed = parse_networks("10.0.0.0/8, 127.0.0.1/32")
-    assert resolve_checked("10.9.8.7", 80, allowed)
-    assert resolve_checked("127.0.0.1", 80, allowed)
-    assert resolve_checked("::ffff:127.0.0.1", 80, allowed)  # mapped form of an allowed address
+    for host in ("10.9.8.7", "127.0.0.1", "[::ffff:127.0.0.1]"):  # the mapped form of an allowed address too
+        assert [refusal for _, refusal in guard_verdicts(f"http://{host}/", allowed)] == [None], host
     for host in ("127.0.0.2", "192.168.0.1", "169.254.169.254"):
-        with pytest.raises(ForbiddenDestination):
-            resolve_checked(host, 80, allowed)
+        [(_, refusal)] = guard_verdicts(f"http://{host}/", allowed)
+        assert refusal is not None, host
 
 
 def test_forbidden_reason_of_a_global_address_is_none() -> None:
     assert forbidden_reason(ipaddress.ip_address("1.1.1.1")) is None
 
 
-@pytest.fixture()
-def fake_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[str]]]:
-    """Names ending in .test resolve to the addresses listed here, one answer per look-up."""
-    answers: dict[str, list[str]] = {}
-    lookups: list[str] = []
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(host, str) and host.endswith(".test"):
-            lookups.append(host)
-            address = answers[host].pop(0) if len(answers[host]) > 1 else answers[host][0]
-            return real(address, port, *args, **kwargs)
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    answers["__lookups__"] = lookups  # type: ignore[assignment]
-    yield answers
-
-
-def test_name_resolving_to_a_forbidden_address_is_refused_without_a_call(
-    fake_dns: dict[str, list[str]], dsp: MockDspServer
-) -> None:
-    fake_dns["evil.test"] = ["127.0.0.2"]  # loopback, but outside the allow-list
-    session = make_pool(ONLY_127_0_0_1)
+def test_name_resolving_to_a_forbidden_address_is_refused_without_a_call(dsp: MockDspServer) -> None:
+    port = dsp.server_address[1]
+    # libcurl's own resolver answers "evil.test" with 127.0.0.2: loopback, outside the allow-list.
+    client = make_client(ONLY_127_0_0_1, resolve=[f"evil.test:{port}:127.0.0.2"])
     with pytest.raises(ForbiddenDestination, match=r"127\.0\.0\.2 is a loopback address"):
-        call(session, f"http://evil.test:{dsp.server_address[1]}/", {}, 1.0)
+        call(client, f"http://evil.test:{port}/", {}, 1.0)
     assert dsp.log.snapshot() == []
 
 
 @pytest.mark.parametrize("host", ["2130706433", "0x7f000001", "127.1", "0177.0.0.1", "[::ffff:127.0.0.1]",
-                                  "localhost", "127.0.0.2"])
+                                  "localhost", "127.0.0.2", "[::1]"])
 def test_real_calls_to_loopback_forms_are_refused(host: str, dsp: MockDspServer) -> None:
-    session = make_pool(())  # nothing allowed
+    client = make_client(())  # nothing allowed
     port = dsp.server_address[1]
     with pytest.raises(ForbiddenDestination):
-        call(session, f"http://{host}:{port}/", {}, 1.0)
+        call(client, f"http://{host}:{port}/", {}, 1.0)
     assert dsp.log.snapshot() == []
 
 
-def test_checked_address_is_the_connected_one_and_host_header_is_kept(
-    fake_dns: dict[str, list[str]], dsp: MockDspServer
-) -> None:
-    # DNS rebinding: the first answer is allowed, a second look-up would say 127.0.0.2.
-    fake_dns["buyer.test"] = ["127.0.0.1", "127.0.0.2"]
-    session = make_pool(ONLY_127_0_0_1)
+def test_the_address_checked_is_the_one_connected_and_host_header_is_kept(dsp: MockDspServer) -> None:
+    # The name has a forbidden and an allowed address: libcurl tries both, the guard sees
+    # each one just before its connect, and only the allowed one is connected.
     port = dsp.server_address[1]
-    assert call(session, f"http://buyer.test:{port}/status/204", {}, 2.0) == 204
-    assert fake_dns["__lookups__"] == ["buyer.test"]  # type: ignore[comparison-overlap]
-    assert dsp.log.snapshot()[0]["headers"]["Host"] == f"buyer.test:{port}"
+    client = make_client(ONLY_127_0_0_1, resolve=[f"buyer.test:{port}:127.0.0.2,127.0.0.1"])
+    assert call(client, f"http://buyer.test:{port}/status/204", {}, 2.0) == 204
+    [received] = dsp.log.snapshot()
+    assert received["headers"]["Host"] == f"buyer.test:{port}"
 
 
-def test_tls_keeps_the_host_name_for_sni_and_verification(
-    fake_dns: dict[str, list[str]], tmp_path: Path
-) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=buyer.test",
-         "-addext", "subjectAltName=DNS:buyer.test", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
+def test_tls_is_verified_and_keeps_the_host_name_for_sni(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
     seen: dict[str, list[str]] = {"sni": [], "host": []}
 
     class Handler(BaseHTTPRequestHandler):
@@ -155,17 +150,24 @@ def test_tls_keeps_the_host_name_for_sni_and_verification(
         seen["sni"].append(name or "")
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    ca.issue_cert("buyer.test").configure_cert(context)
     context.sni_callback = remember_sni
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        fake_dns["buyer.test"] = ["127.0.0.1"]
-        session = make_pool(ONLY_127_0_0_1)
-        session.connection_pool_kw["ca_certs"] = str(cert)  # trust the test cert; verification stays on
         port = server.server_address[1]
-        assert call(session, f"https://buyer.test:{port}/", {}, 5.0) == 204
+        resolve = [f"buyer.test:{port}:127.0.0.1", f"other.test:{port}:127.0.0.1"]
+        client = make_client(ONLY_127_0_0_1, ca_file=str(ca_file), resolve=resolve)
+        assert call(client, f"https://buyer.test:{port}/", {}, 5.0) == 204
         assert seen == {"sni": ["buyer.test"], "host": [f"buyer.test:{port}"]}
+        # A certificate for another name, or one from a CA we do not trust, is a TLS failure.
+        with pytest.raises(AttemptError) as wrong_name:
+            call(client, f"https://other.test:{port}/", {}, 5.0)
+        assert wrong_name.value.error_class is ErrorClass.TLS
+        with pytest.raises(AttemptError) as untrusted:
+            call(make_client(ONLY_127_0_0_1, resolve=resolve), f"https://buyer.test:{port}/", {}, 5.0)
+        assert untrusted.value.error_class is ErrorClass.TLS
+        assert seen["host"] == [f"buyer.test:{port}"]  # neither reached the handler
     finally:
         server.shutdown()

@@ -1,5 +1,6 @@
-"""The guarded call over real HTTP on loopback: no redirects, no hidden retries, a
-wall-clock deadline that a trickling server cannot stretch, error classes."""
+"""The guarded libcurl call over real HTTP on loopback: no redirects, no hidden retries
+(not even libcurl's own on a reused connection), a wall-clock deadline that a trickling
+server cannot stretch, no proxy from the environment, error classes."""
 
 from __future__ import annotations
 
@@ -8,22 +9,22 @@ import socket
 import threading
 import time
 
+import pycurl
 import pytest
-import urllib3
 
 from cgrid.errors import ForbiddenDestination
 from cgrid.event import parse_event
 from producer.mock_dsp import MockDspServer
 from worker.classify import ErrorClass
 from worker.delivery import deliver
-from worker.http_client import AttemptError, call, make_pool
+from worker.http_client import AttemptError, ClientConfig, Transfer, call, error_class, header_lines, make_client
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 
 
 @pytest.fixture()
-def session() -> urllib3.PoolManager:
-    return make_pool(LOOPBACK, maxsize=4)
+def session() -> ClientConfig:
+    return make_client(LOOPBACK)
 
 
 def test_redirect_is_success_and_not_followed(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
@@ -41,8 +42,92 @@ def test_only_our_headers_are_sent(session, dsp: MockDspServer) -> None:  # type
 def test_reset_is_one_call_and_a_transport_error(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(AttemptError) as info:
         call(session, dsp.url + "/reset", {}, 2.0)
-    assert info.value.error_class in (ErrorClass.CONNECTION_RESET, ErrorClass.PROTOCOL)
-    assert len(dsp.log.snapshot()) == 1  # no hidden urllib3 retry
+    assert info.value.error_class is ErrorClass.CONNECTION_RESET
+    assert len(dsp.log.snapshot()) == 1
+
+
+def test_no_hidden_retry_on_a_reused_connection(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
+    # libcurl sends a request again, on a new connection, when a reused keep-alive
+    # connection dies without an answer: that would be a second call the buyer counts.
+    transfer = Transfer(session)
+    statuses = []
+    for path in ("/status/204", "/reset", "/status/204"):
+        transfer.prepare(dsp.url + path, header_lines({}), 2.0)
+        errno = 0
+        try:
+            transfer.curl.perform()
+        except pycurl.error as e:
+            errno = e.args[0]
+        statuses.append(transfer.result(errno).status or transfer.result(errno).error)
+    transfer.curl.close()
+    assert statuses == [204, ErrorClass.CONNECTION_RESET, 204]
+    assert [c["target"] for c in dsp.log.snapshot()] == ["/status/204", "/reset", "/status/204"]
+
+
+def test_only_the_spec_headers_and_host_are_sent(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
+    headers = {"User-Agent": "CGRID/1.0", "X-CGRID-ServerUpstream": "1", "X-User-Agent": "ua",
+               "X-Forwarded-For": "1.2.3.4"}
+    call(session, dsp.url + "/", headers, 2.0)
+    sent = dsp.log.snapshot()[0]["headers"]
+    assert sent == {"Host": dsp.url.split("//")[1], **headers}  # no Accept, Expect, Accept-Encoding
+
+
+def test_no_proxy_from_the_environment(session, dsp: MockDspServer, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    assert call(session, dsp.url + "/status/204", {}, 2.0) == 204
+
+
+def test_the_path_goes_out_exactly_as_given(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
+    call(session, dsp.url + "/a/../b/./c?x=${OTHER}", {}, 2.0)
+    assert dsp.log.snapshot()[0]["target"] == "/a/../b/./c?x=${OTHER}"
+
+
+def test_credentials_in_the_url_are_refused_not_sent(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
+    from worker.http_client import InvalidTarget
+
+    with pytest.raises(InvalidTarget):
+        call(session, dsp.url.replace("http://", "http://user:pw@") + "/", {}, 2.0)
+    assert dsp.log.snapshot() == []
+
+
+def test_a_large_body_is_cut_after_a_few_kib_and_the_answer_stands(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
+    assert call(session, dsp.url + "/big/1000000", {}, 2.0) == 200
+
+
+@pytest.mark.parametrize(("errno", "connected", "expected"), [
+    (pycurl.E_OPERATION_TIMEDOUT, True, ErrorClass.TIMEOUT),
+    (pycurl.E_OPERATION_TIMEDOUT, False, ErrorClass.CONNECT_TIMEOUT),
+    (pycurl.E_COULDNT_CONNECT, False, ErrorClass.CONNECT_REFUSED),
+    (pycurl.E_COULDNT_RESOLVE_HOST, False, ErrorClass.DNS),
+    (pycurl.E_RECV_ERROR, True, ErrorClass.CONNECTION_RESET),
+    (pycurl.E_SEND_ERROR, True, ErrorClass.CONNECTION_RESET),
+    (pycurl.E_GOT_NOTHING, True, ErrorClass.CONNECTION_RESET),
+    (pycurl.E_SSL_CONNECT_ERROR, True, ErrorClass.TLS),
+    (pycurl.E_PEER_FAILED_VERIFICATION, True, ErrorClass.TLS),
+    (8, True, ErrorClass.PROTOCOL),  # weird server reply
+    (pycurl.E_PARTIAL_FILE, True, ErrorClass.PROTOCOL),
+    (pycurl.E_OUT_OF_MEMORY, True, ErrorClass.TRANSPORT),
+])
+def test_every_libcurl_error_has_a_class(errno: int, connected: bool, expected: ErrorClass) -> None:
+    assert error_class(errno, connected=connected) is expected
+
+
+def test_malformed_answer_is_a_protocol_error(session) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def answer_garbage() -> None:
+            conn, _ = server.accept()
+            conn.recv(4096)
+            conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            conn.close()
+
+        threading.Thread(target=answer_garbage, daemon=True).start()
+        with pytest.raises(AttemptError) as info:
+            call(session, f"http://127.0.0.1:{server.getsockname()[1]}/", {}, 2.0)
+    assert info.value.error_class is ErrorClass.PROTOCOL
 
 
 def test_refused_connection(session) -> None:  # type: ignore[no-untyped-def]
@@ -97,14 +182,14 @@ def test_keep_alive_connection_is_reused_after_a_small_body(session, dsp: MockDs
 
 def test_guard_refuses_loopback_outside_the_allow_list(dsp: MockDspServer) -> None:
     # Allow only 127.0.0.1; 127.0.0.2 is loopback too, so nothing leaves the machine.
-    session = make_pool((ipaddress.ip_network("127.0.0.1/32"),))
+    session = make_client((ipaddress.ip_network("127.0.0.1/32"),))
     with pytest.raises(ForbiddenDestination, match="loopback"):
         call(session, "http://127.0.0.2:9/", {}, 1.0)
     assert call(session, dsp.url + "/", {}, 2.0) == 204
 
 
 def test_deliver_turns_a_forbidden_host_into_rejected(dsp: MockDspServer) -> None:
-    session = make_pool(())
+    session = make_client(())
     event = parse_event({"kind": "burl", "url": dsp.url + "/", "upstream": "s2s"})
     attempt = deliver(event, session, attempt_n=1, timeout_s=1.0)
     assert attempt.outcome.value == "rejected" and "loopback" in attempt.reason

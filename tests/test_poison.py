@@ -30,7 +30,7 @@ RAW_POISONS = [
 ]
 
 
-@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
 def test_poisoned_messages_do_not_wedge_the_worker(
     pool: str, redis_server: RedisServer, dsp: MockDspServer, tmp_path: Path
 ) -> None:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 BATCHES = 40
 
 
-@pytest.mark.parametrize("pool", ["gevent", "threads"])
+@pytest.mark.parametrize("pool", ["solo", "threads"])
 def test_one_task_slot_is_refilled_at_once(pool: str, redis_url: str, dsp: MockDspServer, tmp_path: Path,
                                            redis_server: RedisServer) -> None:
     env = fleet_env(redis_url, CGRID_BATCH_SIZE=5)

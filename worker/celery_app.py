@@ -12,6 +12,30 @@ from cgrid.errors import ConfigError
 from cgrid.settings import Settings
 from worker import logs
 
+GREEN_POOLS = ("gevent", "eventlet")
+
+
+def green_pool_in_use() -> str | None:
+    """The green pool this process was started with (Celery patches before importing us)."""
+    for name in GREEN_POOLS:
+        module = sys.modules.get(f"{name}.monkey" if name == "gevent" else name)
+        if module is None:
+            continue
+        if name == "gevent" and module.is_module_patched("socket"):
+            return name
+        if name == "eventlet" and module.patcher.is_monkey_patched("socket"):
+            return name
+    return None
+
+
+if green_pool_in_use():
+    # The calls are made by one libcurl loop per process, in a thread of its own: green
+    # threads would add nothing but a blocked hub. README "Running the fleet".
+    print(f"cgrid-s2s: the {green_pool_in_use()} pool is not supported: calls are made by each process's "
+          "libcurl loop, so green threads add nothing. Run `celery -A worker worker` (prefork, "
+          "recommended), or -P threads / -P solo.", file=sys.stderr)
+    raise SystemExit(2)
+
 try:
     settings = Settings.from_env()
 except ConfigError as e:

@@ -9,14 +9,12 @@ import json
 import time
 from dataclasses import dataclass
 
-import urllib3
-
 from cgrid.errors import ForbiddenDestination, InvalidEvent
 from cgrid.event import Event
 from cgrid.ledger import Finish, Outcome
 from worker.classify import ErrorClass, classify_status
 from worker.headers import build_headers
-from worker.http_client import AttemptError, InvalidTarget, call
+from worker.http_client import AttemptError, CallResult, ClientConfig, InvalidTarget, call
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +54,19 @@ class Attempt:
         )
 
 
-def deliver(event: Event, pool: urllib3.PoolManager, *, attempt_n: int, timeout_s: float) -> Attempt:
-    """Make attempt ``attempt_n`` of the event's s2s call and classify the answer."""
+def attempt_from(result: CallResult, attempt_n: int, started_at_s: float, duration_ms: float) -> Attempt:
+    """The attempt a finished call makes: an answer classified, a failure, or a refusal."""
+    if result.status is not None:
+        return Attempt(attempt_n, classify_status(result.status), started_at_s, duration_ms, status=result.status)
+    if result.refused or result.invalid:
+        return Attempt(attempt_n, Outcome.REJECTED, started_at_s, duration_ms,
+                       reason=result.refused or result.invalid)
+    return Attempt(attempt_n, Outcome.FAIL, started_at_s, duration_ms, error=result.error)
+
+
+def deliver(event: Event, client: ClientConfig, *, attempt_n: int, timeout_s: float) -> Attempt:
+    """Make attempt ``attempt_n`` of the event's s2s call, blocking, and classify the answer
+    (the engine makes the same call on its multi loop)."""
     started_at_s = time.time()
     started = time.perf_counter()
 
@@ -65,9 +74,7 @@ def deliver(event: Event, pool: urllib3.PoolManager, *, attempt_n: int, timeout_
         return (time.perf_counter() - started) * 1000
 
     try:
-        url = event.target_url()
-        headers = build_headers(event)
-        status = call(pool, url, headers, timeout_s)
+        status = call(client, event.target_url(), build_headers(event), timeout_s)
     except (ForbiddenDestination, InvalidTarget, InvalidEvent) as e:
         return Attempt(attempt_n, Outcome.REJECTED, started_at_s, elapsed_ms(), reason=str(e))
     except AttemptError as e:

@@ -1,27 +1,45 @@
-"""The per-process delivery engine: a queue of claimed events, caller threads that make
-the calls, and one recorder thread that writes outcomes to the ledger in batches.
+"""The per-process delivery engine: one libcurl multi loop makes every call of the process,
+scheduled by buyer lanes (``worker/lanes.py``); one ledger thread writes outcomes, parks
+and pulls in batches.
 
-A delivery task only claims its batch and hands it to the engine, after waiting for room
-(a process holds at most ``capacity`` claimed attempts), so a slow or hanging buyer holds
-one caller thread, never a whole batch, and a task's Celery overhead is paid once per batch.
-Under ``-P gevent`` the threads are greenlets (the monkey patch turns ``threading`` into them).
+Threads of a worker process:
+
+- Celery's task thread(s): claim a batch in the ledger and hand it over (:meth:`submit`),
+  after waiting for room (:meth:`reserve`: a process holds at most ``capacity`` claimed
+  attempts, so memory is bounded and a claimed attempt starts within one wave of calls).
+- the **call loop** (``cgrid-curl-loop``): one ``CurlMulti`` driven with ``socket_action``
+  over an epoll selector; it admits claimed attempts to their lanes, starts calls as slots
+  free up, and classifies each finished transfer. It never touches Redis.
+- the **ledger thread** (``cgrid-ledger``): writes finished attempts (one Lua script per
+  batch), parks what a lane could not admit (handed back to Redis unstarted, not an
+  attempt) and pulls parked events back when their lane has room.
 """
 
 from __future__ import annotations
 
-import queue
+import selectors
+import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
+import pycurl
 import redis
 
 from cgrid.errors import InvalidEvent
 from cgrid.event import Event
-from cgrid.ledger import Outcome
-from worker.delivery import Attempt, deliver, expired
+from cgrid.ledger import NO_BUYER, Outcome, Park, WaitReason
+from worker.delivery import Attempt, attempt_from, expired
+from worker.headers import build_headers
+from worker.http_client import ClientConfig, Transfer, header_lines
+from worker.lanes import Lane, LaneLimits, Lanes
 from worker.logs import get_logger, log_attempt
 from worker.runtime import Runtime, ride_out_redis
+
+PULL_MAX = 100  # events per pull
+IDLE_WAIT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,33 +49,53 @@ class Handled:
     attempt: Attempt
 
 
-def handle(rt: Runtime, event_id: str, event_json: str, attempt_n: int) -> Handled:
-    """Decide and make one claimed attempt."""
-    try:
-        event = Event.from_ledger_json(event_json)
-    except InvalidEvent as e:
-        return Handled(event_id, None, Attempt(attempt_n, Outcome.REJECTED, time.time(), 0.0, reason=str(e)))
-    decision = expired(event, attempt_n, rt.settings.event_max_age_s)
-    if decision is not None:
-        return Handled(event_id, event, decision)
-    attempt = deliver(event, rt.pool, attempt_n=attempt_n, timeout_s=rt.settings.timeout_s)
-    return Handled(event_id, event, attempt)
+@dataclass(slots=True, eq=False)
+class Item:
+    """A claimed attempt on its way through the loop."""
+
+    event_id: str
+    attempt_n: int
+    event: Event
+    buyer: str
+    lane: Lane[Any] | None = None
+    started_at_s: float = 0.0
+    started: float = 0.0
+
+
+@dataclass(eq=False)
+class _LedgerWork:
+    done: list[Handled] = field(default_factory=list)
+    parks: list[Park] = field(default_factory=list)
+    pulls: list[tuple[str, int, int]] = field(default_factory=list)  # buyer, k, parks at request
+
+    def __bool__(self) -> bool:
+        return bool(self.done or self.parks or self.pulls)
 
 
 class DeliveryEngine:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         settings = rt.settings
-        self._work: queue.Queue[tuple[str, str, int]] = queue.Queue()
-        self._done: list[Handled] = []
-        self._cond = threading.Condition()
-        self._pending = 0  # reserved or claimed here, and not yet recorded
-        # At most this many attempts are claimed by one process at once, whatever the pool's
-        # concurrency, so a claimed attempt waits at most one batch before its call starts.
+        self.client = ClientConfig(settings.allowed_networks, settings.ca_file)
+        self.lanes: Lanes[Item] = Lanes(settings.call_concurrency, self.limits_for)
+        # At most this many attempts are claimed by one process at once.
         self.capacity = settings.call_concurrency + settings.batch_size
-        for index in range(settings.call_concurrency):
-            threading.Thread(target=self._call_loop, name=f"cgrid-call-{index}", daemon=True).start()
-        threading.Thread(target=self._record_loop, name="cgrid-recorder", daemon=True).start()
+        self._cond = threading.Condition()
+        self._pending = 0  # reserved, claimed or pulled here, and not yet recorded or parked
+        self._draining = False
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._ledger_work = _LedgerWork()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        threading.Thread(target=self._call_loop, name="cgrid-curl-loop", daemon=True).start()
+        threading.Thread(target=self._ledger_loop, name="cgrid-ledger", daemon=True).start()
+
+    def limits_for(self, buyer: str) -> LaneLimits:
+        settings = self.rt.settings
+        return LaneLimits(max_concurrency=settings.buyer_max_concurrency, timeout_s=settings.timeout_s)
+
+    # -- the task side -------------------------------------------------------------------
 
     def reserve(self, n: int) -> None:
         """Wait for room for ``n`` attempts before claiming them (back-pressure)."""
@@ -67,17 +105,18 @@ class DeliveryEngine:
             self._pending += n
 
     def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int) -> None:
-        """Queue the claimed attempts; give back the room of ids that were not claimed."""
+        """Hand claimed attempts to the call loop; give back the room of ids not claimed."""
         with self._cond:
             self._pending -= reserved - len(claimed)
             self._cond.notify_all()
-        for event_id, event_json in claimed:
-            self._work.put((event_id, event_json, attempt_n))
+        if claimed:
+            self._post("claimed", [(event_id, event_json, attempt_n) for event_id, event_json in claimed])
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every claimed attempt has been made and recorded (warm shutdown)."""
         give_up_at = time.monotonic() + timeout_s
         with self._cond:
+            self._draining = True
             while self._pending:
                 left_s = give_up_at - time.monotonic()
                 if left_s <= 0:
@@ -85,36 +124,65 @@ class DeliveryEngine:
                 self._cond.wait(min(left_s, 0.1))
         return True
 
-    def _call_loop(self) -> None:
-        while True:
-            event_id, event_json, attempt_n = self._work.get()
-            try:
-                handled = handle(self.rt, event_id, event_json, attempt_n)
-            except Exception as e:  # a bug, not a buyer's answer: leave it to the lease
-                get_logger().error("attempt_crashed", event_id=event_id, error=repr(e)[:300])
-                with self._cond:
-                    self._pending -= 1
-                    self._cond.notify_all()
-                continue
-            with self._cond:
-                self._done.append(handled)
-                self._cond.notify_all()
+    def _post(self, kind: str, payload: Any) -> None:
+        self._inbox.append((kind, payload))
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass  # the loop is already due to wake
 
-    def _record_loop(self) -> None:
+    def _release(self, n: int) -> None:
+        with self._cond:
+            self._pending -= n
+            self._cond.notify_all()
+
+    # -- the call loop -------------------------------------------------------------------
+
+    def _call_loop(self) -> None:
+        loop = _CallLoop(self)
+        while True:
+            try:
+                loop.run()
+            except Exception as e:  # a bug: log it and keep the process's calls going
+                get_logger().error("call_loop_crashed", error=repr(e)[:300])
+                time.sleep(0.1)
+
+    # -- the ledger thread ---------------------------------------------------------------
+
+    def _to_ledger(self, *, done: Handled | None = None, parks: list[Park] | None = None,
+                   pull: tuple[str, int, int] | None = None) -> None:
+        with self._cond:
+            work = self._ledger_work
+            if done is not None:
+                work.done.append(done)
+            if parks:
+                work.parks += parks
+            if pull is not None:
+                work.pulls.append(pull)
+            self._cond.notify_all()
+
+    def _ledger_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._done:
+                while not self._ledger_work:
                     self._cond.wait()
-                done, self._done = self._done, []
+                work, self._ledger_work = self._ledger_work, _LedgerWork()
             try:
+                if work.parks:
+                    self._write_parks(work.parks)
                 for attempt_n in (1, 2):
-                    batch = [h for h in done if h.attempt.n == attempt_n]
+                    batch = [h for h in work.done if h.attempt.n == attempt_n]
                     if batch:
                         self._record(batch, attempt_n)
+                for buyer, k, parks_at_request in work.pulls:
+                    self._pull(buyer, k, parks_at_request)
+            except Exception as e:  # a bug: the attempts' leases cover what was not written
+                get_logger().error("ledger_thread_crashed", error=repr(e)[:300])
             finally:
-                with self._cond:
-                    self._pending -= len(done)
-                    self._cond.notify_all()
+                self._release(len(work.done) + len(work.parks))
+
+    def _ride_out(self, call: Any) -> Any:
+        return ride_out_redis(call, self.rt.settings.attempt_grace_s / 2)
 
     def _record(self, batch: list[Handled], attempt_n: int) -> None:
         """Write outcomes, riding out a short Redis outage. If it lasts past the attempts'
@@ -122,13 +190,10 @@ class DeliveryEngine:
         settings = self.rt.settings
         finishes = [h.attempt.to_finish(h.event_id) for h in batch]
         try:
-            states = ride_out_redis(
-                lambda: self.rt.ledger.finish(
-                    finishes, attempt_n, ledger_ttl_s=settings.ledger_ttl_s,
-                    report_ttl_s=settings.report_ttl_s, retry_delay_s=settings.retry_delay_s,
-                ),
-                settings.attempt_grace_s / 2,
-            )
+            states = self._ride_out(lambda: self.rt.ledger.finish(
+                finishes, attempt_n, ledger_ttl_s=settings.ledger_ttl_s,
+                report_ttl_s=settings.report_ttl_s, retry_delay_s=settings.retry_delay_s,
+            ))
         except redis.RedisError as e:
             get_logger().error("ledger_write_failed", events=len(batch), error=str(e)[:200])
             return
@@ -137,3 +202,188 @@ class DeliveryEngine:
                 log_attempt(item.event, item.attempt, state or "superseded")
             else:
                 get_logger().error("poisoned_event", event_id=item.event_id, reason=item.attempt.reason)
+
+    def _write_parks(self, parks: list[Park]) -> None:
+        try:
+            self._ride_out(lambda: self.rt.ledger.park(parks, WaitReason.LANE_FULL))
+        except redis.RedisError as e:
+            # Still claimed: when their lease passes the sweeper counts them as lost attempts.
+            get_logger().error("ledger_park_failed", events=len(parks), error=str(e)[:200])
+
+    def _pull(self, buyer: str, k: int, parks_at_request: int) -> None:
+        items: list[tuple[int, str, str]] = []
+        left = 1  # on a Redis error, keep the lane's backlog: it is pulled again later
+        with self._cond:
+            draining = self._draining
+        if not draining:
+            try:
+                left, items = self._ride_out(
+                    lambda: self.rt.ledger.pull(buyer, k, lease_s=self.rt.settings.attempt_lease_s))
+            except redis.RedisError as e:
+                get_logger().warning("ledger_pull_failed", buyer=buyer, error=str(e)[:200])
+        with self._cond:
+            self._pending += len(items)
+        self._post("pulled", (buyer, left, parks_at_request, items))
+
+
+class _CallLoop:
+    """State owned by the call-loop thread: the multi handle, its sockets, the lanes."""
+
+    def __init__(self, engine: DeliveryEngine) -> None:
+        self.engine = engine
+        self.settings = engine.rt.settings
+        self.lanes = engine.lanes
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(engine._wake_r, selectors.EVENT_READ, None)
+        self.timer_at: float | None = None
+        self.free: list[Transfer] = []
+        self.running = 0
+
+    # libcurl tells us which sockets to watch and when to call it back.
+    def _on_socket(self, what: int, fd: int, multi: Any, socketp: Any) -> None:
+        if what == pycurl.POLL_REMOVE:
+            try:
+                self.selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            return
+        events = 0
+        if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+            events |= selectors.EVENT_READ
+        if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
+            events |= selectors.EVENT_WRITE
+        try:
+            self.selector.modify(fd, events, fd)
+        except KeyError:
+            self.selector.register(fd, events, fd)
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        self.timer_at = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+
+    def run(self) -> None:
+        engine = self.engine
+        inbox = engine._inbox
+        while True:
+            if inbox:
+                wait_s = 0.0
+            elif self.timer_at is None:
+                wait_s = IDLE_WAIT_S
+            else:
+                wait_s = max(0.0, self.timer_at - time.monotonic())
+            for key, mask in self.selector.select(wait_s):
+                if key.data is None:
+                    try:
+                        while engine._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    continue
+                flags = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
+                    pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0)
+                self.multi.socket_action(key.data, flags)
+            if self.timer_at is not None and time.monotonic() >= self.timer_at:
+                self.timer_at = None
+                self.multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+            self._collect()
+            while inbox:
+                kind, payload = inbox.popleft()
+                if kind == "claimed":
+                    self._take_claimed(payload)
+                else:
+                    self._take_pulled(*payload)
+            self._start_ready()
+            for lane, k in self.lanes.pulls_wanted(PULL_MAX):
+                engine._to_ledger(pull=(lane.buyer, k, lane.parks))
+
+    # -- work coming in --------------------------------------------------------------------
+
+    def _prepared(self, event_id: str, event_json: str, attempt_n: int) -> Item | None:
+        """Decode a claimed attempt; one that must not be called is recorded at once."""
+        try:
+            event = Event.from_ledger_json(event_json)
+        except InvalidEvent as e:
+            attempt = Attempt(attempt_n, Outcome.REJECTED, time.time(), 0.0, reason=str(e))
+            self.engine._to_ledger(done=Handled(event_id, None, attempt))
+            return None
+        decision = expired(event, attempt_n, self.settings.event_max_age_s)
+        if decision is not None:
+            self.engine._to_ledger(done=Handled(event_id, event, decision))
+            return None
+        return Item(event_id, attempt_n, event, event.buyer or NO_BUYER)
+
+    def _take_claimed(self, claimed: list[tuple[str, str, int]]) -> None:
+        parks: list[Park] = []
+        for event_id, event_json, attempt_n in claimed:
+            item = self._prepared(event_id, event_json, attempt_n)
+            if item is not None and not self.lanes.admit(item.buyer, item):
+                parks.append(Park(event_id, attempt_n, item.event.created_at_s, item.buyer))
+        if parks:
+            self.engine._to_ledger(parks=parks)
+
+    def _take_pulled(self, buyer: str, left: int, parks_at_request: int,
+                     items: list[tuple[int, str, str]]) -> None:
+        self.lanes.pulled(self.lanes.lane(buyer), left, parks_at_request)
+        for attempt_n, event_id, event_json in items:
+            item = self._prepared(event_id, event_json, attempt_n)
+            if item is not None:
+                self.lanes.admit_pulled(item.buyer, item)
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def _start_ready(self) -> None:
+        while True:
+            picked = self.lanes.next_to_start()
+            if picked is None:
+                return
+            lane, item = picked
+            item.lane = lane
+            self._start(item, lane.limits.timeout_s)
+
+    def _start(self, item: Item, timeout_s: float) -> None:
+        item.started_at_s = time.time()
+        item.started = time.perf_counter()
+        try:
+            url = item.event.target_url()
+            headers = header_lines(build_headers(item.event))
+        except Exception as e:  # the event cannot make a request: rejected, nothing sent
+            self._done(item, Attempt(item.attempt_n, Outcome.REJECTED, item.started_at_s, 0.0,
+                                     reason=f"url: {e}"))
+            return
+        transfer = self.free.pop() if self.free else Transfer(self.engine.client)
+        transfer.prepare(url, headers, timeout_s)
+        transfer.item = item
+        self.multi.add_handle(transfer.curl)
+        self.running += 1
+
+    def _collect(self) -> None:
+        while True:
+            queued, ok, failed = self.multi.info_read()
+            for curl in ok:
+                self._finish(curl.transfer, 0, "")
+            for curl, errno, message in failed:
+                self._finish(curl.transfer, errno, message)
+            if not queued:
+                return
+
+    def _finish(self, transfer: Transfer, errno: int, message: str) -> None:
+        item: Item = transfer.item
+        result = transfer.result(errno, message)
+        self.multi.remove_handle(transfer.curl)
+        self.running -= 1
+        transfer.item = None
+        self.free.append(transfer)
+        duration_ms = (time.perf_counter() - item.started) * 1000
+        attempt = attempt_from(result, item.attempt_n, item.started_at_s, duration_ms)
+        self._done(item, attempt)
+
+    def _done(self, item: Item, attempt: Attempt) -> None:
+        assert item.lane is not None
+        overflow = self.lanes.finished(item.lane, answered=attempt.status is not None, error=attempt.error,
+                                       now_s=time.monotonic())
+        self.engine._to_ledger(done=Handled(item.event_id, item.event, attempt))
+        if overflow:
+            self.engine._to_ledger(parks=[Park(o.event_id, o.attempt_n, o.event.created_at_s, o.buyer)
+                                          for o in overflow])

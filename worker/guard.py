@@ -1,13 +1,14 @@
-"""Request-forgery guard (SPEC §8): which addresses a buyer URL may make us connect to."""
+"""Request-forgery guard (SPEC §8): which addresses a buyer URL may make us connect to.
+
+libcurl resolves the host and asks ``worker.http_client.Transfer`` for a socket just before
+each connect; the check below runs on that very address, so the address checked is the
+address connected to (DNS rebinding cannot slip a second answer in)."""
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterable
-from typing import Any
 
-from cgrid.errors import ForbiddenDestination
 from cgrid.settings import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -55,22 +56,3 @@ def forbidden_reason(ip: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | 
     if not target.is_global:
         return "not a globally routable address"
     return None
-
-
-def resolve_checked(host: str, port: int, allowed: Iterable[IPNetwork] = ()) -> list[tuple[int, Any]]:
-    """Resolve ``host`` once and keep the addresses that may be connected to, as
-    ``(family, sockaddr)`` pairs. Connects to nothing. Raises ``socket.gaierror`` when the
-    name does not resolve and :class:`ForbiddenDestination` when no address is allowed."""
-    allowed = tuple(allowed)
-    kept: list[tuple[int, Any]] = []
-    refusals: list[str] = []
-    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        ip = ipaddress.ip_address(sockaddr[0])
-        reason = forbidden_reason(ip, allowed)
-        if reason is None:
-            kept.append((family, sockaddr))
-        else:
-            refusals.append(f"{ip} is a {reason}")
-    if not kept:
-        raise ForbiddenDestination(f"host {host!r}: {'; '.join(dict.fromkeys(refusals))}")
-    return kept

@@ -1,46 +1,58 @@
-"""The guarded HTTP call: one urllib3 pool manager per process, no redirects, no hidden
-retries, a wall-clock deadline, and the request-forgery guard at connect time.
+"""The guarded HTTP call on libcurl (``pycurl``): how one transfer is set up and what its
+end means. The engine (``worker/engine.py``) drives many transfers at once with one
+``CurlMulti`` per process; :func:`call` makes a single blocking one (tests, tools).
 
-We call urllib3 directly rather than through ``requests`` (which sits on top of it): on
-this project's 2-core benchmark machine ``requests`` costs about 441 µs of CPU per call
-against 241 µs for urllib3, so ``requests`` alone would use 1.8 cores at the 4,000
-deliveries/s target (README, "Performance").
+libcurl gives natively what a safe s2s call needs (SPEC §4, §8):
 
-The guard sits in the urllib3 connection: the host name is resolved once, every address is
-checked, and the socket is connected to a checked address — so the address checked is the
-address connected to. TLS still verifies and sends SNI for the original host name, and the
-``Host`` header stays the original host name.
+- a wall-clock deadline for the whole transfer (``TIMEOUT_MS``), so a server trickling its
+  answer byte by byte cannot hold a call past it;
+- the request-forgery guard on the address actually connected to: ``OPENSOCKETFUNCTION``
+  sees every resolved address just before libcurl connects to it, however the host was
+  written (``2130706434``, ``0x7f000002``, ``127.1``, IPv4-mapped IPv6) or resolved;
+- no redirects followed, no proxy or ``.netrc`` from the environment, only
+  ``http``/``https``, the path sent exactly as given;
+- no hidden retries: libcurl silently sends a request again on a new connection when a
+  reused keep-alive connection died before any answer (measured: a buyer that resets
+  every connection got 7 calls for one attempt). ``PREREQFUNCTION`` runs before every
+  request a transfer sends, and refuses a second one, so an attempt is one request;
+- keep-alive connections per host, kept by the multi handle; TLS verified against a CA
+  bundle, with SNI for the URL's host name.
 
-The deadline: a read timeout is per socket read, so a server that trickles its answer byte
-by byte would defeat it. Each attempt registers its socket with a per-process reaper that
-shuts the socket down when the attempt's wall-clock deadline passes.
+Headers: libcurl adds ``Accept: */*`` by default; it is removed, so what goes out is
+``Host`` plus the headers of SPEC §3.
 """
 
 from __future__ import annotations
 
-import heapq
-import http.client
-import itertools
-import os
+import ipaddress
 import socket
-import ssl
-import threading
-import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NameResolutionError
-from urllib3.util.timeout import _DEFAULT_TIMEOUT
+import certifi
+import pycurl
 
 from cgrid.errors import CgridError, ForbiddenDestination
 from cgrid.settings import IPNetwork
 from worker.classify import ErrorClass
-from worker.guard import resolve_checked
+from worker.guard import forbidden_reason
 
 BODY_READ_MAX_BYTES = 4096
+CURLOPT_DISALLOW_USERNAME_IN_URL = 278  # libcurl 7.61; pycurl has no name for it
+
+# libcurl error codes (``CURLcode``) by what they mean for an attempt. Numbers are used
+# where pycurl has no constant for a newer code.
+_TLS_ERRORS = frozenset({35, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98})
+_RESET_ERRORS = frozenset({pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR, pycurl.E_GOT_NOTHING})
+# 1 is also what an HTTP/0.9 answer (no status line) gives, once a request went out.
+_PROTOCOL_ERRORS = frozenset({pycurl.E_UNSUPPORTED_PROTOCOL, 8, pycurl.E_HTTP2, 92, pycurl.E_PARTIAL_FILE,
+                              pycurl.E_BAD_CONTENT_ENCODING, 95, 100})
+_BAD_URL_ERRORS = frozenset({pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT, pycurl.E_LOGIN_DENIED})
+# Errors after which an answer whose headers had all arrived still counts as the answer:
+# the body broke off, trickled past the deadline, or was cut by us after a few KiB.
+_BODY_ERRORS = frozenset({pycurl.E_WRITE_ERROR, pycurl.E_PARTIAL_FILE, pycurl.E_OPERATION_TIMEDOUT,
+                          pycurl.E_RECV_ERROR, pycurl.E_SEND_ERROR, pycurl.E_GOT_NOTHING})
 
 
 class AttemptError(CgridError):
@@ -52,245 +64,190 @@ class AttemptError(CgridError):
 
 
 class InvalidTarget(CgridError):
-    """The client cannot form a request from the URL (e.g. a malformed host)."""
+    """libcurl cannot form a request from the URL."""
 
 
-# -- the wall-clock deadline -------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What one transfer came to: an HTTP status, an error class, or a refusal to call."""
+
+    status: int | None = None
+    error: ErrorClass | None = None
+    refused: str = ""  # the request-forgery guard refused every address
+    invalid: str = ""  # the URL cannot be called
+    detail: str = ""
 
 
-class _Deadline:
-    """One attempt's deadline and the socket(s) it uses."""
-
-    __slots__ = ("at", "done", "fired", "lock", "socks")
-
-    def __init__(self, at: float) -> None:
-        self.at = at
-        self.fired = False
-        self.done = False
-        self.socks: list[socket.socket] = []
-        self.lock = threading.Lock()
-
-    def attach(self, sock: socket.socket) -> None:
-        with self.lock:
-            self.socks.append(sock)
-            if self.fired:
-                _shutdown(sock)
-
-    def expire(self) -> None:
-        with self.lock:
-            if self.done:
-                return
-            self.fired = True
-            for sock in self.socks:
-                _shutdown(sock)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        # The plain-socket method, also for an SSLSocket: it must not touch TLS state
-        # that the thread blocked in recv is using.
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-class _Reaper:
-    """A per-process thread that expires deadlines in time order."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Deadline]] = []
-        self._cond = threading.Condition()
-        self._seq = itertools.count()
-        threading.Thread(target=self._run, name="cgrid-deadline-reaper", daemon=True).start()
-
-    def watch(self, deadline: _Deadline) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (deadline.at, next(self._seq), deadline))
-            if self._heap[0][2] is deadline:
-                self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap:
-                    self._cond.wait()
-                at, _, deadline = self._heap[0]
-                wait_s = at - time.monotonic()
-                if wait_s > 0 and not deadline.done:
-                    self._cond.wait(wait_s)
-                    continue
-                heapq.heappop(self._heap)
-            deadline.expire()
-
-
-_reaper: _Reaper | None = None
-_reaper_pid = 0
-_reaper_lock = threading.Lock()
-_current = threading.local()
-
-
-def _get_reaper() -> _Reaper:
-    global _reaper, _reaper_pid
-    if _reaper is None or _reaper_pid != os.getpid():  # threads do not survive fork
-        with _reaper_lock:
-            if _reaper is None or _reaper_pid != os.getpid():
-                _reaper, _reaper_pid = _Reaper(), os.getpid()
-    return _reaper
-
-
-def _attach_current(sock: socket.socket | None) -> None:
-    deadline: _Deadline | None = getattr(_current, "deadline", None)
-    if deadline is not None and sock is not None:
-        deadline.attach(sock)
-
-
-# -- guarded connections -------------------------------------------------------------------
-
-
-class _GuardMixin:
-    """Resolve once, check every address, connect only to a checked one."""
+@dataclass(frozen=True)
+class ClientConfig:
+    """What every transfer of a process shares."""
 
     allowed_networks: tuple[IPNetwork, ...] = ()
-    host: str
-    port: int
-    timeout: Any
-    source_address: Any
-    socket_options: Any
-    _dns_host: str
+    ca_file: str = ""  # default: certifi's bundle
+    resolve: tuple[str, ...] = ()  # libcurl RESOLVE entries "host:port:addr" (tests)
 
-    def _new_conn(self) -> socket.socket:
+
+def header_lines(headers: dict[str, str]) -> list[str]:
+    """The request headers as libcurl takes them, with its default ``Accept`` removed."""
+    return ["Accept:", *(f"{name}: {value}" for name, value in headers.items())]
+
+
+class Transfer:
+    """One reusable libcurl easy handle and the state of its current request."""
+
+    __slots__ = ("allowed", "body_bytes", "connects", "curl", "headers_done", "item", "refusals", "requests")
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.allowed = config.allowed_networks
+        self.item: Any = None  # what the engine is delivering with this transfer
+        self.headers_done = False
+        self.body_bytes = 0
+        self.connects = 0
+        self.requests = 0
+        self.refusals: list[str] = []
+        curl = self.curl = pycurl.Curl()
+        curl.transfer = self  # the multi hands back Curl objects; this finds their Transfer
+        for option, value in (
+            (pycurl.NOSIGNAL, 1),
+            (pycurl.PROXY, ""),
+            (pycurl.NOPROXY, "*"),
+            (pycurl.NETRC, pycurl.NETRC_IGNORED),
+            (pycurl.FOLLOWLOCATION, 0),
+            (pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS),
+            (pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS),
+            (pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1),
+            (pycurl.PATH_AS_IS, 1),
+            (CURLOPT_DISALLOW_USERNAME_IN_URL, 1),
+            (pycurl.CAINFO, config.ca_file or certifi.where()),
+            (pycurl.SSL_VERIFYPEER, 1),
+            (pycurl.SSL_VERIFYHOST, 2),
+            (pycurl.OPENSOCKETFUNCTION, self._open_socket),
+            (pycurl.PREREQFUNCTION, self._before_request),
+            (pycurl.HEADERFUNCTION, self._on_header),
+            (pycurl.WRITEFUNCTION, self._on_body),
+        ):
+            curl.setopt(option, value)
+        if config.resolve:
+            curl.setopt(pycurl.RESOLVE, list(config.resolve))
+
+    def prepare(self, url: str, headers: list[str], timeout_s: float) -> None:
+        """Set up the next request (the handle keeps its connections between requests)."""
+        self.headers_done = False
+        self.body_bytes = 0
+        self.connects = 0
+        self.requests = 0
+        self.refusals = []
+        curl = self.curl
+        curl.setopt(pycurl.URL, url)
+        curl.setopt(pycurl.HTTPHEADER, headers)
+        timeout_ms = max(1, int(timeout_s * 1000))
+        curl.setopt(pycurl.TIMEOUT_MS, timeout_ms)
+        curl.setopt(pycurl.CONNECTTIMEOUT_MS, timeout_ms)
+
+    # -- libcurl callbacks (they must never raise) -------------------------------------
+
+    def refusal(self, address: str) -> str | None:
+        """Why the guard refuses to connect to ``address`` (as libcurl resolved it), or None."""
         try:
-            addresses = resolve_checked(self._dns_host, self.port, self.allowed_networks)
-        except socket.gaierror as e:
-            raise NameResolutionError(self.host, self, e) from e  # type: ignore[arg-type]
-        last_error: OSError | None = None
-        for family, sockaddr in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                for option in self.socket_options or ():
-                    sock.setsockopt(*option)
-                if self.timeout is not _DEFAULT_TIMEOUT:
-                    sock.settimeout(self.timeout)
-                _attach_current(sock)
-                sock.connect(sockaddr)
-                return sock
-            except OSError as e:
-                sock.close()
-                last_error = e
-        assert last_error is not None
-        if isinstance(last_error, TimeoutError):
-            raise urllib3.exceptions.ConnectTimeoutError(
-                self, f"connection to {self.host} timed out"
-            ) from last_error
-        raise urllib3.exceptions.NewConnectionError(
-            self, f"failed to establish a new connection: {last_error}"  # type: ignore[arg-type]
-        ) from last_error
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return f"{address!r} is not an IP address"
+        reason = forbidden_reason(ip, self.allowed)
+        return None if reason is None else f"{ip} is a {reason}"
 
-    def request(self, *args: Any, **kwargs: Any) -> Any:
-        _attach_current(getattr(self, "sock", None))
-        return super().request(*args, **kwargs)  # type: ignore[misc]
+    def _open_socket(self, purpose: int, address: Any) -> Any:
+        """The guard: libcurl is about to connect to ``address``; refuse a forbidden one."""
+        try:
+            refusal = self.refusal(address.addr[0])
+            if refusal is not None:
+                self.refusals.append(refusal)
+                return pycurl.SOCKET_BAD
+            self.connects += 1
+            return socket.socket(address.family, address.socktype, address.protocol)
+        except Exception as e:  # never let a surprise connect
+            self.refusals.append(f"address not checkable ({e.__class__.__name__})")
+            return pycurl.SOCKET_BAD
+
+    def _before_request(self, primary_ip: str, local_ip: str, primary_port: int, local_port: int) -> int:
+        """Called before each request the transfer sends: the first goes, a second one
+        would be libcurl's own retry after a reused connection died, and is refused."""
+        self.requests += 1
+        return pycurl.PREREQFUNC_OK if self.requests == 1 else pycurl.PREREQFUNC_ABORT
+
+    def _on_header(self, line: bytes) -> None:
+        if line == b"\r\n" or line == b"\n":
+            self.headers_done = True
+
+    def _on_body(self, data: bytes) -> int | None:
+        self.body_bytes += len(data)
+        return 0 if self.body_bytes > BODY_READ_MAX_BYTES else None  # 0 stops the transfer
+
+    # -- the end of a transfer -----------------------------------------------------------
+
+    def result(self, errno: int, message: str = "") -> CallResult:
+        """Classify the finished transfer (``errno`` 0 is success)."""
+        curl = self.curl
+        if errno == 0:
+            return CallResult(status=int(curl.getinfo(pycurl.RESPONSE_CODE)))
+        status = int(curl.getinfo(pycurl.RESPONSE_CODE))
+        if status and self.headers_done and errno in _BODY_ERRORS:
+            return CallResult(status=status)  # the answer arrived; its body did not matter
+        if self.refusals and not self.connects:
+            return CallResult(refused="; ".join(dict.fromkeys(self.refusals)))
+        if errno in _BAD_URL_ERRORS and not self.requests:  # refused before any request went out
+            return CallResult(invalid=f"url: {message}")
+        if errno == pycurl.E_ABORTED_BY_CALLBACK and self.requests > 1:
+            # The request went out on a reused connection that died without an answer.
+            return CallResult(error=ErrorClass.CONNECTION_RESET, detail="connection closed without an answer")
+        return CallResult(error=error_class(errno, connected=curl.getinfo(pycurl.CONNECT_TIME) > 0),
+                          detail=message[:200])
 
 
-class GuardedHTTPConnection(_GuardMixin, HTTPConnection):
-    pass
-
-
-class GuardedHTTPSConnection(_GuardMixin, HTTPSConnection):
-    pass
-
-
-def make_pool(allowed_networks: Iterable[IPNetwork], maxsize: int = 100) -> urllib3.PoolManager:
-    """A pool manager whose connections are guarded; keep-alive pools per host."""
-    allowed = tuple(allowed_networks)
-    manager = urllib3.PoolManager(num_pools=256, maxsize=maxsize, block=False, retries=False)
-    manager.pool_classes_by_scheme = {  # type: ignore[assignment]
-        "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {
-            "ConnectionCls": type("Conn", (GuardedHTTPConnection,), {"allowed_networks": allowed})}),
-        "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {
-            "ConnectionCls": type("Conn", (GuardedHTTPSConnection,), {"allowed_networks": allowed})}),
-    }
-    return manager
-
-
-# -- the call ------------------------------------------------------------------------------
-
-
-def _error_class(error: BaseException) -> ErrorClass:
-    """The most specific cause in the exception chain."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [error]
-    found: list[BaseException] = []
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        found.append(current)
-        stack += [c for c in (current.__cause__, current.__context__) if c is not None]
-        stack += [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
-        reason = getattr(current, "reason", None)
-        if isinstance(reason, BaseException):
-            stack.append(reason)
-    checks: list[tuple[type[BaseException] | tuple[type[BaseException], ...], ErrorClass]] = [
-        ((socket.gaierror, NameResolutionError), ErrorClass.DNS),
-        (ConnectionRefusedError, ErrorClass.CONNECT_REFUSED),
-        (urllib3.exceptions.ConnectTimeoutError, ErrorClass.CONNECT_TIMEOUT),
-        ((ConnectionResetError, BrokenPipeError), ErrorClass.CONNECTION_RESET),
-        ((ssl.SSLError, urllib3.exceptions.SSLError), ErrorClass.TLS),
-        ((TimeoutError, urllib3.exceptions.TimeoutError), ErrorClass.TIMEOUT),
-        ((http.client.HTTPException, urllib3.exceptions.ProtocolError), ErrorClass.PROTOCOL),
-    ]
-    for types, error_class in checks:
-        if any(isinstance(e, types) for e in found):
-            return error_class
+def error_class(errno: int, *, connected: bool) -> ErrorClass:
+    """A libcurl error code as the attempt's error class."""
+    if errno == pycurl.E_OPERATION_TIMEDOUT:
+        return ErrorClass.TIMEOUT if connected else ErrorClass.CONNECT_TIMEOUT
+    if errno == pycurl.E_COULDNT_CONNECT:
+        return ErrorClass.CONNECT_REFUSED
+    if errno == pycurl.E_COULDNT_RESOLVE_HOST:
+        return ErrorClass.DNS
+    if errno in _RESET_ERRORS:
+        return ErrorClass.CONNECTION_RESET
+    if errno in _TLS_ERRORS:
+        return ErrorClass.TLS
+    if errno in _PROTOCOL_ERRORS:
+        return ErrorClass.PROTOCOL
     return ErrorClass.TRANSPORT
 
 
-def _read_some(response: urllib3.BaseHTTPResponse) -> None:
-    """Read at most a few KiB of the body. A small body is read whole so that the
-    connection goes back to the pool; otherwise the connection is closed."""
-    length = response.headers.get("Content-Length", "")
-    if response.status in (204, 304) or (length.isdigit() and int(length) <= BODY_READ_MAX_BYTES):
-        response.read()
-        response.release_conn()
-    else:
-        try:
-            response.read(BODY_READ_MAX_BYTES)
-        finally:
-            response.close()
-            response.release_conn()
+def make_client(allowed_networks: Iterable[IPNetwork] = (), *, ca_file: str = "",
+                resolve: Iterable[str] = ()) -> ClientConfig:
+    return ClientConfig(tuple(allowed_networks), ca_file, tuple(resolve))
 
 
-def call(pool: urllib3.PoolManager, url: str, headers: dict[str, str], timeout_s: float) -> int:
-    """One GET within ``timeout_s`` of wall-clock time; returns the status code.
+def call(client: ClientConfig, url: str, headers: dict[str, str], timeout_s: float) -> int:
+    """One blocking GET within ``timeout_s`` of wall-clock time; returns the status code.
 
     Raises AttemptError (no answer), ForbiddenDestination (guard) or InvalidTarget."""
-    deadline = _Deadline(time.monotonic() + timeout_s)
-    _current.deadline = deadline
-    _get_reaper().watch(deadline)
+    transfer = Transfer(client)
+    transfer.prepare(url, header_lines(headers), timeout_s)
+    errno, message = 0, ""
     try:
-        try:
-            response = pool.urlopen(
-                "GET", url, headers=headers, redirect=False, retries=False, preload_content=False,
-                timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-            )
-        except ForbiddenDestination:
-            raise
-        except (urllib3.exceptions.LocationParseError, urllib3.exceptions.LocationValueError,
-                urllib3.exceptions.URLSchemeUnknown, UnicodeError, ValueError) as e:
-            raise InvalidTarget(f"url: {e}") from e
-        except Exception as e:
-            if deadline.fired:
-                raise AttemptError(ErrorClass.TIMEOUT, f"no answer within {timeout_s:g}s") from e
-            raise AttemptError(_error_class(e), str(e)[:200]) from e
-        try:
-            _read_some(response)
-        except Exception:
-            # The status line and headers arrived: the buyer answered. A body that breaks
-            # off or trickles past the deadline does not change the answer.
-            response.close()
-        return response.status
+        transfer.curl.perform()
+    except pycurl.error as e:
+        errno, message = int(e.args[0]), str(e.args[1])
     finally:
-        with deadline.lock:
-            deadline.done = True
-        _current.deadline = None
+        result = transfer.result(errno, message)
+        transfer.curl.close()
+    return raise_or_status(result)
+
+
+def raise_or_status(result: CallResult) -> int:
+    if result.refused:
+        raise ForbiddenDestination(result.refused)
+    if result.invalid:
+        raise InvalidTarget(result.invalid)
+    if result.error is not None:
+        raise AttemptError(result.error, result.detail)
+    assert result.status is not None
+    return result.status

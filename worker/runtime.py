@@ -1,5 +1,5 @@
-"""Per-process resources: settings, the ledger's Redis client, the HTTP pool and the
-delivery engine. Built lazily in each process, after fork."""
+"""Per-process resources: settings, the ledger's Redis client and the delivery engine.
+Built lazily in each process, after fork (libcurl's multi handle must never cross a fork)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import redis
-import urllib3
 
 from cgrid.ledger import Ledger
 from cgrid.settings import Settings
-from worker.http_client import make_pool
 
 if TYPE_CHECKING:
     from worker.engine import DeliveryEngine
@@ -51,7 +49,6 @@ def redis_client(settings: Settings) -> redis.Redis:
 class Runtime:
     settings: Settings
     ledger: Ledger
-    pool: urllib3.PoolManager
     pid: int
     _engine: DeliveryEngine | None = field(default=None, repr=False)
 
@@ -83,7 +80,6 @@ def get_runtime(settings: Settings) -> Runtime:
                 _runtime = Runtime(
                     settings=settings,
                     ledger=Ledger(redis_client(settings)),
-                    pool=make_pool(settings.allowed_networks, settings.call_concurrency),
                     pid=os.getpid(),
                 )
     return _runtime

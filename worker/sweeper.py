@@ -34,6 +34,8 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings) -> int:
         retry_delay_s=settings.retry_delay_s,
         report_ttl_s=settings.report_ttl_s,
         queue=settings.queue,
+        revive_after_s=settings.park_revive_s,
+        revive_batch=settings.batch_size,
     )
     send_triggers(app, first, 1, settings.batch_size, now_s)
     send_triggers(app, second, 2, settings.batch_size, now_s)
