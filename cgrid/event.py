@@ -181,6 +181,8 @@ def check_url(url: str, name: str = "url") -> SplitResult:
         raise InvalidEvent(name, "must be an absolute http:// or https:// URL")
     if not parts.hostname:
         raise InvalidEvent(name, "has no host")
+    if "@" in parts.netloc:
+        raise InvalidEvent(name, "must not carry credentials (user:password@)")
     if port == 0:
         raise InvalidEvent(name, "port 0 is not allowed")
     return parts

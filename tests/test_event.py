@@ -53,6 +53,7 @@ def test_full_event_round_trips_through_json() -> None:
         ({"url": "https://dsp.example/" + "a" * 9000}, "url"),
         ({"url": "https://dsp.example/a b"}, "url"),
         ({"url": "https://dsp.example:99999/"}, "url"),
+        ({"url": "https://user:secret@dsp.example/"}, "url"),
         ({"url": 5}, "url"),
         ({"id": ""}, "id"),
         ({"id": "x" * 129}, "id"),

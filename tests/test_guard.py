@@ -20,8 +20,8 @@ import trustme
 from cgrid.errors import ForbiddenDestination
 from cgrid.settings import IPNetwork, parse_networks
 from producer.mock_dsp import MockDspServer
-from worker.guard import forbidden_reason
 from worker.classify import ErrorClass
+from worker.guard import forbidden_reason
 from worker.http_client import AttemptError, Transfer, call, make_client
 
 ONLY_127_0_0_1 = parse_networks("127.0.0.1/32")
