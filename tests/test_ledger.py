@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from cgrid.event import parse_event
-from cgrid.ledger import Finish, Ledger, Outcome
+from cgrid.ledger import Finish, Ledger, Outcome, Park, WaitReason
 
 TTL = dict(ledger_ttl_s=3600, report_ttl_s=3600)
 
@@ -140,3 +140,56 @@ def test_report_counters_of_one_batch_are_summed_per_day_and_buyer(ledger: Ledge
     assert rows == {("2023-11-14", "x"): 3, ("2023-11-14", "y"): 3, ("2023-11-15", "x"): 2, ("2023-11-15", "y"): 2}
     for day in ("2023-11-14", "2023-11-15"):
         assert 0 < ledger.client.ttl(f"cgrid:report:{day}") <= 3600
+
+
+def park(ledger: Ledger, event_id: str, n: int, created_at_s: float, buyer: str = "b1") -> bool:
+    return ledger.park([Park(event_id, n, created_at_s, buyer)], WaitReason.LANE_FULL)[0]
+
+
+def test_a_parked_attempt_is_not_an_attempt_and_comes_back_oldest_first(ledger: Ledger) -> None:
+    ledger.accept([event("new"), event("old"), event("mid")], redeliver_after_s=30, **TTL)
+    ledger.claim(["new", "old", "mid"], 1, lease_s=10, sent_at_s=0)
+    assert park(ledger, "new", 1, 300.0) and park(ledger, "old", 1, 100.0) and park(ledger, "mid", 1, 200.0)
+    assert not park(ledger, "old", 1, 100.0)  # no longer claimed: not ours to park
+    record = ledger.record("old")
+    assert record is not None and record["state"] == "pending" and record["attempts"] == []
+    assert record["waiting"]["reason"] == "lane_full" and record["waiting"]["buyer"] == "b1"
+    assert "in_flight_attempt" not in record
+    # The sweeper leaves parked events alone (they are not due: no lease runs, no trigger).
+    assert ledger.sweep(limit=100, redeliver_after_s=0, retry_delay_s=0, report_ttl_s=60, queue="q")[1:] == ([], [])
+    left, pulled = ledger.pull("b1", 2, lease_s=10)
+    assert left == 1 and [(n, i) for n, i, _ in pulled] == [(1, "old"), (1, "mid")]
+    assert json.loads(pulled[0][2])["id"] == "old"
+    assert ledger.claim(["old"], 1, lease_s=10, sent_at_s=0) == []  # pulled = claimed: once
+    assert ledger.record("old")["in_flight_attempt"] == 1  # type: ignore[index]
+    assert ledger.pull("b1", 5, lease_s=10)[0] == 0
+    assert ledger.pull("b1", 5, lease_s=10) == (0, [])
+
+
+def test_a_parked_retry_is_pulled_as_the_retry(ledger: Ledger) -> None:
+    ledger.accept([event("a")], redeliver_after_s=30, **TTL)
+    ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)
+    finish(ledger, "a", 1, Outcome.FAIL, delay_s=0.0)
+    ledger.claim(["a"], 2, lease_s=10, sent_at_s=0)
+    assert park(ledger, "a", 2, 1.0)
+    assert ledger.record("a")["state"] == "retry_scheduled"  # type: ignore[index]
+    _, [(n, event_id, _)] = ledger.pull("b1", 10, lease_s=10)
+    assert (n, event_id) == (2, "a")
+    assert finish(ledger, "a", 2, Outcome.FAIL) == "failed"
+    record = ledger.record("a")
+    assert record is not None and [a["n"] for a in record["attempts"]] == [1, 2] and "waiting" not in record
+
+
+def test_sweeper_revives_a_parked_set_no_worker_touches(ledger: Ledger) -> None:
+    ledger.accept([event("a"), event("b", buyer="b2")], redeliver_after_s=30, **TTL)
+    ledger.claim(["a", "b"], 1, lease_s=10, sent_at_s=0)
+    park(ledger, "a", 1, 1.0)
+    park(ledger, "b", 1, 1.0, buyer="b2")
+    args = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=60, queue="q")
+    assert ledger.sweep(**args, revive_after_s=60)[1:] == ([], [])  # touched just now
+    time.sleep(1.1)
+    _, first, second = ledger.sweep(**args, revive_after_s=1, revive_batch=10)
+    assert sorted(first) == ["a", "b"] and second == []
+    assert ledger.record("a")["waiting"]["reason"] == "queued"  # type: ignore[index]
+    assert [i for i, _ in ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)] == ["a"]
+    assert ledger.client.zcard("cgrid:parked:activity") == 0
