@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import itertools
+import os
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,6 +24,26 @@ FORWARDED_FOR_MAX_ENTRIES = 64
 FORWARDED_FOR_MAX_CHARS = 4 * 1024
 MACRO_VALUE_MAX_CHARS = 1024
 BUYER_MAX_CHARS = 128
+
+
+def _seed_ids() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(12).hex()
+    _id_counter = itertools.count()
+
+
+_id_prefix = ""
+_id_counter = itertools.count()
+_seed_ids()
+os.register_at_fork(after_in_child=_seed_ids)
+
+
+def new_event_id() -> str:
+    """A unique id without a system call per id: 96 random bits drawn once per process
+    (again in a forked child), then a counter, in 32+ hex characters. ``uuid4()`` calls
+    ``os.urandom`` every time, which releases the GIL and halved ``publish()``'s rate.
+    Two processes share a prefix with probability n²/2⁹⁷ (about 10⁻¹⁷ for a million)."""
+    return f"{_id_prefix}{next(_id_counter):08x}"
 
 
 class Kind(StrEnum):
@@ -45,7 +66,7 @@ class Event:
     kind: Kind
     url: str
     upstream: Upstream
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_event_id)
     user_agent: str | None = None
     forwarded_for: tuple[str, ...] | None = None
     macros: Mapping[str, MacroValue] = field(default_factory=dict)
@@ -143,7 +164,7 @@ def _optional_str(data: Mapping[str, Any], name: str, max_chars: int) -> str | N
 
 def _parse_id(data: Mapping[str, Any]) -> str:
     if "id" not in data or data["id"] is None:
-        return uuid.uuid4().hex
+        return new_event_id()
     value = data["id"]
     if not isinstance(value, str):
         raise InvalidEvent("id", f"must be a string, not {type(value).__name__}")

@@ -112,3 +112,26 @@ def test_serialized_form_uses_spec_field_names() -> None:
     event = parse_event({**BASE, "buyer": "b"}, now_s=5.0)
     data = json.loads(event.to_json())
     assert data["created_at"] == 5.0 and "created_at_s" not in data
+
+
+def test_generated_ids_cost_no_system_call_and_stay_unique_across_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from cgrid.event import new_event_id
+
+    calls = []
+    real_urandom = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: calls.append(n) or real_urandom(n))
+    ids = {parse_event({"kind": "burl", "url": "https://d.example/", "upstream": "s2s"}).id for _ in range(1000)}
+    assert len(ids) == 1000 and calls == []  # uuid4() would have called os.urandom 1,000 times
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child draws its own prefix
+        os.write(write_end, new_event_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = os.read(read_end, 200).decode()
+    os.close(read_end)
+    os.close(write_end)
+    parent_id = new_event_id()
+    assert child_id[:24] != parent_id[:24] and len(child_id) == len(parent_id) == 32
