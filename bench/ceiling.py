@@ -1,59 +1,97 @@
-"""The ceiling: the worker's own HTTP call (``worker.delivery.deliver``) in a bare loop, no
-queue, no ledger. One process of the benchmark's ceiling; ``bench.run`` starts one per core.
+"""Bare loops: the s2s calls of a list of events, no queue, no ledger. One process of the
+benchmark's loops; ``bench.run`` starts one per core.
 
-    python -m bench.ceiling --mode threads|gevent --concurrency N --events FILE
+    python -m bench.ceiling --mode urllib3|pycurl --concurrency N --events FILE
 
-``threads`` runs N OS threads (N=1 is a plain loop); ``gevent`` runs N greenlets under the
-monkey patch, as ``celery worker -P gevent`` does. Prints one JSON line: calls answered,
-loop seconds and CPU seconds.
+``urllib3`` is a blocking loop over urllib3 (the previous engine's client), N OS threads
+(N=1 is a plain loop). ``pycurl`` is the worker's own call (``worker.http_client.Transfer``:
+guard, headers, deadline) on a bare libcurl multi loop with N transfers in flight. Prints
+one JSON line: calls answered, loop seconds and CPU seconds.
 """
 
 from __future__ import annotations
-
-import sys
-
-if "gevent" in sys.argv:  # the patch must come before anything imports socket or threading
-    from gevent import monkey
-
-    monkey.patch_all()
 
 import argparse
 import json
 import threading
 import time
+from collections import deque
 from pathlib import Path
+
+import pycurl
+import urllib3
 
 from cgrid.event import Event
 from cgrid.settings import parse_networks
-from worker.delivery import deliver
-from worker.http_client import make_pool
+from worker.headers import build_headers
+from worker.http_client import Transfer, header_lines, make_client
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.ceiling")
-    parser.add_argument("--mode", choices=["threads", "gevent"], required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--events", type=Path, required=True, help="file of event JSON lines")
-    parser.add_argument("--timeout-s", type=float, default=2.0)
-    args = parser.parse_args()
-    events = [Event.from_json(line) for line in args.events.read_text().splitlines() if line]
-    pool = make_pool(parse_networks("127.0.0.0/8"), maxsize=max(args.concurrency, 1))
+def urllib3_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:
+    pool = urllib3.PoolManager(maxsize=max(concurrency, 1), retries=False)
     answered = 0
     lock = threading.Lock()
 
     def loop(share: list[Event]) -> None:
         nonlocal answered
         for event in share:
-            if deliver(event, pool, attempt_n=1, timeout_s=args.timeout_s).status is not None:
+            try:
+                response = pool.request("GET", event.target_url(), headers=build_headers(event),
+                                        redirect=False, retries=False, timeout=timeout_s)
+            except urllib3.exceptions.HTTPError:
+                continue
+            if response.status:
                 with lock:
                     answered += 1
 
-    started, cpu0 = time.perf_counter(), time.process_time()
-    workers = [threading.Thread(target=loop, args=(events[i::args.concurrency],)) for i in range(args.concurrency)]
+    workers = [threading.Thread(target=loop, args=(events[i::concurrency],)) for i in range(concurrency)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
+    return answered
+
+
+def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:
+    client = make_client(parse_networks("127.0.0.0/8"))
+    multi = pycurl.CurlMulti()
+    free = [Transfer(client) for _ in range(concurrency)]
+    todo = deque(events)
+    running = answered = 0
+    while todo or running:
+        while todo and free:
+            event, transfer = todo.popleft(), free.pop()
+            transfer.prepare(event.target_url(), header_lines(build_headers(event)), timeout_s)
+            multi.add_handle(transfer.curl)
+            running += 1
+        while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+            pass
+        while True:
+            queued, ok, failed = multi.info_read()
+            for curl, errno in [(c, 0) for c in ok] + [(c, e) for c, e, _ in failed]:
+                if curl.transfer.result(errno).status is not None:
+                    answered += 1
+                multi.remove_handle(curl)
+                free.append(curl.transfer)
+                running -= 1
+            if not queued:
+                break
+        if running:
+            multi.select(0.01)
+    return answered
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ceiling")
+    parser.add_argument("--mode", choices=["urllib3", "pycurl"], required=True)
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--events", type=Path, required=True, help="file of event JSON lines")
+    parser.add_argument("--timeout-s", type=float, default=2.0)
+    args = parser.parse_args()
+    events = [Event.from_json(line) for line in args.events.read_text().splitlines() if line]
+    loop = urllib3_loop if args.mode == "urllib3" else pycurl_loop
+    started, cpu0 = time.perf_counter(), time.process_time()
+    answered = loop(events, args.concurrency, args.timeout_s)
     print(json.dumps({"calls": len(events), "answered": answered, "seconds": time.perf_counter() - started,
                       "cpu_s": time.process_time() - cpu0}))
 

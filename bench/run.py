@@ -1,8 +1,10 @@
-"""``make bench``: cgrid-s2s against the ceiling and the naive baseline, same machine, same
-buyer server. Prints a table and saves JSON under ``bench/results/``. It measures; it
-asserts nothing (tests check behaviour, the benchmark reports figures).
+"""``make bench``: cgrid-s2s against bare loops (blocking urllib3, the previous engine's
+client; the worker's own libcurl call on a bare multi loop) and the naive baseline, same
+machine, same buyer server; then buyer isolation (a healthy buyer alone, then beside a
+dead one). Prints a table and saves JSON under ``bench/results/``. It measures; it asserts
+nothing (tests check behaviour, the benchmark reports figures).
 
-    python -m bench.run [--scenario fast|realistic|all] [--events N] [--pool prefork|gevent|threads]
+    python -m bench.run [--scenario fast|realistic|isolation|all] [--events N] [--pool prefork|threads|solo]
 """
 
 from __future__ import annotations
@@ -207,16 +209,16 @@ def fleet_env(redis_url: str, extra: dict[str, str]) -> dict[str, str]:
 
 
 class Fleet:
-    """The worker fleet under test: one prefork worker with a process per core, or, for the
-    gevent and threads pools (one core each), one worker instance per core."""
+    """The worker fleet under test: one prefork worker with a process per core (Celery's
+    default -c), or, for the threads and solo pools (one core each), one worker per core."""
 
     def __init__(self, env: dict[str, str], pool: str, processes: int, workdir: Path, slots: int | None = None):
         instances = 1 if pool == "prefork" else processes
         self.logs = [open(workdir / f"cgrid-worker-{time.time():.0f}-{i}.log", "wb") for i in range(instances)]
         self.processes = []
         for index, log in enumerate(self.logs):
-            # -c is Celery's default (the number of CPUs): task slots. The calls are made by
-            # the engine's CGRID_CALL_CONCURRENCY callers, whatever the pool.
+            # -c is Celery's default (the number of CPUs). The calls are made by each process's
+            # libcurl loop (CGRID_CALL_CONCURRENCY in flight), whatever the pool.
             args = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", pool, "--loglevel", "INFO",
                     "--without-mingle", "--without-gossip", "-n", f"bench{index}@%h"]
             if slots:
@@ -414,7 +416,7 @@ def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000) -> di
 def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: RedisServer) -> dict[str, Any]:
     processes = os.cpu_count() or 2
     timeout_s = 2.0
-    extra = {"CGRID_TIMEOUT_S": str(timeout_s), "CGRID_CALL_CONCURRENCY": "100" if name == "fast" else "500"}
+    extra = {"CGRID_TIMEOUT_S": str(timeout_s)}
     env = fleet_env(server.url, extra)
     settings = Settings.from_env(env)
     client = redis.Redis.from_url(server.url)
@@ -422,10 +424,11 @@ def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: 
     try:
         events = make_events(n, buyer.port, f"{name}{time.time():.0f}")
         print(f"[{name}] buyer: {buyer.kind}; {n} events; ceiling...", flush=True)
-        # Fast buyer: one blocking call at a time is the cheapest loop; slow buyer: as many
-        # calls in flight as the fleet has. Both also as gevent greenlets, like the fleet.
-        loops = [("threads", 1 if name == "fast" else settings.call_concurrency),
-                 ("gevent", settings.call_concurrency)]
+        # Fast buyer: one blocking urllib3 call at a time is its cheapest loop; slow buyer:
+        # 500 threads. The libcurl multi loop keeps as many calls in flight as a worker
+        # process may (CGRID_CALL_CONCURRENCY).
+        loops = [("urllib3", 1 if name == "fast" else 500),
+                 ("pycurl", 100 if name == "fast" else settings.call_concurrency)]
         ceiling = run_ceiling(events, processes, loops, workdir, buyer)
         print(f"[{name}] ceiling {ceiling['rate']}/s; naive baseline...", flush=True)
         client.flushall()
@@ -436,19 +439,21 @@ def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: 
         print(f"[{name}] cgrid-s2s {cgrid['rate']}/s", flush=True)
     finally:
         buyer.stop()
-    # The bound holds where CPU limits the rate: the fast buyer, under the gevent pool.
-    bound = cpu_bound(ceiling, cgrid, processes) if pool == "gevent" and name == "fast" else None
+    # The bound holds where CPU limits the rate: the fast buyer.
+    bound = cpu_bound(ceiling, cgrid, processes) if name == "fast" else None
+    urllib3_loop = next(t for t in ceiling["tried"] if t["mode"] == "urllib3")
     return {"scenario": name, "buyer": buyer.kind, "ceiling": ceiling, "naive": naive, "cgrid": cgrid,
             "cpu_bound": bound, "ratio_to_ceiling": round(cgrid["rate"] / ceiling["rate"], 2),
+            "ratio_to_urllib3_loop": round(cgrid["rate"] / urllib3_loop["rate"], 2),
             "ratio_to_naive": round(cgrid["rate"] / naive["rate"], 1)}
 
 
 def cpu_bound(ceiling: dict[str, Any], cgrid: dict[str, Any], cores: int) -> dict[str, Any]:
-    """The most a gevent fleet could deliver on these cores if its workers spent no CPU
-    beyond the gevent calls themselves: the cores shared by those calls (the gevent bare
-    loop's CPU), the buyer's CPU for them and the ledger's Redis CPU (as measured for the
-    fleet). Only a bound where the rate is limited by CPU (the fast buyer)."""
-    loop = next(t for t in ceiling["tried"] if t["mode"] == "gevent")
+    """The most a fleet could deliver on these cores if its workers spent no CPU beyond
+    their libcurl calls: the cores shared by those calls (the pycurl bare loop's CPU), the
+    buyer's CPU for them and the ledger's Redis CPU (as measured for the fleet). Only a
+    bound where the rate is limited by CPU (the fast buyer)."""
+    loop = next(t for t in ceiling["tried"] if t["mode"] == "pycurl")
     per_1000_s = loop["cpu_s_per_1000"] + loop["buyer_cpu_s_per_1000"] + cgrid["redis_cpu_s_per_1000"]
     rate = cores * 1000 / per_1000_s
     return {"cores": cores, "cpu_s_per_1000": round(per_1000_s, 3), "rate": round(rate),
@@ -466,18 +471,19 @@ def print_table(results: list[dict[str, Any]], publish: dict[str, Any] | None) -
             print(f"{r['scenario'] if index == 0 else '':10} {label:10} {loop['rate']:>12} "
                   f"{loop['cpu_s_per_1000']:>9} {loop['rate'] / c['rate']:>10.2f} {'':>8}  bare loop, "
                   f"{loop['processes']} proc x {loop['concurrency']} "
-                  f"{'greenlets' if loop['mode'] == 'gevent' else 'threads'}")
+                  f"{'in flight, libcurl multi' if loop['mode'] == 'pycurl' else 'threads, blocking urllib3'}")
         print(f"{'':10} {'naive':10} {n['rate']:>12} {n['cpu_s_per_1000']:>9} {'':>10} {'1.0':>8}  "
               f"{n['deliveries']} events, prefork -c {n['processes']}")
         print(f"{'':10} {'cgrid-s2s':10} {g['rate']:>12} {g['cpu_s_per_1000']:>9} {r['ratio_to_ceiling']:>10} "
-              f"{r['ratio_to_naive']:>8}  + Redis {g['redis_cpu_s_per_1000']} CPU s/1k; {g['pool']}")
+              f"{r['ratio_to_naive']:>8}  + Redis {g['redis_cpu_s_per_1000']} CPU s/1k; {g['pool']}; "
+              f"{r['ratio_to_urllib3_loop']}x the blocking urllib3 loop")
         print(f"{'':10} {'':10} buyer's CPU s per 1k events: ceiling {c['buyer_cpu_s_per_1000']}, "
               f"cgrid-s2s {g['buyer_cpu_s_per_1000']}")
         if r["cpu_bound"]:
             b = r["cpu_bound"]
-            print(f"{'':10} {'':10} a gevent fleet adding no CPU to its calls: at most {b['rate']}/s "
+            print(f"{'':10} {'':10} a fleet adding no CPU to its libcurl calls: at most {b['rate']}/s "
                   f"({b['ratio_to_ceiling']}x ceiling) = {b['cores']} cores / "
-                  f"{b['cpu_s_per_1000']} CPU s/1k (gevent loop + its buyer + Redis)")
+                  f"{b['cpu_s_per_1000']} CPU s/1k (pycurl loop + its buyer + Redis)")
         lat = g["latency"]
         print(f"{'':10} {'':10} publish->first attempt done at {lat['rate']}/s: p50 {lat['p50_ms']} ms, "
               f"p99 {lat['p99_ms']} ms; calls with an answer: p99 {lat['p99_answered_ms'] or '-'} ms "
@@ -500,7 +506,7 @@ def main() -> int:
     parser.add_argument("--scenario", choices=["fast", "realistic", "all"], default="all")
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--naive-events", type=int, default=5_000)
-    parser.add_argument("--pool", choices=["prefork", "threads", "gevent"], default="gevent")
+    parser.add_argument("--pool", choices=["prefork", "threads", "solo"], default="prefork")
     parser.add_argument("--no-publish", action="store_true", help="skip the Publisher micro-benchmark")
     args = parser.parse_args()
     results = []

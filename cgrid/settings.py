@@ -71,6 +71,7 @@ class Settings:
     linger_ms: float = 20.0
     call_concurrency: int = 1000
     buyer_max_concurrency: int = 100
+    lane_wait_s: float = 0.25
     ca_file: str = ""
     park_revive_s: float = 10.0
     visibility_timeout_s: int = 3600
@@ -97,6 +98,7 @@ class Settings:
             linger_ms=_number(env, "CGRID_LINGER_MS", cls.linger_ms),
             call_concurrency=_integer(env, "CGRID_CALL_CONCURRENCY", cls.call_concurrency),
             buyer_max_concurrency=_integer(env, "CGRID_BUYER_MAX_CONCURRENCY", cls.buyer_max_concurrency),
+            lane_wait_s=_number(env, "CGRID_LANE_WAIT_MS", cls.lane_wait_s * 1000) / 1000,
             ca_file=env.get("CGRID_CA_FILE", "").strip(),
             park_revive_s=_number(env, "CGRID_PARK_REVIVE_S", cls.park_revive_s, minimum=1),
             visibility_timeout_s=_integer(
@@ -116,9 +118,10 @@ class Settings:
     def attempt_lease_s(self) -> float:
         """Longest time a claimed attempt may take before it counts as lost: a process
         claims at most CGRID_CALL_CONCURRENCY + CGRID_BATCH_SIZE attempts, so one may wait
-        behind one batch's worth of calls before its own is made."""
+        behind one batch's worth of calls, and in its full lane CGRID_LANE_WAIT_MS before it
+        is parked, before its own call is made."""
         waves = 1 + math.ceil(self.batch_size / self.call_concurrency)
-        return self.timeout_s * waves + self.attempt_grace_s
+        return self.timeout_s * waves + self.lane_wait_s + self.attempt_grace_s
 
     def validate(self) -> None:
         """Refuse combinations that would break the one-retry and nothing-lost guarantees."""
@@ -130,7 +133,7 @@ class Settings:
         # second worker by the broker; a retry due after it would come from a redelivered task.
         if self.attempt_lease_s >= self.visibility_timeout_s:
             raise ConfigError(
-                "CGRID_TIMEOUT_S x (1 + ceil(CGRID_BATCH_SIZE / CGRID_CALL_CONCURRENCY)) + "
+                "CGRID_TIMEOUT_S x (1 + ceil(CGRID_BATCH_SIZE / CGRID_CALL_CONCURRENCY)) + CGRID_LANE_WAIT_MS + "
                 f"CGRID_ATTEMPT_GRACE_S = {self.attempt_lease_s:g}s must stay below "
                 f"CGRID_VISIBILITY_TIMEOUT_S = {self.visibility_timeout_s}s"
             )

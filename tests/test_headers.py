@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cgrid.event import parse_event
 from worker.headers import build_headers, clean_forwarded_for, clean_user_agent
@@ -73,3 +77,25 @@ def test_invalid_ips_are_dropped() -> None:
 
 def test_ipv6_is_normalised() -> None:
     assert clean_forwarded_for(["2001:0DB8:0000::0001", " 10.0.0.1 "]) == "2001:db8::1, 10.0.0.1"
+
+
+@given(st.lists(st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.tuples(*[st.integers(0, 300)] * 4).map(lambda t: ".".join(map(str, t))),
+    st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(f"{n:03d}" for n in t)),  # leading zeros
+    st.ip_addresses(v=6).map(str), st.text(max_size=20),
+), max_size=6))
+def test_forwarded_for_fast_path_agrees_with_ipaddress(chain: list[str]) -> None:
+    reference = [str(ipaddress.ip_address(e.strip())) for e in chain if _valid(e)]
+    assert clean_forwarded_for(chain) == (", ".join(reference) or None)
+
+
+def _valid(entry: str) -> bool:
+    entry = entry.strip()
+    if "%" in entry:
+        return False
+    try:
+        ipaddress.ip_address(entry)
+    except ValueError:
+        return False
+    return True

@@ -40,6 +40,7 @@ from worker.runtime import Runtime, ride_out_redis
 
 PULL_MAX = 100  # events per pull
 IDLE_WAIT_S = 1.0
+OVERDUE_CHECK_S = 0.05  # how often waiting attempts are checked for parking
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class DeliveryEngine:
         self.rt = rt
         settings = rt.settings
         self.client = ClientConfig(settings.allowed_networks, settings.ca_file)
-        self.lanes: Lanes[Item] = Lanes(settings.call_concurrency, self.limits_for)
+        self.lanes: Lanes[Item] = Lanes(settings.call_concurrency, self.limits_for, wait_s=settings.lane_wait_s)
         # At most this many attempts are claimed by one process at once.
         self.capacity = settings.call_concurrency + settings.batch_size
         self._cond = threading.Condition()
@@ -104,13 +105,28 @@ class DeliveryEngine:
                 self._cond.wait()
             self._pending += n
 
-    def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int) -> None:
-        """Hand claimed attempts to the call loop; give back the room of ids not claimed."""
+    def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int) -> threading.Event:
+        """Hand claimed attempts to the call loop; give back the room of ids not claimed.
+        The returned event is set once the loop has taken them (their calls started, or
+        they wait in their lane or were parked): see :meth:`wait_taken`."""
         with self._cond:
             self._pending -= reserved - len(claimed)
             self._cond.notify_all()
+        taken = threading.Event()
         if claimed:
-            self._post("claimed", [(event_id, event_json, attempt_n) for event_id, event_json in claimed])
+            self._post("claimed", ([(event_id, event_json, attempt_n) for event_id, event_json in claimed], taken))
+        else:
+            taken.set()
+        return taken
+
+    def wait_taken(self, taken: threading.Event) -> None:
+        """Hold the task until the loop has taken its batch. A task that returned at once
+        would leave its prefork child looking idle while its loop is busy, and Celery would
+        hand that child every next batch (measured: one child did 97% of the work); held
+        until the loop gets to it, a busy child's slot stays busy and the next batch goes to
+        a less loaded one. The loop takes a batch within milliseconds unless it is short of
+        CPU, so slow buyers do not hold tasks: their calls are in flight, not waiting."""
+        taken.wait(self.rt.settings.attempt_lease_s)
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every claimed attempt has been made and recorded (warm shutdown)."""
@@ -149,16 +165,12 @@ class DeliveryEngine:
 
     # -- the ledger thread ---------------------------------------------------------------
 
-    def _to_ledger(self, *, done: Handled | None = None, parks: list[Park] | None = None,
-                   pull: tuple[str, int, int] | None = None) -> None:
+    def _to_ledger(self, done: list[Handled], parks: list[Park], pulls: list[tuple[str, int, int]]) -> None:
         with self._cond:
             work = self._ledger_work
-            if done is not None:
-                work.done.append(done)
-            if parks:
-                work.parks += parks
-            if pull is not None:
-                work.pulls.append(pull)
+            work.done += done
+            work.parks += parks
+            work.pulls += pulls
             self._cond.notify_all()
 
     def _ledger_loop(self) -> None:
@@ -241,6 +253,10 @@ class _CallLoop:
         self.timer_at: float | None = None
         self.free: list[Transfer] = []
         self.running = 0
+        self.next_overdue_check = 0.0
+        # Handed to the ledger thread once per loop iteration, not per call.
+        self.done: list[Handled] = []
+        self.parks: list[Park] = []
 
     # libcurl tells us which sockets to watch and when to call it back.
     def _on_socket(self, what: int, fd: int, multi: Any, socketp: Any) -> None:
@@ -269,10 +285,11 @@ class _CallLoop:
         while True:
             if inbox:
                 wait_s = 0.0
-            elif self.timer_at is None:
-                wait_s = IDLE_WAIT_S
             else:
-                wait_s = max(0.0, self.timer_at - time.monotonic())
+                wait_until = self.next_overdue_check if self.lanes.waiting else time.monotonic() + IDLE_WAIT_S
+                if self.timer_at is not None:
+                    wait_until = min(wait_until, self.timer_at)
+                wait_s = max(0.0, wait_until - time.monotonic())
             for key, mask in self.selector.select(wait_s):
                 if key.data is None:
                     try:
@@ -291,12 +308,21 @@ class _CallLoop:
             while inbox:
                 kind, payload = inbox.popleft()
                 if kind == "claimed":
-                    self._take_claimed(payload)
+                    claimed, taken = payload
+                    self._take_claimed(claimed)
+                    self._start_ready()
+                    taken.set()
                 else:
                     self._take_pulled(*payload)
             self._start_ready()
-            for lane, k in self.lanes.pulls_wanted(PULL_MAX):
-                engine._to_ledger(pull=(lane.buyer, k, lane.parks))
+            now = time.monotonic()
+            if now >= self.next_overdue_check:
+                self.next_overdue_check = now + OVERDUE_CHECK_S
+                self._park(self.lanes.overdue(now))
+            pulls = [(lane.buyer, k, lane.parks) for lane, k in self.lanes.pulls_wanted(PULL_MAX)]
+            if self.done or self.parks or pulls:
+                engine._to_ledger(self.done, self.parks, pulls)
+                self.done, self.parks = [], []
 
     # -- work coming in --------------------------------------------------------------------
 
@@ -306,30 +332,34 @@ class _CallLoop:
             event = Event.from_ledger_json(event_json)
         except InvalidEvent as e:
             attempt = Attempt(attempt_n, Outcome.REJECTED, time.time(), 0.0, reason=str(e))
-            self.engine._to_ledger(done=Handled(event_id, None, attempt))
+            self.done.append(Handled(event_id, None, attempt))
             return None
         decision = expired(event, attempt_n, self.settings.event_max_age_s)
         if decision is not None:
-            self.engine._to_ledger(done=Handled(event_id, event, decision))
+            self.done.append(Handled(event_id, event, decision))
             return None
         return Item(event_id, attempt_n, event, event.buyer or NO_BUYER)
 
     def _take_claimed(self, claimed: list[tuple[str, str, int]]) -> None:
-        parks: list[Park] = []
+        now = time.monotonic()
+        parks: list[Item] = []
         for event_id, event_json, attempt_n in claimed:
             item = self._prepared(event_id, event_json, attempt_n)
-            if item is not None and not self.lanes.admit(item.buyer, item):
-                parks.append(Park(event_id, attempt_n, item.event.created_at_s, item.buyer))
-        if parks:
-            self.engine._to_ledger(parks=parks)
+            if item is not None and not self.lanes.admit(item.buyer, item, now):
+                parks.append(item)
+        self._park(parks)
 
     def _take_pulled(self, buyer: str, left: int, parks_at_request: int,
                      items: list[tuple[int, str, str]]) -> None:
         self.lanes.pulled(self.lanes.lane(buyer), left, parks_at_request)
+        now = time.monotonic()
         for attempt_n, event_id, event_json in items:
             item = self._prepared(event_id, event_json, attempt_n)
             if item is not None:
-                self.lanes.admit_pulled(item.buyer, item)
+                self.lanes.admit_pulled(item.buyer, item, now)
+
+    def _park(self, items: list[Item]) -> None:
+        self.parks += [Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer) for i in items]
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -381,9 +411,6 @@ class _CallLoop:
 
     def _done(self, item: Item, attempt: Attempt) -> None:
         assert item.lane is not None
-        overflow = self.lanes.finished(item.lane, answered=attempt.status is not None, error=attempt.error,
-                                       now_s=time.monotonic())
-        self.engine._to_ledger(done=Handled(item.event_id, item.event, attempt))
-        if overflow:
-            self.engine._to_ledger(parks=[Park(o.event_id, o.attempt_n, o.event.created_at_s, o.buyer)
-                                          for o in overflow])
+        self.lanes.finished(item.lane, answered=attempt.status is not None, error=attempt.error,
+                            now_s=time.monotonic())
+        self.done.append(Handled(item.event_id, item.event, attempt))

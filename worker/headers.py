@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from cgrid.event import Event, Kind, Upstream
@@ -16,9 +17,16 @@ def clean_user_agent(user_agent: str | None) -> str | None:
     length; None when nothing is left. A hostile UA can never split a header."""
     if user_agent is None:
         return None
-    cleaned = "".join(ch for ch in user_agent if " " <= ch <= "~")
+    # Fast path: printable ASCII already (isprintable() is False for every control character).
+    cleaned = user_agent if user_agent.isascii() and user_agent.isprintable() else _NOT_PRINTABLE.sub("", user_agent)
     cleaned = cleaned.strip()[:USER_AGENT_MAX_CHARS].strip()
     return cleaned or None
+
+
+_NOT_PRINTABLE = re.compile(r"[^ -~]+")
+# A dotted-quad IPv4 address exactly as ipaddress writes it (no leading zeros), so it can be
+# kept as it is without parsing; anything else goes through ipaddress.
+_PLAIN_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)")
 
 
 def client_ip(entry: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -36,7 +44,15 @@ def clean_forwarded_for(chain: Iterable[str] | None) -> str | None:
     """Valid IPv4/IPv6 entries, originating address first, joined with ", "; None if empty."""
     if chain is None:
         return None
-    return ", ".join(str(ip) for ip in map(client_ip, chain) if ip is not None) or None
+    kept = []
+    for entry in chain:
+        if _PLAIN_IPV4.fullmatch(entry):
+            kept.append(entry)
+        else:
+            ip = client_ip(entry)
+            if ip is not None:
+                kept.append(str(ip))
+    return ", ".join(kept) or None
 
 
 def build_headers(event: Event) -> dict[str, str]:

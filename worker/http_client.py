@@ -40,6 +40,8 @@ from worker.guard import forbidden_reason
 
 BODY_READ_MAX_BYTES = 4096
 CURLOPT_DISALLOW_USERNAME_IN_URL = 278  # libcurl 7.61; pycurl has no name for it
+PREREQ_OK: int = pycurl.PREREQFUNC_OK
+PREREQ_ABORT: int = pycurl.PREREQFUNC_ABORT
 
 # libcurl error codes (``CURLcode``) by what they mean for an attempt. Numbers are used
 # where pycurl has no constant for a newer code.
@@ -172,7 +174,7 @@ class Transfer:
         """Called before each request the transfer sends: the first goes, a second one
         would be libcurl's own retry after a reused connection died, and is refused."""
         self.requests += 1
-        return pycurl.PREREQFUNC_OK if self.requests == 1 else pycurl.PREREQFUNC_ABORT
+        return PREREQ_OK if self.requests == 1 else PREREQ_ABORT
 
     def _on_header(self, line: bytes) -> None:
         if line == b"\r\n" or line == b"\n":

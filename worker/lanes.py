@@ -1,14 +1,15 @@
 """Buyer lanes: how one worker process shares its calls among buyers (pure logic, no I/O).
 
-Every buyer has a lane (events without a buyer share one). A lane admits at most its cap
-of attempts in this process — calls in flight plus those waiting for one of the process's
-``CGRID_CALL_CONCURRENCY`` call slots — and lanes with waiting work take turns for free
-slots (round robin). What a lane cannot admit is *parked*: handed back to Redis unstarted,
-and pulled again, oldest first, when the lane has room. So a buyer that hangs holds at most
-its lane, never the process.
+Every buyer has a lane (events without a buyer share one). A lane has at most its cap of
+calls in flight in this process; the process has at most ``call_slots`` in flight in all.
+Lanes with work and room take turns for free slots (round robin). An attempt that cannot
+start soon — its lane is at its cap, it has waited ``wait_s`` and its lane is still full —
+is *parked*: handed back to Redis unstarted, and pulled again, oldest first, when the
+lane has room. So a buyer that hangs holds at most its lane's cap of calls and, briefly, a
+few waiting attempts; never the process.
 
 The cap adapts (AIMD, as TCP's window does): a call that times out or cannot connect halves
-it, at most once per ``cut_interval_s`` (a burst of timeouts from one outage is one signal);
+it, at most once per ``timeout_s`` (a burst of timeouts from one outage is one signal);
 every HTTP answer widens it by one, up to the lane's maximum. It never closes below
 ``MIN_CAP``: a dead buyer's events still get their calls, at its lane's pace.
 """
@@ -42,7 +43,7 @@ class Lane(Generic[T]):
     limits: LaneLimits
     cap: float = 0.0
     in_flight: int = 0
-    queue: deque[T] = field(default_factory=deque)
+    queue: deque[tuple[T, float]] = field(default_factory=deque)  # (item, when it joined)
     backlog: bool = False  # Redis holds parked events of this lane (as far as we know)
     parks: int = 0  # parks issued, so a pull that raced a park cannot clear ``backlog``
     pulling: bool = False
@@ -54,12 +55,13 @@ class Lane(Generic[T]):
         self.cap = float(self.limits.max_concurrency)
 
     @property
-    def admitted(self) -> int:
-        return self.in_flight + len(self.queue)
+    def full(self) -> bool:
+        return self.in_flight >= int(self.cap)
 
     @property
     def room(self) -> int:
-        return max(0, int(self.cap) - self.admitted)
+        """How many more attempts the lane could start now."""
+        return max(0, int(self.cap) - self.in_flight - len(self.queue))
 
     @property
     def throttled(self) -> bool:
@@ -69,14 +71,19 @@ class Lane(Generic[T]):
 class Lanes(Generic[T]):
     """The lanes of one process and its call slots."""
 
-    def __init__(self, call_slots: int, limits_for: Callable[[str], LaneLimits]) -> None:
+    def __init__(self, call_slots: int, limits_for: Callable[[str], LaneLimits], wait_s: float = 0.25) -> None:
         self.call_slots = call_slots
         self.limits_for = limits_for
+        self.wait_s = wait_s
         self.lanes: dict[str, Lane[T]] = {}
         self._ready: deque[Lane[T]] = deque()
+        self._queued: dict[str, Lane[T]] = {}  # lanes with waiting attempts
         self._backlogged: dict[str, Lane[T]] = {}
         self.in_flight = 0
-        self.waiting = 0  # admitted, waiting for a call slot
+        self.waiting = 0
+        # A lane at its cap may hold this many waiting attempts (each for at most wait_s);
+        # beyond, new ones park at once: worker memory stays bounded.
+        self.queue_max_per_cap = 2
 
     def lane(self, buyer: str) -> Lane[T]:
         lane = self.lanes.get(buyer)
@@ -88,24 +95,28 @@ class Lanes(Generic[T]):
     def free_slots(self) -> int:
         return max(0, self.call_slots - self.in_flight - self.waiting)
 
-    def admit(self, buyer: str, item: T) -> bool:
-        """Queue ``item`` in its lane; False when the lane has no room (park it instead).
-        While the lane has parked events, new ones park behind them, in creation order."""
+    def admit(self, buyer: str, item: T, now_s: float) -> bool:
+        """Queue ``item`` in its lane; False when it must park instead. While the lane has
+        parked events, new ones park behind them, in creation order."""
         lane = self.lane(buyer)
-        if lane.backlog or lane.room <= 0:
+        if lane.backlog or (lane.full and len(lane.queue) >= self.queue_max_per_cap * max(1, int(lane.cap))):
             self._mark_backlog(lane)
             return False
-        self._enqueue(lane, item)
+        self._enqueue(lane, item, now_s)
         return True
 
-    def admit_pulled(self, buyer: str, item: T) -> None:
+    def admit_pulled(self, buyer: str, item: T, now_s: float) -> None:
         """Queue an item pulled from the lane's parked set (room was checked at the pull)."""
-        self._enqueue(self.lane(buyer), item)
+        self._enqueue(self.lane(buyer), item, now_s)
 
-    def _enqueue(self, lane: Lane[T], item: T) -> None:
-        lane.queue.append(item)
+    def _enqueue(self, lane: Lane[T], item: T, now_s: float) -> None:
+        lane.queue.append((item, now_s))
         self.waiting += 1
-        if not lane.ready:
+        self._queued[lane.buyer] = lane
+        self._make_ready(lane)
+
+    def _make_ready(self, lane: Lane[T]) -> None:
+        if not lane.ready and lane.queue and not lane.full:
             lane.ready = True
             self._ready.append(lane)
 
@@ -113,43 +124,50 @@ class Lanes(Generic[T]):
         """The next item to call, taking lanes in turn; None when no slot or no work."""
         while self._ready and self.in_flight < self.call_slots:
             lane = self._ready.popleft()
-            if not lane.queue:
-                lane.ready = False
+            lane.ready = False
+            if not lane.queue or lane.full:
                 continue
-            item = lane.queue.popleft()
+            item, _ = lane.queue.popleft()
             self.waiting -= 1
+            if not lane.queue:
+                self._queued.pop(lane.buyer, None)
             lane.in_flight += 1
             self.in_flight += 1
-            if lane.queue:
-                self._ready.append(lane)
-            else:
-                lane.ready = False
+            self._make_ready(lane)
             return lane, item
         return None
 
-    def finished(self, lane: Lane[T], *, answered: bool, error: ErrorClass | None, now_s: float) -> list[T]:
+    def finished(self, lane: Lane[T], *, answered: bool, error: ErrorClass | None, now_s: float) -> None:
         """A call of ``lane`` ended: with an HTTP answer, or a failure ``error`` (None for a
-        call that was not made). Returns the waiting items a narrowed lane can no longer
-        hold: park them."""
+        call that was not made)."""
         lane.in_flight -= 1
         self.in_flight -= 1
         if answered:
             lane.failures_in_row = 0
             lane.cap = min(float(lane.limits.max_concurrency), lane.cap + 1)
-            return []
-        if error not in TROUBLE:
-            return []
-        lane.failures_in_row += 1
-        if now_s >= lane.next_cut_at:
-            lane.cap = max(MIN_CAP, lane.cap / 2)
-            lane.next_cut_at = now_s + lane.limits.timeout_s
-        overflow: list[T] = []
-        while lane.queue and lane.admitted > int(lane.cap):
-            overflow.append(lane.queue.pop())
-            self.waiting -= 1
-        if overflow:
-            self._mark_backlog(lane)
-        return overflow[::-1]
+        elif error in TROUBLE:
+            lane.failures_in_row += 1
+            if now_s >= lane.next_cut_at:
+                lane.cap = max(MIN_CAP, lane.cap / 2)
+                lane.next_cut_at = now_s + lane.limits.timeout_s
+        self._make_ready(lane)
+
+    def overdue(self, now_s: float) -> list[T]:
+        """Waiting attempts that cannot start soon: their lane is full and they have waited
+        ``wait_s``. They are taken out of their lanes: park them."""
+        out: list[T] = []
+        for buyer, lane in list(self._queued.items()):
+            if not lane.full:
+                continue
+            before = len(out)
+            while lane.queue and now_s - lane.queue[0][1] >= self.wait_s:
+                out.append(lane.queue.popleft()[0])
+                self.waiting -= 1
+            if not lane.queue:
+                del self._queued[buyer]
+            if len(out) > before:
+                self._mark_backlog(lane)
+        return out
 
     def _mark_backlog(self, lane: Lane[T]) -> None:
         lane.backlog = True
