@@ -419,10 +419,11 @@ def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000) -> di
 # -- the whole benchmark -----------------------------------------------------------------------
 
 
-def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: RedisServer) -> dict[str, Any]:
+def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: RedisServer,
+             settings_extra: dict[str, str]) -> dict[str, Any]:
     processes = os.cpu_count() or 2
     timeout_s = 2.0
-    extra = {"CGRID_TIMEOUT_S": str(timeout_s)}
+    extra = {"CGRID_TIMEOUT_S": str(timeout_s), **settings_extra}
     env = fleet_env(server.url, extra)
     settings = Settings.from_env(env)
     client = redis.Redis.from_url(server.url)
@@ -514,6 +515,8 @@ def main() -> int:
     parser.add_argument("--naive-events", type=int, default=5_000)
     parser.add_argument("--pool", choices=["prefork", "threads", "solo"], default="prefork")
     parser.add_argument("--no-publish", action="store_true", help="skip the Publisher micro-benchmark")
+    parser.add_argument("--set", action="append", default=[], metavar="CGRID_NAME=VALUE",
+                        help="a setting for the fleet under test (repeatable)")
     args = parser.parse_args()
     results = []
     publish = None
@@ -527,7 +530,8 @@ def main() -> int:
             for name in names:
                 n = args.events if name == "fast" else max(args.events // 2, 1000)
                 n_naive = args.naive_events if name == "fast" else max(args.naive_events // 10, 200)
-                results.append(scenario(name, n, n_naive, args.pool, workdir, server))
+                results.append(scenario(name, n, n_naive, args.pool, workdir, server,
+                                        dict(item.split("=", 1) for item in args.set)))
         finally:
             server.stop()
     print_table(results, publish)
