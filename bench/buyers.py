@@ -1,7 +1,13 @@
 """Buyer servers for the benchmark: nginx when present (fast scenario), else an asyncio
-server of our own; the asyncio one also plays the realistic buyer.
+server of our own; the asyncio one also plays the realistic buyer, and the dead one.
 
     python -m bench.buyers fast|realistic --port N [--hang-s S]
+    python -m bench.buyers dead --port N --calls-file PATH
+
+The dead buyer (``bench/isolation.py``) accepts every connection, reads the request and
+never answers: it holds the connection until the caller gives up and closes it. It appends
+the ``e`` query parameter of every request it reads to ``--calls-file``, one line a call,
+so the bench can count the calls each event received.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
+from urllib.parse import parse_qs, urlsplit
 
 NGINX_CONF = """
 worker_processes 1;
@@ -92,19 +100,51 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, beh
         writer.close()
 
 
-async def serve(mode: str, port: int, hang_s: float) -> None:
-    behaviour = Behaviour(mode, hang_s)
-    server = await asyncio.start_server(lambda r, w: handle(r, w, behaviour), "127.0.0.1", port,
-                                        backlog=4096, reuse_address=True)
+def event_id_of(head: bytes) -> str:
+    """The ``e`` query parameter of a request's first line (``-`` if it has none)."""
+    try:
+        target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode("ascii", "replace")
+    except IndexError:
+        return "-"
+    return parse_qs(urlsplit(target).query).get("e", ["-"])[0]
+
+
+async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, calls: IO[str]) -> None:
+    """The dead buyer: record the call, answer nothing, keep the connection until the
+    caller closes it."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        calls.write(event_id_of(head) + "\n")
+        calls.flush()
+        while await reader.read(4096):  # anything more (nothing is expected) is ignored
+            pass
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(mode: str, port: int, hang_s: float, calls_file: str | None = None) -> None:
+    if mode == "dead":
+        if not calls_file:
+            raise SystemExit("the dead buyer needs --calls-file")
+        calls = open(calls_file, "a")  # open for the server's lifetime
+        server = await asyncio.start_server(lambda r, w: hold(r, w, calls), "127.0.0.1", port,
+                                            backlog=4096, reuse_address=True)
+    else:
+        behaviour = Behaviour(mode, hang_s)
+        server = await asyncio.start_server(lambda r, w: handle(r, w, behaviour), "127.0.0.1", port,
+                                            backlog=4096, reuse_address=True)
     async with server:
         await server.serve_forever()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["fast", "realistic"])
+    parser.add_argument("mode", choices=["fast", "realistic", "dead"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--hang-s", type=float, default=5.0)
+    parser.add_argument("--calls-file", help="dead: append the e= of every request read here")
     args = parser.parse_args()
     try:
         import uvloop  # type: ignore[import-not-found]
@@ -114,7 +154,7 @@ def main() -> None:
         pass
     started = time.time()
     try:
-        asyncio.run(serve(args.mode, args.port, args.hang_s))
+        asyncio.run(serve(args.mode, args.port, args.hang_s, args.calls_file))
     except KeyboardInterrupt:
         print(f"buyer ran {time.time() - started:.0f}s")
 

@@ -510,7 +510,7 @@ def print_table(results: list[dict[str, Any]], publish: dict[str, Any] | None) -
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=["fast", "realistic", "all"], default="all")
+    parser.add_argument("--scenario", choices=["fast", "realistic", "isolation", "all"], default="all")
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--naive-events", type=int, default=5_000)
     parser.add_argument("--pool", choices=["prefork", "threads", "solo"], default="prefork")
@@ -520,6 +520,7 @@ def main() -> int:
     args = parser.parse_args()
     results = []
     publish = None
+    isolation = None
     with tempfile.TemporaryDirectory(prefix="cgrid-bench-") as tmp:
         workdir = Path(tmp)
         server = RedisServer(workdir / "redis").start()
@@ -527,6 +528,12 @@ def main() -> int:
             if not args.no_publish:
                 publish = run_publish(Settings.from_env(fleet_env(server.url, {})), redis.Redis.from_url(server.url))
             names = ["fast", "realistic"] if args.scenario == "all" else [args.scenario]
+            if "isolation" in (args.scenario, "all" if args.scenario == "all" else ""):
+                from bench.isolation import print_report, run_isolation
+
+                redis.Redis.from_url(server.url).flushall()
+                isolation = run_isolation(server.url, workdir, progress=True)
+                names = [name for name in names if name != "isolation"]
             for name in names:
                 n = args.events if name == "fast" else max(args.events // 2, 1000)
                 n_naive = args.naive_events if name == "fast" else max(args.naive_events // 10, 200)
@@ -535,10 +542,12 @@ def main() -> int:
         finally:
             server.stop()
     print_table(results, publish)
+    if isolation is not None:
+        print_report(isolation)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                               "publish": publish, "scenarios": results}, indent=2))
+                               "publish": publish, "scenarios": results, "isolation": isolation}, indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")
     return 0
 

@@ -309,9 +309,11 @@ class _CallLoop:
                 kind, payload = inbox.popleft()
                 if kind == "claimed":
                     claimed, taken = payload
-                    self._take_claimed(claimed)
-                    self._start_ready()
-                    taken.set()
+                    try:
+                        self._take_claimed(claimed)
+                        self._start_ready()
+                    finally:
+                        taken.set()  # never hold a task on a bug
                 else:
                     self._take_pulled(*payload)
             self._start_ready()
@@ -342,21 +344,31 @@ class _CallLoop:
 
     def _take_claimed(self, claimed: list[tuple[str, str, int]]) -> None:
         now = time.monotonic()
-        parks: list[Item] = []
         for event_id, event_json, attempt_n in claimed:
-            item = self._prepared(event_id, event_json, attempt_n)
-            if item is not None and not self.lanes.admit(item.buyer, item, now):
-                parks.append(item)
-        self._park(parks)
+            try:
+                item = self._prepared(event_id, event_json, attempt_n)
+                if item is not None and not self.lanes.admit(item.buyer, item, now):
+                    self._park([item])
+            except Exception as e:
+                self._lost_to_a_bug(event_id, e)
 
     def _take_pulled(self, buyer: str, left: int, parks_at_request: int,
                      items: list[tuple[int, str, str]]) -> None:
         self.lanes.pulled(self.lanes.lane(buyer), left, parks_at_request)
         now = time.monotonic()
         for attempt_n, event_id, event_json in items:
-            item = self._prepared(event_id, event_json, attempt_n)
-            if item is not None:
-                self.lanes.admit_pulled(item.buyer, item, now)
+            try:
+                item = self._prepared(event_id, event_json, attempt_n)
+                if item is not None:
+                    self.lanes.admit_pulled(item.buyer, item, now)
+            except Exception as e:
+                self._lost_to_a_bug(event_id, e)
+
+    def _lost_to_a_bug(self, event_id: str, error: Exception) -> None:
+        """A bug, not a buyer's answer: the process lets go of the attempt (its room is
+        given back) and leaves it to its lease: the sweeper counts it as a lost attempt."""
+        get_logger().error("attempt_crashed", event_id=event_id, error=repr(error)[:300])
+        self.engine._release(1)
 
     def _park(self, items: list[Item]) -> None:
         self.parks += [Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer) for i in items]
@@ -383,9 +395,23 @@ class _CallLoop:
                                      reason=f"url: {e}"))
             return
         transfer = self.free.pop() if self.free else Transfer(self.engine.client)
-        transfer.prepare(url, headers, timeout_s)
+        try:
+            transfer.prepare(url, headers, timeout_s)
+        except Exception as e:  # libcurl refuses the URL (e.g. an embedded NUL): nothing sent
+            self.free.append(transfer)
+            self._done(item, Attempt(item.attempt_n, Outcome.REJECTED, item.started_at_s, 0.0,
+                                     reason=f"url: {e}"))
+            return
         transfer.item = item
-        self.multi.add_handle(transfer.curl)
+        try:
+            self.multi.add_handle(transfer.curl)
+        except Exception as e:
+            transfer.item = None
+            self.free.append(transfer)
+            assert item.lane is not None
+            self.lanes.finished(item.lane, answered=False, error=None, now_s=time.monotonic())
+            self._lost_to_a_bug(item.event_id, e)
+            return
         self.running += 1
 
     def _collect(self) -> None:
