@@ -508,6 +508,8 @@ def print_table(results: list[dict[str, Any]], publish: dict[str, Any] | None) -
 
 
 def main() -> int:
+    from bench.isolation import print_report, run_isolation  # it imports this module
+
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=["fast", "realistic", "isolation", "all"], default="all")
@@ -527,13 +529,10 @@ def main() -> int:
         try:
             if not args.no_publish:
                 publish = run_publish(Settings.from_env(fleet_env(server.url, {})), redis.Redis.from_url(server.url))
-            names = ["fast", "realistic"] if args.scenario == "all" else [args.scenario]
-            if "isolation" in (args.scenario, "all" if args.scenario == "all" else ""):
-                from bench.isolation import print_report, run_isolation
-
+            names = {"all": ["fast", "realistic"], "isolation": []}.get(args.scenario, [args.scenario])
+            if args.scenario in ("isolation", "all"):
                 redis.Redis.from_url(server.url).flushall()
                 isolation = run_isolation(server.url, workdir, progress=True)
-                names = [name for name in names if name != "isolation"]
             for name in names:
                 n = args.events if name == "fast" else max(args.events // 2, 1000)
                 n_naive = args.naive_events if name == "fast" else max(args.naive_events // 10, 200)
