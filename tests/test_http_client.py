@@ -64,6 +64,21 @@ def test_no_hidden_retry_on_a_reused_connection(session, dsp: MockDspServer) -> 
     assert [c["target"] for c in dsp.log.snapshot()] == ["/status/204", "/reset", "/status/204"]
 
 
+def test_a_timeout_on_a_reused_connection_is_a_timeout_not_a_connect_timeout(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
+    transfer = Transfer(session)
+    results = []
+    for path, timeout_s in (("/status/204", 2.0), ("/sleep/2000", 0.3)):
+        transfer.prepare(dsp.url + path, header_lines({}), timeout_s)
+        errno = 0
+        try:
+            transfer.curl.perform()
+        except pycurl.error as e:
+            errno = e.args[0]
+        results.append(transfer.result(errno))
+    transfer.curl.close()
+    assert results[0].status == 204 and results[1].error is ErrorClass.TIMEOUT
+
+
 def test_only_the_spec_headers_and_host_are_sent(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
     headers = {"User-Agent": "CGRID/1.0", "X-CGRID-ServerUpstream": "1", "X-User-Agent": "ua",
                "X-Forwarded-For": "1.2.3.4"}

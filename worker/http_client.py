@@ -201,8 +201,8 @@ class Transfer:
         if errno == pycurl.E_ABORTED_BY_CALLBACK and self.requests > 1:
             # The request went out on a reused connection that died without an answer.
             return CallResult(error=ErrorClass.CONNECTION_RESET, detail="connection closed without an answer")
-        return CallResult(error=error_class(errno, connected=curl.getinfo(pycurl.CONNECT_TIME) > 0),
-                          detail=message[:200])
+        # A request went out (so a connection was up, new or reused) when PREREQ ran.
+        return CallResult(error=error_class(errno, connected=self.requests > 0), detail=message[:200])
 
 
 def error_class(errno: int, *, connected: bool) -> ErrorClass:
