@@ -1,6 +1,6 @@
 """The per-process engine against a real Redis and a real buyer on loopback, without
 Celery: claimed attempts are called, a full lane parks in Redis and pulls back in order,
-and a bug in the loop neither holds the task nor leaks the process's room."""
+and a bug in the loop does not leak the process's room."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def accept_and_claim(engine: DeliveryEngine, events: list[dict[str, Any]]) -> li
     ids = [e.id for e in parsed]
     engine.reserve(len(ids))
     claimed = ledger.claim(ids, 1, lease_s=settings.attempt_lease_s, sent_at_s=0)
-    engine.wait_taken(engine.submit(claimed, 1, reserved=len(ids)))
+    engine.submit(claimed, 1, reserved=len(ids))
     return ids
 
 
@@ -61,7 +61,7 @@ def test_a_full_lane_parks_in_redis_and_its_events_come_back_in_creation_order(
     assert later == sorted(later, key=lambda i: int(i.split("-")[1]))  # parked ones: oldest first
 
 
-def test_a_bug_in_the_loop_neither_holds_the_task_nor_leaks_room(
+def test_a_bug_in_the_loop_does_not_leak_the_process_room(
     engine: DeliveryEngine, dsp: MockDspServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*args: Any, **kwargs: Any) -> bool:
@@ -69,7 +69,7 @@ def test_a_bug_in_the_loop_neither_holds_the_task_nor_leaks_room(
 
     monkeypatch.setattr(engine.lanes, "admit", broken)
     event = {"id": "bug-1", "kind": "burl", "upstream": "s2s", "url": f"{dsp.url}/?e=bug-1"}
-    accept_and_claim(engine, [event])  # returns: the task is not held for the lease
+    accept_and_claim(engine, [event])
     assert engine.drain(2)  # the room was given back
     record = engine.rt.ledger.record("bug-1")
     assert record is not None and record["in_flight_attempt"] == 1  # left to its lease

@@ -48,6 +48,6 @@ def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any) -> dict[str
         except BaseException:
             engine.submit([], attempt_n, reserved=len(chunk))
             raise
-        engine.wait_taken(engine.submit(claimed, attempt_n, reserved=len(chunk)))
+        engine.submit(claimed, attempt_n, reserved=len(chunk))
         claimed_total += len(claimed)
     return {"ids": len(ids), "claimed": claimed_total}

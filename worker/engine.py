@@ -105,28 +105,13 @@ class DeliveryEngine:
                 self._cond.wait()
             self._pending += n
 
-    def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int) -> threading.Event:
-        """Hand claimed attempts to the call loop; give back the room of ids not claimed.
-        The returned event is set once the loop has taken them (their calls started, or
-        they wait in their lane or were parked): see :meth:`wait_taken`."""
+    def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int) -> None:
+        """Hand claimed attempts to the call loop; give back the room of ids not claimed."""
         with self._cond:
             self._pending -= reserved - len(claimed)
             self._cond.notify_all()
-        taken = threading.Event()
         if claimed:
-            self._post("claimed", ([(event_id, event_json, attempt_n) for event_id, event_json in claimed], taken))
-        else:
-            taken.set()
-        return taken
-
-    def wait_taken(self, taken: threading.Event) -> None:
-        """Hold the task until the loop has taken its batch. A task that returned at once
-        would leave its prefork child looking idle while its loop is busy, and Celery would
-        hand that child every next batch (measured: one child did 97% of the work); held
-        until the loop gets to it, a busy child's slot stays busy and the next batch goes to
-        a less loaded one. The loop takes a batch within milliseconds unless it is short of
-        CPU, so slow buyers do not hold tasks: their calls are in flight, not waiting."""
-        taken.wait(self.rt.settings.attempt_lease_s)
+            self._post("claimed", [(event_id, event_json, attempt_n) for event_id, event_json in claimed])
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every claimed attempt has been made and recorded (warm shutdown)."""
@@ -308,12 +293,7 @@ class _CallLoop:
             while inbox:
                 kind, payload = inbox.popleft()
                 if kind == "claimed":
-                    claimed, taken = payload
-                    try:
-                        self._take_claimed(claimed)
-                        self._start_ready()
-                    finally:
-                        taken.set()  # never hold a task on a bug
+                    self._take_claimed(payload)
                 else:
                     self._take_pulled(*payload)
             self._start_ready()
