@@ -378,9 +378,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
 # -- the publisher on its own ------------------------------------------------------------------
 
 
-def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000) -> dict[str, Any]:
+def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000, with_ids: bool = True) -> dict[str, Any]:
     client.flushall()
     events = make_events(n, 9, "pub")
+    if not with_ids:  # the publisher makes the ids (cgrid.event.new_event_id)
+        for event in events:
+            del event["id"]
     durations = []
     publisher = Publisher(settings)
     perf = time.perf_counter_ns
@@ -409,7 +412,8 @@ def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000) -> di
     durations.sort()
     accepted = int(client.zcard("cgrid:due"))
     client.flushall()
-    return {"events": n, "calls_per_s": round(n / loop_s), "p50_us": round(durations[n // 2] / 1000, 1),
+    return {"events": n, "with_ids": with_ids, "calls_per_s": round(n / loop_s),
+            "p50_us": round(durations[n // 2] / 1000, 1),
             "p99_us": round(percentile(durations, 0.99) / 1000, 1), "max_us": round(durations[-1] / 1000),
             "longest_gc_pause_us": round(max(gc_pauses_ns, default=0) / 1000),
             "final_flush_s": round(flush_s, 3), "accepted_per_s_incl_flush": round(n / (loop_s + flush_s)),
@@ -467,7 +471,7 @@ def cpu_bound(ceiling: dict[str, Any], cgrid: dict[str, Any], cores: int) -> dic
             "ratio_to_ceiling": round(rate / ceiling["rate"], 2)}
 
 
-def print_table(results: list[dict[str, Any]], publish: dict[str, Any] | None) -> None:
+def print_table(results: list[dict[str, Any]], publish: list[dict[str, Any]] | None) -> None:
     print()
     print(f"{'scenario':10} {'system':10} {'deliveries/s':>12} {'CPU s/1k':>9} {'vs ceiling':>10} "
           f"{'vs naive':>8}  notes")
@@ -500,11 +504,12 @@ def print_table(results: list[dict[str, Any]], publish: dict[str, Any] | None) -
               f"per finished {g['redis_bytes_per_finished_event']}")
         print(f"{'':10} {'':10} states {g['states']}; first attempts failed {g['first_attempt_failed']}, "
               f"retried {g['retried']} (exactly once: {g['retried_exactly_once']})")
-    if publish:
-        print(f"\nPublisher.publish, one thread: {publish['calls_per_s']} calls/s, p50 {publish['p50_us']} µs, "
-              f"p99 {publish['p99_us']} µs, max {publish['max_us']} µs (longest garbage collection in the loop: "
-              f"{publish['longest_gc_pause_us']} µs); {publish['events']} events accepted "
-              f"at {publish['accepted_per_s_incl_flush']}/s including the final flush")
+    for run in publish or []:
+        print(f"\nPublisher.publish, one thread, events {'with' if run['with_ids'] else 'without'} ids: "
+              f"{run['calls_per_s']} calls/s, p50 {run['p50_us']} µs, "
+              f"p99 {run['p99_us']} µs, max {run['max_us']} µs (longest garbage collection in the loop: "
+              f"{run['longest_gc_pause_us']} µs); {run['events']} events accepted "
+              f"at {run['accepted_per_s_incl_flush']}/s including the final flush")
 
 
 def main() -> int:
@@ -515,7 +520,8 @@ def main() -> int:
     parser.add_argument("--scenario", choices=["fast", "realistic", "isolation", "all"], default="all")
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--naive-events", type=int, default=5_000)
-    parser.add_argument("--pool", choices=["prefork", "threads", "solo"], default="prefork")
+    parser.add_argument("--pool", choices=["solo", "prefork", "threads"], default="solo",
+                        help="the fleet's pool: solo and threads run one worker per core, prefork one worker")
     parser.add_argument("--no-publish", action="store_true", help="skip the Publisher micro-benchmark")
     parser.add_argument("--set", action="append", default=[], metavar="CGRID_NAME=VALUE",
                         help="a setting for the fleet under test (repeatable)")
@@ -528,7 +534,9 @@ def main() -> int:
         server = RedisServer(workdir / "redis").start()
         try:
             if not args.no_publish:
-                publish = run_publish(Settings.from_env(fleet_env(server.url, {})), redis.Redis.from_url(server.url))
+                publish_settings = Settings.from_env(fleet_env(server.url, {}))
+                publish = [run_publish(publish_settings, redis.Redis.from_url(server.url), with_ids=with_ids)
+                           for with_ids in (True, False)]
             names = {"all": ["fast", "realistic"], "isolation": []}.get(args.scenario, [args.scenario])
             if args.scenario in ("isolation", "all"):
                 redis.Redis.from_url(server.url).flushall()

@@ -13,7 +13,8 @@ The path chooses the answer, so one server plays every kind of buyer:
 | anything else                | ``204``                                                 |
 | ``GET /_calls``              | every recorded call as JSON (``POST /_reset`` clears)   |
 
-Every call (except ``/_`` paths) is recorded with its time, URL and headers.
+Every call (except ``/_`` paths) is recorded with its time, URL, headers and the caller's
+port (one port, one connection: keep-alive shows as calls sharing it).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ class CallLog:
         self.calls: list[dict[str, Any]] = []
         self._seen: dict[str, int] = {}
 
-    def record(self, target: str, headers: dict[str, str]) -> int:
+    def record(self, target: str, headers: dict[str, str], client_port: int = 0) -> int:
         """Record a call; returns how many times this exact target was called before."""
         with self._lock:
-            self.calls.append({"t": time.time(), "target": target, "headers": headers})
+            self.calls.append({"t": time.time(), "target": target, "headers": headers, "client_port": client_port})
             count = self._seen.get(target, 0)
             self._seen[target] = count + 1
             return count
@@ -83,7 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.dumps(self.server.log.snapshot()).encode()
             self._answer(200, body, {"Content-Type": "application/json"})
             return
-        previous = self.server.log.record(self.path, dict(self.headers.items()))
+        previous = self.server.log.record(self.path, dict(self.headers.items()), self.client_address[1])
         parts = self.path.split("?", 1)[0].strip("/").split("/")
         try:
             self._behave(parts, previous)

@@ -57,6 +57,8 @@ def test_a_full_lane_parks_in_redis_and_its_events_come_back_in_creation_order(
     assert engine.drain(5)
     calls = [c["target"].split("e=")[1] for c in dsp.log.snapshot()]
     assert sorted(calls) == sorted(ids)  # each called once
+    # Keep-alive: at most two calls at a time, so the multi handle's connections are reused.
+    assert len({c["client_port"] for c in dsp.log.snapshot()}) <= 2
     later = [c for c in calls if c in parked]
     assert later == sorted(later, key=lambda i: int(i.split("-")[1]))  # parked ones: oldest first
 

@@ -190,9 +190,14 @@ def test_deadline_holds_across_threads(session, dsp: MockDspServer) -> None:  # 
 
 
 def test_keep_alive_connection_is_reused_after_a_small_body(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
+    transfer = Transfer(session)
     for _ in range(3):
-        assert call(session, dsp.url + "/status/200", {}, 2.0) == 200
-    assert len(dsp.log.snapshot()) == 3
+        transfer.prepare(dsp.url + "/status/200", header_lines({}), 2.0)
+        transfer.curl.perform()
+        assert transfer.result(0).status == 200
+    transfer.curl.close()
+    calls = dsp.log.snapshot()
+    assert len(calls) == 3 and len({c["client_port"] for c in calls}) == 1  # one connection
 
 
 def test_guard_refuses_loopback_outside_the_allow_list(dsp: MockDspServer) -> None:

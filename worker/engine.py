@@ -301,7 +301,9 @@ class _CallLoop:
             if now >= self.next_overdue_check:
                 self.next_overdue_check = now + OVERDUE_CHECK_S
                 self._park(self.lanes.overdue(now))
-            pulls = [(lane.buyer, k, lane.parks) for lane, k in self.lanes.pulls_wanted(PULL_MAX)]
+            # No pulls while draining (warm shutdown): parked events wait for other workers.
+            pulls = [] if engine._draining else [
+                (lane.buyer, k, lane.parks) for lane, k in self.lanes.pulls_wanted(PULL_MAX)]
             if self.done or self.parks or pulls:
                 engine._to_ledger(self.done, self.parks, pulls)
                 self.done, self.parks = [], []
