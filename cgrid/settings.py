@@ -74,6 +74,7 @@ class Settings:
     lane_wait_s: float = 0.25
     ca_file: str = ""
     park_revive_s: float = 10.0
+    prefetch_multiplier: int = 0  # 0: by pool (cgrid.broker.prefetch_multiplier)
     visibility_timeout_s: int = 3600
     sweep_interval_s: float = 0.5
     attempt_grace_s: float = 10.0
@@ -101,6 +102,7 @@ class Settings:
             lane_wait_s=_number(env, "CGRID_LANE_WAIT_MS", cls.lane_wait_s * 1000) / 1000,
             ca_file=env.get("CGRID_CA_FILE", "").strip(),
             park_revive_s=_number(env, "CGRID_PARK_REVIVE_S", cls.park_revive_s, minimum=1),
+            prefetch_multiplier=_integer(env, "CGRID_PREFETCH_MULTIPLIER", cls.prefetch_multiplier, minimum=0),
             visibility_timeout_s=_integer(
                 env, "CGRID_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=10
             ),

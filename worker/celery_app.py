@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import signals
 
-from cgrid.broker import DELIVER_TASK, make_celery
+from cgrid.broker import DELIVER_TASK, make_celery, prefetch_multiplier
 from cgrid.errors import ConfigError
 from cgrid.settings import Settings
 from worker import logs
@@ -60,9 +60,19 @@ def deliver(ids: Any, attempt: Any = 1, sent_at: Any = 0.0) -> dict[str, int]:
 _sweeper: Any = None
 
 
+@signals.worker_init.connect
+def _prefetch_for_the_pool(sender: Any, **_: Any) -> None:
+    """Before the consumer is built: the prefetch that suits the worker's pool
+    (``CGRID_PREFETCH_MULTIPLIER`` sets one for every pool)."""
+    pool = sender.pool_cls
+    pool_module = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    sender.prefetch_multiplier = settings.prefetch_multiplier or prefetch_multiplier(pool_module)
+
+
 @signals.worker_ready.connect
-def _start_sweeper(**_: Any) -> None:
+def _start_sweeper(sender: Any = None, **_: Any) -> None:
     global _sweeper
+    _prefetch = getattr(getattr(sender, "controller", None), "prefetch_multiplier", None)
     from cgrid.ledger import Ledger
     from worker.runtime import redis_client
     from worker.sweeper import Sweeper
@@ -73,6 +83,7 @@ def _start_sweeper(**_: Any) -> None:
         "worker_ready",
         timeout_s=settings.timeout_s,
         retry_delay_s=settings.retry_delay_s,
+        prefetch_multiplier=_prefetch,
         allowed_networks=[str(n) for n in settings.allowed_networks],
     )
 
