@@ -485,6 +485,8 @@ class Ledger:
             record["retry_at"] = float(fields["retry_at"])
         if fields.get("reason"):
             record["reason"] = fields["reason"]
+        if any(isinstance(a, dict) and a.get("unexpected_status") for a in attempts):
+            record["unexpected_status"] = True  # as the report counts it
         waiting = _wait_reason(fields, now_s=time.time())
         if waiting is not None:
             record["waiting"] = {"reason": waiting.value, "detail": WAIT_DETAILS[waiting]}

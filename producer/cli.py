@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from cgrid.errors import CgridError, InvalidEvent
-from cgrid.event import parse_event
+from cgrid.errors import CgridError, InvalidEvent, RedisUnavailable
+from cgrid.event import Event, parse_event
 from cgrid.ledger import POISON_LIST_KEY, Counter, Ledger
 from cgrid.settings import Settings
 
@@ -39,23 +39,49 @@ def _ledger(settings: Settings) -> Ledger:
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    """Publish JSON-lines events. An id is printed only once its event is accepted (in the
+    ledger): lines are sent in batches, each flushed before its ids are printed; from
+    standard input each line is sent as it comes, so a pipe sees its ids at once. If Redis
+    cannot take them, nothing of that batch is printed, the error says how many events were
+    not accepted, and the exit code is 2."""
     from producer.publisher import Publisher
 
     source: TextIO = open(args.file, encoding="utf-8") if args.file not in (None, "-") else sys.stdin
+    chunk_max = 1 if args.file in (None, "-") or args.sync else settings.batch_size
     errors = 0
-    with source, Publisher(settings, linger_ms=0 if args.sync else None) as publisher:
-        for number, line in enumerate(source, start=1):
-            if not line.strip():
-                continue
-            try:
-                event = parse_event(json.loads(line))
-            except ValueError as e:  # InvalidEvent and JSON errors alike
-                reason = str(e) if isinstance(e, InvalidEvent) else f"event: not valid JSON ({e})"
-                print(f"line {number}: {reason}", file=sys.stderr)
-                errors += 1
-                continue
-            print(publisher.publish(event), flush=not args.file)
+    chunk: list[Event] = []
+    publisher = Publisher(settings, linger_ms=0 if args.sync else None)
+
+    def send_chunk() -> None:
+        publisher.publish_many(chunk)
         publisher.flush()
+        for event in chunk:
+            print(event.id, flush=chunk_max == 1)
+        chunk.clear()
+
+    try:
+        with source:
+            for number, line in enumerate(source, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    chunk.append(parse_event(json.loads(line)))
+                except ValueError as e:  # InvalidEvent and JSON errors alike
+                    reason = str(e) if isinstance(e, InvalidEvent) else f"event: not valid JSON ({e})"
+                    print(f"line {number}: {reason}", file=sys.stderr)
+                    errors += 1
+                    continue
+                if len(chunk) >= chunk_max:
+                    send_chunk()
+            if chunk:
+                send_chunk()
+        publisher.close()
+    except RedisUnavailable as e:
+        dropped = publisher.discard()  # reported as not accepted: never sent later
+        print(f"cgrid-s2s: {dropped} events were NOT accepted and their ids were not printed: {e}",
+              file=sys.stderr)
+        publisher.close()
+        return 2
     return 1 if errors else 0
 
 

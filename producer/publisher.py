@@ -113,6 +113,12 @@ class Publisher:
         atexit.unregister(self._close_at_exit)
         self._client.close()
 
+    def discard(self) -> int:
+        """Drop the events buffered and not yet accepted (they will never be sent); returns
+        how many. For a caller that has told its own caller they were not accepted."""
+        with self._send_lock:
+            return len(self._take())
+
     def _close_at_exit(self) -> None:
         try:
             self.close()

@@ -101,6 +101,8 @@ def test_every_status_class_over_real_http(fleet: dict[str, Any], dsp: MockDspSe
         assert record["state"] == state, (path, record)
         assert len(calls.get(event_id, [])) == n_calls, (path, calls.get(event_id))
         assert [a["status"] for a in record["attempts"]] == statuses, (path, record)
+        # A 201 is delivered but flagged, in status as in the report; nothing else is.
+        assert record.get("unexpected_status", False) == (path == "/status/201"), (path, record)
         if n_calls == 2:
             first, second = (c["t"] for c in calls[event_id])
             assert RETRY_DELAY_S - 0.05 <= second - first <= RETRY_DELAY_S + 5, (path, second - first)

@@ -34,16 +34,16 @@ class Attempt:
         return self.outcome not in (Outcome.REJECTED, Outcome.EXPIRED)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "n": self.n,
-                "started_at": round(self.started_at_s, 6),
-                "ms": round(self.duration_ms, 3),
-                "status": self.status,
-                "error": self.error.value if self.error else None,
-            },
-            separators=(",", ":"),
-        )
+        record: dict[str, object] = {
+            "n": self.n,
+            "started_at": round(self.started_at_s, 6),
+            "ms": round(self.duration_ms, 3),
+            "status": self.status,
+            "error": self.error.value if self.error else None,
+        }
+        if self.outcome is Outcome.UNEXPECTED:  # delivered, but a status the report flags
+            record["unexpected_status"] = True
+        return json.dumps(record, separators=(",", ":"))
 
     def to_finish(self, event_id: str) -> Finish:
         return Finish(
