@@ -56,6 +56,7 @@ class WaitReason(StrEnum):
     IN_FLIGHT = "in_flight"  # a worker claimed the attempt and is making the call
     RETRY_DELAY = "retry_delay"  # its first attempt failed; the retry is not due yet
     LANE_FULL = "lane_full"  # its buyer's lane had no room: parked in Redis, called in turn
+    PAUSED = "paused"  # its buyer is paused (buyers file): parked in Redis until resumed
 
 
 WAIT_DETAILS = {
@@ -64,6 +65,8 @@ WAIT_DETAILS = {
     WaitReason.RETRY_DELAY: "the first attempt failed; the one retry waits for CGRID_RETRY_DELAY_S",
     WaitReason.LANE_FULL: "the buyer's lane is at its limit of calls in flight (or throttled while the "
                           "buyer fails): parked in Redis, called in creation order as the lane has room",
+    WaitReason.PAUSED: "the buyer is paused in the buyers file: parked in Redis, called in creation order "
+                       "once it is resumed (or expired at its maximum age)",
 }
 
 
@@ -95,6 +98,7 @@ class Park:
     attempt_n: int
     created_at_s: float
     buyer: str
+    reason: WaitReason = WaitReason.LANE_FULL
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,7 @@ class Finish:
     outcome: Outcome
     attempt_json: str = ""
     reason: str = ""
+    retry_delay_s: float | None = None  # the buyer's, or None for CGRID_RETRY_DELAY_S
 
 
 # Every script reads the time from Redis, so that hosts with skewed clocks still agree on
@@ -190,14 +195,16 @@ return out
 """
 
 # ARGV: prefix, attempt n, ledger_ttl, report_ttl, retry_delay, then per event:
-# id, outcome, attempt_json, reason. Returns the new state per event ('' if not ours).
+# id, outcome, attempt_json, reason, the buyer's retry delay ('' = the default).
+# Returns the new state per event ('' if not ours).
 _FINISH = _LUA_COMMON + """
 local n, ttl, report_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local delay = tonumber(ARGV[5])
+local default_delay = tonumber(ARGV[5])
 local due = prefix .. 'due'
 local out = {}
-for i = 6, #ARGV, 4 do
+for i = 6, #ARGV, 5 do
   local id, outcome, attempt, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local delay = tonumber(ARGV[i + 4]) or default_delay
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2')
   local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
@@ -245,14 +252,13 @@ write_bumps()
 return out
 """
 
-# ARGV: prefix, reason, then per event: id, attempt n, created_at, buyer.
+# ARGV: prefix, then per event: id, attempt n, created_at, buyer, reason.
 # Hands claimed attempts back unstarted: the claim is released, no attempt is recorded, and
 # the event waits in its buyer's parked set. Returns 1 (parked) or 0 (not ours) per event.
 _PARK = _LUA_COMMON + """
-local reason = ARGV[2]
 local out = {}
-for i = 3, #ARGV, 4 do
-  local id, n, buyer = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 3]
+for i = 2, #ARGV, 5 do
+  local id, n, buyer, reason = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 3], ARGV[i + 4]
   local key = prefix .. 'ev:' .. id
   if tonumber(redis.call('HGET', key, 'claim') or '0') == n then
     redis.call('HSET', key, 'claim', 0, 'wait', reason, 'waiting_since', now_text)
@@ -307,14 +313,17 @@ end
 return out
 """
 
-# ARGV: prefix, limit, redeliver_after, retry_delay, report_ttl, queue, revive_after, revive_batch
-# Looks at events whose due time has passed, and at parked sets no worker has touched for
-# revive_after (their workers are gone): a few of those are sent again as triggers.
+# ARGV: prefix, limit, redeliver_after, retry_delay, report_ttl, queue, revive_after,
+# revive_batch, then the paused buyers. Looks at events whose due time has passed, and at
+# parked sets no worker has touched for revive_after (their workers are gone; a paused
+# buyer's are left alone): a few of those are sent again as triggers.
 # Returns {time, send1 ids..., '|', send2 ids...}.
 _SWEEP = _LUA_COMMON + """
 local limit, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3])
 local delay, report_ttl, queue = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local revive_after, revive_batch = tonumber(ARGV[7]), tonumber(ARGV[8])
+local paused = {}
+for i = 9, #ARGV do paused[ARGV[i]] = true end
 local due = prefix .. 'due'
 local wm = tonumber(redis.call('GET', prefix .. 'watermark') or '0')
 local queue_empty = redis.call('LLEN', queue) == 0
@@ -354,6 +363,9 @@ for _, id in ipairs(ids) do
 end
 local activity = prefix .. 'parked:activity'
 for _, buyer in ipairs(redis.call('ZRANGEBYSCORE', activity, '-inf', now - revive_after, 'LIMIT', 0, 100)) do
+  if paused[buyer] then
+    redis.call('ZADD', activity, now, buyer)
+  else
   local pkey = prefix .. 'parked:' .. buyer
   local popped = redis.call('ZPOPMIN', pkey, revive_batch)
   for i = 1, #popped, 2 do
@@ -371,6 +383,7 @@ for _, buyer in ipairs(redis.call('ZRANGEBYSCORE', activity, '-inf', now - reviv
     redis.call('ZREM', activity, buyer)
   else
     redis.call('ZADD', activity, now, buyer)
+  end
   end
 end
 write_bumps()
@@ -433,16 +446,17 @@ class Ledger:
             return []
         args: list[Any] = [self.prefix, attempt, ledger_ttl_s, report_ttl_s, _num(retry_delay_s)]
         for result in results:
-            args += [result.event_id, result.outcome.value, result.attempt_json, result.reason]
+            delay = "" if result.retry_delay_s is None else _num(result.retry_delay_s)
+            args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay]
         return [_text(state) for state in self._finish(args=args)]
 
-    def park(self, parks: list[Park], reason: str) -> list[bool]:
+    def park(self, parks: list[Park]) -> list[bool]:
         """Hand claimed attempts back unstarted, to wait in their buyer's parked set."""
         if not parks:
             return []
-        args: list[Any] = [self.prefix, reason]
+        args: list[Any] = [self.prefix]
         for park in parks:
-            args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer]
+            args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer, park.reason.value]
         return [bool(flag) for flag in self._park(args=args)]
 
     def pull(self, buyer: str, k: int, *, lease_s: float) -> tuple[int, list[tuple[int, str, str]]]:
@@ -454,13 +468,13 @@ class Ledger:
 
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
-        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10,
+        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10, paused: tuple[str, ...] = (),
     ) -> tuple[float, list[str], list[str]]:
         """Handle events whose due time passed, and revive parked sets no worker touched for
         ``revive_after_s``. Returns the ledger's time and the ids whose trigger must be
         (re)sent, for attempt 1 and for attempt 2."""
         args: list[str | int] = [self.prefix, limit, _num(redeliver_after_s), _num(retry_delay_s),
-                                 report_ttl_s, queue, _num(revive_after_s), revive_batch]
+                                 report_ttl_s, queue, _num(revive_after_s), revive_batch, *paused]
         now, *flat = [_text(item) for item in self._sweep(args=args)]
         split = flat.index("|")
         return float(now), flat[:split], flat[split + 1:]
@@ -490,7 +504,7 @@ class Ledger:
         waiting = _wait_reason(fields, now_s=time.time())
         if waiting is not None:
             record["waiting"] = {"reason": waiting.value, "detail": WAIT_DETAILS[waiting]}
-            if waiting is WaitReason.LANE_FULL:
+            if waiting in (WaitReason.LANE_FULL, WaitReason.PAUSED):
                 buyer = fields.get("buyer", NO_BUYER)
                 record["waiting"]["buyer"] = buyer
                 record["waiting"]["since"] = float(fields.get("waiting_since", "0"))

@@ -75,6 +75,7 @@ class Settings:
     ca_file: str = ""
     park_revive_s: float = 10.0
     prefetch_multiplier: int = 0  # 0: by pool (cgrid.broker.prefetch_multiplier)
+    buyers_file: str = ""  # CGRID_BUYERS_FILE: per-buyer settings (cgrid/buyers.py)
     visibility_timeout_s: int = 3600
     sweep_interval_s: float = 0.5
     attempt_grace_s: float = 10.0
@@ -103,6 +104,7 @@ class Settings:
             ca_file=env.get("CGRID_CA_FILE", "").strip(),
             park_revive_s=_number(env, "CGRID_PARK_REVIVE_S", cls.park_revive_s, minimum=1),
             prefetch_multiplier=_integer(env, "CGRID_PREFETCH_MULTIPLIER", cls.prefetch_multiplier, minimum=0),
+            buyers_file=env.get("CGRID_BUYERS_FILE", "").strip(),
             visibility_timeout_s=_integer(
                 env, "CGRID_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=10
             ),

@@ -1,4 +1,4 @@
-"""The ``cgrid-s2s`` command line: publish, status, report, mock-dsp (SPEC §10)."""
+"""The ``cgrid-s2s`` command line: publish, status, report, decrypt, mock-dsp (SPEC §10)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from cgrid.buyers import load_buyers
 from cgrid.errors import CgridError, InvalidEvent, RedisUnavailable
 from cgrid.event import Event, parse_event
-from cgrid.ledger import POISON_LIST_KEY, Counter, Ledger
+from cgrid.ledger import POISON_LIST_KEY, WAIT_DETAILS, Counter, Ledger, WaitReason
+from cgrid.price_crypto import PriceCryptoError, decrypt
 from cgrid.settings import Settings
 
 REPORT_COLUMNS = [
@@ -90,7 +92,32 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if record is None:
         print(f"unknown event id: {args.id}", file=sys.stderr)
         return 1
+    waiting = record.get("waiting")
+    if waiting and waiting["reason"] == WaitReason.LANE_FULL and settings.buyers_file:
+        # Parked while its lane was full, and its buyer has been paused since.
+        buyers = load_buyers(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s)
+        if buyers.get(waiting.get("buyer")).paused:
+            waiting.update(reason=WaitReason.PAUSED.value, detail=WAIT_DETAILS[WaitReason.PAUSED])
     print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_decrypt(args: argparse.Namespace, settings: Settings) -> int:
+    """Check an encrypted price with the buyer's keys from the buyers file."""
+    if not settings.buyers_file:
+        print("cgrid-s2s: decrypt needs CGRID_BUYERS_FILE (the buyer's price keys)", file=sys.stderr)
+        return 2
+    keys = load_buyers(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s).get(args.buyer).price_keys
+    if keys is None:
+        print(f"cgrid-s2s: buyer {args.buyer!r} has no price keys in {settings.buyers_file}", file=sys.stderr)
+        return 1
+    try:
+        decrypted = decrypt(args.value, keys)
+    except PriceCryptoError as e:
+        print(f"cgrid-s2s: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"price": str(decrypted.price), "micros": decrypted.micros, "iv": decrypted.iv.hex(),
+                      "signature": "valid"}, indent=2))
     return 0
 
 
@@ -150,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--days", type=int, default=None, help="only the newest N days")
     report.add_argument("--buyer", default=None, help="only this buyer")
     report.set_defaults(run=cmd_report)
+    dec = sub.add_parser("decrypt", help="check an encrypted price with a buyer's keys (CGRID_BUYERS_FILE)")
+    dec.add_argument("value", help="the 38-character value the buyer received in place of ${AUCTION_PRICE}")
+    dec.add_argument("--buyer", required=True, help="the buyer whose keys encrypted it")
+    dec.set_defaults(run=cmd_decrypt)
     mock = sub.add_parser("mock-dsp", help="a local buyer endpoint for demos and tests")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8099)

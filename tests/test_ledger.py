@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from cgrid.event import parse_event
-from cgrid.ledger import Finish, Ledger, Outcome, Park, WaitReason
+from cgrid.ledger import Finish, Ledger, Outcome, Park
 
 TTL = dict(ledger_ttl_s=3600, report_ttl_s=3600)
 
@@ -143,7 +143,7 @@ def test_report_counters_of_one_batch_are_summed_per_day_and_buyer(ledger: Ledge
 
 
 def park(ledger: Ledger, event_id: str, n: int, created_at_s: float, buyer: str = "b1") -> bool:
-    return ledger.park([Park(event_id, n, created_at_s, buyer)], WaitReason.LANE_FULL)[0]
+    return ledger.park([Park(event_id, n, created_at_s, buyer)])[0]
 
 
 def test_a_parked_attempt_is_not_an_attempt_and_comes_back_oldest_first(ledger: Ledger) -> None:

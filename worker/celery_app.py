@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
 from celery import signals
 
 from cgrid.broker import DELIVER_TASK, make_celery, prefetch_multiplier
+from cgrid.buyers import BuyersFile
 from cgrid.errors import ConfigError
 from cgrid.settings import Settings
 from worker import logs
@@ -38,6 +40,9 @@ if green_pool_in_use():
 
 try:
     settings = Settings.from_env()
+    # A buyers file that cannot be used stops the worker at start (later, a broken new
+    # version is refused and the last good one stays in force).
+    BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s)
 except ConfigError as e:
     print(f"cgrid-s2s: configuration error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
@@ -79,6 +84,8 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 
     _sweeper = Sweeper(app, Ledger(redis_client(settings)), settings)
     _sweeper.start()
+    # Instead of Celery's restart: SIGHUP re-reads the buyers file (README "Buyers").
+    signal.signal(signal.SIGHUP, _reload_buyers_file)
     logs.get_logger().info(
         "worker_ready",
         timeout_s=settings.timeout_s,
@@ -86,6 +93,22 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
         prefetch_multiplier=_prefetch,
         allowed_networks=[str(n) for n in settings.allowed_networks],
     )
+
+
+def _reload_buyers_file(*_: Any) -> None:
+    """SIGHUP: re-read the buyers file now (it is also re-read within a second of a change)."""
+    from worker.runtime import current_runtime
+
+    runtime = current_runtime()
+    if runtime is not None and runtime._engine is not None:
+        runtime._engine.request_reload()
+    if _sweeper is not None:
+        _sweeper.buyers.reload()
+
+
+@signals.worker_process_init.connect
+def _sighup_in_pool_child(**_: Any) -> None:
+    signal.signal(signal.SIGHUP, _reload_buyers_file)
 
 
 @signals.worker_shutdown.connect

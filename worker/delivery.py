@@ -45,12 +45,13 @@ class Attempt:
             record["unexpected_status"] = True
         return json.dumps(record, separators=(",", ":"))
 
-    def to_finish(self, event_id: str) -> Finish:
+    def to_finish(self, event_id: str, retry_delay_s: float | None = None) -> Finish:
         return Finish(
             event_id=event_id,
             outcome=self.outcome,
             attempt_json=self.to_json() if self.called else "",
             reason=self.reason,
+            retry_delay_s=retry_delay_s,
         )
 
 
@@ -90,5 +91,6 @@ def expired(event: Event, attempt_n: int, max_age_s: float, now_s: float | None 
         return None
     return Attempt(
         attempt_n, Outcome.EXPIRED, now_s, 0.0,
-        reason=f"created {age_s:.0f}s ago, past CGRID_EVENT_MAX_AGE_S={max_age_s:g}",
+        reason=f"created {age_s:.0f}s ago, past its maximum age of {max_age_s:g}s "
+               "(CGRID_EVENT_MAX_AGE_S, or the buyer's max_age_s)",
     )

@@ -28,9 +28,12 @@ from typing import Any
 import pycurl
 import redis
 
+from cgrid.buyers import BuyerSettings, BuyersFile
 from cgrid.errors import InvalidEvent
 from cgrid.event import Event
 from cgrid.ledger import NO_BUYER, Outcome, Park, WaitReason
+from cgrid.macros import substitute
+from cgrid.price_crypto import PriceCryptoError, encrypt_price
 from worker.delivery import Attempt, attempt_from, expired
 from worker.headers import build_headers
 from worker.http_client import ClientConfig, Transfer, header_lines
@@ -40,6 +43,7 @@ from worker.runtime import Runtime, ride_out_redis
 
 PULL_MAX = 100  # events per pull
 IDLE_WAIT_S = 1.0
+BUYERS_FILE_CHECK_S = 1.0  # how often the buyers file's stamp is looked at
 OVERDUE_CHECK_S = 0.05  # how often waiting attempts are checked for parking
 
 
@@ -78,6 +82,7 @@ class DeliveryEngine:
         self.rt = rt
         settings = rt.settings
         self.client = ClientConfig(settings.allowed_networks, settings.ca_file)
+        self.buyers = BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s)
         self.lanes: Lanes[Item] = Lanes(settings.call_concurrency, self.limits_for, wait_s=settings.lane_wait_s)
         # At most this many attempts are claimed by one process at once.
         self.capacity = settings.call_concurrency + settings.batch_size
@@ -92,9 +97,17 @@ class DeliveryEngine:
         threading.Thread(target=self._call_loop, name="cgrid-curl-loop", daemon=True).start()
         threading.Thread(target=self._ledger_loop, name="cgrid-ledger", daemon=True).start()
 
+    def buyer(self, buyer: str | None) -> BuyerSettings:
+        return self.buyers.config.get(buyer)
+
     def limits_for(self, buyer: str) -> LaneLimits:
-        settings = self.rt.settings
-        return LaneLimits(max_concurrency=settings.buyer_max_concurrency, timeout_s=settings.timeout_s)
+        settings, own = self.rt.settings, self.buyer(buyer)
+        return LaneLimits(max_concurrency=own.max_concurrency or settings.buyer_max_concurrency,
+                          timeout_s=own.timeout_s or settings.timeout_s, paused=own.paused)
+
+    def request_reload(self) -> None:
+        """Re-read the buyers file now (SIGHUP); safe from a signal handler."""
+        self._post("reload", None)
 
     # -- the task side -------------------------------------------------------------------
 
@@ -185,7 +198,8 @@ class DeliveryEngine:
         """Write outcomes, riding out a short Redis outage. If it lasts past the attempts'
         lease, the sweeper counts them as lost (failed) attempts: never as silently done."""
         settings = self.rt.settings
-        finishes = [h.attempt.to_finish(h.event_id) for h in batch]
+        finishes = [h.attempt.to_finish(h.event_id, self.buyer(h.event.buyer if h.event else None).retry_delay_s)
+                    for h in batch]
         try:
             states = self._ride_out(lambda: self.rt.ledger.finish(
                 finishes, attempt_n, ledger_ttl_s=settings.ledger_ttl_s,
@@ -202,7 +216,7 @@ class DeliveryEngine:
 
     def _write_parks(self, parks: list[Park]) -> None:
         try:
-            self._ride_out(lambda: self.rt.ledger.park(parks, WaitReason.LANE_FULL))
+            self._ride_out(lambda: self.rt.ledger.park(parks))
         except redis.RedisError as e:
             # Still claimed: when their lease passes the sweeper counts them as lost attempts.
             get_logger().error("ledger_park_failed", events=len(parks), error=str(e)[:200])
@@ -239,6 +253,7 @@ class _CallLoop:
         self.free: list[Transfer] = []
         self.running = 0
         self.next_overdue_check = 0.0
+        self.next_buyers_check = time.monotonic() + BUYERS_FILE_CHECK_S
         # Handed to the ledger thread once per loop iteration, not per call.
         self.done: list[Handled] = []
         self.parks: list[Park] = []
@@ -294,10 +309,15 @@ class _CallLoop:
                 kind, payload = inbox.popleft()
                 if kind == "claimed":
                     self._take_claimed(payload)
-                else:
+                elif kind == "pulled":
                     self._take_pulled(*payload)
+                else:
+                    self._reload_buyers(force=True)
             self._start_ready()
             now = time.monotonic()
+            if now >= self.next_buyers_check:
+                self.next_buyers_check = now + BUYERS_FILE_CHECK_S
+                self._reload_buyers(force=False)
             if now >= self.next_overdue_check:
                 self.next_overdue_check = now + OVERDUE_CHECK_S
                 self._park(self.lanes.overdue(now))
@@ -318,7 +338,7 @@ class _CallLoop:
             attempt = Attempt(attempt_n, Outcome.REJECTED, time.time(), 0.0, reason=str(e))
             self.done.append(Handled(event_id, None, attempt))
             return None
-        decision = expired(event, attempt_n, self.settings.event_max_age_s)
+        decision = expired(event, attempt_n, self.engine.buyer(event.buyer).max_age_s or self.settings.event_max_age_s)
         if decision is not None:
             self.done.append(Handled(event_id, event, decision))
             return None
@@ -353,7 +373,22 @@ class _CallLoop:
         self.engine._release(1)
 
     def _park(self, items: list[Item]) -> None:
-        self.parks += [Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer) for i in items]
+        for i in items:
+            paused = self.lanes.lane(i.buyer).limits.paused
+            self.parks.append(Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer,
+                                   WaitReason.PAUSED if paused else WaitReason.LANE_FULL))
+
+    def _reload_buyers(self, *, force: bool) -> None:
+        """A new buyers file (changed on disk, or SIGHUP): new limits for every lane; the
+        waiting attempts of a buyer that is now paused go back to Redis."""
+        buyers = self.engine.buyers
+        error_before = buyers.last_error
+        changed = buyers.reload() if force else buyers.maybe_reload()
+        if changed:
+            self._park(self.lanes.update_limits())
+            get_logger().info("buyers_file_loaded", path=buyers.path, buyers=len(buyers.config.buyers))
+        elif buyers.last_error and buyers.last_error != error_before:
+            get_logger().error("buyers_file_refused", error=buyers.last_error, kept="the last good version")
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -370,11 +405,11 @@ class _CallLoop:
         item.started_at_s = time.time()
         item.started = time.perf_counter()
         try:
-            url = item.event.target_url()
+            url = self._target_url(item.event)
             headers = header_lines(build_headers(item.event))
         except Exception as e:  # the event cannot make a request: rejected, nothing sent
-            self._done(item, Attempt(item.attempt_n, Outcome.REJECTED, item.started_at_s, 0.0,
-                                     reason=f"url: {e}"))
+            reason = str(e) if str(e).startswith("macros.") else f"url: {e}"
+            self._done(item, Attempt(item.attempt_n, Outcome.REJECTED, item.started_at_s, 0.0, reason=reason))
             return
         transfer = self.free.pop() if self.free else Transfer(self.engine.client)
         try:
@@ -395,6 +430,19 @@ class _CallLoop:
             self._lost_to_a_bug(item.event_id, e)
             return
         self.running += 1
+
+    def _target_url(self, event: Event) -> str:
+        """The URL to call; for a buyer with price keys, ``${AUCTION_PRICE}`` carries the
+        price encrypted, with a fresh IV for every call."""
+        keys = self.engine.buyer(event.buyer).price_keys
+        price = event.macros.get("AUCTION_PRICE")
+        if keys is None or price is None:
+            return event.target_url()
+        try:
+            encrypted = encrypt_price(price, keys)
+        except PriceCryptoError as e:
+            raise ValueError(f"macros.{e}") from None
+        return substitute(event.url, {**event.macros, "AUCTION_PRICE": encrypted})
 
     def _collect(self) -> None:
         while True:

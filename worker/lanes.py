@@ -35,6 +35,7 @@ TROUBLE = frozenset({ErrorClass.TIMEOUT, ErrorClass.CONNECT_TIMEOUT, ErrorClass.
 class LaneLimits:
     max_concurrency: int
     timeout_s: float
+    paused: bool = False  # a paused lane admits nothing and pulls nothing: all of it parks
 
 
 @dataclass(eq=False)
@@ -99,7 +100,8 @@ class Lanes(Generic[T]):
         """Queue ``item`` in its lane; False when it must park instead. While the lane has
         parked events, new ones park behind them, in creation order."""
         lane = self.lane(buyer)
-        if lane.backlog or (lane.full and len(lane.queue) >= self.queue_max_per_cap * max(1, int(lane.cap))):
+        if lane.backlog or lane.limits.paused or (
+                lane.full and len(lane.queue) >= self.queue_max_per_cap * max(1, int(lane.cap))):
             self._mark_backlog(lane)
             return False
         self._enqueue(lane, item, now_s)
@@ -181,12 +183,29 @@ class Lanes(Generic[T]):
         for lane in self._backlogged.values():
             if free <= 0:
                 break
-            if not lane.pulling and lane.room > 0:
+            if not lane.pulling and lane.room > 0 and not lane.limits.paused:
                 k = min(lane.room, free, max_k)
                 lane.pulling = True
                 wanted.append((lane, k))
                 free -= k
         return wanted
+
+    def update_limits(self) -> list[T]:
+        """Apply new limits (a reloaded buyers file) to every lane. A narrower maximum takes
+        effect at once; a wider one is reached by the usual one-per-answer growth. Returns
+        the waiting attempts of lanes that are now paused: park them."""
+        out: list[T] = []
+        for lane in self.lanes.values():
+            lane.limits = self.limits_for(lane.buyer)
+            lane.cap = min(lane.cap, float(lane.limits.max_concurrency))
+            if lane.limits.paused and lane.queue:
+                out += [item for item, _ in lane.queue]
+                self.waiting -= len(lane.queue)
+                lane.queue.clear()
+                self._queued.pop(lane.buyer, None)
+                self._mark_backlog(lane)
+            self._make_ready(lane)
+        return out
 
     def pulled(self, lane: Lane[T], left: int, parks_at_request: int) -> None:
         """A pull came back; ``left`` events stay parked in Redis."""

@@ -14,6 +14,7 @@ import redis
 from celery import Celery
 
 from cgrid.broker import send_deliver
+from cgrid.buyers import BuyersFile
 from cgrid.ledger import Ledger
 from cgrid.settings import Settings
 from worker.logs import get_logger
@@ -26,8 +27,9 @@ def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int, 
         send_deliver(app, ids[start:start + batch_size], attempt_n, sent_at_s)
 
 
-def sweep_once(app: Celery, ledger: Ledger, settings: Settings) -> int:
-    """One pass; returns how many triggers it sent."""
+def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: tuple[str, ...] = ()) -> int:
+    """One pass; returns how many triggers it sent. The parked events of ``paused`` buyers
+    are left where they are."""
     now_s, first, second = ledger.sweep(
         limit=SWEEP_LIMIT,
         redeliver_after_s=settings.redeliver_after_s,
@@ -36,6 +38,7 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings) -> int:
         queue=settings.queue,
         revive_after_s=settings.park_revive_s,
         revive_batch=settings.batch_size,
+        paused=paused,
     )
     send_triggers(app, first, 1, settings.batch_size, now_s)
     send_triggers(app, second, 2, settings.batch_size, now_s)
@@ -49,6 +52,7 @@ class Sweeper:
         self.app = app
         self.ledger = ledger
         self.settings = settings
+        self.buyers = BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cgrid-sweeper", daemon=True)
 
@@ -64,7 +68,9 @@ class Sweeper:
         pause_s = self.settings.sweep_interval_s
         while not self._stop.wait(pause_s):
             try:
-                sent = sweep_once(self.app, self.ledger, self.settings)
+                self.buyers.maybe_reload()
+                paused = tuple(b for b, own in self.buyers.config.buyers.items() if own.paused)
+                sent = sweep_once(self.app, self.ledger, self.settings, paused)
                 pause_s = 0.0 if sent >= SWEEP_LIMIT else self.settings.sweep_interval_s
             except (redis.RedisError, OSError) as e:
                 log.warning("sweep_failed", error=str(e)[:200])
