@@ -154,7 +154,8 @@ def test_a_real_worker_pauses_resumes_and_reloads_on_sighup(
     worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", concurrency=1).start()
     try:
         with Publisher(Settings.from_env(env)) as publisher:
-            publisher.publish({"id": "x-1", "kind": "burl", "upstream": "s2s", "buyer": "dsp-x", "url": f"{dsp.url}/?e=x"})
+            publisher.publish({"id": "x-1", "kind": "burl", "upstream": "s2s", "buyer": "dsp-x",
+                               "url": f"{dsp.url}/?e=x"})
         ledger = Ledger(redis.Redis.from_url(redis_url))
         wait_for(lambda: (ledger.record("x-1") or {}).get("waiting", {}).get("reason") == "paused", 15, "paused")
         status = subprocess.run([sys.executable, "-m", "producer.cli", "status", "x-1"], capture_output=True,
