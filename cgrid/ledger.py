@@ -21,6 +21,7 @@ attempt 2 only after attempt 1 failed, so no event is called more than twice.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -110,6 +111,7 @@ class Finish:
     attempt_json: str = ""
     reason: str = ""
     retry_delay_s: float | None = None  # the buyer's, or None for CGRID_RETRY_DELAY_S
+    duration_ms: float | None = None  # of the call, for the report's latency (None: no call)
 
 
 # Every script reads the time from Redis, so that hosts with skewed clocks still agree on
@@ -195,16 +197,17 @@ return out
 """
 
 # ARGV: prefix, attempt n, ledger_ttl, report_ttl, retry_delay, then per event:
-# id, outcome, attempt_json, reason, the buyer's retry delay ('' = the default).
-# Returns the new state per event ('' if not ours).
+# id, outcome, attempt_json, reason, the buyer's retry delay ('' = the default), and the
+# call's latency bucket ('' = no call). Returns the new state per event ('' if not ours).
 _FINISH = _LUA_COMMON + """
 local n, ttl, report_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local default_delay = tonumber(ARGV[5])
 local due = prefix .. 'due'
 local out = {}
-for i = 6, #ARGV, 5 do
+for i = 6, #ARGV, 6 do
   local id, outcome, attempt, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local delay = tonumber(ARGV[i + 4]) or default_delay
+  local bucket = ARGV[i + 5]
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2')
   local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
@@ -240,6 +243,7 @@ for i = 6, #ARGV, 5 do
     if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
   end
   if new ~= '' then
+    if bucket ~= '' then bump(day, buyer, 'lat_' .. bucket, report_ttl) end
     redis.call('HSET', key, 'state', new)
     if new ~= 'retry_scheduled' then
       redis.call('ZREM', due, id)
@@ -447,7 +451,8 @@ class Ledger:
         args: list[Any] = [self.prefix, attempt, ledger_ttl_s, report_ttl_s, _num(retry_delay_s)]
         for result in results:
             delay = "" if result.retry_delay_s is None else _num(result.retry_delay_s)
-            args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay]
+            bucket = "" if result.duration_ms is None else latency_bucket(result.duration_ms)
+            args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket]
         return [_text(state) for state in self._finish(args=args)]
 
     def park(self, parks: list[Park]) -> list[bool]:
@@ -514,20 +519,65 @@ class Ledger:
         """How many poisoned messages workers have dropped."""
         return int(self.client.get(POISON_COUNT_KEY) or 0)
 
-    def report(self, days: int | None = None) -> list[dict[str, Any]]:
-        """Counters per buyer and day, newest day first."""
-        day_keys = self.client.zrevrange(self.prefix + "report:days", 0, -1 if days is None else days - 1)
+    def report(self, days: int | None = None, *, day: str | None = None,
+               buyer: str | None = None) -> list[dict[str, Any]]:
+        """Counters per buyer and day, newest day first, with the calls' p50/p99 latency
+        (the upper bound of the bucket that holds it, in ms; None without calls)."""
+        if day is not None:
+            day_keys = [day] if self.client.zscore(self.prefix + "report:days", day) is not None else []
+        else:
+            day_keys = [_text(d) for d in self.client.zrevrange(
+                self.prefix + "report:days", 0, -1 if days is None else days - 1)]
         rows: list[dict[str, Any]] = []
-        for day in (_text(d) for d in day_keys):
+        for day_key in day_keys:
             per_buyer: dict[str, dict[str, Any]] = {}
-            for field, count in self.client.hgetall(self.prefix + "report:" + day).items():
-                buyer, _, counter = _text(field).rpartition("\t")
+            buckets: dict[str, dict[str, int]] = {}
+            for field, count in self.client.hgetall(self.prefix + "report:" + day_key).items():
+                row_buyer, _, counter = _text(field).rpartition("\t")
+                if buyer is not None and row_buyer != buyer:
+                    continue
                 row = per_buyer.setdefault(
-                    buyer, {"day": day, "buyer": buyer, **{c.value: 0 for c in Counter}}
+                    row_buyer, {"day": day_key, "buyer": row_buyer, **{c.value: 0 for c in Counter}}
                 )
-                row[counter] = int(count)
+                if counter.startswith("lat_"):
+                    buckets.setdefault(row_buyer, {})[counter[4:]] = int(count)
+                else:
+                    row[counter] = int(count)
+            for row_buyer, row in per_buyer.items():
+                row["calls_timed"] = sum(buckets.get(row_buyer, {}).values())
+                row["p50_ms"] = bucket_percentile(buckets.get(row_buyer, {}), 0.50)
+                row["p99_ms"] = bucket_percentile(buckets.get(row_buyer, {}), 0.99)
             rows += [per_buyer[b] for b in sorted(per_buyer)]
         return rows
+
+
+# Upper bounds (ms) of the report's latency buckets, about 1.5x apart: a percentile read
+# from them is the bound of the bucket that holds it. A call cannot outlast its deadline
+# (timeout_s is at most 60 s), so the last bucket is the end.
+LATENCY_BUCKETS_MS = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500, 700,
+                      1000, 1500, 2000, 3000, 5000, 7000, 10000, 15000, 20000, 30000, 60000)
+
+
+def latency_bucket(duration_ms: float) -> str:
+    """The name of the bucket a call's duration falls in (its upper bound in ms)."""
+    for bound in LATENCY_BUCKETS_MS:
+        if duration_ms <= bound:
+            return str(bound)
+    return str(LATENCY_BUCKETS_MS[-1])
+
+
+def bucket_percentile(counts: dict[str, int], q: float) -> float | None:
+    """The upper bound of the bucket holding the q-th call (nearest rank); None if none."""
+    total = sum(counts.values())
+    if not total:
+        return None
+    rank = max(1, math.ceil(total * q))
+    seen = 0
+    for bound in LATENCY_BUCKETS_MS:
+        seen += counts.get(str(bound), 0)
+        if seen >= rank:
+            return float(bound)
+    return float(LATENCY_BUCKETS_MS[-1])
 
 
 def _wait_reason(fields: dict[str, str], now_s: float) -> WaitReason | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import datetime
 import json
 import sys
 from collections.abc import Sequence
@@ -26,7 +28,11 @@ REPORT_COLUMNS = [
     (Counter.REJECTED, "rejected"),
     (Counter.EXPIRED, "expired"),
     (Counter.UNEXPECTED, "unexpected"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
 ]
+# The machine-readable columns (--json, --csv): the table's, and how many calls were timed.
+REPORT_FIELDS = [key for key, _ in REPORT_COLUMNS] + ["calls_timed"]
 
 
 def _ledger(settings: Settings) -> Ledger:
@@ -125,7 +131,8 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no events in the ledger's report window"
     table = [[title for _, title in REPORT_COLUMNS]]
-    table += [[str(row[key]) for key, _ in REPORT_COLUMNS] for row in rows]
+    table += [["-" if row[key] is None else f"{row[key]:g}" if isinstance(row[key], float) else str(row[key])
+               for key, _ in REPORT_COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(REPORT_COLUMNS))]
     lines = []
     for index, line in enumerate(table):
@@ -139,11 +146,15 @@ def format_report(rows: list[dict[str, Any]]) -> str:
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     ledger = _ledger(settings)
-    rows = ledger.report(days=args.days)
-    if args.buyer:
-        rows = [row for row in rows if row["buyer"] == args.buyer]
+    rows = ledger.report(days=args.days, day=args.date, buyer=args.buyer)
+    rows = [{key: row.get(key) for key in REPORT_FIELDS} for row in rows]
     if args.json:
         print(json.dumps(rows, indent=2))
+        return 0
+    if args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=REPORT_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
         return 0
     print(format_report(rows))
     poisoned = ledger.poisoned()
@@ -162,6 +173,13 @@ def cmd_mock_dsp(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def day_arg(text: str) -> str:
+    try:
+        return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cgrid-s2s", description="cgrid-s2s: s2s win and billing notices")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,8 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("id")
     status.set_defaults(run=cmd_status)
     report = sub.add_parser("report", help="counts per buyer and day")
-    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output = report.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output.add_argument("--csv", action="store_true", help="print CSV (a header line, then one row per buyer and day)")
     report.add_argument("--days", type=int, default=None, help="only the newest N days")
+    report.add_argument("--date", type=day_arg, default=None, help="only this UTC day, YYYY-MM-DD")
     report.add_argument("--buyer", default=None, help="only this buyer")
     report.set_defaults(run=cmd_report)
     dec = sub.add_parser("decrypt", help="check an encrypted price with a buyer's keys (CGRID_BUYERS_FILE)")

@@ -52,6 +52,7 @@ class Attempt:
             attempt_json=self.to_json() if self.called else "",
             reason=self.reason,
             retry_delay_s=retry_delay_s,
+            duration_ms=self.duration_ms if self.called else None,
         )
 
 
