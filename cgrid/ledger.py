@@ -12,6 +12,7 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P parked:<buyer>`` sorted set: id -> created_at, attempts waiting for room in the
                        buyer's lane (claimed, then handed back unstarted: no attempt counted)
 - ``P parked:activity`` sorted set: buyer -> when its parked set was last touched
+- ``P failed:<day>:<buyer>`` set of the ids that ended ``failed``, for replay
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 
 The one-retry guard is :data:`_CLAIM`: attempt ``n`` of an event can be claimed once,
@@ -131,6 +132,12 @@ local function bump(day, buyer, counter, report_ttl)
   fields[field] = (fields[field] or 0) + 1
   bump_ttl = report_ttl
 end
+-- Failed events by day and buyer, for replay (cgrid-s2s replay --buyer B --day D).
+local function note_failed(day, buyer, id, ttl)
+  local key = prefix .. 'failed:' .. day .. ':' .. buyer
+  redis.call('SADD', key, id)
+  redis.call('EXPIRE', key, ttl)
+end
 local function write_bumps()
   for day, fields in pairs(bumps) do
     local key = prefix .. 'report:' .. day
@@ -228,6 +235,7 @@ for i = 6, #ARGV, 6 do
     elseif outcome == 'fail' then
       new = 'failed'
       bump(day, buyer, 'failed', report_ttl)
+      note_failed(day, buyer, id, ttl)
     else
       new = outcome
       redis.call('HSET', key, 'reason', reason)
@@ -353,6 +361,7 @@ for _, id in ipairs(ids) do
       redis.call('HSET', key, 'state', 'failed')
       redis.call('ZREM', due, id)
       bump(rec[5], rec[6], 'failed', report_ttl)
+      note_failed(rec[5], rec[6], id, report_ttl)
     end
   else
     local sent_at = tonumber(rec[4] or '-1')
@@ -504,6 +513,8 @@ class Ledger:
             record["retry_at"] = float(fields["retry_at"])
         if fields.get("reason"):
             record["reason"] = fields["reason"]
+        if fields.get("replayed_as"):
+            record["replayed_as"] = fields["replayed_as"].split(" ")
         if any(isinstance(a, dict) and a.get("unexpected_status") for a in attempts):
             record["unexpected_status"] = True  # as the report counts it
         waiting = _wait_reason(fields, now_s=time.time())
@@ -514,6 +525,18 @@ class Ledger:
                 record["waiting"]["buyer"] = buyer
                 record["waiting"]["since"] = float(fields.get("waiting_since", "0"))
         return record
+
+    def failed_ids(self, day: str, buyer: str) -> list[str]:
+        """The events of ``buyer`` created on ``day`` that ended ``failed``, sorted."""
+        return sorted(_text(i) for i in self.client.smembers(f"{self.prefix}failed:{day}:{buyer}"))
+
+    def note_replay(self, event_id: str, replay_id: str) -> None:
+        """Link the original to the new event that replays it (``status`` shows it)."""
+        key = self.prefix + "ev:" + event_id
+        replays = self.client.hget(key, "replayed_as")
+        listed = [] if not replays else _text(replays).split(" ")
+        if replay_id not in listed:
+            self.client.hset(key, "replayed_as", " ".join([*listed, replay_id]))
 
     def poisoned(self) -> int:
         """How many poisoned messages workers have dropped."""

@@ -1,4 +1,4 @@
-"""The ``cgrid-s2s`` command line: publish, status, report, decrypt, mock-dsp (SPEC §10)."""
+"""The ``cgrid-s2s`` command line: publish, status, report, decrypt, replay, mock-dsp (SPEC §10)."""
 
 from __future__ import annotations
 
@@ -163,6 +163,34 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    """Publish the failed events of a buyer and day (or the ids given) again, as new events
+    ``<id>:replay<n>``; prints each new id once it is accepted."""
+    from producer.publisher import Publisher
+    from producer.replay import replay
+
+    if bool(args.ids) == bool(args.buyer or args.day):
+        print("cgrid-s2s replay: give either ids, or --buyer B --day YYYY-MM-DD", file=sys.stderr)
+        return 2
+    if not args.ids and not (args.buyer and args.day):
+        print("cgrid-s2s replay: --buyer and --day go together", file=sys.stderr)
+        return 2
+    with Publisher(settings, linger_ms=0) as publisher:
+        ids = args.ids or publisher.ledger.failed_ids(args.day, args.buyer)
+        if not ids:
+            print(f"no failed events of buyer {args.buyer} on {args.day} in the ledger", file=sys.stderr)
+            return 0
+        results = replay(publisher, ids, again=args.again)
+    skipped = 0
+    for item in results:
+        if item.replay_id is not None:
+            print(item.replay_id)
+        else:
+            skipped += 1
+            print(f"{item.original}: not replayed: {item.note}", file=sys.stderr)
+    return 1 if skipped and args.ids else 0
+
+
 def cmd_mock_dsp(args: argparse.Namespace, settings: Settings) -> int:
     from producer.mock_dsp import MockDspServer
 
@@ -202,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("value", help="the 38-character value the buyer received in place of ${AUCTION_PRICE}")
     dec.add_argument("--buyer", required=True, help="the buyer whose keys encrypted it")
     dec.set_defaults(run=cmd_decrypt)
+    rep = sub.add_parser("replay", help="publish failed events again as <id>:replay<n> (with the buyer's consent)")
+    rep.add_argument("ids", nargs="*", help="failed event ids (or --buyer and --day)")
+    rep.add_argument("--buyer", default=None, help="the buyer whose failed events to replay ('-' for none)")
+    rep.add_argument("--day", type=day_arg, default=None, help="the UTC day of their created_at, YYYY-MM-DD")
+    rep.add_argument("--again", action="store_true", help="replay events that were replayed before, once more")
+    rep.set_defaults(run=cmd_replay)
     mock = sub.add_parser("mock-dsp", help="a local buyer endpoint for demos and tests")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8099)

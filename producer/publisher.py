@@ -113,6 +113,11 @@ class Publisher:
         atexit.unregister(self._close_at_exit)
         self._client.close()
 
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger this publisher writes to (for tools such as replay)."""
+        return self._ledger
+
     def discard(self) -> int:
         """Drop the events buffered and not yet accepted (they will never be sent); returns
         how many. For a caller that has told its own caller they were not accepted."""

@@ -1,0 +1,73 @@
+"""Replay: after a buyer's outage, send its ``failed`` events again, with its consent.
+
+Each failed event is published as a new event ``<id>:replay<n>`` (n = 1 the first time),
+with the original's fields and ``created_at`` now: it has its own call and its own one
+retry, and the original keeps its record (``status`` lists its replays). The new id is
+derived, and publishing an id the ledger holds is a no-op, so running the same replay twice
+sends nothing the second time; ``again=True`` makes a further replay (n = 2, 3, ...).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from cgrid.errors import InvalidEvent
+from cgrid.event import ID_MAX_CHARS, Event, parse_event
+from cgrid.ledger import State
+from producer.publisher import Publisher
+
+MAX_REPLAYS = 100
+
+
+@dataclass(frozen=True)
+class Replayed:
+    original: str
+    replay_id: str | None  # None: not replayed, see ``note``
+    note: str = ""
+
+
+def replay_id_for(publisher: Publisher, event_id: str, again: bool) -> tuple[str | None, str]:
+    """The id the replay gets: ``<id>:replay1``, or the next free one with ``again``."""
+    ledger = publisher.ledger
+    for n in range(1, MAX_REPLAYS + 1):
+        candidate = f"{event_id}:replay{n}"
+        if len(candidate) > ID_MAX_CHARS:
+            return None, f"{candidate!r} would be longer than {ID_MAX_CHARS} characters"
+        if ledger.record(candidate) is None:
+            return candidate, ""
+        if not again:
+            return None, f"already replayed as {candidate} (use --again for another replay)"
+    return None, f"replayed {MAX_REPLAYS} times already"
+
+
+def replay(publisher: Publisher, event_ids: list[str], *, again: bool = False) -> list[Replayed]:
+    """Publish a replay of each failed event; returns what happened to each id. Every replay
+    is accepted (flushed) before this returns."""
+    ledger = publisher.ledger
+    done: list[Replayed] = []
+    for event_id in event_ids:
+        record = ledger.record(event_id)
+        if record is None:
+            done.append(Replayed(event_id, None, "unknown id (or past CGRID_LEDGER_TTL_S)"))
+            continue
+        if record["state"] != State.FAILED:
+            done.append(Replayed(event_id, None, f"not failed: {record['state']}"))
+            continue
+        new_id, note = replay_id_for(publisher, event_id, again)
+        if new_id is None:
+            done.append(Replayed(event_id, None, note))
+            continue
+        try:
+            original = record["event"]
+            event: Event = parse_event({**original, "id": new_id, "created_at": time.time()})
+        except (InvalidEvent, TypeError) as e:
+            done.append(Replayed(event_id, None, f"its record cannot be replayed: {e}"))
+            continue
+        publisher.publish(event)
+        done.append(Replayed(event_id, new_id))
+    publisher.flush()
+    for item in done:
+        if item.replay_id is not None:
+            ledger.note_replay(item.original, item.replay_id)
+    return done
