@@ -76,6 +76,7 @@ class Settings:
     park_revive_s: float = 10.0
     prefetch_multiplier: int = 0  # 0: by pool (cgrid.broker.prefetch_multiplier)
     buyers_file: str = ""  # CGRID_BUYERS_FILE: per-buyer settings (cgrid/buyers.py)
+    metrics_port: int = 0  # CGRID_METRICS_PORT: Prometheus /metrics of the worker; 0 = off
     visibility_timeout_s: int = 3600
     sweep_interval_s: float = 0.5
     attempt_grace_s: float = 10.0
@@ -105,6 +106,7 @@ class Settings:
             park_revive_s=_number(env, "CGRID_PARK_REVIVE_S", cls.park_revive_s, minimum=1),
             prefetch_multiplier=_integer(env, "CGRID_PREFETCH_MULTIPLIER", cls.prefetch_multiplier, minimum=0),
             buyers_file=env.get("CGRID_BUYERS_FILE", "").strip(),
+            metrics_port=_integer(env, "CGRID_METRICS_PORT", cls.metrics_port, minimum=0),
             visibility_timeout_s=_integer(
                 env, "CGRID_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=10
             ),
@@ -146,6 +148,8 @@ class Settings:
                 f"CGRID_RETRY_DELAY_S = {self.retry_delay_s:g}s must stay below "
                 f"CGRID_VISIBILITY_TIMEOUT_S = {self.visibility_timeout_s}s"
             )
+        if self.metrics_port > 65535:
+            raise ConfigError(f"CGRID_METRICS_PORT: {self.metrics_port} is not a port (1-65535, or 0 for off)")
         if self.ca_file and not os.path.isfile(self.ca_file):
             raise ConfigError(f"CGRID_CA_FILE: {self.ca_file!r} is not a readable file")
         if self.retry_delay_s >= self.ledger_ttl_s:

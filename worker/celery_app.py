@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -12,7 +13,7 @@ from cgrid.broker import DELIVER_TASK, make_celery, prefetch_multiplier
 from cgrid.buyers import BuyersFile
 from cgrid.errors import ConfigError
 from cgrid.settings import Settings
-from worker import logs
+from worker import logs, metrics
 
 GREEN_POOLS = ("gevent", "eventlet")
 
@@ -48,6 +49,7 @@ except ConfigError as e:
     raise SystemExit(2) from None
 
 logs.configure(settings.log_level)
+metrics.prepare(settings.metrics_port)  # before anything imports prometheus_client
 app = make_celery(settings)
 # Consume with the hardened transport: a poisoned message is dropped, not fatal.
 app.conf.broker_transport = "worker.transport:Transport"
@@ -63,6 +65,21 @@ def deliver(ids: Any, attempt: Any = 1, sent_at: Any = 0.0) -> dict[str, int]:
 
 
 _sweeper: Any = None
+_main_pid = os.getpid()
+
+
+@signals.worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """The main process serves every process's metrics; a taken port stops the worker."""
+    if not metrics.ENABLED:
+        return
+    try:
+        metrics.serve(settings.metrics_port)
+    except OSError as e:
+        print(f"cgrid-s2s: CGRID_METRICS_PORT: cannot serve metrics on port {settings.metrics_port}: "
+              f"{e.strerror or e} (is another worker on this host using it?)", file=sys.stderr, flush=True)
+        metrics.cleanup()
+        os._exit(2)
 
 
 @signals.worker_init.connect
@@ -116,6 +133,7 @@ def _stop_sweeper(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
     _drain_engine()
+    metrics.cleanup()
 
 
 @signals.worker_process_shutdown.connect
@@ -126,3 +144,5 @@ def _drain_engine(**_: Any) -> None:
     runtime = current_runtime()
     if runtime is not None:
         runtime.drain(settings.attempt_lease_s)
+    if os.getpid() != _main_pid:
+        metrics.process_exited(os.getpid())

@@ -34,6 +34,7 @@ from cgrid.event import Event
 from cgrid.ledger import NO_BUYER, Outcome, Park, WaitReason
 from cgrid.macros import substitute
 from cgrid.price_crypto import PriceCryptoError, encrypt_price
+from worker import metrics
 from worker.delivery import Attempt, attempt_from, expired
 from worker.headers import build_headers
 from worker.http_client import ClientConfig, Transfer, header_lines
@@ -208,6 +209,8 @@ class DeliveryEngine:
         except redis.RedisError as e:
             get_logger().error("ledger_write_failed", events=len(batch), error=str(e)[:200])
             return
+        if metrics.ENABLED:
+            count_finished(batch, states)
         for item, state in zip(batch, states, strict=True):
             if item.event is not None:
                 log_attempt(item.event, item.attempt, state or "superseded")
@@ -235,6 +238,20 @@ class DeliveryEngine:
         with self._cond:
             self._pending += len(items)
         self._post("pulled", (buyer, left, parks_at_request, items))
+
+
+def count_finished(batch: list[Handled], states: list[str]) -> None:
+    m = metrics.M
+    for item, state in zip(batch, states, strict=True):
+        buyer = (item.event.buyer if item.event else None) or NO_BUYER
+        kind = item.event.kind.value if item.event else "-"
+        m.attempts.labels(buyer, kind, item.attempt.outcome.value).inc()
+        if item.attempt.called:
+            m.latency.labels(kind).observe(item.attempt.duration_ms / 1000)
+        if state == "retry_scheduled":
+            m.retries.labels(buyer, kind).inc()
+        elif state:
+            m.finished.labels(buyer, kind, state).inc()
 
 
 class _CallLoop:
@@ -318,6 +335,8 @@ class _CallLoop:
             if now >= self.next_buyers_check:
                 self.next_buyers_check = now + BUYERS_FILE_CHECK_S
                 self._reload_buyers(force=False)
+                if metrics.ENABLED:
+                    self._lane_gauges()
             if now >= self.next_overdue_check:
                 self.next_overdue_check = now + OVERDUE_CHECK_S
                 self._park(self.lanes.overdue(now))
@@ -375,8 +394,18 @@ class _CallLoop:
     def _park(self, items: list[Item]) -> None:
         for i in items:
             paused = self.lanes.lane(i.buyer).limits.paused
-            self.parks.append(Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer,
-                                   WaitReason.PAUSED if paused else WaitReason.LANE_FULL))
+            reason = WaitReason.PAUSED if paused else WaitReason.LANE_FULL
+            self.parks.append(Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer, reason))
+            if metrics.ENABLED:
+                metrics.M.parked.labels(i.buyer, reason.value).inc()
+
+    def _lane_gauges(self) -> None:
+        m = metrics.M
+        for buyer, lane in self.lanes.lanes.items():
+            m.in_flight.labels(buyer).set(lane.in_flight)
+            m.waiting.labels(buyer).set(len(lane.queue))
+            m.cap.labels(buyer).set(int(lane.cap))
+            m.throttled.labels(buyer).set(1 if lane.throttled else 0)
 
     def _reload_buyers(self, *, force: bool) -> None:
         """A new buyers file (changed on disk, or SIGHUP): new limits for every lane; the

@@ -17,6 +17,7 @@ from cgrid.broker import send_deliver
 from cgrid.buyers import BuyersFile
 from cgrid.ledger import Ledger
 from cgrid.settings import Settings
+from worker import metrics
 from worker.logs import get_logger
 
 SWEEP_LIMIT = 2000
@@ -42,6 +43,10 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: tuple[st
     )
     send_triggers(app, first, 1, settings.batch_size, now_s)
     send_triggers(app, second, 2, settings.batch_size, now_s)
+    if metrics.ENABLED:
+        metrics.M.sweeper.labels("retry_triggers_sent").inc(len(second))
+        metrics.M.sweeper.labels("attempt1_triggers_resent").inc(len(first))
+        metrics.M.queue_depth.set(ledger.client.llen(settings.queue))
     if first:
         get_logger().warning("resent_lost_triggers", attempt=1, events=len(first))
     return len(first) + len(second)

@@ -1,0 +1,82 @@
+"""Prometheus metrics (CGRID_METRICS_PORT) from a real worker, every pool process summed;
+a taken port stops the worker with a clear message."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from cgrid.ledger import Ledger
+from cgrid.redis_server import free_port
+from cgrid.settings import Settings
+from producer import Publisher
+from producer.mock_dsp import MockDspServer
+from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_worker_serves_delivery_metrics(pool: str, redis_url: str, dsp: MockDspServer, tmp_path: Path) -> None:
+    port = free_port()
+    env = fleet_env(redis_url, CGRID_METRICS_PORT=port, CGRID_RETRY_DELAY_S="0.2")
+    worker = WorkerProcess(env, tmp_path / "worker.log", pool=pool, concurrency=2).start()
+    run = uuid.uuid4().hex[:6]
+    try:
+        events = [{"id": f"{run}-ok-{i}", "kind": "burl", "upstream": "s2s", "buyer": "m-ok",
+                   "url": f"{dsp.url}/status/204?e={i}"} for i in range(20)]
+        events += [{"id": f"{run}-bad", "kind": "nurl", "upstream": "s2s", "buyer": "m-bad",
+                    "url": f"{dsp.url}/status/500?e=bad"}]
+        with Publisher(Settings.from_env(env)) as publisher:
+            ids = publisher.publish_many(events)
+        ledger = Ledger(redis.Redis.from_url(redis_url))
+        wait_for(lambda: all((ledger.record(i) or {}).get("state") in ("delivered", "failed") for i in ids), 20,
+                 "all decided")
+
+        def counted() -> dict[str, float] | None:
+            values = scrape(port)
+            done = values.get('cgrid_events_finished_total{buyer="m-ok",kind="burl",state="delivered"}', 0)
+            return values if done == 20 else None
+
+        wait_for(counted, 10, "the metrics to count every delivery")
+        def with_gauges() -> dict[str, float] | None:
+            values = scrape(port)
+            return values if 'cgrid_lane_cap{buyer="m-ok"}' in values else None
+
+        values = wait_for(with_gauges, 10, "the lane gauges")
+        assert values['cgrid_attempts_total{buyer="m-bad",kind="nurl",outcome="fail"}'] == 2
+        assert values['cgrid_retries_scheduled_total{buyer="m-bad",kind="nurl"}'] == 1
+        assert values['cgrid_events_finished_total{buyer="m-bad",kind="nurl",state="failed"}'] == 1
+        assert values['cgrid_attempt_duration_seconds_count{kind="burl"}'] == 20
+        assert 'cgrid_lane_cap{buyer="m-ok"}' in values  # the lanes' gauges, once a second
+        assert "cgrid_queue_depth" in values
+    finally:
+        worker.stop()
+
+
+def test_a_taken_metrics_port_stops_the_worker_with_a_clear_message(redis_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        env = fleet_env(redis_url, CGRID_METRICS_PORT=taken.getsockname()[1])
+        result = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", "solo"], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "CGRID_METRICS_PORT: cannot serve metrics on port" in result.stderr and "Traceback" not in result.stderr
