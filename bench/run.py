@@ -117,9 +117,9 @@ class Buyer:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def make_events(n: int, port: int, run: str) -> list[dict[str, Any]]:
+def make_events(n: int, port: int, run: str, buyers: int = 4) -> list[dict[str, Any]]:
     return [
-        {"id": f"{run}-{i}", "kind": "burl", "upstream": "u2s", "buyer": f"dsp{i % 4}",
+        {"id": f"{run}-{i}", "kind": "burl", "upstream": "u2s", "buyer": f"dsp{i % buyers}",
          "url": f"http://127.0.0.1:{port}/win?e={run}-{i}&p=${{AUCTION_PRICE}}&a=${{AUCTION_ID}}",
          "macros": {"AUCTION_PRICE": 1.25 + i % 7, "AUCTION_ID": f"auction-{i}"},
          "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15",
@@ -273,7 +273,7 @@ def attempt_end_s(attempt: dict[str, Any]) -> float:
 
 
 def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: str, processes: int,
-              workdir: Path, client: redis.Redis, buyer: Buyer) -> dict[str, Any]:
+              workdir: Path, client: redis.Redis, buyer: Buyer, latency: bool = True) -> dict[str, Any]:
     settings = Settings.from_env(settings_env)
     client.flushall()
     used0 = int(client.info("memory")["used_memory"])
@@ -306,8 +306,10 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
         failed_first = sum(1 for r in records if r["attempts"] and (
             r["attempts"][0]["error"] is not None or (r["attempts"][0]["status"] or 0) >= 400))
         retried = sum(1 for r in records if len(r["attempts"]) == 2)
-        latency = measure_latency(settings, client, events[0]["url"].split("/win")[0],
-                                  rate=max(1, int(len(events) / seconds / 2)), duration_s=8)
+        latency_figures = None
+        if latency:
+            latency_figures = measure_latency(settings, client, events[0]["url"].split("/win")[0],
+                                              rate=max(1, int(len(events) / seconds / 2)), duration_s=8)
         return {
             "deliveries": len(records), "complete": done, "seconds": round(seconds, 3),
             "rate": round(len(events) / seconds),
@@ -320,7 +322,7 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
             "publish_preload_rate": round(len(events) / publish_s),
             "states": states, "first_attempt_failed": failed_first, "retried": retried,
             "retried_exactly_once": failed_first == retried,
-            "pool": pool, "processes": processes, "latency": latency,
+            "pool": pool, "processes": processes, "latency": latency_figures,
         }
     finally:
         fleet.stop()
@@ -459,6 +461,45 @@ def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: 
             "ratio_to_naive": round(cgrid["rate"] / naive["rate"], 1)}
 
 
+# Google's published sample keys: a quarter of the buyers in the buyers-file run encrypt.
+SAMPLE_KEYS = ('price_encryption_key = "skU7Ax_NL5pPAFyKdkfZjZz2-VhIN8bjj1rVFOaJ_5o="\n'
+               'price_integrity_key = "arO23ykdNqUQ5LEoQ0FVmPkBd7xB5CO89PDZlSjpFxo="\n')
+
+
+def write_buyers_file(path: Path, buyers: int) -> None:
+    tables = []
+    for i in range(buyers):
+        table = f"[buyers.dsp{i}]\ntimeout_s = 2.0\nmax_concurrency = 100\n"
+        if i % 4 == 0:
+            table += SAMPLE_KEYS
+        tables.append(table)
+    path.write_text("\n".join(tables))
+
+
+def buyers_scenario(n: int, buyers: int, pool: str, workdir: Path, server: RedisServer) -> dict[str, Any]:
+    """The fast buyer, events spread over ``buyers`` buyer ids: without a buyers file, then
+    with one that lists them all, a quarter with price keys (issue 9: within 10%)."""
+    processes = os.cpu_count() or 2
+    buyers_file = workdir / "buyers.toml"
+    write_buyers_file(buyers_file, buyers)
+    client = redis.Redis.from_url(server.url)
+    buyer = Buyer.start("fast", hang_s=3.0)
+    runs = {}
+    try:
+        for label, extra in (("without", {}), ("with", {"CGRID_BUYERS_FILE": str(buyers_file)}),
+                             ("without again", {}), ("with again", {"CGRID_BUYERS_FILE": str(buyers_file)})):
+            env = fleet_env(server.url, {"CGRID_TIMEOUT_S": "2", **extra})
+            events = make_events(n, buyer.port, f"b{label[:4]}{time.time():.0f}", buyers=buyers)
+            print(f"[buyers] {buyers} buyers, {label} a buyers file...", flush=True)
+            runs[label] = run_cgrid(events, env, pool, processes, workdir, client, buyer, latency=False)
+    finally:
+        buyer.stop()
+    rate = {label: r["rate"] for label, r in runs.items()}
+    cpu = {label: r["cpu_s_per_1000"] for label, r in runs.items()}
+    return {"buyers": buyers, "encrypting": (buyers + 3) // 4, "events": n, "rate": rate, "cpu_s_per_1000": cpu,
+            "ratio": round((rate["with"] + rate["with again"]) / (rate["without"] + rate["without again"]), 3)}
+
+
 def cpu_bound(ceiling: dict[str, Any], cgrid: dict[str, Any], cores: int) -> dict[str, Any]:
     """The most a fleet could deliver on these cores if its workers spent no CPU beyond
     their libcurl calls: the cores shared by those calls (the pycurl bare loop's CPU), the
@@ -517,7 +558,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=["fast", "realistic", "isolation", "all"], default="all")
+    parser.add_argument("--scenario", choices=["fast", "realistic", "isolation", "buyers", "all"], default="all")
+    parser.add_argument("--buyers", type=int, default=1000, help="buyer ids in the buyers-file scenario")
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--naive-events", type=int, default=5_000)
     parser.add_argument("--pool", choices=["solo", "prefork", "threads"], default="solo",
@@ -529,6 +571,7 @@ def main() -> int:
     results = []
     publish = None
     isolation = None
+    buyers_run = None
     with tempfile.TemporaryDirectory(prefix="cgrid-bench-") as tmp:
         workdir = Path(tmp)
         server = RedisServer(workdir / "redis").start()
@@ -537,7 +580,9 @@ def main() -> int:
                 publish_settings = Settings.from_env(fleet_env(server.url, {}))
                 publish = [run_publish(publish_settings, redis.Redis.from_url(server.url), with_ids=with_ids)
                            for with_ids in (True, False)]
-            names = {"all": ["fast", "realistic"], "isolation": []}.get(args.scenario, [args.scenario])
+            names = {"all": ["fast", "realistic"], "isolation": [], "buyers": []}.get(args.scenario, [args.scenario])
+            if args.scenario in ("buyers", "all"):
+                buyers_run = buyers_scenario(args.events, args.buyers, args.pool, workdir, server)
             if args.scenario in ("isolation", "all"):
                 redis.Redis.from_url(server.url).flushall()
                 isolation = run_isolation(server.url, workdir, progress=True)
@@ -551,10 +596,17 @@ def main() -> int:
     print_table(results, publish)
     if isolation is not None:
         print_report(isolation)
+    if buyers_run is not None:
+        b = buyers_run
+        print(f"\nbuyers file: {b['events']} events over {b['buyers']} buyers, {b['encrypting']} encrypting the price: "
+              + ", ".join(f"{label} {rate}/s ({b['cpu_s_per_1000'][label]} CPU s/1k)"
+                          for label, rate in b["rate"].items())
+              + f"; with/without {b['ratio']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                               "publish": publish, "scenarios": results, "isolation": isolation}, indent=2))
+                               "publish": publish, "scenarios": results, "isolation": isolation,
+                               "buyers_file": buyers_run}, indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")
     return 0
 
