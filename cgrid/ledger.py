@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -326,16 +327,34 @@ return out
 """
 
 # ARGV: prefix, limit, redeliver_after, retry_delay, report_ttl, queue, revive_after,
-# revive_batch, then the paused buyers. Looks at events whose due time has passed, and at
-# parked sets no worker has touched for revive_after (their workers are gone; a paused
-# buyer's are left alone): a few of those are sent again as triggers.
+# revive_batch, ledger_ttl, then per paused buyer: its id and maximum event age. Looks at
+# events whose due time has passed, and at parked sets no worker has touched for
+# revive_after (their workers are gone): a few of those are sent again as triggers. A paused
+# buyer's parked events are left alone, but those past its maximum age end `expired`.
 # Returns {time, send1 ids..., '|', send2 ids...}.
 _SWEEP = _LUA_COMMON + """
 local limit, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3])
 local delay, report_ttl, queue = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local revive_after, revive_batch = tonumber(ARGV[7]), tonumber(ARGV[8])
+local revive_after, revive_batch, ledger_ttl = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local paused = {}
-for i = 9, #ARGV do paused[ARGV[i]] = true end
+for i = 10, #ARGV, 2 do
+  local buyer, max_age = ARGV[i], tonumber(ARGV[i + 1])
+  paused[buyer] = true
+  local pkey = prefix .. 'parked:' .. buyer
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', pkey, '-inf', now - max_age, 'LIMIT', 0, limit)) do
+    local key = prefix .. 'ev:' .. id
+    local rec = redis.call('HMGET', key, 'state', 'claim', 'day')
+    if tonumber(rec[2] or '0') == 0 and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
+      redis.call('HSET', key, 'state', 'expired',
+        'reason', 'past its maximum age of ' .. max_age .. 's while its buyer was paused')
+      redis.call('HDEL', key, 'wait', 'waiting_since')
+      redis.call('ZREM', prefix .. 'due', id)
+      redis.call('EXPIRE', key, ledger_ttl)
+      bump(rec[3], buyer, 'expired', report_ttl)
+    end
+    redis.call('ZREM', pkey, id)
+  end
+end
 local due = prefix .. 'due'
 local wm = tonumber(redis.call('GET', prefix .. 'watermark') or '0')
 local queue_empty = redis.call('LLEN', queue) == 0
@@ -482,13 +501,16 @@ class Ledger:
 
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
-        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10, paused: tuple[str, ...] = (),
+        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 7 * 86400,
+        paused: Mapping[str, float] | None = None,
     ) -> tuple[float, list[str], list[str]]:
         """Handle events whose due time passed, and revive parked sets no worker touched for
         ``revive_after_s``. Returns the ledger's time and the ids whose trigger must be
         (re)sent, for attempt 1 and for attempt 2."""
         args: list[str | int] = [self.prefix, limit, _num(redeliver_after_s), _num(retry_delay_s),
-                                 report_ttl_s, queue, _num(revive_after_s), revive_batch, *paused]
+                                 report_ttl_s, queue, _num(revive_after_s), revive_batch, ledger_ttl_s]
+        for buyer, max_age_s in (paused or {}).items():
+            args += [buyer, _num(max_age_s)]
         now, *flat = [_text(item) for item in self._sweep(args=args)]
         split = flat.index("|")
         return float(now), flat[:split], flat[split + 1:]

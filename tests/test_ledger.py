@@ -193,3 +193,17 @@ def test_sweeper_revives_a_parked_set_no_worker_touches(ledger: Ledger) -> None:
     assert ledger.record("a")["waiting"]["reason"] == "queued"  # type: ignore[index]
     assert [i for i, _ in ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)] == ["a"]
     assert ledger.client.zcard("cgrid:parked:activity") == 0
+
+
+def test_a_paused_buyers_parked_events_expire_past_its_maximum_age(ledger: Ledger) -> None:
+    ledger.accept([event("young"), event("old")], redeliver_after_s=30, **TTL)
+    ledger.claim(["young", "old"], 1, lease_s=10, sent_at_s=0)
+    now = time.time()
+    park(ledger, "young", 1, now - 5)
+    park(ledger, "old", 1, now - 500)
+    args = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=60, queue="q", revive_after_s=0.0)
+    assert ledger.sweep(**args, paused={"b1": 100.0})[1:] == ([], [])  # paused: nothing is revived
+    old, young = ledger.record("old"), ledger.record("young")
+    assert old is not None and old["state"] == "expired" and "maximum age of 100" in old["reason"]
+    assert young is not None and young["state"] == "pending" and young["waiting"]["reason"] == "lane_full"
+    assert ledger.report()[0]["expired"] == 1

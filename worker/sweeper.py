@@ -28,9 +28,9 @@ def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int, 
         send_deliver(app, ids[start:start + batch_size], attempt_n, sent_at_s)
 
 
-def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: tuple[str, ...] = ()) -> int:
+def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str, float] | None = None) -> int:
     """One pass; returns how many triggers it sent. The parked events of ``paused`` buyers
-    are left where they are."""
+    (id -> maximum event age) are left where they are, or expire past that age."""
     now_s, first, second = ledger.sweep(
         limit=SWEEP_LIMIT,
         redeliver_after_s=settings.redeliver_after_s,
@@ -39,6 +39,7 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: tuple[st
         queue=settings.queue,
         revive_after_s=settings.park_revive_s,
         revive_batch=settings.batch_size,
+        ledger_ttl_s=settings.ledger_ttl_s,
         paused=paused,
     )
     send_triggers(app, first, 1, settings.batch_size, now_s)
@@ -74,7 +75,8 @@ class Sweeper:
         while not self._stop.wait(pause_s):
             try:
                 self.buyers.maybe_reload()
-                paused = tuple(b for b, own in self.buyers.config.buyers.items() if own.paused)
+                paused = {b: own.max_age_s or self.settings.event_max_age_s
+                          for b, own in self.buyers.config.buyers.items() if own.paused}
                 sent = sweep_once(self.app, self.ledger, self.settings, paused)
                 pause_s = 0.0 if sent >= SWEEP_LIMIT else self.settings.sweep_interval_s
             except (redis.RedisError, OSError) as e:
