@@ -178,19 +178,24 @@ class DeliveryEngine:
                 while not self._ledger_work:
                     self._cond.wait()
                 work, self._ledger_work = self._ledger_work, _LedgerWork()
-            try:
-                if work.parks:
-                    self._write_parks(work.parks)
-                for attempt_n in (1, 2):
-                    batch = [h for h in work.done if h.attempt.n == attempt_n]
-                    if batch:
-                        self._record(batch, attempt_n)
-                for buyer, k, parks_at_request in work.pulls:
-                    self._pull(buyer, k, parks_at_request)
-            except Exception as e:  # a bug: the attempts' leases cover what was not written
-                get_logger().error("ledger_thread_crashed", error=repr(e)[:300])
-            finally:
-                self._release(len(work.done) + len(work.parks))
+            # Each step on its own: a bug in one must not stop the others (a pull that never
+            # answers would leave its lane waiting for good). What a bug leaves unwritten is
+            # covered by the attempts' leases.
+            steps: list[Any] = []
+            if work.parks:
+                steps.append(lambda parks=work.parks: self._write_parks(parks))
+            for attempt_n in (1, 2):
+                batch = [h for h in work.done if h.attempt.n == attempt_n]
+                if batch:
+                    steps.append(lambda batch=batch, attempt_n=attempt_n: self._record(batch, attempt_n))
+            for buyer, k, parks_at_request in work.pulls:
+                steps.append(lambda b=buyer, k=k, p=parks_at_request: self._pull(b, k, p))
+            for step in steps:
+                try:
+                    step()
+                except Exception as e:
+                    get_logger().error("ledger_thread_crashed", error=repr(e)[:300])
+            self._release(len(work.done) + len(work.parks))
 
     def _ride_out(self, call: Any) -> Any:
         return ride_out_redis(call, self.rt.settings.attempt_grace_s / 2)
@@ -229,15 +234,16 @@ class DeliveryEngine:
         left = 1  # on a Redis error, keep the lane's backlog: it is pulled again later
         with self._cond:
             draining = self._draining
-        if not draining:
-            try:
+        try:
+            if not draining:
                 left, items = self._ride_out(
                     lambda: self.rt.ledger.pull(buyer, k, lease_s=self.rt.settings.attempt_lease_s))
-            except redis.RedisError as e:
-                get_logger().warning("ledger_pull_failed", buyer=buyer, error=str(e)[:200])
-        with self._cond:
-            self._pending += len(items)
-        self._post("pulled", (buyer, left, parks_at_request, items))
+        except redis.RedisError as e:
+            get_logger().warning("ledger_pull_failed", buyer=buyer, error=str(e)[:200])
+        finally:  # the lane always hears back, or it would never pull again
+            with self._cond:
+                self._pending += len(items)
+            self._post("pulled", (buyer, left, parks_at_request, items))
 
 
 def count_finished(batch: list[Handled], states: list[str]) -> None:

@@ -66,6 +66,10 @@ class _Metrics:
                               ["buyer", "reason"])
         self.queue_depth = Gauge("cgrid_queue_depth", "Triggers waiting on the broker queue",
                                  multiprocess_mode="livemax")
+        self.due = Gauge("cgrid_due_events", "Events accepted and not final, not parked: queued, in flight, "
+                         "or waiting for their retry", multiprocess_mode="livemax")
+        self.parked_events = Gauge("cgrid_parked_events", "Events parked in Redis per buyer (lane full, paused)",
+                                   ["buyer"], multiprocess_mode="livemax")
         self.sweeper = Counter("cgrid_sweeper_actions", "Triggers the sweeper sent: retries due, or attempt-1 "
                                "triggers sent again (lost, or parked events revived)", ["action"])
 

@@ -9,6 +9,7 @@ count as failed). Every worker runs one; the script is atomic, so they never col
 from __future__ import annotations
 
 import threading
+import time
 
 import redis
 from celery import Celery
@@ -21,6 +22,23 @@ from worker import metrics
 from worker.logs import get_logger
 
 SWEEP_LIMIT = 2000
+BACKLOG_GAUGES_S = 5.0  # how often the backlog gauges are read from Redis (metrics on)
+
+
+def backlog_gauges(ledger: Ledger) -> None:
+    """Events accepted and not yet final: in the due set (queued, in flight, retry waiting),
+    and parked per buyer."""
+    client, prefix = ledger.client, ledger.prefix
+    buyers = [b.decode() if isinstance(b, bytes) else str(b)
+              for b in client.zrange(prefix + "parked:activity", 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    pipe.zcard(prefix + "due")
+    for buyer in buyers:
+        pipe.zcard(prefix + "parked:" + buyer)
+    due, *parked = pipe.execute()
+    metrics.M.due.set(due)
+    for buyer, count in zip(buyers, parked, strict=True):
+        metrics.M.parked_events.labels(buyer).set(count)
 
 
 def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int, sent_at_s: float) -> None:
@@ -60,6 +78,7 @@ class Sweeper:
         self.settings = settings
         self.buyers = BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s)
         self._stop = threading.Event()
+        self._next_backlog_gauges = 0.0
         self._thread = threading.Thread(target=self._run, name="cgrid-sweeper", daemon=True)
 
     def start(self) -> None:
@@ -78,6 +97,9 @@ class Sweeper:
                 paused = {b: own.max_age_s or self.settings.event_max_age_s
                           for b, own in self.buyers.config.buyers.items() if own.paused}
                 sent = sweep_once(self.app, self.ledger, self.settings, paused)
+                if metrics.ENABLED and time.monotonic() >= self._next_backlog_gauges:
+                    self._next_backlog_gauges = time.monotonic() + BACKLOG_GAUGES_S
+                    backlog_gauges(self.ledger)
                 pause_s = 0.0 if sent >= SWEEP_LIMIT else self.settings.sweep_interval_s
             except (redis.RedisError, OSError) as e:
                 log.warning("sweep_failed", error=str(e)[:200])
