@@ -74,9 +74,10 @@ def price_micros(price: str | int | float) -> int:
     try:
         micros = (Decimal(str(price)) * MICROS).quantize(Decimal(1), rounding=ROUND_HALF_UP)
     except (InvalidOperation, ValueError):
-        raise PriceCryptoError(f"AUCTION_PRICE: {str(price)[:40]!r} is not a number") from None
+        # The value itself is left out: the reason is logged, and a price is never shown.
+        raise PriceCryptoError("AUCTION_PRICE: is not a number, so it cannot be encrypted") from None
     if not micros.is_finite() or micros < 0 or micros > MAX_MICROS:
-        raise PriceCryptoError(f"AUCTION_PRICE: {str(price)[:40]!r} is out of range")
+        raise PriceCryptoError("AUCTION_PRICE: is negative or too large to encrypt")
     return int(micros)
 
 
