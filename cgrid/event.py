@@ -130,6 +130,18 @@ class Event:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
 
+    def to_final_json(self, *, keep_call: bool) -> str:
+        """The event as its final ledger record keeps it: without the user's data (user
+        agent, IP chain); without the URL and macros (the URL's host stays) unless
+        ``keep_call`` (a failed event, which may be replayed)."""
+        out = self.to_dict()
+        out.pop("user_agent", None)
+        out.pop("forwarded_for", None)
+        if not keep_call:
+            out["host"] = urlsplit(out.pop("url")).netloc
+            out.pop("macros", None)
+        return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
     def target_url(self) -> str:
         """The URL to call: macros substituted."""
         return substitute(self.url, self.macros)

@@ -114,6 +114,7 @@ class Finish:
     reason: str = ""
     retry_delay_s: float | None = None  # the buyer's, or None for CGRID_RETRY_DELAY_S
     duration_ms: float | None = None  # of the call, for the report's latency (None: no call)
+    final_event: str = ""  # the event as a final record keeps it ('' = made by the script)
 
 
 # Every script reads the time from Redis, so that hosts with skewed clocks still agree on
@@ -132,6 +133,26 @@ local function bump(day, buyer, counter, report_ttl)
   local field = buyer .. '\\t' .. counter
   fields[field] = (fields[field] or 0) + 1
   bump_ttl = report_ttl
+end
+-- A final record keeps what reconciliation needs: the user's data (user agent, IP chain)
+-- goes at once, and so do the URL and macros (the host stays) unless the event failed and
+-- may be replayed. An unreadable record is left as it is.
+local function slim_event(text, keep_call)
+  if not text then return nil end
+  local ok, ev = pcall(cjson.decode, text)
+  if not ok or type(ev) ~= 'table' then return text end
+  ev['user_agent'] = nil
+  ev['forwarded_for'] = nil
+  if not keep_call and type(ev['url']) == 'string' then
+    ev['host'] = string.match(ev['url'], '^%a+://([^/?#]*)')
+    ev['url'] = nil
+    ev['macros'] = nil
+  end
+  return cjson.encode(ev)
+end
+local function finalize(key, event_text, state)
+  local slim = slim_event(event_text, state == 'failed')
+  if slim then redis.call('HSET', key, 'event', slim) end
 end
 -- Failed events by day and buyer, for replay (cgrid-s2s replay --buyer B --day D).
 local function note_failed(day, buyer, id, ttl)
@@ -205,17 +226,18 @@ return out
 """
 
 # ARGV: prefix, attempt n, ledger_ttl, report_ttl, retry_delay, then per event:
-# id, outcome, attempt_json, reason, the buyer's retry delay ('' = the default), and the
-# call's latency bucket ('' = no call). Returns the new state per event ('' if not ours).
+# id, outcome, attempt_json, reason, the buyer's retry delay ('' = the default), the call's
+# latency bucket ('' = no call), and the event as its final record keeps it ('' = made here).
+# Returns the new state per event ('' if not ours).
 _FINISH = _LUA_COMMON + """
 local n, ttl, report_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local default_delay = tonumber(ARGV[5])
 local due = prefix .. 'due'
 local out = {}
-for i = 6, #ARGV, 6 do
+for i = 6, #ARGV, 7 do
   local id, outcome, attempt, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local delay = tonumber(ARGV[i + 4]) or default_delay
-  local bucket = ARGV[i + 5]
+  local bucket, final_event = ARGV[i + 5], ARGV[i + 6]
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2')
   local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
@@ -256,6 +278,11 @@ for i = 6, #ARGV, 6 do
     redis.call('HSET', key, 'state', new)
     if new ~= 'retry_scheduled' then
       redis.call('ZREM', due, id)
+      if final_event ~= '' and (new == 'failed') == (outcome == 'fail') then
+        redis.call('HSET', key, 'event', final_event)
+      else
+        finalize(key, redis.call('HGET', key, 'event'), new)
+      end
       redis.call('EXPIRE', key, ttl)
     end
   end
@@ -343,11 +370,12 @@ for i = 10, #ARGV, 2 do
   local pkey = prefix .. 'parked:' .. buyer
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', pkey, '-inf', now - max_age, 'LIMIT', 0, limit)) do
     local key = prefix .. 'ev:' .. id
-    local rec = redis.call('HMGET', key, 'state', 'claim', 'day')
+    local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'event')
     if tonumber(rec[2] or '0') == 0 and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
       redis.call('HSET', key, 'state', 'expired',
         'reason', 'past its maximum age of ' .. max_age .. 's while its buyer was paused')
       redis.call('HDEL', key, 'wait', 'waiting_since')
+      finalize(key, rec[4], 'expired')
       redis.call('ZREM', prefix .. 'due', id)
       redis.call('EXPIRE', key, ledger_ttl)
       bump(rec[3], buyer, 'expired', report_ttl)
@@ -362,7 +390,7 @@ local send1, send2 = {}, {}
 local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do
   local key = prefix .. 'ev:' .. id
-  local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer')
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event')
   local state, claim = rec[1], tonumber(rec[2] or '0')
   if not state or (state ~= 'pending' and state ~= 'retry_scheduled') then
     redis.call('ZREM', due, id)
@@ -379,6 +407,7 @@ for _, id in ipairs(ids) do
     else
       redis.call('HSET', key, 'state', 'failed')
       redis.call('ZREM', due, id)
+      finalize(key, rec[7], 'failed')
       bump(rec[5], rec[6], 'failed', report_ttl)
       note_failed(rec[5], rec[6], id, report_ttl)
     end
@@ -480,7 +509,8 @@ class Ledger:
         for result in results:
             delay = "" if result.retry_delay_s is None else _num(result.retry_delay_s)
             bucket = "" if result.duration_ms is None else latency_bucket(result.duration_ms)
-            args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket]
+            args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket,
+                     result.final_event]
         return [_text(state) for state in self._finish(args=args)]
 
     def park(self, parks: list[Park]) -> list[bool]:

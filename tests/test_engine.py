@@ -59,8 +59,10 @@ def test_a_full_lane_parks_in_redis_and_its_events_come_back_in_creation_order(
     assert sorted(calls) == sorted(ids)  # each called once
     # Keep-alive: at most two calls at a time, so the multi handle's connections are reused.
     assert len({c["client_port"] for c in dsp.log.snapshot()}) <= 2
-    later = [c for c in calls if c in parked]
-    assert later == sorted(later, key=lambda i: int(i.split("-")[1]))  # parked ones: oldest first
+    # Parked ones were started oldest first (two at a time, so the buyer may log a pair in
+    # either order: the ledger's start times tell).
+    started = sorted(parked, key=lambda i: ledger.record(i)["attempts"][0]["started_at"])  # type: ignore[index]
+    assert started == sorted(parked, key=lambda i: int(i.split("-")[1]))
 
 
 def test_a_bug_in_the_loop_does_not_leak_the_process_room(
@@ -76,3 +78,13 @@ def test_a_bug_in_the_loop_does_not_leak_the_process_room(
     record = engine.rt.ledger.record("bug-1")
     assert record is not None and record["in_flight_attempt"] == 1  # left to its lease
     assert dsp.log.snapshot() == []
+
+
+def test_the_final_record_the_engine_writes_drops_the_users_data(engine: DeliveryEngine, dsp: MockDspServer) -> None:
+    user = {"user_agent": "Mozilla/5.0 (secret)", "forwarded_for": ["77.16.215.3"], "upstream": "u2s"}
+    ids = accept_and_claim(engine, [{**user, "id": "fin-ok", "kind": "burl", "url": f"{dsp.url}/status/204?e=ok"}])
+    ledger = engine.rt.ledger
+    wait_for(lambda: (ledger.record(ids[0]) or {}).get("state") == "delivered", 10, "delivered")
+    final = ledger.record(ids[0])["event"]  # type: ignore[index]
+    assert "user_agent" not in final and "forwarded_for" not in final and "url" not in final
+    assert final["host"] == dsp.url.split("//")[1]

@@ -207,3 +207,25 @@ def test_a_paused_buyers_parked_events_expire_past_its_maximum_age(ledger: Ledge
     assert old is not None and old["state"] == "expired" and "maximum age of 100" in old["reason"]
     assert young is not None and young["state"] == "pending" and young["waiting"]["reason"] == "lane_full"
     assert ledger.report()[0]["expired"] == 1
+
+
+def test_a_final_record_drops_the_users_data_and_keeps_what_reconciliation_needs(ledger: Ledger) -> None:
+    full = {"kind": "burl", "upstream": "u2s", "buyer": "b1", "user_agent": "Mozilla/5.0 (secret)",
+            "forwarded_for": ["77.16.215.3"], "macros": {"AUCTION_PRICE": 1.25},
+            "url": "https://dsp.example:8443/b?p=${AUCTION_PRICE}"}
+    ledger.accept([parse_event({**full, "id": "ok"}), parse_event({**full, "id": "bad"})], redeliver_after_s=30,
+                  **TTL)
+    assert ledger.record("ok")["event"]["user_agent"] == "Mozilla/5.0 (secret)"  # type: ignore[index]
+    ledger.claim(["ok", "bad"], 1, lease_s=10, sent_at_s=0)
+    finish(ledger, "ok", 1, Outcome.OK)
+    finish(ledger, "bad", 1, Outcome.FAIL, delay_s=0.0)
+    ledger.claim(["bad"], 2, lease_s=10, sent_at_s=0)
+    finish(ledger, "bad", 2, Outcome.FAIL)
+    delivered = ledger.record("ok")["event"]  # type: ignore[index]
+    assert "user_agent" not in delivered and "forwarded_for" not in delivered
+    assert "url" not in delivered and "macros" not in delivered and delivered["host"] == "dsp.example:8443"
+    assert (delivered["id"], delivered["kind"], delivered["buyer"]) == ("ok", "burl", "b1")
+    failed = ledger.record("bad")["event"]  # type: ignore[index]
+    assert "user_agent" not in failed and "forwarded_for" not in failed
+    assert failed["url"] == full["url"] and failed["macros"] == {"AUCTION_PRICE": 1.25}  # kept for replay
+    assert parse_event({**failed, "id": "bad:replay1"}).macros == {"AUCTION_PRICE": 1.25}

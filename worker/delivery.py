@@ -45,7 +45,12 @@ class Attempt:
             record["unexpected_status"] = True
         return json.dumps(record, separators=(",", ":"))
 
-    def to_finish(self, event_id: str, retry_delay_s: float | None = None) -> Finish:
+    def to_finish(self, event_id: str, retry_delay_s: float | None = None, event: Event | None = None) -> Finish:
+        # A failed first attempt is not final (its retry is scheduled); anything else is,
+        # and the final record is made here, off Redis's CPU.
+        final = ""
+        if event is not None and not (self.outcome is Outcome.FAIL and self.n == 1):
+            final = event.to_final_json(keep_call=self.outcome is Outcome.FAIL)
         return Finish(
             event_id=event_id,
             outcome=self.outcome,
@@ -53,6 +58,7 @@ class Attempt:
             reason=self.reason,
             retry_delay_s=retry_delay_s,
             duration_ms=self.duration_ms if self.called else None,
+            final_event=final,
         )
 
 

@@ -204,8 +204,8 @@ class DeliveryEngine:
         """Write outcomes, riding out a short Redis outage. If it lasts past the attempts'
         lease, the sweeper counts them as lost (failed) attempts: never as silently done."""
         settings = self.rt.settings
-        finishes = [h.attempt.to_finish(h.event_id, self.buyer(h.event.buyer if h.event else None).retry_delay_s)
-                    for h in batch]
+        finishes = [h.attempt.to_finish(h.event_id, self.buyer(h.event.buyer if h.event else None).retry_delay_s,
+                                        h.event) for h in batch]
         try:
             states = self._ride_out(lambda: self.rt.ledger.finish(
                 finishes, attempt_n, ledger_ttl_s=settings.ledger_ttl_s,
