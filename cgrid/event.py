@@ -134,12 +134,17 @@ class Event:
         """The event as its final ledger record keeps it: without the user's data (user
         agent, IP chain); without the URL and macros (the URL's host stays) unless
         ``keep_call`` (a failed event, which may be replayed)."""
-        out = self.to_dict()
-        out.pop("user_agent", None)
-        out.pop("forwarded_for", None)
-        if not keep_call:
-            out["host"] = urlsplit(out.pop("url")).netloc
-            out.pop("macros", None)
+        out: dict[str, Any] = {"id": self.id, "kind": self.kind.value, "upstream": self.upstream.value,
+                               "created_at": self.created_at_s}
+        if self.buyer is not None:
+            out["buyer"] = self.buyer
+        if keep_call:
+            out["url"] = self.url
+            if self.macros:
+                out["macros"] = dict(self.macros)
+        else:
+            # The authority of an absolute http(s) URL (credentials are refused at publish).
+            out["host"] = self.url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
         return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
     def target_url(self) -> str:

@@ -34,16 +34,13 @@ class Attempt:
         return self.outcome not in (Outcome.REJECTED, Outcome.EXPIRED)
 
     def to_json(self) -> str:
-        record: dict[str, object] = {
-            "n": self.n,
-            "started_at": round(self.started_at_s, 6),
-            "ms": round(self.duration_ms, 3),
-            "status": self.status,
-            "error": self.error.value if self.error else None,
-        }
-        if self.outcome is Outcome.UNEXPECTED:  # delivered, but a status the report flags
-            record["unexpected_status"] = True
-        return json.dumps(record, separators=(",", ":"))
+        """The attempt as the ledger keeps it. Written by hand: every value is a number, null
+        or an error-class name, and json.dumps cost a twentieth of a worker's CPU here."""
+        status = "null" if self.status is None else str(int(self.status))
+        error = "null" if self.error is None else f'"{self.error.value}"'
+        flag = ',"unexpected_status":true' if self.outcome is Outcome.UNEXPECTED else ""
+        return (f'{{"n":{self.n},"started_at":{self.started_at_s:.6f},"ms":{self.duration_ms:.3f},'
+                f'"status":{status},"error":{error}{flag}}}')
 
     def to_finish(self, event_id: str, retry_delay_s: float | None = None, event: Event | None = None) -> Finish:
         # A failed first attempt is not final (its retry is scheduled); anything else is,
