@@ -5,7 +5,6 @@ Plain functions, free of Celery and Redis, so the rules are testable on their ow
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
