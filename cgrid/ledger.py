@@ -13,6 +13,7 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
                        buyer's lane (claimed, then handed back unstarted: no attempt counted)
 - ``P parked:activity`` sorted set: buyer -> when its parked set was last touched
 - ``P failed:<day>:<buyer>`` set of the ids that ended ``failed``, for replay
+- ``P open:<kind>``      events accepted and not yet final, per kind (the backlog)
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 
 The one-retry guard is :data:`_CLAIM`: attempt ``n`` of an event can be claimed once,
@@ -134,6 +135,11 @@ local function bump(day, buyer, counter, report_ttl)
   fields[field] = (fields[field] or 0) + 1
   bump_ttl = report_ttl
 end
+-- Events accepted and not yet final, per kind (P open:<kind>): the notices' backlog.
+local open_delta = {}
+local function opened(kind, delta)
+  if kind then open_delta[kind] = (open_delta[kind] or 0) + delta end
+end
 -- A final record keeps what reconciliation needs: the user's data (user agent, IP chain)
 -- goes at once, and so do the URL and macros (the host stays) unless the event failed and
 -- may be replayed. An unreadable record is left as it is.
@@ -150,6 +156,9 @@ local function slim_event(text, keep_call)
   end
   return cjson.encode(ev)
 end
+local function closed(key)
+  opened(redis.call('HGET', key, 'kind'), -1)
+end
 local function finalize(key, event_text, state)
   local slim = slim_event(event_text, state == 'failed')
   if slim then redis.call('HSET', key, 'event', slim) end
@@ -161,6 +170,7 @@ local function note_failed(day, buyer, id, ttl)
   redis.call('EXPIRE', key, ttl)
 end
 local function write_bumps()
+  for kind, delta in pairs(open_delta) do redis.call('INCRBY', prefix .. 'open:' .. kind, delta) end
   for day, fields in pairs(bumps) do
     local key = prefix .. 'report:' .. day
     for field, count in pairs(fields) do redis.call('HINCRBY', key, field, count) end
@@ -171,18 +181,19 @@ end
 """
 
 # ARGV: prefix, ledger_ttl, report_ttl, redeliver_after, then per event: id, day, buyer,
-# event_json. Returns the time, then 1 (accepted) or 0 (already known) per event.
+# event_json, kind. Returns the time, then 1 (accepted) or 0 (already known) per event.
 _ACCEPT = _LUA_COMMON + """
 local ttl, report_ttl, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local out = {now_text}
-for i = 5, #ARGV, 4 do
-  local id, day, buyer = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+for i = 5, #ARGV, 5 do
+  local id, day, buyer, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 4]
   local key = prefix .. 'ev:' .. id
   if redis.call('EXISTS', key) == 1 then
     out[#out + 1] = 0
   else
     redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
-      'buyer', buyer, 'accepted_at', now_text, 'sent_at', now_text, 'claim', 0)
+      'buyer', buyer, 'kind', kind, 'accepted_at', now_text, 'sent_at', now_text, 'claim', 0)
+    opened(kind, 1)
     redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', prefix .. 'due', now + redeliver, id)
     bump(day, buyer, 'events', report_ttl)
@@ -278,6 +289,7 @@ for i = 6, #ARGV, 7 do
     redis.call('HSET', key, 'state', new)
     if new ~= 'retry_scheduled' then
       redis.call('ZREM', due, id)
+      closed(key)
       if final_event ~= '' and (new == 'failed') == (outcome == 'fail') then
         redis.call('HSET', key, 'event', final_event)
       else
@@ -375,6 +387,7 @@ for i = 10, #ARGV, 2 do
       redis.call('HSET', key, 'state', 'expired',
         'reason', 'past its maximum age of ' .. max_age .. 's while its buyer was paused')
       redis.call('HDEL', key, 'wait', 'waiting_since')
+      closed(key)
       finalize(key, rec[4], 'expired')
       redis.call('ZREM', prefix .. 'due', id)
       redis.call('EXPIRE', key, ledger_ttl)
@@ -407,6 +420,7 @@ for _, id in ipairs(ids) do
     else
       redis.call('HSET', key, 'state', 'failed')
       redis.call('ZREM', due, id)
+      closed(key)
       finalize(key, rec[7], 'failed')
       bump(rec[5], rec[6], 'failed', report_ttl)
       note_failed(rec[5], rec[6], id, report_ttl)
@@ -484,7 +498,7 @@ class Ledger:
         ``sent_at``) and, per event, False for an id the ledger already holds."""
         args: list[Any] = [self.prefix, ledger_ttl_s, report_ttl_s, _num(redeliver_after_s)]
         for event in events:
-            args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.to_json()]
+            args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.to_json(), event.kind.value]
         now, *flags = self._accept(args=args)
         return float(_text(now)), [bool(flag) for flag in flags]
 
@@ -589,6 +603,11 @@ class Ledger:
         listed = [] if not replays else _text(replays).split(" ")
         if replay_id not in listed:
             self.client.hset(key, "replayed_as", " ".join([*listed, replay_id]))
+
+    def open_events(self) -> dict[str, int]:
+        """Events accepted and not yet final, per kind (``nurl``, ``burl``)."""
+        values = self.client.mget([f"{self.prefix}open:nurl", f"{self.prefix}open:burl"])
+        return {"nurl": int(values[0] or 0), "burl": int(values[1] or 0)}
 
     def poisoned(self) -> int:
         """How many poisoned messages workers have dropped."""

@@ -229,3 +229,16 @@ def test_a_final_record_drops_the_users_data_and_keeps_what_reconciliation_needs
     assert "user_agent" not in failed and "forwarded_for" not in failed
     assert failed["url"] == full["url"] and failed["macros"] == {"AUCTION_PRICE": 1.25}  # kept for replay
     assert parse_event({**failed, "id": "bad:replay1"}).macros == {"AUCTION_PRICE": 1.25}
+
+
+def test_the_backlog_counts_events_accepted_and_not_final_per_kind(ledger: Ledger) -> None:
+    win = parse_event({"id": "w", "kind": "nurl", "url": "https://d.example/", "upstream": "s2s"})
+    ledger.accept([event("b1"), event("b2"), win, event("b1")], redeliver_after_s=30, **TTL)  # b1 twice: once
+    assert ledger.open_events() == {"nurl": 1, "burl": 2}
+    ledger.claim(["b1", "b2"], 1, lease_s=10, sent_at_s=0)
+    finish(ledger, "b1", 1, Outcome.OK)
+    finish(ledger, "b2", 1, Outcome.FAIL, delay_s=0.0)  # retry scheduled: still open
+    assert ledger.open_events() == {"nurl": 1, "burl": 1}
+    ledger.claim(["b2"], 2, lease_s=10, sent_at_s=0)
+    finish(ledger, "b2", 2, Outcome.FAIL)
+    assert ledger.open_events() == {"nurl": 1, "burl": 0}

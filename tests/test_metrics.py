@@ -67,7 +67,8 @@ def test_a_worker_serves_delivery_metrics(pool: str, redis_url: str, dsp: MockDs
         assert values['cgrid_attempt_duration_seconds_count{kind="burl"}'] == 20
         assert 'cgrid_lane_cap{buyer="m-ok"}' in values  # the lanes' gauges, once a second
         assert "cgrid_queue_depth" in values
-        wait_for(lambda: scrape(port).get("cgrid_due_events") == 0, 15, "the backlog gauge at 0: nothing waits")
+        wait_for(lambda: scrape(port).get("cgrid_due_events") == 0 and scrape(port).get(
+            'cgrid_open_events{kind="burl"}') == 0, 15, "the backlog gauges at 0: nothing waits")
     finally:
         worker.stop()
 

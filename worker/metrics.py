@@ -68,6 +68,8 @@ class _Metrics:
                                  multiprocess_mode="livemax")
         self.due = Gauge("cgrid_due_events", "Events accepted and not final, not parked: queued, in flight, "
                          "or waiting for their retry", multiprocess_mode="livemax")
+        self.open_events = Gauge("cgrid_open_events", "Events accepted and not yet final, by kind: the backlog "
+                                 "of win (nurl) and billing (burl) notices", ["kind"], multiprocess_mode="livemax")
         self.parked_events = Gauge("cgrid_parked_events", "Events parked in Redis per buyer (lane full, paused)",
                                    ["buyer"], multiprocess_mode="livemax")
         self.sweeper = Counter("cgrid_sweeper_actions", "Triggers the sweeper sent: retries due, or attempt-1 "

@@ -39,6 +39,8 @@ def backlog_gauges(ledger: Ledger) -> None:
     metrics.M.due.set(due)
     for buyer, count in zip(buyers, parked, strict=True):
         metrics.M.parked_events.labels(buyer).set(count)
+    for kind, count in ledger.open_events().items():
+        metrics.M.open_events.labels(kind).set(count)
 
 
 def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int, sent_at_s: float) -> None:
