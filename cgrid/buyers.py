@@ -80,7 +80,8 @@ def _number(value: Any, *, integer: bool = False) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def parse_buyers(text: str, source: str = "buyers file", *, max_retry_delay_s: float = math.inf) -> BuyersConfig:
+def parse_buyers(text: str, source: str = "buyers file", *, max_retry_delay_s: float = math.inf,
+                 max_age_limit_s: float = math.inf) -> BuyersConfig:
     """Validate the whole file; raises :class:`ConfigError` naming the line and the key."""
     try:
         data = tomllib.loads(text)
@@ -123,8 +124,9 @@ def parse_buyers(text: str, source: str = "buyers file", *, max_retry_delay_s: f
         if max_concurrency is not None and not (_number(max_concurrency, integer=True) and max_concurrency >= 1):
             raise fail("max_concurrency", "must be a whole number, 1 or more")
         max_age_s = table.get("max_age_s")
-        if max_age_s is not None and not (_number(max_age_s) and max_age_s >= 1):
-            raise fail("max_age_s", "must be a number of seconds, 1 or more")
+        if max_age_s is not None and not (_number(max_age_s) and 1 <= max_age_s < max_age_limit_s):
+            raise fail("max_age_s", f"must be a number of seconds, 1 or more, below {max_age_limit_s:g} "
+                                    "(CGRID_LEDGER_TTL_S: the record must outlive the wait)")
         keys = None
         encryption, integrity = table.get("price_encryption_key"), table.get("price_integrity_key")
         if (encryption is None) != (integrity is None):
@@ -142,13 +144,24 @@ def parse_buyers(text: str, source: str = "buyers file", *, max_retry_delay_s: f
     return BuyersConfig(buyers)
 
 
-def load_buyers(path: str, *, max_retry_delay_s: float = math.inf) -> BuyersConfig:
+def load_buyers(path: str, *, max_retry_delay_s: float = math.inf, max_age_limit_s: float = math.inf) -> BuyersConfig:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"CGRID_BUYERS_FILE: cannot read {path!r}: {e.strerror}") from None
-    return parse_buyers(text, path, max_retry_delay_s=max_retry_delay_s)
+    except UnicodeDecodeError as e:
+        line = text_line_of_byte(path, e.start)
+        raise ConfigError(f"{path}: line {line}: not UTF-8 (byte {e.start})") from None
+    return parse_buyers(text, path, max_retry_delay_s=max_retry_delay_s, max_age_limit_s=max_age_limit_s)
+
+
+def text_line_of_byte(path: str, offset: int) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read(offset).count(b"\n") + 1
+    except OSError:
+        return 0
 
 
 class BuyersFile:
@@ -156,14 +169,16 @@ class BuyersFile:
     asked (``reload``, on SIGHUP). A broken new version is reported and the last good one
     stays in force."""
 
-    def __init__(self, path: str, *, max_retry_delay_s: float = math.inf) -> None:
+    def __init__(self, path: str, *, max_retry_delay_s: float = math.inf, max_age_limit_s: float = math.inf) -> None:
         self.path = path
         self.max_retry_delay_s = max_retry_delay_s
+        self.max_age_limit_s = max_age_limit_s
         self.config = BuyersConfig()
         self._stamp: tuple[int, int, int] | None = None
         self.last_error: str | None = None
         if path:
-            self.config = load_buyers(path, max_retry_delay_s=max_retry_delay_s)  # refused at start if broken
+            self.config = load_buyers(path, max_retry_delay_s=max_retry_delay_s,
+                                      max_age_limit_s=max_age_limit_s)  # refused at start if broken
             self._stamp = self._file_stamp()
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
@@ -184,10 +199,11 @@ class BuyersFile:
             return False
         stamp = self._file_stamp()
         try:
-            config = load_buyers(self.path, max_retry_delay_s=self.max_retry_delay_s)
-        except ConfigError as e:
+            config = load_buyers(self.path, max_retry_delay_s=self.max_retry_delay_s,
+                                 max_age_limit_s=self.max_age_limit_s)
+        except Exception as e:  # whatever is wrong with a new version, the last good one stays
             self._stamp = stamp  # report a broken version once, not every second
-            self.last_error = str(e)
+            self.last_error = str(e) if isinstance(e, ConfigError) else f"{self.path}: {e!r}"
             return False
         self._stamp = stamp
         self.config = config

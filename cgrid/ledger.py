@@ -215,10 +215,11 @@ local out = {}
 for i = 5, #ARGV do
   local id = ARGV[i]
   local key = prefix .. 'ev:' .. id
-  local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event')
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event', 'wait')
   local state, claim = rec[1], tonumber(rec[2] or '0')
   local ok = false
-  if claim == 0 then
+  -- A parked event (wait set) is claimed by its lane's pull, never by a stray trigger.
+  if claim == 0 and not rec[7] then
     if n == 1 then
       ok = state == 'pending' and not rec[3]
     else
@@ -332,17 +333,23 @@ local buyer, k, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local pkey = prefix .. 'parked:' .. buyer
 local out = {0}
 local got = 0
+local later = {}
 while got < k do
   local popped = redis.call('ZPOPMIN', pkey, k - got)
   if #popped == 0 then break end
   for i = 1, #popped, 2 do
     local id = popped[i]
     local key = prefix .. 'ev:' .. id
-    local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'event')
+    local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'event', 'retry_at')
     local n = nil
     if tonumber(rec[2] or '0') == 0 then
       if rec[1] == 'pending' and not rec[3] then n = 1
-      elseif rec[1] == 'retry_scheduled' and rec[3] and not rec[4] then n = 2 end
+      elseif rec[1] == 'retry_scheduled' and rec[3] and not rec[4]
+          and now >= tonumber(rec[6] or '0') - 1 then n = 2
+      elseif rec[1] == 'retry_scheduled' and rec[3] and not rec[4] then
+        -- Its retry is not due yet: it stays parked (a pull never shortens the delay).
+        later[#later + 1] = {popped[i + 1], id}
+      end
     end
     if n then
       redis.call('HSET', key, 'claim', n, 'claimed_at', now_text)
@@ -355,6 +362,7 @@ while got < k do
     end
   end
 end
+for _, entry in ipairs(later) do redis.call('ZADD', pkey, entry[1], entry[2]) end
 local left = redis.call('ZCARD', pkey)
 out[1] = left
 if left == 0 then

@@ -126,8 +126,12 @@ class Settings:
         claims at most CGRID_CALL_CONCURRENCY + CGRID_BATCH_SIZE attempts, so one may wait
         behind one batch's worth of calls, and in its full lane CGRID_LANE_WAIT_MS before it
         is parked, before its own call is made."""
+        return self.lease_for(self.timeout_s)
+
+    def lease_for(self, longest_timeout_s: float) -> float:
+        """The lease when the longest deadline of any buyer is ``longest_timeout_s``."""
         waves = 1 + math.ceil(self.batch_size / self.call_concurrency)
-        return self.timeout_s * waves + self.lane_wait_s + self.attempt_grace_s
+        return max(self.timeout_s, longest_timeout_s) * waves + self.lane_wait_s + self.attempt_grace_s
 
     def validate(self) -> None:
         """Refuse combinations that would break the one-retry and nothing-lost guarantees."""
@@ -152,5 +156,10 @@ class Settings:
             raise ConfigError(f"CGRID_METRICS_PORT: {self.metrics_port} is not a port (1-65535, or 0 for off)")
         if self.ca_file and not os.path.isfile(self.ca_file):
             raise ConfigError(f"CGRID_CA_FILE: {self.ca_file!r} is not a readable file")
+        if self.event_max_age_s >= self.ledger_ttl_s:
+            raise ConfigError(
+                f"CGRID_EVENT_MAX_AGE_S = {self.event_max_age_s:g}s must stay below CGRID_LEDGER_TTL_S = "
+                f"{self.ledger_ttl_s}s: an event's record must outlive the wait for its call"
+            )
         if self.retry_delay_s >= self.ledger_ttl_s:
             raise ConfigError("CGRID_RETRY_DELAY_S must stay below CGRID_LEDGER_TTL_S")

@@ -180,3 +180,13 @@ def test_a_broken_buyers_file_stops_the_worker_at_start_naming_line_and_key(tmp_
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "line 3: buyers.dsp-1.max_concurrency: must be a whole number" in result.stderr
+
+
+def test_the_lease_covers_the_longest_deadline_of_any_buyer(redis_url: str, tmp_path: Path) -> None:
+    buyers = tmp_path / "buyers.toml"
+    buyers.write_text("[buyers.slow]\ntimeout_s = 30\n")
+    engine = make_engine(redis_url, buyers, CGRID_TIMEOUT_S=2)
+    # A buyer's own 30 s deadline must not outlast the lease, or a slow success would be
+    # counted lost and retried: two calls for one delivery.
+    assert engine.lease_s >= 30 * 2 + engine.rt.settings.attempt_grace_s
+    assert engine.rt.settings.attempt_lease_s < 30

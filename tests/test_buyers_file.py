@@ -79,3 +79,18 @@ def test_a_broken_new_version_keeps_the_last_good_one(tmp_path: Path) -> None:
 def test_an_unreadable_file_at_start_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="CGRID_BUYERS_FILE: cannot read"):
         BuyersFile(str(tmp_path / "missing.toml"))
+
+
+def test_a_new_version_that_is_not_utf8_is_refused_and_the_last_good_one_stays(tmp_path: Path) -> None:
+    path = tmp_path / "buyers.toml"
+    path.write_text("[buyers.a]\nmax_concurrency = 5\n")
+    watched = BuyersFile(str(path))
+    path.write_bytes(b"[buyers.a]\n# caf\xe9\nmax_concurrency = 7\n")
+    os.utime(path, ns=(2, 2))
+    assert not watched.maybe_reload()
+    assert watched.config.get("a").max_concurrency == 5 and "line 2: not UTF-8" in (watched.last_error or "")
+
+
+def test_a_maximum_age_must_stay_within_the_ledger_window() -> None:
+    with pytest.raises(ConfigError, match="max_age_s: must be a number of seconds, 1 or more, below 3600"):
+        parse_buyers("[buyers.a]\nmax_age_s = 7200\n", max_age_limit_s=3600)

@@ -242,3 +242,18 @@ def test_the_backlog_counts_events_accepted_and_not_final_per_kind(ledger: Ledge
     ledger.claim(["b2"], 2, lease_s=10, sent_at_s=0)
     finish(ledger, "b2", 2, Outcome.FAIL)
     assert ledger.open_events() == {"nurl": 1, "burl": 0}
+
+
+def test_a_parked_event_is_claimed_only_by_its_pull_and_a_pull_keeps_the_retry_delay(ledger: Ledger) -> None:
+    ledger.accept([event("p"), event("r")], redeliver_after_s=30, **TTL)
+    ledger.claim(["p", "r"], 1, lease_s=10, sent_at_s=0)
+    park(ledger, "p", 1, 1.0)
+    assert ledger.claim(["p"], 1, lease_s=10, sent_at_s=0) == []  # a stray or duplicate trigger
+    # A retry parked before it is due stays parked: the pull does not shorten the delay.
+    finish(ledger, "r", 1, Outcome.FAIL, delay_s=600)
+    ledger.client.hset("cgrid:ev:r", "claim", 2)  # as if attempt 2 had been claimed...
+    park(ledger, "r", 2, 2.0)  # ...and parked
+    ledger.client.hset("cgrid:ev:r", "retry_at", f"{time.time() + 600:.6f}")
+    left, pulled = ledger.pull("b1", 10, lease_s=10)
+    assert [(n, i) for n, i, _ in pulled] == [(1, "p")] and left == 1
+    assert ledger.record("r")["state"] == "retry_scheduled" and ledger.record("r")["attempts"][0]["n"] == 1  # type: ignore[index]

@@ -27,7 +27,7 @@ def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float) -> list
     """Claim, riding out a short Redis outage; a longer one leaves the events to the
     sweeper (their trigger is resent), so nothing is lost by giving up."""
     return ride_out_redis(
-        lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.settings.attempt_lease_s, sent_at_s=sent_at_s),
+        lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s),
         rt.settings.attempt_grace_s / 2,
     )
 

@@ -83,7 +83,8 @@ class DeliveryEngine:
         self.rt = rt
         settings = rt.settings
         self.client = ClientConfig(settings.allowed_networks, settings.ca_file)
-        self.buyers = BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s)
+        self.buyers = BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s,
+                           max_age_limit_s=settings.ledger_ttl_s)
         self.lanes: Lanes[Item] = Lanes(settings.call_concurrency, self.limits_for, wait_s=settings.lane_wait_s)
         # At most this many attempts are claimed by one process at once.
         self.capacity = settings.call_concurrency + settings.batch_size
@@ -100,6 +101,13 @@ class DeliveryEngine:
 
     def buyer(self, buyer: str | None) -> BuyerSettings:
         return self.buyers.config.get(buyer)
+
+    @property
+    def lease_s(self) -> float:
+        """How long a claimed attempt may take before it counts as lost: from the longest
+        deadline of any buyer (a buyer's own timeout_s may exceed CGRID_TIMEOUT_S)."""
+        longest = max((b.timeout_s or 0.0 for b in self.buyers.config.buyers.values()), default=0.0)
+        return self.rt.settings.lease_for(longest)
 
     def limits_for(self, buyer: str) -> LaneLimits:
         settings, own = self.rt.settings, self.buyer(buyer)
@@ -182,12 +190,14 @@ class DeliveryEngine:
             # answers would leave its lane waiting for good). What a bug leaves unwritten is
             # covered by the attempts' leases.
             steps: list[Any] = []
+            kept: list[Handled] = []  # outcomes Redis could not take: written on the next round
             if work.parks:
                 steps.append(lambda parks=work.parks: self._write_parks(parks))
             for attempt_n in (1, 2):
                 batch = [h for h in work.done if h.attempt.n == attempt_n]
                 if batch:
-                    steps.append(lambda batch=batch, attempt_n=attempt_n: self._record(batch, attempt_n))
+                    steps.append(lambda batch=batch, attempt_n=attempt_n, kept=kept:
+                                 None if self._record(batch, attempt_n) else kept.extend(batch))
             for buyer, k, parks_at_request in work.pulls:
                 steps.append(lambda b=buyer, k=k, p=parks_at_request: self._pull(b, k, p))
             for step in steps:
@@ -195,14 +205,18 @@ class DeliveryEngine:
                     step()
                 except Exception as e:
                     get_logger().error("ledger_thread_crashed", error=repr(e)[:300])
-            self._release(len(work.done) + len(work.parks))
+            self._release(len(work.done) - len(kept) + len(work.parks))
+            if kept:
+                time.sleep(0.5)
+                self._to_ledger(kept, [], [])
 
     def _ride_out(self, call: Any) -> Any:
         return ride_out_redis(call, self.rt.settings.attempt_grace_s / 2)
 
-    def _record(self, batch: list[Handled], attempt_n: int) -> None:
-        """Write outcomes, riding out a short Redis outage. If it lasts past the attempts'
-        lease, the sweeper counts them as lost (failed) attempts: never as silently done."""
+    def _record(self, batch: list[Handled], attempt_n: int) -> bool:
+        """Write outcomes, riding out a short Redis outage; False when Redis stayed away (the
+        caller keeps the outcomes and writes them later: a success written late still
+        cancels the retry the sweeper may have scheduled meanwhile)."""
         settings = self.rt.settings
         finishes = [h.attempt.to_finish(h.event_id, self.buyer(h.event.buyer if h.event else None).retry_delay_s,
                                         h.event) for h in batch]
@@ -212,8 +226,8 @@ class DeliveryEngine:
                 report_ttl_s=settings.report_ttl_s, retry_delay_s=settings.retry_delay_s,
             ))
         except redis.RedisError as e:
-            get_logger().error("ledger_write_failed", events=len(batch), error=str(e)[:200])
-            return
+            get_logger().error("ledger_write_failed", events=len(batch), error=str(e)[:200], kept=True)
+            return False
         if metrics.ENABLED:
             count_finished(batch, states)
         for item, state in zip(batch, states, strict=True):
@@ -221,6 +235,7 @@ class DeliveryEngine:
                 log_attempt(item.event, item.attempt, state or "superseded")
             else:
                 get_logger().error("poisoned_event", event_id=item.event_id, reason=item.attempt.reason)
+        return True
 
     def _write_parks(self, parks: list[Park]) -> None:
         try:
@@ -237,7 +252,7 @@ class DeliveryEngine:
         try:
             if not draining:
                 left, items = self._ride_out(
-                    lambda: self.rt.ledger.pull(buyer, k, lease_s=self.rt.settings.attempt_lease_s))
+                    lambda: self.rt.ledger.pull(buyer, k, lease_s=self.lease_s))
         except redis.RedisError as e:
             get_logger().warning("ledger_pull_failed", buyer=buyer, error=str(e)[:200])
         finally:  # the lane always hears back, or it would never pull again
@@ -348,7 +363,7 @@ class _CallLoop:
                 self._park(self.lanes.overdue(now))
             # No pulls while draining (warm shutdown): parked events wait for other workers.
             pulls = [] if engine._draining else [
-                (lane.buyer, k, lane.parks) for lane, k in self.lanes.pulls_wanted(PULL_MAX)]
+                (lane.buyer, k, lane.parks) for lane, k in self.lanes.pulls_wanted(PULL_MAX, now)]
             if self.done or self.parks or pulls:
                 engine._to_ledger(self.done, self.parks, pulls)
                 self.done, self.parks = [], []
@@ -381,12 +396,16 @@ class _CallLoop:
 
     def _take_pulled(self, buyer: str, left: int, parks_at_request: int,
                      items: list[tuple[int, str, str]]) -> None:
-        self.lanes.pulled(self.lanes.lane(buyer), left, parks_at_request)
+        lane = self.lanes.lane(buyer)
         now = time.monotonic()
+        self.lanes.pulled(lane, left, parks_at_request, got=len(items), now_s=now)
         for attempt_n, event_id, event_json in items:
             try:
                 item = self._prepared(event_id, event_json, attempt_n)
-                if item is not None:
+                if item is not None and lane.limits.paused:  # paused while the pull was on its way
+                    self.lanes.admit(item.buyer, item, now)  # marks the backlog
+                    self._park([item])
+                elif item is not None:
                     self.lanes.admit_pulled(item.buyer, item, now)
             except Exception as e:
                 self._lost_to_a_bug(event_id, e)

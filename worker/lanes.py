@@ -48,6 +48,7 @@ class Lane(Generic[T]):
     backlog: bool = False  # Redis holds parked events of this lane (as far as we know)
     parks: int = 0  # parks issued, so a pull that raced a park cannot clear ``backlog``
     pulling: bool = False
+    next_pull_at: float = 0.0  # after a pull that found nothing callable, wait a little
     next_cut_at: float = 0.0
     failures_in_row: int = 0
     ready: bool = False  # in the scheduler's round-robin ring
@@ -176,14 +177,14 @@ class Lanes(Generic[T]):
         lane.parks += 1
         self._backlogged[lane.buyer] = lane
 
-    def pulls_wanted(self, max_k: int) -> list[tuple[Lane[T], int]]:
+    def pulls_wanted(self, max_k: int, now_s: float = 0.0) -> list[tuple[Lane[T], int]]:
         """Lanes with parked events and room, and how many to pull for each."""
         wanted = []
         free = self.free_slots
         for lane in self._backlogged.values():
             if free <= 0:
                 break
-            if not lane.pulling and lane.room > 0 and not lane.limits.paused:
+            if not lane.pulling and lane.room > 0 and not lane.limits.paused and now_s >= lane.next_pull_at:
                 k = min(lane.room, free, max_k)
                 lane.pulling = True
                 wanted.append((lane, k))
@@ -207,9 +208,11 @@ class Lanes(Generic[T]):
             self._make_ready(lane)
         return out
 
-    def pulled(self, lane: Lane[T], left: int, parks_at_request: int) -> None:
-        """A pull came back; ``left`` events stay parked in Redis."""
+    def pulled(self, lane: Lane[T], left: int, parks_at_request: int, *, got: int = 1, now_s: float = 0.0) -> None:
+        """A pull came back with ``got`` events; ``left`` stay parked in Redis."""
         lane.pulling = False
+        if got == 0 and left > 0:  # nothing callable yet (a retry not due): do not spin on it
+            lane.next_pull_at = now_s + 1.0
         if left == 0 and lane.parks == parks_at_request:
             lane.backlog = False
             self._backlogged.pop(lane.buyer, None)

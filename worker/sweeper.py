@@ -78,7 +78,8 @@ class Sweeper:
         self.app = app
         self.ledger = ledger
         self.settings = settings
-        self.buyers = BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s)
+        self.buyers = BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s,
+                           max_age_limit_s=settings.ledger_ttl_s)
         self._stop = threading.Event()
         self._next_backlog_gauges = 0.0
         self._thread = threading.Thread(target=self._run, name="cgrid-sweeper", daemon=True)
@@ -95,7 +96,10 @@ class Sweeper:
         pause_s = self.settings.sweep_interval_s
         while not self._stop.wait(pause_s):
             try:
-                self.buyers.maybe_reload()
+                self.buyers.maybe_reload()  # never raises: a broken file keeps the last good one
+            except Exception as e:
+                log.error("buyers_file_check_failed", error=repr(e)[:300])
+            try:
                 paused = {b: own.max_age_s or self.settings.event_max_age_s
                           for b, own in self.buyers.config.buyers.items() if own.paused}
                 sent = sweep_once(self.app, self.ledger, self.settings, paused)
