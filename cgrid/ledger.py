@@ -212,10 +212,11 @@ local wm_key = prefix .. 'watermark'
 local wm = tonumber(redis.call('GET', wm_key) or '0')
 if sent_at > wm then redis.call('SET', wm_key, ARGV[4]) end
 local out = {}
+local seen, parked = {}, {}
 for i = 5, #ARGV do
   local id = ARGV[i]
   local key = prefix .. 'ev:' .. id
-  local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event', 'wait')
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event', 'wait', 'buyer')
   local state, claim = rec[1], tonumber(rec[2] or '0')
   local ok = false
   -- A parked event (wait set) is claimed by its lane's pull, never by a stray trigger.
@@ -232,8 +233,17 @@ for i = 5, #ARGV do
     redis.call('ZADD', prefix .. 'due', now + lease, id)
     out[#out + 1] = id
     out[#out + 1] = rec[6]
+    local buyer = rec[8]
+    if buyer and not seen[buyer] then
+      seen[buyer] = true
+      if redis.call('EXISTS', prefix .. 'parked:' .. buyer) == 1 then parked[#parked + 1] = buyer end
+    end
   end
 end
+-- Then the claimed events' buyers that have parked events: their lanes must pull them (a
+-- worker that parked them may be gone) and let new events wait behind them.
+out[#out + 1] = '|'
+for _, buyer in ipairs(parked) do out[#out + 1] = buyer end
 return out
 """
 
@@ -511,14 +521,19 @@ class Ledger:
         return float(_text(now)), [bool(flag) for flag in flags]
 
     def claim(
-        self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float
+        self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float,
+        parked_buyers: list[str] | None = None,
     ) -> list[tuple[str, str]]:
-        """Claim attempt ``attempt`` of each id; returns (id, event JSON) of those won."""
+        """Claim attempt ``attempt`` of each id; returns (id, event JSON) of those won. The
+        won events' buyers that have parked events are added to ``parked_buyers``."""
         if not ids:
             return []
         args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), *ids]
         flat = [_text(item) for item in self._claim(args=args)]
-        return list(zip(flat[0::2], flat[1::2], strict=True))
+        split = flat.index("|")
+        if parked_buyers is not None:
+            parked_buyers += flat[split + 1:]
+        return list(zip(flat[0:split:2], flat[1:split:2], strict=True))
 
     def finish(
         self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,

@@ -43,8 +43,9 @@ def deliver(engine: DeliveryEngine, events: list[dict[str, Any]], attempt_n: int
         ledger.accept(parsed, ledger_ttl_s=3600, report_ttl_s=3600, redeliver_after_s=60)
     ids = [e.id for e in parsed]
     engine.reserve(len(ids))
-    claimed = ledger.claim(ids, attempt_n, lease_s=settings.attempt_lease_s, sent_at_s=0)
-    engine.submit(claimed, attempt_n, reserved=len(ids))
+    parked_buyers: list[str] = []
+    claimed = ledger.claim(ids, attempt_n, lease_s=settings.attempt_lease_s, sent_at_s=0, parked_buyers=parked_buyers)
+    engine.submit(claimed, attempt_n, reserved=len(ids), parked_buyers=parked_buyers)
     return ids
 
 

@@ -36,8 +36,9 @@ def accept_and_claim(engine: DeliveryEngine, events: list[dict[str, Any]]) -> li
     ledger.accept(parsed, ledger_ttl_s=3600, report_ttl_s=3600, redeliver_after_s=60)
     ids = [e.id for e in parsed]
     engine.reserve(len(ids))
-    claimed = ledger.claim(ids, 1, lease_s=settings.attempt_lease_s, sent_at_s=0)
-    engine.submit(claimed, 1, reserved=len(ids))
+    parked_buyers: list[str] = []
+    claimed = ledger.claim(ids, 1, lease_s=settings.attempt_lease_s, sent_at_s=0, parked_buyers=parked_buyers)
+    engine.submit(claimed, 1, reserved=len(ids), parked_buyers=parked_buyers)
     return ids
 
 
@@ -88,3 +89,23 @@ def test_the_final_record_the_engine_writes_drops_the_users_data(engine: Deliver
     final = ledger.record(ids[0])["event"]  # type: ignore[index]
     assert "user_agent" not in final and "forwarded_for" not in final and "url" not in final
     assert final["host"] == dsp.url.split("//")[1]
+
+
+def test_events_parked_by_a_worker_that_is_gone_are_pulled_first(engine: DeliveryEngine, dsp: MockDspServer) -> None:
+    from cgrid.ledger import Park
+
+    ledger, settings = engine.rt.ledger, engine.rt.settings
+    old = [parse_event({"id": f"orph-{i}", "kind": "burl", "upstream": "s2s", "buyer": "orph",
+                        "created_at": 1_800_000_000 + i, "url": f"{dsp.url}/?e=orph-{i}"}) for i in range(3)]
+    ledger.accept(old, ledger_ttl_s=3600, report_ttl_s=3600, redeliver_after_s=600)
+    ledger.claim([e.id for e in old], 1, lease_s=600, sent_at_s=0)
+    ledger.park([Park(e.id, 1, e.created_at_s, "orph") for e in old])  # by a process that then died
+    new = {"id": "orph-new", "kind": "burl", "upstream": "s2s", "buyer": "orph", "created_at": 1_800_000_100,
+           "url": f"{dsp.url}/?e=orph-new"}
+    accept_and_claim(engine, [new])
+    ids = [e.id for e in old] + ["orph-new"]
+    wait_for(lambda: all((ledger.record(i) or {}).get("state") == "delivered" for i in ids), 10,
+             "the orphaned parked events pulled, not left to the sweeper's revive")
+    started = sorted(ids, key=lambda i: ledger.record(i)["attempts"][0]["started_at"])  # type: ignore[index]
+    assert started[-1] == "orph-new"  # the new event waited behind the older ones
+    assert settings.park_revive_s >= 10  # so it was not the sweeper (none runs here anyway)

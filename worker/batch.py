@@ -23,11 +23,13 @@ def check_args(ids: Any, attempt: Any, sent_at: Any) -> str | None:
     return None
 
 
-def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float) -> list[tuple[str, str]]:
+def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float,
+          parked_buyers: list[str]) -> list[tuple[str, str]]:
     """Claim, riding out a short Redis outage; a longer one leaves the events to the
     sweeper (their trigger is resent), so nothing is lost by giving up."""
     return ride_out_redis(
-        lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s),
+        lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s,
+                                parked_buyers=parked_buyers),
         rt.settings.attempt_grace_s / 2,
     )
 
@@ -43,11 +45,12 @@ def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any) -> dict[str
     for start in range(0, len(ids), rt.settings.batch_size):
         chunk = ids[start:start + rt.settings.batch_size]
         engine.reserve(len(chunk))
+        parked_buyers: list[str] = []
         try:
-            claimed = claim(rt, chunk, attempt_n, float(sent_at_s))
+            claimed = claim(rt, chunk, attempt_n, float(sent_at_s), parked_buyers)
         except BaseException:
             engine.submit([], attempt_n, reserved=len(chunk))
             raise
-        engine.submit(claimed, attempt_n, reserved=len(chunk))
+        engine.submit(claimed, attempt_n, reserved=len(chunk), parked_buyers=parked_buyers)
         claimed_total += len(claimed)
     return {"ids": len(ids), "claimed": claimed_total}

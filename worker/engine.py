@@ -127,13 +127,17 @@ class DeliveryEngine:
                 self._cond.wait()
             self._pending += n
 
-    def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int) -> None:
-        """Hand claimed attempts to the call loop; give back the room of ids not claimed."""
+    def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int,
+               parked_buyers: list[str] | None = None) -> None:
+        """Hand claimed attempts to the call loop; give back the room of ids not claimed.
+        ``parked_buyers``: their buyers that have events parked in Redis (perhaps by a
+        worker that is gone): their lanes pull those first."""
         with self._cond:
             self._pending -= reserved - len(claimed)
             self._cond.notify_all()
         if claimed:
-            self._post("claimed", [(event_id, event_json, attempt_n) for event_id, event_json in claimed])
+            self._post("claimed", ([(event_id, event_json, attempt_n) for event_id, event_json in claimed],
+                                   parked_buyers or []))
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every claimed attempt has been made and recorded (warm shutdown)."""
@@ -346,7 +350,7 @@ class _CallLoop:
             while inbox:
                 kind, payload = inbox.popleft()
                 if kind == "claimed":
-                    self._take_claimed(payload)
+                    self._take_claimed(*payload)
                 elif kind == "pulled":
                     self._take_pulled(*payload)
                 else:
@@ -384,8 +388,10 @@ class _CallLoop:
             return None
         return Item(event_id, attempt_n, event, event.buyer or NO_BUYER)
 
-    def _take_claimed(self, claimed: list[tuple[str, str, int]]) -> None:
+    def _take_claimed(self, claimed: list[tuple[str, str, int]], parked_buyers: list[str]) -> None:
         now = time.monotonic()
+        for buyer in parked_buyers:  # older events wait in Redis: pull them, park new ones behind
+            self.lanes.note_backlog(buyer)
         for event_id, event_json, attempt_n in claimed:
             try:
                 item = self._prepared(event_id, event_json, attempt_n)

@@ -172,6 +172,13 @@ class Lanes(Generic[T]):
                 self._mark_backlog(lane)
         return out
 
+    def note_backlog(self, buyer: str) -> None:
+        """Redis holds parked events of this buyer (parked by any process): pull them, and
+        let new events park behind them."""
+        lane = self.lane(buyer)
+        if not lane.backlog:
+            self._mark_backlog(lane)
+
     def _mark_backlog(self, lane: Lane[T]) -> None:
         lane.backlog = True
         lane.parks += 1
