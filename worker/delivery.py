@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from cgrid.errors import ForbiddenDestination, InvalidEvent
+from cgrid.errors import InvalidEvent
 from cgrid.event import Event
 from cgrid.ledger import Finish, Outcome
 from worker.classify import ErrorClass, classify_status
 from worker.headers import build_headers
-from worker.http_client import AttemptError, CallResult, ClientConfig, InvalidTarget, call
+from worker.http_client import CallResult, ClientConfig, call_result
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,17 +73,12 @@ def deliver(event: Event, client: ClientConfig, *, attempt_n: int, timeout_s: fl
     (the engine makes the same call on its multi loop)."""
     started_at_s = time.time()
     started = time.perf_counter()
-
-    def elapsed_ms() -> float:
-        return (time.perf_counter() - started) * 1000
-
     try:
-        status = call(client, event.target_url(), build_headers(event), timeout_s)
-    except (ForbiddenDestination, InvalidTarget, InvalidEvent) as e:
-        return Attempt(attempt_n, Outcome.REJECTED, started_at_s, elapsed_ms(), reason=str(e))
-    except AttemptError as e:
-        return Attempt(attempt_n, Outcome.FAIL, started_at_s, elapsed_ms(), error=e.error_class)
-    return Attempt(attempt_n, classify_status(status), started_at_s, elapsed_ms(), status=status)
+        url, headers = event.target_url(), build_headers(event)
+    except InvalidEvent as e:
+        return Attempt(attempt_n, Outcome.REJECTED, started_at_s, 0.0, reason=str(e))
+    result = call_result(client, url, headers, timeout_s)
+    return attempt_from(result, attempt_n, started_at_s, (time.perf_counter() - started) * 1000)
 
 
 def expired(event: Event, attempt_n: int, max_age_s: float, now_s: float | None = None) -> Attempt | None:

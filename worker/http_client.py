@@ -227,10 +227,9 @@ def make_client(allowed_networks: Iterable[IPNetwork] = (), *, ca_file: str = ""
     return ClientConfig(tuple(allowed_networks), ca_file, tuple(resolve))
 
 
-def call(client: ClientConfig, url: str, headers: dict[str, str], timeout_s: float) -> int:
-    """One blocking GET within ``timeout_s`` of wall-clock time; returns the status code.
-
-    Raises AttemptError (no answer), ForbiddenDestination (guard) or InvalidTarget."""
+def call_result(client: ClientConfig, url: str, headers: dict[str, str], timeout_s: float) -> CallResult:
+    """One blocking GET within ``timeout_s`` of wall-clock time, classified as the engine
+    classifies its transfers."""
     transfer = Transfer(client)
     transfer.prepare(url, header_lines(headers), timeout_s)
     errno, message = 0, ""
@@ -241,7 +240,13 @@ def call(client: ClientConfig, url: str, headers: dict[str, str], timeout_s: flo
     finally:
         result = transfer.result(errno, message)
         transfer.curl.close()
-    return raise_or_status(result)
+    return result
+
+
+def call(client: ClientConfig, url: str, headers: dict[str, str], timeout_s: float) -> int:
+    """:func:`call_result` as a status code; raises AttemptError (no answer),
+    ForbiddenDestination (guard) or InvalidTarget."""
+    return raise_or_status(call_result(client, url, headers, timeout_s))
 
 
 def raise_or_status(result: CallResult) -> int:
