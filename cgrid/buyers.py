@@ -23,10 +23,14 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from cgrid.errors import ConfigError
 from cgrid.price_crypto import PriceCryptoError, PriceKeys
+
+if TYPE_CHECKING:
+    from cgrid.settings import Settings
 
 KEYS = ("paused", "timeout_s", "retry_delay_s", "max_concurrency", "max_age_s",
         "price_encryption_key", "price_integrity_key")
@@ -54,6 +58,11 @@ class BuyersConfig:
 
     def get(self, buyer: str | None) -> BuyerSettings:
         return self.buyers.get(buyer or "", DEFAULT_BUYER)
+
+    @cached_property
+    def longest_timeout_s(self) -> float:
+        """The longest deadline any buyer sets (0 when none does): the attempt lease covers it."""
+        return max((b.timeout_s or 0.0 for b in self.buyers.values()), default=0.0)
 
 
 def _line_of(text: str, buyer: str, key: str | None) -> int | None:
@@ -168,6 +177,12 @@ class BuyersFile:
     """The buyers file of one process, re-read when it changes (``maybe_reload``), or when
     asked (``reload``, on SIGHUP). A broken new version is reported and the last good one
     stays in force."""
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> BuyersFile:
+        """The file ``CGRID_BUYERS_FILE`` names, checked against the settings it must fit."""
+        return cls(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s,
+                   max_age_limit_s=settings.ledger_ttl_s)
 
     def __init__(self, path: str, *, max_retry_delay_s: float = math.inf, max_age_limit_s: float = math.inf) -> None:
         self.path = path

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from cgrid.buyers import load_buyers
+from cgrid.buyers import BuyersFile
 from cgrid.errors import CgridError, InvalidEvent, RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import POISON_LIST_KEY, WAIT_DETAILS, Counter, Ledger, WaitReason
@@ -99,11 +99,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"unknown event id: {args.id}", file=sys.stderr)
         return 1
     waiting = record.get("waiting")
-    if waiting and waiting["reason"] == WaitReason.LANE_FULL and settings.buyers_file:
-        # Parked while its lane was full, and its buyer has been paused since.
-        buyers = load_buyers(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s)
-        if buyers.get(waiting.get("buyer")).paused:
-            waiting.update(reason=WaitReason.PAUSED.value, detail=WAIT_DETAILS[WaitReason.PAUSED])
+    # Parked while its lane was full, and its buyer has been paused since.
+    if (waiting and waiting["reason"] == WaitReason.LANE_FULL and settings.buyers_file
+            and BuyersFile.for_settings(settings).config.get(waiting.get("buyer")).paused):
+        waiting.update(reason=WaitReason.PAUSED.value, detail=WAIT_DETAILS[WaitReason.PAUSED])
     print(json.dumps(record, indent=2))
     return 0
 
@@ -113,7 +112,7 @@ def cmd_decrypt(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.buyers_file:
         print("cgrid-s2s: decrypt needs CGRID_BUYERS_FILE (the buyer's price keys)", file=sys.stderr)
         return 2
-    keys = load_buyers(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s).get(args.buyer).price_keys
+    keys = BuyersFile.for_settings(settings).config.get(args.buyer).price_keys
     if keys is None:
         print(f"cgrid-s2s: buyer {args.buyer!r} has no price keys in {settings.buyers_file}", file=sys.stderr)
         return 1

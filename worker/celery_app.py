@@ -43,8 +43,7 @@ try:
     settings = Settings.from_env()
     # A buyers file that cannot be used stops the worker at start (later, a broken new
     # version is refused and the last good one stays in force).
-    BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s,
-                           max_age_limit_s=settings.ledger_ttl_s)
+    BuyersFile.for_settings(settings)
 except ConfigError as e:
     print(f"cgrid-s2s: configuration error: {e}", file=sys.stderr)
     raise SystemExit(2) from None

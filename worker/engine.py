@@ -83,8 +83,7 @@ class DeliveryEngine:
         self.rt = rt
         settings = rt.settings
         self.client = ClientConfig(settings.allowed_networks, settings.ca_file)
-        self.buyers = BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s,
-                           max_age_limit_s=settings.ledger_ttl_s)
+        self.buyers = BuyersFile.for_settings(settings)
         self.lanes: Lanes[Item] = Lanes(settings.call_concurrency, self.limits_for, wait_s=settings.lane_wait_s)
         # At most this many attempts are claimed by one process at once.
         self.capacity = settings.call_concurrency + settings.batch_size
@@ -106,8 +105,7 @@ class DeliveryEngine:
     def lease_s(self) -> float:
         """How long a claimed attempt may take before it counts as lost: from the longest
         deadline of any buyer (a buyer's own timeout_s may exceed CGRID_TIMEOUT_S)."""
-        longest = max((b.timeout_s or 0.0 for b in self.buyers.config.buyers.values()), default=0.0)
-        return self.rt.settings.lease_for(longest)
+        return self.rt.settings.lease_for(self.buyers.config.longest_timeout_s)
 
     def limits_for(self, buyer: str) -> LaneLimits:
         settings, own = self.rt.settings, self.buyer(buyer)

@@ -78,8 +78,7 @@ class Sweeper:
         self.app = app
         self.ledger = ledger
         self.settings = settings
-        self.buyers = BuyersFile(settings.buyers_file, max_retry_delay_s=settings.visibility_timeout_s,
-                           max_age_limit_s=settings.ledger_ttl_s)
+        self.buyers = BuyersFile.for_settings(settings)
         self._stop = threading.Event()
         self._next_backlog_gauges = 0.0
         self._thread = threading.Thread(target=self._run, name="cgrid-sweeper", daemon=True)
