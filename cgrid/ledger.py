@@ -632,6 +632,16 @@ class Ledger:
         values = self.client.mget([f"{self.prefix}open:nurl", f"{self.prefix}open:burl"])
         return {"nurl": int(values[0] or 0), "burl": int(values[1] or 0)}
 
+    def backlog(self) -> tuple[int, dict[str, int]]:
+        """Events in the due set (queued, in flight, retry waiting), and parked per buyer."""
+        buyers = [_text(b) for b in self.client.zrange(self.prefix + "parked:activity", 0, -1)]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(self.prefix + "due")
+        for buyer in buyers:
+            pipe.zcard(self.prefix + "parked:" + buyer)
+        due, *parked = pipe.execute()
+        return int(due), dict(zip(buyers, map(int, parked), strict=True))
+
     def poisoned(self) -> int:
         """How many poisoned messages workers have dropped."""
         return int(self.client.get(POISON_COUNT_KEY) or 0)

@@ -407,7 +407,7 @@ class _CallLoop:
             try:
                 item = self._prepared(event_id, event_json, attempt_n)
                 if item is not None and lane.limits.paused:  # paused while the pull was on its way
-                    self.lanes.admit(item.buyer, item, now)  # marks the backlog
+                    self.lanes.note_backlog(item.buyer)
                     self._park([item])
                 elif item is not None:
                     self.lanes.admit_pulled(item.buyer, item, now)

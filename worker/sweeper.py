@@ -26,18 +26,10 @@ BACKLOG_GAUGES_S = 5.0  # how often the backlog gauges are read from Redis (metr
 
 
 def backlog_gauges(ledger: Ledger) -> None:
-    """Events accepted and not yet final: in the due set (queued, in flight, retry waiting),
-    and parked per buyer."""
-    client, prefix = ledger.client, ledger.prefix
-    buyers = [b.decode() if isinstance(b, bytes) else str(b)
-              for b in client.zrange(prefix + "parked:activity", 0, -1)]
-    pipe = client.pipeline(transaction=False)
-    pipe.zcard(prefix + "due")
-    for buyer in buyers:
-        pipe.zcard(prefix + "parked:" + buyer)
-    due, *parked = pipe.execute()
+    """Events accepted and not yet final: due, parked per buyer, open per kind."""
+    due, parked = ledger.backlog()
     metrics.M.due.set(due)
-    for buyer, count in zip(buyers, parked, strict=True):
+    for buyer, count in parked.items():
         metrics.M.parked_events.labels(buyer).set(count)
     for kind, count in ledger.open_events().items():
         metrics.M.open_events.labels(kind).set(count)
