@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from cgrid.redis_conn import celery_connection_conf
 from cgrid.settings import Settings
 
 DELIVER_TASK = "cgrid.deliver"
@@ -31,12 +32,11 @@ def prefetch_multiplier(pool_module: str) -> int:
 def make_celery(settings: Settings, name: str = "cgrid") -> Celery:
     app = Celery(name)
     app.conf.update(
-        broker_url=settings.redis_url,
-        broker_transport_options={
+        **celery_connection_conf(settings, {
             "visibility_timeout": settings.visibility_timeout_s,
             "socket_timeout": max(settings.publish_timeout_s, 5.0),
             "socket_connect_timeout": settings.publish_timeout_s,
-        },
+        }),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_heartbeat=0,

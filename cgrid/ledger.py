@@ -31,7 +31,9 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
+from cgrid.errors import CgridError
 from cgrid.event import Event
 
 PREFIX = "cgrid:"
@@ -39,6 +41,10 @@ NO_BUYER = "-"
 # Poisoned messages (worker/poison.py): a capped list of the last ones, and a counter.
 POISON_LIST_KEY = PREFIX + "poison"
 POISON_COUNT_KEY = PREFIX + "poison:count"
+
+
+class NotReplicated(CgridError, redis.RedisError):
+    """The primary took a write that fewer replicas than CGRID_REDIS_WAIT_REPLICAS hold."""
 
 
 class State(StrEnum):
@@ -499,9 +505,15 @@ def day_of(created_at_s: float) -> str:
 class Ledger:
     """Typed access to the ledger scripts; one instance per process is enough."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str = PREFIX) -> None:
+    def __init__(self, client: redis.Redis, *, prefix: str = PREFIX, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 1000) -> None:
         self.client = client
         self.prefix = prefix
+        # With replicas (Sentinel), an accept or a claim counts only once this many replicas
+        # hold it (Redis WAIT): a failover then cannot lose an accepted event, nor forget a
+        # claim whose call is being made (which could lead to a third call).
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._accept = client.register_script(_ACCEPT)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
@@ -517,7 +529,7 @@ class Ledger:
         args: list[Any] = [self.prefix, ledger_ttl_s, report_ttl_s, _num(redeliver_after_s)]
         for event in events:
             args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.to_json(), event.kind.value]
-        now, *flags = self._accept(args=args)
+        now, *flags = self._replicated(self._accept, args, "accepted")
         return float(_text(now)), [bool(flag) for flag in flags]
 
     def claim(
@@ -529,7 +541,7 @@ class Ledger:
         if not ids:
             return []
         args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), *ids]
-        flat = [_text(item) for item in self._claim(args=args)]
+        flat = [_text(item) for item in self._replicated(self._claim, args, "claimed")]
         split = flat.index("|")
         if parked_buyers is not None:
             parked_buyers += flat[split + 1:]
@@ -550,6 +562,22 @@ class Ledger:
                      result.final_event]
         return [_text(state) for state in self._finish(args=args)]
 
+    def _replicated(self, script: Script, args: list[Any], what: str) -> Any:
+        """Run ``script``; with ``wait_replicas``, return only once that many replicas hold
+        its writes (WAIT on the same connection), else raise :class:`NotReplicated`."""
+        if not self.wait_replicas:
+            return script(args=args)
+        pipe = self.client.pipeline(transaction=False)
+        script(args=args, client=pipe)
+        pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        result, replicas = pipe.execute()
+        if int(replicas) < self.wait_replicas:
+            raise NotReplicated(
+                f"{what} by the Redis primary but held by {replicas} of the {self.wait_replicas} replica(s) "
+                f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms"
+            )
+        return result
+
     def park(self, parks: list[Park]) -> list[bool]:
         """Hand claimed attempts back unstarted, to wait in their buyer's parked set."""
         if not parks:
@@ -562,7 +590,7 @@ class Ledger:
     def pull(self, buyer: str, k: int, *, lease_s: float) -> tuple[int, list[tuple[int, str, str]]]:
         """Claim the next attempt of up to ``k`` parked events of ``buyer``, oldest first.
         Returns how many stay parked and (attempt n, id, event JSON) per claim."""
-        left, *flat = self._pull(args=[self.prefix, buyer, k, _num(lease_s)])
+        left, *flat = self._replicated(self._pull, [self.prefix, buyer, k, _num(lease_s)], "pulled")
         items = [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
         return int(left), items
 

@@ -10,7 +10,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -65,15 +67,22 @@ class RedisServer:
     ``appendfsync always`` by default: a write Redis has acknowledged survives even a crash
     of Redis itself (the ledger's writes are batched, so the fsyncs are few)."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, appendfsync: str = "always"):
+    def __init__(self, data_dir: Path, port: int | None = None, *, appendfsync: str = "always",
+                 extra_args: Sequence[str] = (), client_options: Mapping[str, Any] | None = None,
+                 url: str | None = None):
+        """``extra_args`` are more redis-server options (TLS, ACL users, ``--replicaof``);
+        ``url`` and ``client_options`` say how to reach such a server to see it is up."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendfsync = appendfsync
+        self.extra_args = list(extra_args)
+        self.client_options = dict(client_options or {})
+        self._url = url
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self._url or f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -88,12 +97,13 @@ class RedisServer:
             *LEDGER_REDIS_TUNING,
             "--save", "",
             "--logfile", "redis.log",
+            *self.extra_args,
         ]
         # Its own session: a Ctrl-C (SIGINT to the terminal's process group) must not stop
         # Redis before the workers' warm shutdown has recorded their last attempts.
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2, **self.client_options)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cgrid.errors import ConfigError
+from cgrid.redis_conn import check_url as check_redis_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -60,6 +61,16 @@ class Settings:
     """Every knob of the fleet. Names of the SPEC §9 variables are fixed; the rest are ours."""
 
     redis_url: str = "redis://localhost:6379/0"
+    # How Redis is reached beyond the URL (cgrid/redis_conn.py):
+    redis_master_name: str = "mymaster"  # CGRID_REDIS_MASTER_NAME: the primary's name in Sentinel
+    redis_sentinel_password: str = ""  # CGRID_REDIS_SENTINEL_PASSWORD: the sentinels' own password
+    redis_ca_file: str = ""  # CGRID_REDIS_CA_FILE: CA bundle for rediss:// (else the system's)
+    redis_cert_file: str = ""  # CGRID_REDIS_CERT_FILE: client certificate for rediss://
+    redis_key_file: str = ""  # CGRID_REDIS_KEY_FILE: its private key
+    # CGRID_REDIS_WAIT_REPLICAS: replicas that must hold an accept or a claim before it counts
+    # (Redis WAIT); 1 with Sentinel, so a failover loses no accepted event (README "Sentinel").
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1000
     timeout_s: float = 2.0
     retry_delay_s: float = 10.0
     allowed_networks: tuple[IPNetwork, ...] = ()
@@ -91,6 +102,13 @@ class Settings:
         env = os.environ if env is None else env
         settings = cls(
             redis_url=env.get("CGRID_REDIS_URL", "").strip() or cls.redis_url,
+            redis_master_name=env.get("CGRID_REDIS_MASTER_NAME", cls.redis_master_name).strip(),
+            redis_sentinel_password=env.get("CGRID_REDIS_SENTINEL_PASSWORD", ""),
+            redis_ca_file=env.get("CGRID_REDIS_CA_FILE", "").strip(),
+            redis_cert_file=env.get("CGRID_REDIS_CERT_FILE", "").strip(),
+            redis_key_file=env.get("CGRID_REDIS_KEY_FILE", "").strip(),
+            redis_wait_replicas=_integer(env, "CGRID_REDIS_WAIT_REPLICAS", cls.redis_wait_replicas, minimum=0),
+            redis_wait_timeout_ms=_integer(env, "CGRID_REDIS_WAIT_TIMEOUT_MS", cls.redis_wait_timeout_ms),
             timeout_s=_number(env, "CGRID_TIMEOUT_S", cls.timeout_s, minimum=0.01),
             retry_delay_s=_number(env, "CGRID_RETRY_DELAY_S", cls.retry_delay_s),
             allowed_networks=parse_networks(env.get("CGRID_ALLOWED_NETWORKS", "")),
@@ -137,8 +155,11 @@ class Settings:
         """Refuse combinations that would break the one-retry and nothing-lost guarantees."""
         if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CGRID_LOG_LEVEL: {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"CGRID_REDIS_URL: {self.redis_url!r} is not a redis:// URL")
+        check_redis_url(self)
+        for name, path in (("CGRID_REDIS_CA_FILE", self.redis_ca_file), ("CGRID_REDIS_CERT_FILE", self.redis_cert_file),
+                           ("CGRID_REDIS_KEY_FILE", self.redis_key_file)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{name}: {path!r} is not a readable file")
         # A task that is still running when the visibility timeout passes is handed to a
         # second worker by the broker; a retry due after it would come from a redelivered task.
         if self.attempt_lease_s >= self.visibility_timeout_s:

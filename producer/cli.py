@@ -16,6 +16,7 @@ from cgrid.errors import CgridError, InvalidEvent, RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import POISON_LIST_KEY, WAIT_DETAILS, Counter, Ledger, WaitReason
 from cgrid.price_crypto import PriceCryptoError, decrypt
+from cgrid.redis_conn import mask_url, redis_client
 from cgrid.settings import Settings
 
 REPORT_COLUMNS = [
@@ -36,13 +37,8 @@ REPORT_FIELDS = [key for key, _ in REPORT_COLUMNS] + ["calls_timed"]
 
 
 def _ledger(settings: Settings) -> Ledger:
-    import redis
-
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.publish_timeout_s,
-        socket_connect_timeout=settings.publish_timeout_s,
-    )
+    client = redis_client(settings, socket_timeout_s=settings.publish_timeout_s,
+                          socket_connect_timeout_s=settings.publish_timeout_s)
     return Ledger(client)
 
 
@@ -258,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import redis
 
         if isinstance(e, redis.RedisError):
-            print(f"cgrid-s2s: Redis at {Settings.from_env().redis_url} is unreachable: {e}", file=sys.stderr)
+            print(f"cgrid-s2s: Redis at {mask_url(Settings.from_env().redis_url)} is unreachable: {e}",
+                  file=sys.stderr)
             return 2
         raise
 

@@ -29,7 +29,8 @@ from celery import Celery
 from cgrid.broker import make_celery, send_deliver
 from cgrid.errors import RedisUnavailable
 from cgrid.event import Event, parse_event
-from cgrid.ledger import Ledger
+from cgrid.ledger import Ledger, NotReplicated
+from cgrid.redis_conn import mask_url, redis_client
 from cgrid.settings import Settings
 
 MAX_BUFFERED_EVENTS = 100_000
@@ -46,20 +47,19 @@ class Publisher:
         max_buffered: int = MAX_BUFFERED_EVENTS,
     ) -> None:
         settings = settings or Settings.from_env()
+        if redis_url:
+            settings = dataclasses.replace(settings, redis_url=redis_url)
+            settings.validate()
         self.settings = settings
-        self.redis_url = redis_url or settings.redis_url
+        self.redis_url = settings.redis_url
         self.linger_s = (settings.linger_ms if linger_ms is None else linger_ms) / 1000
         self.batch_size = batch_size or settings.batch_size
         self.max_buffered = max_buffered
-        self._client = redis.Redis.from_url(
-            self.redis_url,
-            socket_timeout=settings.publish_timeout_s,
-            socket_connect_timeout=settings.publish_timeout_s,
-        )
-        self._ledger = Ledger(self._client)
-        self._celery: Celery = make_celery(
-            dataclasses.replace(settings, redis_url=self.redis_url), name="cgrid-producer"
-        )
+        self._client = redis_client(settings, socket_timeout_s=settings.publish_timeout_s,
+                                    socket_connect_timeout_s=settings.publish_timeout_s)
+        self._ledger = Ledger(self._client, wait_replicas=settings.redis_wait_replicas,
+                              wait_timeout_ms=settings.redis_wait_timeout_ms)
+        self._celery: Celery = make_celery(settings, name="cgrid-producer")
         self._buffer: list[Event] = []
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
@@ -189,10 +189,14 @@ class Publisher:
                 batch, ledger_ttl_s=settings.ledger_ttl_s, report_ttl_s=settings.report_ttl_s,
                 redeliver_after_s=settings.redeliver_after_s,
             )
+        except NotReplicated as e:
+            # Not counted as accepted: sent again, the ledger knows them (no second trigger;
+            # the sweeper sends theirs once it is overdue).
+            raise RedisUnavailable(f"Redis at {mask_url(self.redis_url)} did not replicate the events: {e}") from e
         except redis.ResponseError as e:  # e.g. out of memory (maxmemory with noeviction)
-            raise RedisUnavailable(f"Redis at {self.redis_url} refused the events: {e}") from e
+            raise RedisUnavailable(f"Redis at {mask_url(self.redis_url)} refused the events: {e}") from e
         except redis.RedisError as e:
-            raise RedisUnavailable(f"Redis at {self.redis_url} is unreachable: {e}") from e
+            raise RedisUnavailable(f"Redis at {mask_url(self.redis_url)} is unreachable: {e}") from e
         new_ids = [event.id for event, is_new in zip(batch, accepted, strict=True) if is_new]
         if not new_ids:
             return

@@ -53,6 +53,10 @@ def test_flower_lists_a_delivered_task(redis_server: RedisServer, dsp: MockDspSe
         task = wait_for(delivered_task, 30, "Flower to list the delivered task")
         assert task["name"] == "cgrid.deliver"
         assert "'claimed': 1" in task["result"]
+        # The broker view (queue lengths) knows the broker URL's scheme: the hardened
+        # transport is picked by scheme, not by a transport name Flower cannot read.
+        queues = wait_for(lambda: get_json(f"{api}/queues/length"), 30, "Flower's queue lengths")
+        assert "cgrid.deliver" in [queue["name"] for queue in queues["active_queues"]]
     finally:
         worker.stop()
         flower.terminate()

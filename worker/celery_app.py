@@ -14,6 +14,7 @@ from cgrid.buyers import BuyersFile
 from cgrid.errors import ConfigError
 from cgrid.settings import Settings
 from worker import logs, metrics
+from worker.transport import use_hardened_transports
 
 GREEN_POOLS = ("gevent", "eventlet")
 
@@ -50,9 +51,9 @@ except ConfigError as e:
 
 logs.configure(settings.log_level)
 metrics.prepare(settings.metrics_port)  # before anything imports prometheus_client
-app = make_celery(settings)
 # Consume with the hardened transport: a poisoned message is dropped, not fatal.
-app.conf.broker_transport = "worker.transport:Transport"
+use_hardened_transports()
+app = make_celery(settings)
 
 
 @app.task(name=DELIVER_TASK)

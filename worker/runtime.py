@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 import redis
 
 from cgrid.ledger import Ledger
+from cgrid.redis_conn import redis_client as connect
 from cgrid.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,12 +38,8 @@ def ride_out_redis(call: Callable[[], T], budget_s: float) -> T:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=5.0,
-        socket_connect_timeout=settings.publish_timeout_s,
-        health_check_interval=30,
-    )
+    return connect(settings, socket_timeout_s=5.0, socket_connect_timeout_s=settings.publish_timeout_s,
+                   health_check_interval_s=30)
 
 
 @dataclass
@@ -79,7 +76,8 @@ def get_runtime(settings: Settings) -> Runtime:
             if _runtime is None or _runtime.pid != os.getpid():
                 _runtime = Runtime(
                     settings=settings,
-                    ledger=Ledger(redis_client(settings)),
+                    ledger=Ledger(redis_client(settings), wait_replicas=settings.redis_wait_replicas,
+                                  wait_timeout_ms=settings.redis_wait_timeout_ms),
                     pid=os.getpid(),
                 )
     return _runtime

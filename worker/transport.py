@@ -18,8 +18,11 @@ from kombu.transport import redis as kombu_redis
 from worker.poison import record_poison
 
 
-class Channel(kombu_redis.Channel):  # type: ignore[misc]
+class _HardenedChannel:
+    """What both channels (one Redis, or Redis behind Sentinel) add to kombu's."""
+
     _sync_client: Any = None
+    connection_errors: Any
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """kombu builds a new redis-py client object for every command it sends (acks,
@@ -27,14 +30,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         to building them. A client is only a handle on the channel's connection pool and is
         thread-safe, so the synchronous one is built once per channel."""
         if asynchronous:
-            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+            return super()._create_client(asynchronous=True)  # type: ignore[misc]
         if self._sync_client is None:
-            self._sync_client = super()._create_client()  # type: ignore[no-untyped-call]
+            self._sync_client = super()._create_client()  # type: ignore[misc]
         return self._sync_client
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
-            return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
+            return super()._brpop_read(**options)  # type: ignore[misc]
         except self.connection_errors:
             raise
         except Empty:
@@ -62,12 +65,35 @@ def envelope_problem(message: Any) -> str | None:
     return None
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
-    Channel = Channel
+class Channel(_HardenedChannel, kombu_redis.Channel):  # type: ignore[misc]
+    pass
 
+
+class SentinelChannel(_HardenedChannel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    pass
+
+
+class _HardenedTransport:
     def _deliver(self, message: Any, queue: Any) -> Any:
         problem = envelope_problem(message)
         if problem is not None:
             record_poison(problem, repr(message))
             return None
-        return super()._deliver(message, queue)  # type: ignore[no-untyped-call]
+        return super()._deliver(message, queue)  # type: ignore[misc]
+
+
+class Transport(_HardenedTransport, kombu_redis.Transport):  # type: ignore[misc]
+    Channel = Channel
+
+
+class SentinelTransport(_HardenedTransport, kombu_redis.SentinelTransport):  # type: ignore[misc]
+    Channel = SentinelChannel
+
+
+def use_hardened_transports() -> None:
+    """Make the broker URL's own schemes (redis, rediss, sentinel) pick these transports, so
+    the URL keeps saying what it is to everything that reads it (Flower's broker view)."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = f"{__name__}:Transport"
+    TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"

@@ -1,0 +1,81 @@
+"""How CGRID_REDIS_URL and the TLS/Sentinel settings become connections (no server needed)."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+
+from cgrid.errors import ConfigError
+from cgrid.redis_conn import celery_connection_conf, mask_url, parse_sentinel_url, redis_client
+from cgrid.settings import Settings
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
+    ("rediss://cgrid:s3cret@host:6380/1", "rediss://cgrid:***@host:6380/1"),
+    ("redis://host:6379/0", "redis://host:6379/0"),
+    ("redis://cgrid@host/0", "redis://cgrid@host/0"),
+    ("sentinel://u:pw@h1:26379;sentinel://h2:26379/0", "sentinel://u:***@h1:26379;sentinel://h2:26379/0"),
+])
+def test_mask_url_hides_only_the_password(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def test_sentinel_url_lists_every_sentinel_and_takes_db_and_credentials() -> None:
+    target = parse_sentinel_url("sentinel://cgrid:p%40ss@10.0.0.1:26379;sentinel://10.0.0.2;sentinel://h3:26380/2")
+    assert target.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379), ("h3", 26380))
+    assert (target.db, target.username, target.password) == (2, "cgrid", "p@ss")
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"CGRID_REDIS_URL": "http://host:6379"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "sentinel://h1:26379;redis://h2:6379"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "sentinel://h1:notaport"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "sentinel://h1:26379/zero"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "sentinel://h1:26379", "CGRID_REDIS_MASTER_NAME": " "}, "CGRID_REDIS_MASTER_NAME"),
+    ({"CGRID_REDIS_URL": "redis://h:6379", "CGRID_REDIS_CA_FILE": "/etc/hostname"}, "CGRID_REDIS_CA_FILE"),
+    ({"CGRID_REDIS_URL": "rediss://h:6379", "CGRID_REDIS_CA_FILE": "/no/such/ca.pem"}, "CGRID_REDIS_CA_FILE"),
+    ({"CGRID_REDIS_URL": "rediss://h:6379", "CGRID_REDIS_CERT_FILE": "/etc/hostname"}, "CGRID_REDIS_KEY_FILE"),
+    ({"CGRID_REDIS_WAIT_REPLICAS": "-1"}, "CGRID_REDIS_WAIT_REPLICAS"),
+    ({"CGRID_REDIS_WAIT_TIMEOUT_MS": "0"}, "CGRID_REDIS_WAIT_TIMEOUT_MS"),
+])
+def test_bad_redis_settings_are_refused_naming_the_setting(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env(env)
+
+
+def test_a_refused_url_never_echoes_its_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"CGRID_REDIS_URL": "sentinel://u:hunter2@h1:26379;redis://h2"})
+    assert "hunter2" not in str(refused.value)
+
+
+def test_celery_gets_tls_options_for_rediss(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read here")
+    settings = Settings.from_env({"CGRID_REDIS_URL": "rediss://u:p@h:6380/0", "CGRID_REDIS_CA_FILE": str(ca)})
+    conf = celery_connection_conf(settings, {"visibility_timeout": 60})
+    assert conf["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca)}
+    assert conf["broker_transport_options"] == {"visibility_timeout": 60}
+
+
+def test_celery_gets_the_master_name_and_sentinel_password_for_sentinel() -> None:
+    settings = Settings.from_env({"CGRID_REDIS_URL": "sentinel://h1:26379;sentinel://h2:26379/0",
+                                  "CGRID_REDIS_MASTER_NAME": "cgrid", "CGRID_REDIS_SENTINEL_PASSWORD": "sp"})
+    conf = celery_connection_conf(settings, {"visibility_timeout": 60})
+    options = conf["broker_transport_options"]
+    assert options["master_name"] == "cgrid"
+    assert options["sentinel_kwargs"]["password"] == "sp"
+    assert "broker_use_ssl" not in conf
+
+
+def test_a_sentinel_client_is_the_named_primarys_client() -> None:
+    settings = Settings.from_env({"CGRID_REDIS_URL": "sentinel://u:pw@h1:26379;sentinel://h2:26380/3",
+                                  "CGRID_REDIS_MASTER_NAME": "cgrid"})
+    client = redis_client(settings, socket_timeout_s=1, socket_connect_timeout_s=1)
+    pool = client.connection_pool
+    assert pool.service_name == "cgrid"  # type: ignore[attr-defined]
+    assert pool.connection_kwargs["db"] == 3
+    assert (pool.connection_kwargs["username"], pool.connection_kwargs["password"]) == ("u", "pw")
