@@ -509,11 +509,12 @@ class Ledger:
                  wait_timeout_ms: int = 1000) -> None:
         self.client = client
         self.prefix = prefix
-        # With replicas (Sentinel), an accept or a claim counts only once this many replicas
-        # hold it (Redis WAIT): a failover then cannot lose an accepted event, nor forget a
-        # claim whose call is being made (which could lead to a third call).
+        # With replicas (Sentinel), an accept counts only once this many replicas hold it
+        # (Redis WAIT), so a failover cannot lose an accepted event; a claim's call waits for
+        # them too, so a failover cannot forget a claim whose call is made (a third call).
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
+        self.replica_shortfalls = 0  # claims and pulls that went ahead short of their replicas
         self._accept = client.register_script(_ACCEPT)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
@@ -541,7 +542,7 @@ class Ledger:
         if not ids:
             return []
         args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), *ids]
-        flat = [_text(item) for item in self._replicated(self._claim, args, "claimed")]
+        flat = [_text(item) for item in self._replicated(self._claim, args, "claimed", required=False)]
         split = flat.index("|")
         if parked_buyers is not None:
             parked_buyers += flat[split + 1:]
@@ -562,9 +563,13 @@ class Ledger:
                      result.final_event]
         return [_text(state) for state in self._finish(args=args)]
 
-    def _replicated(self, script: Script, args: list[Any], what: str) -> Any:
-        """Run ``script``; with ``wait_replicas``, return only once that many replicas hold
-        its writes (WAIT on the same connection), else raise :class:`NotReplicated`."""
+    def _replicated(self, script: Script, args: list[Any], what: str, *, required: bool = True) -> Any:
+        """Run ``script``; with ``wait_replicas``, wait (WAIT, on the same connection) until
+        that many replicas hold its writes. Short of them after the timeout: an accept raises
+        :class:`NotReplicated` (the events are not counted as accepted); a claim or a pull
+        goes ahead (its call is made) and is counted in ``replica_shortfalls``: stopping
+        every call while a lone primary runs would hold back billing notices already
+        accepted, and a claim can only be forgotten by a failover to a replica that lacks it."""
         if not self.wait_replicas:
             return script(args=args)
         pipe = self.client.pipeline(transaction=False)
@@ -572,10 +577,12 @@ class Ledger:
         pipe.wait(self.wait_replicas, self.wait_timeout_ms)
         result, replicas = pipe.execute()
         if int(replicas) < self.wait_replicas:
-            raise NotReplicated(
-                f"{what} by the Redis primary but held by {replicas} of the {self.wait_replicas} replica(s) "
-                f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms"
-            )
+            if required:
+                raise NotReplicated(
+                    f"{what} by the Redis primary but held by {replicas} of the {self.wait_replicas} replica(s) "
+                    f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms"
+                )
+            self.replica_shortfalls += 1
         return result
 
     def park(self, parks: list[Park]) -> list[bool]:
@@ -590,7 +597,8 @@ class Ledger:
     def pull(self, buyer: str, k: int, *, lease_s: float) -> tuple[int, list[tuple[int, str, str]]]:
         """Claim the next attempt of up to ``k`` parked events of ``buyer``, oldest first.
         Returns how many stay parked and (attempt n, id, event JSON) per claim."""
-        left, *flat = self._replicated(self._pull, [self.prefix, buyer, k, _num(lease_s)], "pulled")
+        left, *flat = self._replicated(self._pull, [self.prefix, buyer, k, _num(lease_s)], "pulled",
+                                        required=False)
         items = [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
         return int(left), items
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.logs import get_logger
 from worker.poison import record_poison
 from worker.runtime import Runtime, ride_out_redis
 
@@ -27,11 +28,16 @@ def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float,
           parked_buyers: list[str]) -> list[tuple[str, str]]:
     """Claim, riding out a short Redis outage; a longer one leaves the events to the
     sweeper (their trigger is resent), so nothing is lost by giving up."""
-    return ride_out_redis(
+    shortfalls = rt.ledger.replica_shortfalls
+    claimed = ride_out_redis(
         lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s,
                                 parked_buyers=parked_buyers),
         rt.settings.attempt_grace_s / 2,
     )
+    if rt.ledger.replica_shortfalls != shortfalls:
+        get_logger().warning("claim_not_replicated", events=len(claimed), replicas=rt.settings.redis_wait_replicas,
+                             wait_ms=rt.settings.redis_wait_timeout_ms)
+    return claimed
 
 
 def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any) -> dict[str, int]:

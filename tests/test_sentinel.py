@@ -1,0 +1,161 @@
+"""Redis Sentinel failover while events flow: a primary, a replica and three sentinels on
+loopback; the primary is killed (SIGKILL) mid-stream, a sentinel promotes the replica, the
+old primary comes back as a replica. Afterwards every event the producer was told was
+accepted has ended, and no event was called more than twice.
+
+The settings this needs (README "Redis Sentinel"): CGRID_REDIS_WAIT_REPLICAS=1, so an accept
+counts only once a replica holds it, and AOF on every node."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from cgrid.errors import RedisUnavailable
+from cgrid.ledger import Ledger
+from cgrid.redis_conn import redis_client
+from cgrid.redis_server import RedisServer, find_redis_server, free_port
+from cgrid.settings import Settings
+from producer import Publisher
+from producer.mock_dsp import MockDspServer
+from tests.helpers import WorkerProcess, fleet_env, wait_for
+
+pytestmark = pytest.mark.integration
+
+MASTER = "cgrid-test"
+TERMINAL = {"delivered", "failed", "rejected", "expired"}
+
+
+class SentinelProcess:
+    """One ``redis-server --sentinel`` watching ``MASTER``."""
+
+    def __init__(self, folder: Path, primary_port: int) -> None:
+        self.folder = folder
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sentinel.conf").write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {folder}\nlogfile sentinel.log\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\n"
+            f"sentinel failover-timeout {MASTER} 4000\n"
+        )
+        self.process = subprocess.Popen([find_redis_server(), str(folder / "sentinel.conf"), "--sentinel"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.client = redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+
+    def primary_port(self) -> int | None:
+        try:
+            address = self.client.execute_command("SENTINEL", "get-master-addr-by-name", MASTER)
+        except redis.RedisError:
+            return None
+        return int(address[1]) if address else None
+
+    def knows(self) -> tuple[int, int]:
+        """How many replicas and other sentinels this sentinel knows of."""
+        try:
+            return (len(self.client.execute_command("SENTINEL", "replicas", MASTER)),
+                    len(self.client.execute_command("SENTINEL", "sentinels", MASTER)))
+        except redis.RedisError:
+            return (0, 0)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture()
+def sentinel_group(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    primary = RedisServer(tmp_path / "primary").start()
+    replica = RedisServer(tmp_path / "replica",
+                          extra_args=["--replicaof", "127.0.0.1", str(primary.port)]).start()
+    sentinels = [SentinelProcess(tmp_path / f"sentinel{i}", primary.port) for i in range(3)]
+    try:
+        wait_for(lambda: all(s.knows() == (1, 2) for s in sentinels), 30,
+                 "the sentinels to find the replica and each other")
+        url = ";".join(f"sentinel://127.0.0.1:{s.port}" for s in sentinels) + "/0"
+        yield {"primary": primary, "replica": replica, "sentinels": sentinels, "url": url}
+    finally:
+        for sentinel in sentinels:
+            sentinel.stop()
+        replica.stop()
+        primary.stop()
+
+
+def test_failover_while_events_flow_loses_no_accepted_event_and_never_calls_three_times(
+    sentinel_group: dict[str, Any], dsp: MockDspServer, tmp_path: Path
+) -> None:
+    primary: RedisServer = sentinel_group["primary"]
+    sentinels: list[SentinelProcess] = sentinel_group["sentinels"]
+    env = fleet_env(sentinel_group["url"], CGRID_REDIS_MASTER_NAME=MASTER, CGRID_REDIS_WAIT_REPLICAS=1,
+                    CGRID_REDIS_WAIT_TIMEOUT_MS=500, CGRID_TIMEOUT_S=1, CGRID_RETRY_DELAY_S=1)
+    settings = Settings.from_env(env)
+    worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", name="sentinel").start()
+    buyer = f"sentinel-{uuid.uuid4().hex[:6]}"
+    accepted: list[str] = []
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def publish_until_stopped() -> None:
+        with Publisher(settings, linger_ms=0) as publisher:
+            n = 0
+            while not stop.is_set():
+                # A quarter fail once, so retries run across the failover as well.
+                batch = [{"kind": "burl", "upstream": "s2s", "buyer": buyer,
+                          "url": f"{dsp.url}/sequence/{'500,' if (n + i) % 4 == 0 else ''}204?e={n + i}"}
+                         for i in range(5)]
+                n += 5
+                try:
+                    ids = publisher.publish_many(batch)
+                    accepted.extend(ids)
+                except RedisUnavailable:
+                    refused.extend(str(n - 5 + i) for i in range(5))
+                    publisher.discard()
+                    time.sleep(0.05)
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=publish_until_stopped)
+    thread.start()
+    try:
+        wait_for(lambda: len(accepted) >= 200, 30, "events to flow before the failover")
+        old_port = primary.port
+        primary.stop(kill=True)
+        wait_for(lambda: all(s.primary_port() not in (None, old_port) for s in sentinels), 60,
+                 "the sentinels to promote the replica")
+        accepted_at_failover = len(accepted)
+        # The old primary comes back, and the sentinels make it a replica of the new one.
+        primary.start()
+        wait_for(lambda: len(accepted) >= accepted_at_failover + 200, 60,
+                 "events to be accepted again after the failover")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    try:
+        ledger = Ledger(redis_client(settings, socket_timeout_s=2, socket_connect_timeout_s=2))
+
+        def all_ended() -> dict[str, dict[str, Any]] | None:
+            records = {i: ledger.record(i) for i in accepted}
+            return records if all(r and r["state"] in TERMINAL for r in records.values()) else None  # type: ignore[return-value]
+
+        records = wait_for(all_ended, 90, "every accepted event to end")
+    finally:
+        worker.stop()
+    calls = Counter(call["target"].split("e=", 1)[1] for call in dsp.log.snapshot() if "e=" in call["target"])
+    over_called = {k: v for k, v in calls.items() if v > 2}
+    assert not over_called, f"called more than twice: {over_called}"
+    states = Counter(r["state"] for r in records.values())
+    # Every event's buyer answers 204 in the end: an event can fail only if both its
+    # attempts were caught by the failover.
+    assert states["delivered"] >= 0.95 * len(accepted), states
+    assert len(accepted) >= 400
+    print(f"accepted {len(accepted)}, refused during the failover {len(refused)}, states {dict(states)}, "
+          f"most calls for one event {max(calls.values())}, "
+          f"claims short of replicas {worker.log_text().count('claim_not_replicated')}")
