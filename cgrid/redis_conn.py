@@ -11,7 +11,8 @@ broker's options (kombu's Redis or Sentinel transport), which Flower reads too.
 - ``sentinel://[user:password@]host:port[/db];sentinel://host:port;...`` — Redis Sentinel,
   kombu's form: the sentinels, ``;``-separated, and the primary's name in
   ``CGRID_REDIS_MASTER_NAME``. The user and password are the Redis nodes' (ACL) ones; the
-  sentinels' own password, if they have one, is ``CGRID_REDIS_SENTINEL_PASSWORD``.
+  sentinels' own password, if they have one, is ``CGRID_REDIS_SENTINEL_PASSWORD``;
+  ``CGRID_REDIS_SENTINEL_TLS=on`` speaks TLS to the sentinels and the nodes (same files).
 
 A password never appears in an error message or a log line: :func:`mask_url` is what they show.
 """
@@ -96,11 +97,15 @@ def check_url(settings: Settings) -> None:
         parse_sentinel_url(url)
         if not settings.redis_master_name:
             raise ConfigError("CGRID_REDIS_MASTER_NAME: a sentinel:// URL needs the primary's name")
-        if tls_files(settings):
-            raise ConfigError("CGRID_REDIS_CA_FILE/CERT_FILE/KEY_FILE: TLS through Sentinel is not supported; "
-                              "use rediss:// to one Redis, or Sentinel without TLS on a private network")
-    elif tls_files(settings) and not url.startswith("rediss://"):
-        raise ConfigError("CGRID_REDIS_CA_FILE/CERT_FILE/KEY_FILE are set but CGRID_REDIS_URL is not rediss://")
+        if tls_files(settings) and not settings.redis_sentinel_tls:
+            raise ConfigError("CGRID_REDIS_CA_FILE/CERT_FILE/KEY_FILE are set with a sentinel:// URL: "
+                              "set CGRID_REDIS_SENTINEL_TLS=on for TLS to the sentinels and the nodes")
+    else:
+        if settings.redis_sentinel_tls:
+            raise ConfigError("CGRID_REDIS_SENTINEL_TLS is on but CGRID_REDIS_URL is not sentinel:// "
+                              "(for one Redis over TLS use rediss://)")
+        if tls_files(settings) and not url.startswith("rediss://"):
+            raise ConfigError("CGRID_REDIS_CA_FILE/CERT_FILE/KEY_FILE are set but CGRID_REDIS_URL is not rediss://")
     if bool(settings.redis_cert_file) != bool(settings.redis_key_file):
         raise ConfigError("CGRID_REDIS_CERT_FILE and CGRID_REDIS_KEY_FILE: a client certificate needs both")
 
@@ -132,6 +137,8 @@ def redis_client(settings: Settings, *, socket_timeout_s: float, socket_connect_
     url = settings.redis_url
     if url.startswith("sentinel://"):
         target = parse_sentinel_url(url)
+        if settings.redis_sentinel_tls:
+            options.update(ssl=True, **_tls_options(settings))
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(settings),
             socket_timeout=socket_timeout_s, socket_connect_timeout=socket_connect_timeout_s)
@@ -149,6 +156,8 @@ def _sentinel_kwargs(settings: Settings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
     if settings.redis_sentinel_password:
         kwargs["password"] = settings.redis_sentinel_password
+    if settings.redis_sentinel_tls:
+        kwargs.update(ssl=True, **_tls_options(settings))
     return kwargs
 
 
@@ -160,7 +169,7 @@ def celery_connection_conf(settings: Settings, transport_options: dict[str, Any]
     if settings.redis_url.startswith("sentinel://"):
         options["master_name"] = settings.redis_master_name
         options["sentinel_kwargs"] = _sentinel_kwargs(settings)
-    if settings.redis_url.startswith("rediss://"):
+    if settings.redis_url.startswith("rediss://") or settings.redis_sentinel_tls:
         conf["broker_use_ssl"] = _tls_options(settings)
     conf["broker_transport_options"] = options
     return conf

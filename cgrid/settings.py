@@ -42,6 +42,17 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 
     return value
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "on", "true", "yes"}:
+        return True
+    if raw in {"0", "off", "false", "no"}:
+        return False
+    raise ConfigError(f"{name}: {raw!r} is not on/off")
+
+
 def parse_networks(raw: str, name: str = "CGRID_ALLOWED_NETWORKS") -> tuple[IPNetwork, ...]:
     """Comma-separated CIDRs (``127.0.0.0/8, ::1/128``) into network objects."""
     networks = []
@@ -64,7 +75,8 @@ class Settings:
     # How Redis is reached beyond the URL (cgrid/redis_conn.py):
     redis_master_name: str = "mymaster"  # CGRID_REDIS_MASTER_NAME: the primary's name in Sentinel
     redis_sentinel_password: str = ""  # CGRID_REDIS_SENTINEL_PASSWORD: the sentinels' own password
-    redis_ca_file: str = ""  # CGRID_REDIS_CA_FILE: CA bundle for rediss:// (else the system's)
+    redis_sentinel_tls: bool = False  # CGRID_REDIS_SENTINEL_TLS: TLS to the sentinels and the nodes
+    redis_ca_file: str = ""  # CGRID_REDIS_CA_FILE: CA bundle for TLS (else the system's)
     redis_cert_file: str = ""  # CGRID_REDIS_CERT_FILE: client certificate for rediss://
     redis_key_file: str = ""  # CGRID_REDIS_KEY_FILE: its private key
     # CGRID_REDIS_WAIT_REPLICAS: replicas that must hold an accept or a claim before it counts
@@ -104,6 +116,7 @@ class Settings:
             redis_url=env.get("CGRID_REDIS_URL", "").strip() or cls.redis_url,
             redis_master_name=env.get("CGRID_REDIS_MASTER_NAME", cls.redis_master_name).strip(),
             redis_sentinel_password=env.get("CGRID_REDIS_SENTINEL_PASSWORD", ""),
+            redis_sentinel_tls=_flag(env, "CGRID_REDIS_SENTINEL_TLS", cls.redis_sentinel_tls),
             redis_ca_file=env.get("CGRID_REDIS_CA_FILE", "").strip(),
             redis_cert_file=env.get("CGRID_REDIS_CERT_FILE", "").strip(),
             redis_key_file=env.get("CGRID_REDIS_KEY_FILE", "").strip(),

@@ -38,6 +38,9 @@ def test_sentinel_url_lists_every_sentinel_and_takes_db_and_credentials() -> Non
     ({"CGRID_REDIS_URL": "redis://h:6379", "CGRID_REDIS_CA_FILE": "/etc/hostname"}, "CGRID_REDIS_CA_FILE"),
     ({"CGRID_REDIS_URL": "rediss://h:6379", "CGRID_REDIS_CA_FILE": "/no/such/ca.pem"}, "CGRID_REDIS_CA_FILE"),
     ({"CGRID_REDIS_URL": "rediss://h:6379", "CGRID_REDIS_CERT_FILE": "/etc/hostname"}, "CGRID_REDIS_KEY_FILE"),
+    ({"CGRID_REDIS_URL": "sentinel://h1:26379", "CGRID_REDIS_CA_FILE": "/etc/hostname"}, "CGRID_REDIS_SENTINEL_TLS"),
+    ({"CGRID_REDIS_URL": "rediss://h:6379", "CGRID_REDIS_SENTINEL_TLS": "on"}, "CGRID_REDIS_SENTINEL_TLS"),
+    ({"CGRID_REDIS_URL": "sentinel://h1:26379", "CGRID_REDIS_SENTINEL_TLS": "maybe"}, "CGRID_REDIS_SENTINEL_TLS"),
     ({"CGRID_REDIS_WAIT_REPLICAS": "-1"}, "CGRID_REDIS_WAIT_REPLICAS"),
     ({"CGRID_REDIS_WAIT_TIMEOUT_MS": "0"}, "CGRID_REDIS_WAIT_TIMEOUT_MS"),
 ])

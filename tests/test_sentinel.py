@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+import trustme
 
 from cgrid.errors import RedisUnavailable
 from cgrid.ledger import Ledger
@@ -35,22 +36,60 @@ MASTER = "cgrid-test"
 TERMINAL = {"delivered", "failed", "rejected", "expired"}
 
 
+class Tls:
+    """A CA made for the test, a certificate for the servers (127.0.0.1) and one for clients."""
+
+    def __init__(self, folder: Path) -> None:
+        ca = trustme.CA()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.files = {name: str(folder / name) for name in ("ca.pem", "server.pem", "server.key",
+                                                            "client.pem", "client.key")}
+        ca.cert_pem.write_to_path(self.files["ca.pem"])
+        for name, cert in (("server", ca.issue_cert("127.0.0.1")), ("client", ca.issue_cert("cgrid-worker"))):
+            cert.cert_chain_pems[0].write_to_path(self.files[f"{name}.pem"])
+            cert.private_key_pem.write_to_path(self.files[f"{name}.key"])
+
+    def server_options(self, port: int) -> list[str]:
+        """redis-server's options for TLS only, client certificates required, TLS between nodes."""
+        return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", self.files["server.pem"],
+                "--tls-key-file", self.files["server.key"], "--tls-ca-cert-file", self.files["ca.pem"],
+                "--tls-auth-clients", "yes", "--tls-replication", "yes"]
+
+    def client_options(self) -> dict[str, Any]:
+        return {"ssl_ca_certs": self.files["ca.pem"], "ssl_certfile": self.files["client.pem"],
+                "ssl_keyfile": self.files["client.key"]}
+
+    def env(self) -> dict[str, str]:
+        return {"CGRID_REDIS_SENTINEL_TLS": "on", "CGRID_REDIS_CA_FILE": self.files["ca.pem"],
+                "CGRID_REDIS_CERT_FILE": self.files["client.pem"], "CGRID_REDIS_KEY_FILE": self.files["client.key"]}
+
+
+def redis_node(folder: Path, tls: Tls | None, extra_args: list[str] | None = None) -> RedisServer:
+    port = free_port()
+    if tls is None:
+        return RedisServer(folder, port, extra_args=extra_args or [])
+    return RedisServer(folder, port, extra_args=[*tls.server_options(port), *(extra_args or [])],
+                       client_options=tls.client_options(), url=f"rediss://127.0.0.1:{port}/0")
+
+
 class SentinelProcess:
     """One ``redis-server --sentinel`` watching ``MASTER``."""
 
-    def __init__(self, folder: Path, primary_port: int) -> None:
+    def __init__(self, folder: Path, primary_port: int, tls: Tls | None) -> None:
         self.folder = folder
         self.port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
+        listen = f"port {self.port}\n" if tls is None else " ".join(tls.server_options(self.port)).replace(" --", "\n")
         (folder / "sentinel.conf").write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {folder}\nlogfile sentinel.log\n"
+            f"{listen.removeprefix('--')}\nbind 127.0.0.1\ndir {folder}\nlogfile sentinel.log\n"
             f"sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n"
             f"sentinel down-after-milliseconds {MASTER} 1000\n"
             f"sentinel failover-timeout {MASTER} 4000\n"
         )
         self.process = subprocess.Popen([find_redis_server(), str(folder / "sentinel.conf"), "--sentinel"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.client = redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+        tls_options = {} if tls is None else {"ssl": True, **tls.client_options()}
+        self.client = redis.Redis("127.0.0.1", self.port, socket_timeout=2, decode_responses=True, **tls_options)
 
     def primary_port(self) -> int | None:
         try:
@@ -72,17 +111,20 @@ class SentinelProcess:
         self.process.wait()
 
 
-@pytest.fixture()
-def sentinel_group(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    primary = RedisServer(tmp_path / "primary").start()
-    replica = RedisServer(tmp_path / "replica",
-                          extra_args=["--replicaof", "127.0.0.1", str(primary.port)]).start()
-    sentinels = [SentinelProcess(tmp_path / f"sentinel{i}", primary.port) for i in range(3)]
+@pytest.fixture(params=["plain", "tls"])
+def sentinel_group(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Without TLS, and with TLS everywhere (clients, replication, sentinels; client
+    certificates required)."""
+    tls = Tls(tmp_path / "tls") if request.param == "tls" else None
+    primary = redis_node(tmp_path / "primary", tls).start()
+    replica = redis_node(tmp_path / "replica", tls, ["--replicaof", "127.0.0.1", str(primary.port)]).start()
+    sentinels = [SentinelProcess(tmp_path / f"sentinel{i}", primary.port, tls) for i in range(3)]
     try:
         wait_for(lambda: all(s.knows() == (1, 2) for s in sentinels), 30,
                  "the sentinels to find the replica and each other")
         url = ";".join(f"sentinel://127.0.0.1:{s.port}" for s in sentinels) + "/0"
-        yield {"primary": primary, "replica": replica, "sentinels": sentinels, "url": url}
+        yield {"primary": primary, "replica": replica, "sentinels": sentinels, "url": url,
+               "env": {} if tls is None else tls.env()}
     finally:
         for sentinel in sentinels:
             sentinel.stop()
@@ -96,7 +138,8 @@ def test_failover_while_events_flow_loses_no_accepted_event_and_never_calls_thre
     primary: RedisServer = sentinel_group["primary"]
     sentinels: list[SentinelProcess] = sentinel_group["sentinels"]
     env = fleet_env(sentinel_group["url"], CGRID_REDIS_MASTER_NAME=MASTER, CGRID_REDIS_WAIT_REPLICAS=1,
-                    CGRID_REDIS_WAIT_TIMEOUT_MS=500, CGRID_TIMEOUT_S=1, CGRID_RETRY_DELAY_S=1)
+                    CGRID_REDIS_WAIT_TIMEOUT_MS=500, CGRID_TIMEOUT_S=1, CGRID_RETRY_DELAY_S=1,
+                    **sentinel_group["env"])
     settings = Settings.from_env(env)
     worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", name="sentinel").start()
     buyer = f"sentinel-{uuid.uuid4().hex[:6]}"
