@@ -84,6 +84,8 @@ class Settings:
     publish_timeout_s: float = 2.0
     log_level: str = "INFO"
     data_dir: str = "data"
+    archive_dir: str = ""  # CGRID_ARCHIVE_DIR; '' = <CGRID_DATA_DIR>/archive
+    archive_claim_idle_s: float = 900.0
     queue: str = field(default="cgrid.deliver")
 
     @classmethod
@@ -116,9 +118,16 @@ class Settings:
             publish_timeout_s=_number(env, "CGRID_PUBLISH_TIMEOUT_S", cls.publish_timeout_s, minimum=0.1),
             log_level=env.get("CGRID_LOG_LEVEL", "").strip().upper() or cls.log_level,
             data_dir=env.get("CGRID_DATA_DIR", "").strip() or cls.data_dir,
+            archive_dir=env.get("CGRID_ARCHIVE_DIR", "").strip(),
+            archive_claim_idle_s=_number(env, "CGRID_ARCHIVE_CLAIM_IDLE_S", cls.archive_claim_idle_s, minimum=10),
         )
         settings.validate()
         return settings
+
+    @property
+    def archive_path(self) -> str:
+        """Where the archiver writes its daily files (CGRID_ARCHIVE_DIR)."""
+        return self.archive_dir or os.path.join(self.data_dir, "archive")
 
     @property
     def attempt_lease_s(self) -> float:

@@ -190,6 +190,15 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if skipped and args.ids else 0
 
 
+def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the archiver: final ledger records into daily JSON-lines files (docs/archive.md)."""
+    from pathlib import Path
+
+    from worker.archiver import default_name, run_archiver
+
+    return run_archiver(settings, Path(args.dir or settings.archive_path), args.name or default_name())
+
+
 def cmd_mock_dsp(args: argparse.Namespace, settings: Settings) -> int:
     from producer.mock_dsp import MockDspServer
 
@@ -235,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--day", type=day_arg, default=None, help="the UTC day of their created_at, YYYY-MM-DD")
     rep.add_argument("--again", action="store_true", help="replay events that were replayed before, once more")
     rep.set_defaults(run=cmd_replay)
+    arch = sub.add_parser("archive", help="write final ledger records into daily JSON-lines files (runs until stopped)")
+    arch.add_argument("--dir", default=None, help="the archive directory (default: CGRID_ARCHIVE_DIR, else "
+                      "<CGRID_DATA_DIR>/archive)")
+    arch.add_argument("--name", default=None, help="this archiver's name, its file name in each day's folder; "
+                      "keep it stable across restarts (default: the host name)")
+    arch.set_defaults(run=cmd_archive)
     mock = sub.add_parser("mock-dsp", help="a local buyer endpoint for demos and tests")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8099)
