@@ -158,8 +158,11 @@ local function slim_event(text, keep_call)
   end
   return cjson.encode(ev)
 end
+-- An event became final: it leaves the backlog, and its claim bookkeeping goes (a final
+-- record needs none of it: 71 bytes of its ~600 in Redis).
 local function closed(key)
   opened(redis.call('HGET', key, 'kind'), -1)
+  redis.call('HDEL', key, 'claim', 'claimed_at', 'sent_at', 'retry_at')
 end
 local function finalize(key, event_text, state)
   local slim = slim_event(event_text, state == 'failed')
@@ -589,7 +592,7 @@ class Ledger:
 
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
-        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 7 * 86400,
+        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 2700,
         paused: Mapping[str, float] | None = None,
     ) -> tuple[float, list[str], list[str]]:
         """Handle events whose due time passed, and revive parked sets no worker touched for

@@ -337,3 +337,46 @@ def test_archive_files_are_readable_while_written(tmp_path: Path) -> None:
     path.write_bytes(b'{"entry":"1-0","id":"a"}\n{"entry":"2-0","id":"b"}\n{"entry":"3-')
     assert [r["id"] for _, r in read_lines(path)] == ["a", "b"]
     assert os.path.getsize(path) > 0
+
+
+# -- past the ledger's window: status and replay from the archive ------------------------------
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_status_and_replay_of_an_event_past_the_window_use_the_archive(
+        client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    ledger = Ledger(client)
+    event = make_event("gone-1")
+    ledger.accept([event, make_event("gone-2", buyer="other")], redeliver_after_s=30, **TTL)
+    ids = ["gone-1", "gone-2"]
+    for n in (1, 2):
+        ledger.claim(ids, n, lease_s=30, sent_at_s=0)
+        ledger.finish([Finish(i, Outcome.FAIL, attempt(n, 500), final_event=make_event(i).to_final_json(
+            keep_call=True) if n == 2 else "") for i in ids], n, retry_delay_s=0, **TTL)
+    root = tmp_path / "archive"
+    archiver = Archiver(client, root, "a1", claim_idle_s=600)
+    archiver.open()
+    drain(archiver, client)
+    client.delete("cgrid:ev:gone-1", "cgrid:ev:gone-2")  # their CGRID_LEDGER_TTL_S has passed
+    env = fleet_env(redis_url, CGRID_ARCHIVE_DIR=str(root))
+    day = day_of(event.created_at_s)
+    status = cli(env, "status", "gone-1")
+    assert status.returncode == 1 and "CGRID_LEDGER_TTL_S" in status.stderr and "--day" in status.stderr
+    status = cli(env, "status", "gone-1", "--day", day)
+    assert status.returncode == 0, status.stderr
+    found = json.loads(status.stdout)
+    assert found["state"] == "failed" and found["archived"] is True and len(found["attempts"]) == 2
+    path = str(file_for(root, day, "a1"))
+    first = cli(env, "replay", "--archive", path, "--buyer", "b1")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["gone-1:replay1"]
+    replayed = ledger.record("gone-1:replay1")
+    assert replayed is not None and replayed["state"] == "pending"
+    assert replayed["event"]["url"] == event.url and replayed["event"]["macros"] == {"AUCTION_PRICE": "1.5"}
+    assert not client.exists("cgrid:ev:gone-1")  # no stub record made for the original
+    second = cli(env, "replay", "--archive", path)  # both failed lines; gone-1 was replayed already
+    assert second.stdout.split() == ["gone-2:replay1"] and "already replayed as gone-1:replay1" in second.stderr
