@@ -214,7 +214,9 @@ for i = 5, #ARGV, 5 do
     redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
       'buyer', buyer, 'kind', kind, 'accepted_at', now_text, 'sent_at', now_text, 'claim', 0)
     opened(kind, 1)
-    redis.call('EXPIRE', key, ttl)
+    -- No expiry while the event is open: its record must outlive any wait (a fleet down for
+    -- longer than the ledger TTL must still find it, end it and archive it). It expires
+    -- CGRID_LEDGER_TTL_S after it becomes final.
     redis.call('ZADD', prefix .. 'due', now + redeliver, id)
     bump(day, buyer, 'events', report_ttl)
     out[#out + 1] = 1

@@ -380,3 +380,14 @@ def test_status_and_replay_of_an_event_past_the_window_use_the_archive(
     assert not client.exists("cgrid:ev:gone-1")  # no stub record made for the original
     second = cli(env, "replay", "--archive", path)  # both failed lines; gone-1 was replayed already
     assert second.stdout.split() == ["gone-2:replay1"] and "already replayed as gone-1:replay1" in second.stderr
+
+
+def test_an_open_record_never_expires_a_final_one_after_the_ledger_ttl(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    ledger = Ledger(client)
+    ledger.accept([make_event("w1")], redeliver_after_s=30, ledger_ttl_s=120, report_ttl_s=3600)
+    assert client.ttl("cgrid:ev:w1") == -1  # open: kept however long its wait (a fleet down for hours)
+    ledger.claim(["w1"], 1, lease_s=30, sent_at_s=0)
+    ledger.finish([Finish("w1", Outcome.OK, attempt(1))], 1, retry_delay_s=1, ledger_ttl_s=120, report_ttl_s=3600)
+    assert 0 < client.ttl("cgrid:ev:w1") <= 120
+    assert not {b"claim", b"claimed_at", b"sent_at"} & set(client.hkeys("cgrid:ev:w1"))  # final: bookkeeping gone
