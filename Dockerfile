@@ -7,5 +7,7 @@ COPY producer ./producer
 COPY worker ./worker
 COPY examples ./examples
 RUN pip install --no-cache-dir . && useradd --create-home cgrid
+# The archiver's directory (a volume in docker-compose.yml), writable by the user it runs as.
+RUN mkdir /archive && chown cgrid /archive
 USER cgrid
 CMD ["celery", "-A", "worker", "worker", "--loglevel", "INFO"]

@@ -5,7 +5,7 @@
     timeout_s = 1.5
     retry_delay_s = 30
     max_concurrency = 50
-    max_age_s = 3600
+    max_age_s = 1200
     price_encryption_key = "…web-safe base64…"
     price_integrity_key = "…web-safe base64…"
 

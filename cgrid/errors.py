@@ -24,3 +24,7 @@ class RedisUnavailable(CgridError, ConnectionError):
 
 class ForbiddenDestination(CgridError):
     """The buyer URL's host is, or resolves to, an address the guard refuses (SPEC §8)."""
+
+
+class ArchiveError(CgridError):
+    """The archive directory cannot be used (unwritable, full, or taken by another archiver)."""

@@ -15,6 +15,8 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P failed:<day>:<buyer>`` set of the ids that ended ``failed``, for replay
 - ``P open:<kind>``      events accepted and not yet final, per kind (the backlog)
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
+- ``P archive``        stream: every record that became final, until the archiver has written
+                       it to disk (``cgrid/archive.py``); exists once an archiver has started
 
 The one-retry guard is :data:`_CLAIM`: attempt ``n`` of an event can be claimed once,
 attempt 2 only after attempt 1 failed, so no event is called more than twice.
@@ -162,8 +164,11 @@ local function slim_event(text, keep_call)
   end
   return cjson.encode(ev)
 end
+-- An event became final: it leaves the backlog, and its claim bookkeeping goes (a final
+-- record needs none of it: 71 bytes of its ~600 in Redis).
 local function closed(key)
   opened(redis.call('HGET', key, 'kind'), -1)
+  redis.call('HDEL', key, 'claim', 'claimed_at', 'sent_at', 'retry_at')
 end
 local function finalize(key, event_text, state)
   local slim = slim_event(event_text, state == 'failed')
@@ -174,6 +179,21 @@ local function note_failed(day, buyer, id, ttl)
   local key = prefix .. 'failed:' .. day .. ':' .. buyer
   redis.call('SADD', key, id)
   redis.call('EXPIRE', key, ttl)
+end
+-- The archive (cgrid/archive.py): every record that becomes final is also added to the
+-- stream P archive, in the same script, so no final state can miss it. The stream exists
+-- once an archiver has made its consumer group; before that nothing is added (a fleet
+-- without an archiver must not fill Redis). Every entry has the same fields in the same
+-- order, so Redis stores their names once per stream node.
+local archive_key = prefix .. 'archive'
+local archive_on = nil
+local function archive(key, id, state)
+  if archive_on == nil then archive_on = redis.call('EXISTS', archive_key) == 1 end
+  if not archive_on then return end
+  local r = redis.call('HMGET', key, 'day', 'buyer', 'kind', 'accepted_at', 'a1', 'a2', 'reason', 'event')
+  redis.call('XADD', archive_key, '*', 'id', id, 'state', state, 'day', r[1] or '', 'buyer', r[2] or '',
+    'kind', r[3] or '', 'accepted_at', r[4] or '', 'finished_at', now_text, 'a1', r[5] or '', 'a2', r[6] or '',
+    'reason', r[7] or '', 'event', r[8] or '')
 end
 local function write_bumps()
   for kind, delta in pairs(open_delta) do redis.call('INCRBY', prefix .. 'open:' .. kind, delta) end
@@ -200,7 +220,9 @@ for i = 5, #ARGV, 5 do
     redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
       'buyer', buyer, 'kind', kind, 'accepted_at', now_text, 'sent_at', now_text, 'claim', 0)
     opened(kind, 1)
-    redis.call('EXPIRE', key, ttl)
+    -- No expiry while the event is open: its record must outlive any wait (a fleet down for
+    -- longer than the ledger TTL must still find it, end it and archive it). It expires
+    -- CGRID_LEDGER_TTL_S after it becomes final.
     redis.call('ZADD', prefix .. 'due', now + redeliver, id)
     bump(day, buyer, 'events', report_ttl)
     out[#out + 1] = 1
@@ -313,6 +335,7 @@ for i = 6, #ARGV, 7 do
         finalize(key, redis.call('HGET', key, 'event'), new)
       end
       redis.call('EXPIRE', key, ttl)
+      archive(key, id, new)
     end
   end
   out[#out + 1] = new
@@ -416,6 +439,7 @@ for i = 10, #ARGV, 2 do
       redis.call('ZREM', prefix .. 'due', id)
       redis.call('EXPIRE', key, ledger_ttl)
       bump(rec[3], buyer, 'expired', report_ttl)
+      archive(key, id, 'expired')
     end
     redis.call('ZREM', pkey, id)
   end
@@ -446,8 +470,10 @@ for _, id in ipairs(ids) do
       redis.call('ZREM', due, id)
       closed(key)
       finalize(key, rec[7], 'failed')
+      redis.call('EXPIRE', key, ledger_ttl)
       bump(rec[5], rec[6], 'failed', report_ttl)
-      note_failed(rec[5], rec[6], id, report_ttl)
+      note_failed(rec[5], rec[6], id, ledger_ttl)
+      archive(key, id, 'failed')
     end
   else
     local sent_at = tonumber(rec[4] or '-1')
@@ -604,7 +630,7 @@ class Ledger:
 
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
-        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 7 * 86400,
+        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 2700,
         paused: Mapping[str, float] | None = None,
     ) -> tuple[float, list[str], list[str]]:
         """Handle events whose due time passed, and revive parked sets no worker touched for
@@ -677,6 +703,25 @@ class Ledger:
             pipe.zcard(self.prefix + "parked:" + buyer)
         due, *parked = pipe.execute()
         return int(due), dict(zip(buyers, map(int, parked), strict=True))
+
+    def archive_backlog(self) -> tuple[int, float] | None:
+        """Final records not yet archived (the archive stream's length) and the age in
+        seconds of the oldest (by its entry id, Redis's clock); None when the archive is off
+        (no archiver ever made the stream)."""
+        key = self.prefix + "archive"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(key)
+        pipe.xlen(key)
+        pipe.xrange(key, count=1)
+        pipe.time()
+        exists, length, first, (now_s, now_us) = pipe.execute()
+        if not exists:
+            return None
+        oldest_s = 0.0
+        if first:
+            entry_ms = int(_text(first[0][0]).split("-")[0])
+            oldest_s = max(0.0, int(now_s) + int(now_us) / 1e6 - entry_ms / 1000)
+        return int(length), oldest_s
 
     def poisoned(self) -> int:
         """How many poisoned messages workers have dropped."""

@@ -92,14 +92,36 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     record = _ledger(settings).record(args.id)
     if record is None:
-        print(f"unknown event id: {args.id}", file=sys.stderr)
-        return 1
+        return status_from_archive(args, settings)
     waiting = record.get("waiting")
     # Parked while its lane was full, and its buyer has been paused since.
     if (waiting and waiting["reason"] == WaitReason.LANE_FULL and settings.buyers_file
             and BuyersFile.for_settings(settings).config.get(waiting.get("buyer")).paused):
         waiting.update(reason=WaitReason.PAUSED.value, detail=WAIT_DETAILS[WaitReason.PAUSED])
     print(json.dumps(record, indent=2))
+    return 0
+
+
+def status_from_archive(args: argparse.Namespace, settings: Settings) -> int:
+    """An id not in the ledger: past its hot window (or never accepted). With --day, its
+    archived final record is looked up in that day's archive files."""
+    from pathlib import Path
+
+    from cgrid.archive import find_event
+
+    root = Path(settings.archive_path)
+    if args.day is None:
+        print(f"unknown event id: {args.id}: not in the ledger, which keeps a record CGRID_LEDGER_TTL_S "
+              f"({settings.ledger_ttl_s} s) after it became final (or it was never accepted). Final records are "
+              f"archived in {root}/<day>/*.jsonl: cgrid-s2s status {args.id} --day YYYY-MM-DD looks there "
+              "(the UTC day of its created_at)", file=sys.stderr)
+        return 1
+    found = find_event(root, args.day, args.id)
+    if not found:
+        print(f"unknown event id: {args.id}: not in the ledger, nor in {root / args.day}/*.jsonl", file=sys.stderr)
+        return 1
+    for record in found:
+        print(json.dumps({**record, "archived": True}, indent=2))
     return 0
 
 
@@ -152,6 +174,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         writer.writerows(rows)
         return 0
     print(format_report(rows))
+    archive = ledger.archive_backlog()
+    if archive is not None and archive[0]:
+        print(f"\nfinal records not yet archived: {archive[0]} (the oldest {archive[1]:.0f} s old; "
+              "is `cgrid-s2s archive` running?)")
     poisoned = ledger.poisoned()
     if poisoned:
         print(f"\npoisoned broker messages dropped: {poisoned} (the last ones: LRANGE {POISON_LIST_KEY} 0 -1)")
@@ -164,6 +190,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from producer.publisher import Publisher
     from producer.replay import replay
 
+    if args.archive:
+        return replay_from_archive(args, settings)
     if bool(args.ids) == bool(args.buyer or args.day):
         print("cgrid-s2s replay: give either ids, or --buyer B --day YYYY-MM-DD", file=sys.stderr)
         return 2
@@ -184,6 +212,51 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
             skipped += 1
             print(f"{item.original}: not replayed: {item.note}", file=sys.stderr)
     return 1 if skipped and args.ids else 0
+
+
+def replay_from_archive(args: argparse.Namespace, settings: Settings) -> int:
+    """Replay the failed events of an archive file (all of them, or those of --buyer, or the
+    ids given): for events past the ledger's window."""
+    from pathlib import Path
+
+    from cgrid.archive import read_lines
+    from producer.publisher import Publisher
+    from producer.replay import replay
+
+    if args.day:
+        print("cgrid-s2s replay: --archive names the file (its folder is the day); drop --day", file=sys.stderr)
+        return 2
+    archived: dict[str, dict[str, Any]] = {}
+    for _, line in read_lines(Path(args.archive)):
+        if line.get("state") == "failed" and isinstance(line.get("id"), str) and (
+                args.buyer is None or line.get("buyer") == args.buyer):
+            archived.setdefault(line["id"], line)  # a line written twice (takeover) is one event
+    ids = [i for i in args.ids if i in archived] if args.ids else sorted(archived)
+    missing = [i for i in args.ids if i not in archived]
+    for event_id in missing:
+        print(f"{event_id}: not replayed: no failed line for it in {args.archive}", file=sys.stderr)
+    if not ids:
+        print(f"no failed events to replay in {args.archive}", file=sys.stderr)
+        return 1 if missing else 0
+    with Publisher(settings, linger_ms=0) as publisher:
+        results = replay(publisher, ids, again=args.again, archived=archived)
+    skipped = len(missing)
+    for item in results:
+        if item.replay_id is not None:
+            print(item.replay_id)
+        else:
+            skipped += 1
+            print(f"{item.original}: not replayed: {item.note}", file=sys.stderr)
+    return 1 if skipped and args.ids else 0
+
+
+def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the archiver: final ledger records into daily JSON-lines files (docs/archive.md)."""
+    from pathlib import Path
+
+    from worker.archiver import default_name, run_archiver
+
+    return run_archiver(settings, Path(args.dir or settings.archive_path), args.name or default_name())
 
 
 def cmd_mock_dsp(args: argparse.Namespace, settings: Settings) -> int:
@@ -212,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(run=cmd_publish)
     status = sub.add_parser("status", help="the ledger record of one event as JSON")
     status.add_argument("id")
+    status.add_argument("--day", type=day_arg, default=None,
+                        help="for an id past the ledger's window: look it up in this day's archive files")
     status.set_defaults(run=cmd_status)
     report = sub.add_parser("report", help="counts per buyer and day")
     output = report.add_mutually_exclusive_group()
@@ -229,8 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("ids", nargs="*", help="failed event ids (or --buyer and --day)")
     rep.add_argument("--buyer", default=None, help="the buyer whose failed events to replay ('-' for none)")
     rep.add_argument("--day", type=day_arg, default=None, help="the UTC day of their created_at, YYYY-MM-DD")
+    rep.add_argument("--archive", metavar="FILE", default=None,
+                     help="replay the failed events of this archive file (<dir>/<day>/<name>.jsonl; with --buyer or "
+                          "ids: only those), for events past the ledger's window")
     rep.add_argument("--again", action="store_true", help="replay events that were replayed before, once more")
     rep.set_defaults(run=cmd_replay)
+    arch = sub.add_parser("archive", help="write final ledger records into daily JSON-lines files (runs until stopped)")
+    arch.add_argument("--dir", default=None, help="the archive directory (default: CGRID_ARCHIVE_DIR, else "
+                      "<CGRID_DATA_DIR>/archive)")
+    arch.add_argument("--name", default=None, help="this archiver's name, its file name in each day's folder; "
+                      "keep it stable across restarts (default: the host name)")
+    arch.set_defaults(run=cmd_archive)
     mock = sub.add_parser("mock-dsp", help="a local buyer endpoint for demos and tests")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8099)

@@ -5,12 +5,18 @@ with the original's fields and ``created_at`` now: it has its own call and its o
 retry, and the original keeps its record (``status`` lists its replays). The new id is
 derived, and publishing an id the ledger holds is a no-op, so running the same replay twice
 sends nothing the second time; ``again=True`` makes a further replay (n = 2, 3, ...).
+That guard lasts as long as the replay's record is in the ledger (``CGRID_LEDGER_TTL_S``).
+
+Events past the ledger's window are replayed from their archive lines
+(``cgrid-s2s replay --archive FILE``): a failed event's line keeps its URL and macros.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cgrid.errors import InvalidEvent
 from cgrid.event import ID_MAX_CHARS, Event, parse_event
@@ -41,15 +47,23 @@ def replay_id_for(publisher: Publisher, event_id: str, again: bool) -> tuple[str
     return None, f"replayed {MAX_REPLAYS} times already"
 
 
-def replay(publisher: Publisher, event_ids: list[str], *, again: bool = False) -> list[Replayed]:
+def replay(publisher: Publisher, event_ids: list[str], *, again: bool = False,
+           archived: Mapping[str, dict[str, Any]] | None = None) -> list[Replayed]:
     """Publish a replay of each failed event; returns what happened to each id. Every replay
-    is accepted (flushed) before this returns."""
+    is accepted (flushed) before this returns. ``archived``: archive lines by event id, for
+    events no longer in the ledger (a failed event's line keeps its URL and macros)."""
     ledger = publisher.ledger
     done: list[Replayed] = []
+    in_ledger: set[str] = set()
     for event_id in event_ids:
         record = ledger.record(event_id)
-        if record is None:
-            done.append(Replayed(event_id, None, "unknown id (or past CGRID_LEDGER_TTL_S)"))
+        if record is not None:
+            in_ledger.add(event_id)
+        elif archived is not None and event_id in archived:
+            record = archived[event_id]
+        else:
+            done.append(Replayed(event_id, None, "unknown id (or past CGRID_LEDGER_TTL_S: replay it from the "
+                                                 "archive with --archive FILE)"))
             continue
         if record["state"] != State.FAILED:
             done.append(Replayed(event_id, None, f"not failed: {record['state']}"))
@@ -68,6 +82,6 @@ def replay(publisher: Publisher, event_ids: list[str], *, again: bool = False) -
         done.append(Replayed(event_id, new_id))
     publisher.flush()
     for item in done:
-        if item.replay_id is not None:
+        if item.replay_id is not None and item.original in in_ledger:
             ledger.note_replay(item.original, item.replay_id)
     return done

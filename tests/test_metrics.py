@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from cgrid.archive import ensure_group
 from cgrid.ledger import Ledger
 from cgrid.redis_server import free_port
 from cgrid.settings import Settings
@@ -37,6 +38,7 @@ def scrape(port: int) -> dict[str, float]:
 def test_a_worker_serves_delivery_metrics(pool: str, redis_url: str, dsp: MockDspServer, tmp_path: Path) -> None:
     port = free_port()
     env = fleet_env(redis_url, CGRID_METRICS_PORT=port, CGRID_RETRY_DELAY_S="0.2")
+    ensure_group(redis.Redis.from_url(redis_url))  # the archive on, no archiver running: its backlog grows
     worker = WorkerProcess(env, tmp_path / "worker.log", pool=pool, concurrency=2).start()
     run = uuid.uuid4().hex[:6]
     try:
@@ -69,6 +71,8 @@ def test_a_worker_serves_delivery_metrics(pool: str, redis_url: str, dsp: MockDs
         assert "cgrid_queue_depth" in values
         wait_for(lambda: scrape(port).get("cgrid_due_events") == 0 and scrape(port).get(
             'cgrid_open_events{kind="burl"}') == 0, 15, "the backlog gauges at 0: nothing waits")
+        wait_for(lambda: scrape(port).get("cgrid_archive_backlog") == 21, 15, "21 final records not yet archived")
+        assert scrape(port)["cgrid_archive_oldest_seconds"] > 0
     finally:
         worker.stop()
 

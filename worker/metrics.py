@@ -72,6 +72,10 @@ class _Metrics:
                                  "of win (nurl) and billing (burl) notices", ["kind"], multiprocess_mode="livemax")
         self.parked_events = Gauge("cgrid_parked_events", "Events parked in Redis per buyer (lane full, paused)",
                                    ["buyer"], multiprocess_mode="livemax")
+        self.archive_backlog = Gauge("cgrid_archive_backlog", "Final ledger records not yet written to the "
+                                     "archive files (set once an archiver has started)", multiprocess_mode="livemax")
+        self.archive_oldest = Gauge("cgrid_archive_oldest_seconds", "Age of the oldest final record not yet "
+                                    "archived (0 when none waits)", multiprocess_mode="livemax")
         self.sweeper = Counter("cgrid_sweeper_actions", "Triggers the sweeper sent: retries due, or attempt-1 "
                                "triggers sent again (lost, or parked events revived)", ["action"])
 

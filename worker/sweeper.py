@@ -26,13 +26,18 @@ BACKLOG_GAUGES_S = 5.0  # how often the backlog gauges are read from Redis (metr
 
 
 def backlog_gauges(ledger: Ledger) -> None:
-    """Events accepted and not yet final: due, parked per buyer, open per kind."""
+    """Events accepted and not yet final: due, parked per buyer, open per kind; final
+    records not yet archived."""
     due, parked = ledger.backlog()
     metrics.M.due.set(due)
     for buyer, count in parked.items():
         metrics.M.parked_events.labels(buyer).set(count)
     for kind, count in ledger.open_events().items():
         metrics.M.open_events.labels(kind).set(count)
+    archive = ledger.archive_backlog()
+    if archive is not None:
+        metrics.M.archive_backlog.set(archive[0])
+        metrics.M.archive_oldest.set(archive[1])
 
 
 def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int, sent_at_s: float) -> None:
