@@ -338,7 +338,7 @@ def measure_latency(
     published_at: dict[str, float] = {}
     # This process holds the earlier runs' events and records: a full collection of that
     # heap stalls the publisher's sender thread (measured: p99 246 ms instead of ~86 ms).
-    # An auction process does the same after start-up (README "Publishing from Python").
+    # An auction process does the same after start-up (docs/design.md "Publishing from Python").
     gc.collect()
     gc.freeze()
     with Publisher(settings) as publisher:

@@ -80,7 +80,7 @@ class Settings:
     redis_cert_file: str = ""  # CGRID_REDIS_CERT_FILE: client certificate for rediss://
     redis_key_file: str = ""  # CGRID_REDIS_KEY_FILE: its private key
     # CGRID_REDIS_WAIT_REPLICAS: replicas that must hold an accept or a claim before it counts
-    # (Redis WAIT); 1 with Sentinel, so a failover loses no accepted event (README "Sentinel").
+    # (Redis WAIT); 1 with Sentinel, so a failover loses no accepted event (docs/redis.md).
     redis_wait_replicas: int = 0
     redis_wait_timeout_ms: int = 1000
     timeout_s: float = 2.0

@@ -3,7 +3,7 @@ loopback; the primary is killed (SIGKILL) mid-stream, a sentinel promotes the re
 old primary comes back as a replica. Afterwards every event the producer was told was
 accepted has ended, and no event was called more than twice.
 
-The settings this needs (README "Redis Sentinel"): CGRID_REDIS_WAIT_REPLICAS=1, so an accept
+The settings this needs (docs/redis.md): CGRID_REDIS_WAIT_REPLICAS=1, so an accept
 counts only once a replica holds it, and AOF on every node."""
 
 from __future__ import annotations
