@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cgrid.errors import ConfigError
+from cgrid.routing import DELIVER_QUEUE, RETRY_QUEUE, Routing, check_queue_name, check_routing, parse_buyer_queues
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -84,7 +85,10 @@ class Settings:
     publish_timeout_s: float = 2.0
     log_level: str = "INFO"
     data_dir: str = "data"
-    queue: str = field(default="cgrid.deliver")
+    queue: str = field(default=DELIVER_QUEUE)  # first attempts of buyers in no group
+    retry_queue: str = RETRY_QUEUE  # CGRID_RETRY_QUEUE: retries of buyers in no group
+    # CGRID_BUYER_QUEUES: (queue, buyers) per group of buyers with queues of their own
+    buyer_queues: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -116,9 +120,17 @@ class Settings:
             publish_timeout_s=_number(env, "CGRID_PUBLISH_TIMEOUT_S", cls.publish_timeout_s, minimum=0.1),
             log_level=env.get("CGRID_LOG_LEVEL", "").strip().upper() or cls.log_level,
             data_dir=env.get("CGRID_DATA_DIR", "").strip() or cls.data_dir,
+            retry_queue=check_queue_name(env.get("CGRID_RETRY_QUEUE", "").strip() or cls.retry_queue,
+                                         "CGRID_RETRY_QUEUE"),
+            buyer_queues=parse_buyer_queues(env.get("CGRID_BUYER_QUEUES", "")),
         )
         settings.validate()
         return settings
+
+    @property
+    def routing(self) -> Routing:
+        """Which queue each trigger goes to (cgrid/routing.py, docs/hosts.md)."""
+        return Routing(self.queue, self.retry_queue, self.buyer_queues)
 
     @property
     def attempt_lease_s(self) -> float:
@@ -163,3 +175,4 @@ class Settings:
             )
         if self.retry_delay_s >= self.ledger_ttl_s:
             raise ConfigError("CGRID_RETRY_DELAY_S must stay below CGRID_LEDGER_TTL_S")
+        check_routing(self.routing)

@@ -74,12 +74,14 @@ class WorkerProcess:
     """A real ``celery -A worker worker`` subprocess; its output goes to a log file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *, pool: str = "prefork",
-                 concurrency: int = 2, name: str = "w1") -> None:
+                 concurrency: int = 2, name: str = "w1", queues: str | None = None) -> None:
         self.log_path = log_path
+        self.name = name
         self.args = [
             sys.executable, "-m", "celery", "-A", "worker", "worker",
-            "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
+            "-P", pool, "-c", str(concurrency), "-n", name if "@" in name else f"{name}@%h",
             "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+            *(["-Q", queues] if queues else []),
         ]
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
