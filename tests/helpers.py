@@ -87,11 +87,18 @@ class WorkerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 30.0) -> WorkerProcess:
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self) -> WorkerProcess:
+        """Start the process (its own process group) without waiting for it to be ready."""
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> WorkerProcess:
         wait_for(lambda: b" ready." in self.log_path.read_bytes() or self._died(), timeout_s,
                  f"worker ready ({self.log_path})")
         if self._died():
