@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -164,3 +165,22 @@ def test_a_trigger_is_judged_lost_by_its_own_queue(ledger: Ledger) -> None:
     client.delete("g")
     time.sleep(0.01)
     assert ledger.sweep(**sweep)[1:] == ({"g": ["grouped-1"]}, {})
+
+
+def test_status_names_the_queue_an_event_waits_on(ledger: Ledger, redis_url: str,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from producer.cli import main
+
+    monkeypatch.setenv("CGRID_REDIS_URL", redis_url)
+    monkeypatch.setenv("CGRID_BUYER_QUEUES", "cgrid.big=dsp-a")
+    accept(ledger, ("first", "dsp-a"), ("again", "dsp-a"), ("plain", "dsp-x"))
+    fail_first_attempt(ledger, "again")
+
+    def waiting(event_id: str) -> dict[str, Any]:
+        assert main(["status", event_id]) == 0
+        return json.loads(capsys.readouterr().out)["waiting"]  # type: ignore[no-any-return]
+
+    assert waiting("first")["queue"] == "cgrid.big" and waiting("first")["reason"] == "queued"
+    assert waiting("again")["queue"] == "cgrid.big.retry"
+    assert waiting("plain")["queue"] == "cgrid.deliver"
