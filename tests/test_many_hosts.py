@@ -37,7 +37,9 @@ def make_events(dsp: MockDspServer, run: str, n: int, *, fail_every: int, sleep_
     for i in range(n):
         event_id = f"{run}-{i}"
         buyer = "dsp-big" if i % big_every == 0 else PLAIN_BUYERS[i % len(PLAIN_BUYERS)]
-        path = "/sequence/500,204" if fail_every and i % fail_every == 1 else (f"/sleep/{sleep_ms}" if sleep_ms else "/ok")
+        path = f"/sleep/{sleep_ms}" if sleep_ms else "/ok"
+        if fail_every and i % fail_every == 1:
+            path = "/sequence/500,204"
         events.append({"id": event_id, "kind": "burl", "upstream": "s2s", "buyer": buyer,
                        "url": f"{dsp.url}{path}?e={event_id}"})
     return events
