@@ -8,6 +8,7 @@ messages: the ledger schedules them (cgrid.ledger), so no message waits in a wor
 from __future__ import annotations
 
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
 from cgrid.redis_conn import celery_connection_conf
 from cgrid.settings import Settings
@@ -29,6 +30,12 @@ def prefetch_multiplier(pool_module: str) -> int:
     return PREFETCH_PREFORK if pool_module.endswith(".prefork") else PREFETCH_OTHER_POOLS
 
 
+def broker_queue(name: str) -> Queue:
+    """A queue as Celery would make it for the name (its own direct exchange). Triggers are
+    sent to it by name (kombu's anonymous exchange: straight onto the Redis list ``name``)."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+
+
 def make_celery(settings: Settings, name: str = "cgrid") -> Celery:
     app = Celery(name)
     app.conf.update(
@@ -41,6 +48,9 @@ def make_celery(settings: Settings, name: str = "cgrid") -> Celery:
         broker_connection_max_retries=None,
         broker_heartbeat=0,
         task_default_queue=settings.queue,
+        # Every queue of the routing (docs/hosts.md): a worker without -Q consumes them all,
+        # so no trigger waits on a queue nobody reads unless an operator chose -Q.
+        task_queues=[broker_queue(name) for name in settings.routing.queues],
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -73,10 +83,11 @@ def make_celery(settings: Settings, name: str = "cgrid") -> Celery:
     return app
 
 
-def send_deliver(app: Celery, ids: list[str], attempt_n: int, sent_at_s: float) -> None:
-    """Send one delivery trigger. Flower shows ``argsrepr``: the first ids and how many
-    more, built here because Celery's own repr of a 100-id list costs a third of a send."""
+def send_deliver(app: Celery, ids: list[str], attempt_n: int, sent_at_s: float, queue: str) -> None:
+    """Send one delivery trigger to ``queue`` (cgrid.routing). Flower shows ``argsrepr``: the
+    first ids and how many more, built here because Celery's own repr of a 100-id list
+    costs a third of a send."""
     shown = ", ".join(repr(event_id) for event_id in ids[:ARGSREPR_IDS])
     more = f", ... {len(ids) - ARGSREPR_IDS} more" if len(ids) > ARGSREPR_IDS else ""
-    app.send_task(DELIVER_TASK, args=[ids, attempt_n, sent_at_s],
+    app.send_task(DELIVER_TASK, args=[ids, attempt_n, sent_at_s], queue=queue,
                   argsrepr=f"([{shown}{more}], {attempt_n}, {sent_at_s!r})")

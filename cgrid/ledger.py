@@ -8,7 +8,8 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P due``            sorted set: id -> when the sweeper must look at it next
 - ``P report:<day>``   hash: ``<buyer>\t<counter>`` -> count, per UTC day of ``created_at``
 - ``P report:days``    sorted set of days that have counters
-- ``P watermark``      newest ``sent_at`` of any trigger a worker has started
+- ``P watermark:<queue>`` newest ``sent_at`` of any trigger a worker has started from that
+                       broker queue (cgrid/routing.py)
 - ``P parked:<buyer>`` sorted set: id -> created_at, attempts waiting for room in the
                        buyer's lane (claimed, then handed back unstarted: no attempt counted)
 - ``P parked:activity`` sorted set: buyer -> when its parked set was last touched
@@ -37,6 +38,7 @@ from redis.commands.core import Script
 
 from cgrid.errors import CgridError
 from cgrid.event import Event
+from cgrid.routing import DELIVER_QUEUE, Routing
 
 PREFIX = "cgrid:"
 NO_BUYER = "-"
@@ -232,16 +234,17 @@ write_bumps()
 return out
 """
 
-# ARGV: prefix, attempt n, lease_s, sent_at (of the trigger, by this clock), ids...
+# ARGV: prefix, attempt n, lease_s, sent_at (of the trigger, by this clock), the queue the
+# trigger came from, ids...
 # Claims attempt n of each id that may have it; returns {id, event_json, ...} of the claimed.
 _CLAIM = _LUA_COMMON + """
 local n, lease, sent_at = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local wm_key = prefix .. 'watermark'
+local wm_key = prefix .. 'watermark:' .. ARGV[5]
 local wm = tonumber(redis.call('GET', wm_key) or '0')
 if sent_at > wm then redis.call('SET', wm_key, ARGV[4]) end
 local out = {}
 local seen, parked = {}, {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local id = ARGV[i]
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event', 'wait', 'buyer')
@@ -412,18 +415,49 @@ end
 return out
 """
 
-# ARGV: prefix, limit, redeliver_after, retry_delay, report_ttl, queue, revive_after,
-# revive_batch, ledger_ttl, then per paused buyer: its id and maximum event age. Looks at
-# events whose due time has passed, and at parked sets no worker has touched for
-# revive_after (their workers are gone): a few of those are sent again as triggers. A paused
-# buyer's parked events are left alone, but those past its maximum age end `expired`.
-# Returns {time, send1 ids..., '|', send2 ids...}.
+# ARGV: prefix, limit, redeliver_after, retry_delay, report_ttl, deliver queue, revive_after,
+# revive_batch, ledger_ttl, retry queue, the number of buyers with queues of their own, then
+# per such buyer: its id, its first-attempt queue and its retry queue; then per paused buyer:
+# its id and maximum event age. Looks at events whose due time has passed, and at parked sets
+# no worker has touched for revive_after (their workers are gone): a few of those are sent
+# again as triggers. A paused buyer's parked events are left alone, but those past its
+# maximum age end `expired`.
+# Returns {time, number of sections, then per section: attempt n, queue, count, ids...}.
 _SWEEP = _LUA_COMMON + """
 local limit, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3])
-local delay, report_ttl, queue = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local delay, report_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local revive_after, revive_batch, ledger_ttl = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local default_queue = {ARGV[6], ARGV[10]}
+local routed, n_routed = {}, tonumber(ARGV[11])
+for i = 12, 11 + 3 * n_routed, 3 do routed[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]} end
+local function queue_of(buyer, n)
+  return (routed[buyer] or default_queue)[n]
+end
+-- Per queue, read once: is it empty, and the newest sent_at of a trigger a worker started
+-- from it. Queues are FIFO, so a trigger older than one already started (by more than
+-- redeliver) was lost; another queue's progress says nothing about it.
+local queues = {}
+local function trigger_lost(queue, sent_at)
+  local q = queues[queue]
+  if not q then
+    q = {redis.call('LLEN', queue) == 0, tonumber(redis.call('GET', prefix .. 'watermark:' .. queue) or '0')}
+    queues[queue] = q
+  end
+  return q[1] or q[2] > sent_at + redeliver
+end
+local sections, by_key = {}, {}
+local function send(n, buyer, id)
+  local queue = queue_of(buyer, n)
+  local section = by_key[n .. queue]
+  if not section then
+    section = {n, queue}
+    by_key[n .. queue] = section
+    sections[#sections + 1] = section
+  end
+  section[#section + 1] = id
+end
 local paused = {}
-for i = 10, #ARGV, 2 do
+for i = 12 + 3 * n_routed, #ARGV, 2 do
   local buyer, max_age = ARGV[i], tonumber(ARGV[i + 1])
   paused[buyer] = true
   local pkey = prefix .. 'parked:' .. buyer
@@ -445,9 +479,6 @@ for i = 10, #ARGV, 2 do
   end
 end
 local due = prefix .. 'due'
-local wm = tonumber(redis.call('GET', prefix .. 'watermark') or '0')
-local queue_empty = redis.call('LLEN', queue) == 0
-local send1, send2 = {}, {}
 local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do
   local key = prefix .. 'ev:' .. id
@@ -478,10 +509,11 @@ for _, id in ipairs(ids) do
   else
     local sent_at = tonumber(rec[4] or '-1')
     -- A trigger is (re)sent when none was sent yet (a due retry), or when the one sent
-    -- must have been lost: the queue is empty, or workers already started newer ones.
-    if sent_at < 0 or queue_empty or wm > sent_at + redeliver then
+    -- must have been lost: its queue is empty, or workers already started newer ones from it.
+    local n = state == 'pending' and 1 or 2
+    if sent_at < 0 or trigger_lost(queue_of(rec[6], n), sent_at) then
       redis.call('HSET', key, 'sent_at', now_text)
-      if state == 'pending' then send1[#send1 + 1] = id else send2[#send2 + 1] = id end
+      send(n, rec[6], id)
     end
     redis.call('ZADD', due, now + redeliver, id)
   end
@@ -501,7 +533,7 @@ for _, buyer in ipairs(redis.call('ZRANGEBYSCORE', activity, '-inf', now - reviv
       redis.call('HSET', key, 'sent_at', now_text)
       redis.call('HDEL', key, 'wait', 'waiting_since')
       redis.call('ZADD', due, now + redeliver, id)
-      if rec[1] == 'pending' then send1[#send1 + 1] = id else send2[#send2 + 1] = id end
+      send(rec[1] == 'pending' and 1 or 2, buyer, id)
     end
   end
   if redis.call('ZCARD', pkey) == 0 then
@@ -512,10 +544,13 @@ for _, buyer in ipairs(redis.call('ZRANGEBYSCORE', activity, '-inf', now - reviv
   end
 end
 write_bumps()
-local out = {now_text}
-for _, id in ipairs(send1) do out[#out + 1] = id end
-out[#out + 1] = '|'
-for _, id in ipairs(send2) do out[#out + 1] = id end
+local out = {now_text, #sections}
+for _, section in ipairs(sections) do
+  out[#out + 1] = section[1]
+  out[#out + 1] = section[2]
+  out[#out + 1] = #section - 2
+  for j = 3, #section do out[#out + 1] = section[j] end
+end
 return out
 """
 
@@ -561,13 +596,14 @@ class Ledger:
 
     def claim(
         self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float,
-        parked_buyers: list[str] | None = None,
+        parked_buyers: list[str] | None = None, queue: str = DELIVER_QUEUE,
     ) -> list[tuple[str, str]]:
         """Claim attempt ``attempt`` of each id; returns (id, event JSON) of those won. The
-        won events' buyers that have parked events are added to ``parked_buyers``."""
+        won events' buyers that have parked events are added to ``parked_buyers``. ``queue``
+        is the broker queue the trigger came from (its watermark moves)."""
         if not ids:
             return []
-        args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), *ids]
+        args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue, *ids]
         flat = [_text(item) for item in self._replicated(self._claim, args, "claimed", required=False)]
         split = flat.index("|")
         if parked_buyers is not None:
@@ -630,19 +666,28 @@ class Ledger:
 
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
-        queue: str, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 2700,
+        routing: Routing, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 2700,
         paused: Mapping[str, float] | None = None,
-    ) -> tuple[float, list[str], list[str]]:
+    ) -> tuple[float, dict[str, list[str]], dict[str, list[str]]]:
         """Handle events whose due time passed, and revive parked sets no worker touched for
         ``revive_after_s``. Returns the ledger's time and the ids whose trigger must be
-        (re)sent, for attempt 1 and for attempt 2."""
+        (re)sent, per queue (``routing``), for attempt 1 and for attempt 2."""
+        routed = routing.buyer_queues
         args: list[str | int] = [self.prefix, limit, _num(redeliver_after_s), _num(retry_delay_s),
-                                 report_ttl_s, queue, _num(revive_after_s), revive_batch, ledger_ttl_s]
+                                 report_ttl_s, routing.deliver_queue, _num(revive_after_s), revive_batch,
+                                 ledger_ttl_s, routing.retry_queue, len(routed)]
+        for buyer, (first_queue, retry_queue) in routed.items():
+            args += [buyer, first_queue, retry_queue]
         for buyer, max_age_s in (paused or {}).items():
             args += [buyer, _num(max_age_s)]
-        now, *flat = [_text(item) for item in self._sweep(args=args)]
-        split = flat.index("|")
-        return float(now), flat[:split], flat[split + 1:]
+        now, sections, *flat = self._sweep(args=args)
+        sends: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
+        at = 0
+        for _ in range(int(sections)):
+            attempt_n, queue, count = int(flat[at]), _text(flat[at + 1]), int(flat[at + 2])
+            sends[attempt_n - 1].setdefault(queue, []).extend(_text(i) for i in flat[at + 3:at + 3 + count])
+            at += 3 + count
+        return float(_text(now)), sends[0], sends[1]
 
     def record(self, event_id: str) -> dict[str, Any] | None:
         """The ledger record as the ``status`` command prints it; None if unknown."""

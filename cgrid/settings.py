@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from cgrid.errors import ConfigError
 from cgrid.redis_conn import check_url as check_redis_url
+from cgrid.routing import DELIVER_QUEUE, RETRY_QUEUE, Routing, check_queue_name, check_routing, parse_buyer_queues
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -111,7 +112,10 @@ class Settings:
     data_dir: str = "data"
     archive_dir: str = ""  # CGRID_ARCHIVE_DIR; '' = <CGRID_DATA_DIR>/archive
     archive_claim_idle_s: float = 900.0
-    queue: str = field(default="cgrid.deliver")
+    queue: str = field(default=DELIVER_QUEUE)  # first attempts of buyers in no group
+    retry_queue: str = RETRY_QUEUE  # CGRID_RETRY_QUEUE: retries of buyers in no group
+    # CGRID_BUYER_QUEUES: (queue, buyers) per group of buyers with queues of their own
+    buyer_queues: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -153,6 +157,9 @@ class Settings:
             data_dir=env.get("CGRID_DATA_DIR", "").strip() or cls.data_dir,
             archive_dir=env.get("CGRID_ARCHIVE_DIR", "").strip(),
             archive_claim_idle_s=_number(env, "CGRID_ARCHIVE_CLAIM_IDLE_S", cls.archive_claim_idle_s, minimum=10),
+            retry_queue=check_queue_name(env.get("CGRID_RETRY_QUEUE", "").strip() or cls.retry_queue,
+                                         "CGRID_RETRY_QUEUE"),
+            buyer_queues=parse_buyer_queues(env.get("CGRID_BUYER_QUEUES", "")),
         )
         settings.validate()
         return settings
@@ -161,6 +168,11 @@ class Settings:
     def archive_path(self) -> str:
         """Where the archiver writes its daily files (CGRID_ARCHIVE_DIR)."""
         return self.archive_dir or os.path.join(self.data_dir, "archive")
+
+    @property
+    def routing(self) -> Routing:
+        """Which queue each trigger goes to (cgrid/routing.py, docs/hosts.md)."""
+        return Routing(self.queue, self.retry_queue, self.buyer_queues)
 
     @property
     def attempt_lease_s(self) -> float:
@@ -208,3 +220,4 @@ class Settings:
             )
         if self.retry_delay_s >= self.ledger_ttl_s:
             raise ConfigError("CGRID_RETRY_DELAY_S must stay below CGRID_LEDGER_TTL_S")
+        check_routing(self.routing)

@@ -98,6 +98,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if (waiting and waiting["reason"] == WaitReason.LANE_FULL and settings.buyers_file
             and BuyersFile.for_settings(settings).config.get(waiting.get("buyer")).paused):
         waiting.update(reason=WaitReason.PAUSED.value, detail=WAIT_DETAILS[WaitReason.PAUSED])
+    if waiting and waiting["reason"] == WaitReason.QUEUED:  # which queue needs a worker (docs/hosts.md)
+        buyer = record["event"].get("buyer") if isinstance(record["event"], dict) else None
+        waiting["queue"] = settings.routing.queue_for(buyer, 1 if record["state"] == "pending" else 2)
     print(json.dumps(record, indent=2))
     return 0
 

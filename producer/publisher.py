@@ -4,9 +4,10 @@
 ``linger_ms`` after the first event into it (or as soon as ``batch_size`` events wait),
 like a Kafka producer.
 Sending = one Lua script that records the new events in the ledger (idempotently, by id)
-plus one Celery message per batch. An event is *accepted* once that script ran:
-``flush()`` returns only when every event published before it is accepted, and raises
-:class:`RedisUnavailable` if Redis cannot be reached within ``CGRID_PUBLISH_TIMEOUT_S``.
+plus one Celery message per batch (a batch's events share a queue: cgrid/routing.py). An
+event is *accepted* once that script ran: ``flush()`` returns only when every event
+published before it is accepted, and raises :class:`RedisUnavailable` if Redis cannot be
+reached within ``CGRID_PUBLISH_TIMEOUT_S``.
 
 Nothing is dropped silently: events that could not be sent stay buffered and are sent
 when Redis answers again; while the buffer is full and Redis is down, ``publish()``
@@ -55,6 +56,7 @@ class Publisher:
         self.linger_s = (settings.linger_ms if linger_ms is None else linger_ms) / 1000
         self.batch_size = batch_size or settings.batch_size
         self.max_buffered = max_buffered
+        self._routing = settings.routing
         self._client = redis_client(settings, socket_timeout_s=settings.publish_timeout_s,
                                     socket_connect_timeout_s=settings.publish_timeout_s)
         self._ledger = Ledger(self._client, wait_replicas=settings.redis_wait_replicas,
@@ -170,19 +172,38 @@ class Publisher:
         with self._cond:
             self._buffer[:0] = events
 
+    def _batches(self, events: list[Event]) -> list[tuple[str, list[Event]]]:
+        """The events in batches of at most ``batch_size``, each for one queue (the first
+        attempts of a group of buyers have a queue of their own: cgrid/routing.py)."""
+        size = self.batch_size
+        if not self._routing.grouped:
+            queue = self._routing.deliver_queue
+            return [(queue, events[start:start + size]) for start in range(0, len(events), size)]
+        by_queue: dict[str, list[Event]] = {}
+        queue_for = self._routing.queue_for
+        for event in events:
+            queue = queue_for(event.buyer, 1)
+            group = by_queue.get(queue)
+            if group is None:
+                by_queue[queue] = [event]
+            else:
+                group.append(event)
+        return [(queue, group[start:start + size])
+                for queue, group in by_queue.items() for start in range(0, len(group), size)]
+
     def _send_buffered(self) -> None:
         with self._send_lock:
-            events = self._take()
-            for start in range(0, len(events), self.batch_size):
+            batches = self._batches(self._take())
+            for index, (queue, batch) in enumerate(batches):
                 try:
-                    self._send(events[start:start + self.batch_size])
+                    self._send(batch, queue)
                 except RedisUnavailable as e:
-                    self._put_back(events[start:])
+                    self._put_back([event for _, rest in batches[index:] for event in rest])
                     self._last_error = e
                     raise
             self._last_error = None
 
-    def _send(self, batch: list[Event]) -> None:
+    def _send(self, batch: list[Event], queue: str) -> None:
         settings = self.settings
         try:
             sent_at_s, accepted = self._ledger.accept(
@@ -201,7 +222,7 @@ class Publisher:
         if not new_ids:
             return
         try:
-            send_deliver(self._celery, new_ids, 1, sent_at_s)
+            send_deliver(self._celery, new_ids, 1, sent_at_s, queue)
         except Exception:
             # The events are in the ledger, so they are accepted: the workers' sweeper
             # sends their trigger again once it sees it was never delivered.

@@ -74,22 +74,31 @@ class WorkerProcess:
     """A real ``celery -A worker worker`` subprocess; its output goes to a log file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *, pool: str = "prefork",
-                 concurrency: int = 2, name: str = "w1") -> None:
+                 concurrency: int = 2, name: str = "w1", queues: str | None = None) -> None:
         self.log_path = log_path
+        self.name = name
         self.args = [
             sys.executable, "-m", "celery", "-A", "worker", "worker",
-            "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
+            "-P", pool, "-c", str(concurrency), "-n", name if "@" in name else f"{name}@%h",
             "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+            *(["-Q", queues] if queues else []),
         ]
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 30.0) -> WorkerProcess:
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self) -> WorkerProcess:
+        """Start the process (its own process group) without waiting for it to be ready."""
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> WorkerProcess:
         wait_for(lambda: b" ready." in self.log_path.read_bytes() or self._died(), timeout_s,
                  f"worker ready ({self.log_path})")
         if self._died():

@@ -10,8 +10,10 @@ import redis
 
 from cgrid.event import parse_event
 from cgrid.ledger import Finish, Ledger, Outcome, Park
+from cgrid.routing import Routing
 
 TTL = dict(ledger_ttl_s=3600, report_ttl_s=3600)
+Q = Routing("q", "q.retry")
 
 
 @pytest.fixture()
@@ -75,13 +77,13 @@ def test_sweeper_sends_the_due_retry_once(ledger: Ledger) -> None:
     ledger.accept([event("a")], redeliver_after_s=30, **TTL)
     ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)
     finish(ledger, "a", 1, Outcome.FAIL, delay_s=0.0)
-    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, queue="q")
-    assert ledger.sweep(**sweep)[1:] == ([], ["a"])
-    assert ledger.sweep(**sweep)[1:] == ([], [])  # not due again for redeliver_after_s
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, routing=Q)
+    assert ledger.sweep(**sweep)[1:] == ({}, {"q.retry": ["a"]})
+    assert ledger.sweep(**sweep)[1:] == ({}, {})  # not due again for redeliver_after_s
 
 
 def test_lost_attempt_counts_as_failed_and_late_success_cancels_the_retry(ledger: Ledger) -> None:
-    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=60, report_ttl_s=3600, queue="q")
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=60, report_ttl_s=3600, routing=Q)
     ledger.accept([event("a"), event("b")], redeliver_after_s=30, **TTL)
     ledger.claim(["a", "b"], 1, lease_s=0.0, sent_at_s=0)  # the lease is over at once
     ledger.sweep(**sweep)
@@ -97,7 +99,7 @@ def test_lost_attempt_counts_as_failed_and_late_success_cancels_the_retry(ledger
 
 
 def test_lost_retry_is_final(ledger: Ledger) -> None:
-    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, queue="q")
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, routing=Q)
     ledger.accept([event("a")], redeliver_after_s=30, **TTL)
     ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)
     finish(ledger, "a", 1, Outcome.FAIL, delay_s=0.0)
@@ -111,12 +113,12 @@ def test_lost_retry_is_final(ledger: Ledger) -> None:
 
 def test_unsent_trigger_is_resent_when_the_queue_is_empty(ledger: Ledger) -> None:
     ledger.accept([event("a")], redeliver_after_s=0.0, **TTL)
-    sweep = dict(limit=100, redeliver_after_s=0.0, retry_delay_s=1, report_ttl_s=3600, queue="q")
+    sweep = dict(limit=100, redeliver_after_s=0.0, retry_delay_s=1, report_ttl_s=3600, routing=Q)
     ledger.client.rpush("q", "someone else's message")
-    assert ledger.sweep(**sweep)[1:] == ([], [])  # queue not empty, watermark not passed: wait
+    assert ledger.sweep(**sweep)[1:] == ({}, {})  # queue not empty, watermark not passed: wait
     ledger.client.delete("q")
     time.sleep(0.01)
-    assert ledger.sweep(**sweep)[1:] == (["a"], [])
+    assert ledger.sweep(**sweep)[1:] == ({"q": ["a"]}, {})
 
 
 def test_report_counts_per_buyer_and_day(ledger: Ledger) -> None:
@@ -156,7 +158,7 @@ def test_a_parked_attempt_is_not_an_attempt_and_comes_back_oldest_first(ledger: 
     assert record["waiting"]["reason"] == "lane_full" and record["waiting"]["buyer"] == "b1"
     assert "in_flight_attempt" not in record
     # The sweeper leaves parked events alone (they are not due: no lease runs, no trigger).
-    assert ledger.sweep(limit=100, redeliver_after_s=0, retry_delay_s=0, report_ttl_s=60, queue="q")[1:] == ([], [])
+    assert ledger.sweep(limit=100, redeliver_after_s=0, retry_delay_s=0, report_ttl_s=60, routing=Q)[1:] == ({}, {})
     left, pulled = ledger.pull("b1", 2, lease_s=10)
     assert left == 1 and [(n, i) for n, i, _ in pulled] == [(1, "old"), (1, "mid")]
     assert json.loads(pulled[0][2])["id"] == "old"
@@ -185,11 +187,11 @@ def test_sweeper_revives_a_parked_set_no_worker_touches(ledger: Ledger) -> None:
     ledger.claim(["a", "b"], 1, lease_s=10, sent_at_s=0)
     park(ledger, "a", 1, 1.0)
     park(ledger, "b", 1, 1.0, buyer="b2")
-    args = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=60, queue="q")
-    assert ledger.sweep(**args, revive_after_s=60)[1:] == ([], [])  # touched just now
+    args = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=60, routing=Q)
+    assert ledger.sweep(**args, revive_after_s=60)[1:] == ({}, {})  # touched just now
     time.sleep(1.1)
     _, first, second = ledger.sweep(**args, revive_after_s=1, revive_batch=10)
-    assert sorted(first) == ["a", "b"] and second == []
+    assert sorted(first["q"]) == ["a", "b"] and second == {}
     assert ledger.record("a")["waiting"]["reason"] == "queued"  # type: ignore[index]
     assert [i for i, _ in ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)] == ["a"]
     assert ledger.client.zcard("cgrid:parked:activity") == 0
@@ -201,8 +203,8 @@ def test_a_paused_buyers_parked_events_expire_past_its_maximum_age(ledger: Ledge
     now = time.time()
     park(ledger, "young", 1, now - 5)
     park(ledger, "old", 1, now - 500)
-    args = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=60, queue="q", revive_after_s=0.0)
-    assert ledger.sweep(**args, paused={"b1": 100.0})[1:] == ([], [])  # paused: nothing is revived
+    args = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=60, routing=Q, revive_after_s=0.0)
+    assert ledger.sweep(**args, paused={"b1": 100.0})[1:] == ({}, {})  # paused: nothing is revived
     old, young = ledger.record("old"), ledger.record("young")
     assert old is not None and old["state"] == "expired" and "maximum age of 100" in old["reason"]
     assert young is not None and young["state"] == "pending" and young["waiting"]["reason"] == "lane_full"

@@ -68,7 +68,8 @@ def test_a_worker_serves_delivery_metrics(pool: str, redis_url: str, dsp: MockDs
         assert values['cgrid_events_finished_total{buyer="m-bad",kind="nurl",state="failed"}'] == 1
         assert values['cgrid_attempt_duration_seconds_count{kind="burl"}'] == 20
         assert 'cgrid_lane_cap{buyer="m-ok"}' in values  # the lanes' gauges, once a second
-        assert "cgrid_queue_depth" in values
+        assert 'cgrid_queue_depth{queue="cgrid.deliver"}' in values  # every queue of the routing
+        assert 'cgrid_queue_depth{queue="cgrid.retry"}' in values
         wait_for(lambda: scrape(port).get("cgrid_due_events") == 0 and scrape(port).get(
             'cgrid_open_events{kind="burl"}') == 0, 15, "the backlog gauges at 0: nothing waits")
         wait_for(lambda: scrape(port).get("cgrid_archive_backlog") == 21, 15, "21 final records not yet archived")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cgrid.routing import QUEUE_NAME
 from worker.logs import get_logger
 from worker.poison import record_poison
 from worker.runtime import Runtime, ride_out_redis
@@ -25,13 +26,13 @@ def check_args(ids: Any, attempt: Any, sent_at: Any) -> str | None:
 
 
 def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float,
-          parked_buyers: list[str]) -> list[tuple[str, str]]:
+          parked_buyers: list[str], queue: str) -> list[tuple[str, str]]:
     """Claim, riding out a short Redis outage; a longer one leaves the events to the
     sweeper (their trigger is resent), so nothing is lost by giving up."""
     shortfalls = rt.ledger.replica_shortfalls
     claimed = ride_out_redis(
         lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s,
-                                parked_buyers=parked_buyers),
+                                parked_buyers=parked_buyers, queue=queue),
         rt.settings.attempt_grace_s / 2,
     )
     if rt.ledger.replica_shortfalls != shortfalls:
@@ -40,12 +41,15 @@ def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float,
     return claimed
 
 
-def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any) -> dict[str, int]:
-    """Claim attempt ``attempt_n`` of each id and queue the calls in this process's engine."""
+def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any, queue: Any = None) -> dict[str, int]:
+    """Claim attempt ``attempt_n`` of each id and queue the calls in this process's engine.
+    ``queue`` is the broker queue the trigger came from (its routing key)."""
     problem = check_args(ids, attempt_n, sent_at_s)
     if problem is not None:
         record_poison(f"task arguments: {problem}", repr([ids, attempt_n, sent_at_s]))
         return {"poisoned": 1}
+    if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
+        queue = rt.settings.routing.queue_for(None, attempt_n)
     engine = rt.engine
     claimed_total = 0
     for start in range(0, len(ids), rt.settings.batch_size):
@@ -53,7 +57,7 @@ def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any) -> dict[str
         engine.reserve(len(chunk))
         parked_buyers: list[str] = []
         try:
-            claimed = claim(rt, chunk, attempt_n, float(sent_at_s), parked_buyers)
+            claimed = claim(rt, chunk, attempt_n, float(sent_at_s), parked_buyers, queue)
         except BaseException:
             engine.submit([], attempt_n, reserved=len(chunk))
             raise

@@ -56,13 +56,14 @@ use_hardened_transports()
 app = make_celery(settings)
 
 
-@app.task(name=DELIVER_TASK)
-def deliver(ids: Any, attempt: Any = 1, sent_at: Any = 0.0) -> dict[str, int]:
+@app.task(name=DELIVER_TASK, bind=True)
+def deliver(self: Any, ids: Any, attempt: Any = 1, sent_at: Any = 0.0) -> dict[str, int]:
     """Deliver a batch of events: attempt 1, or the one retry (attempt 2)."""
     from worker.batch import run_batch
     from worker.runtime import get_runtime
 
-    return run_batch(get_runtime(settings), ids, attempt, sent_at)
+    delivery_info = getattr(self.request, "delivery_info", None) or {}
+    return run_batch(get_runtime(settings), ids, attempt, sent_at, delivery_info.get("routing_key"))
 
 
 _sweeper: Any = None
@@ -106,6 +107,8 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
     signal.signal(signal.SIGHUP, _reload_buyers_file)
     logs.get_logger().info(
         "worker_ready",
+        node=getattr(sender, "hostname", None),
+        queues=sorted(app.amqp.queues.consume_from),  # all of the routing's, or what -Q chose
         timeout_s=settings.timeout_s,
         retry_delay_s=settings.retry_delay_s,
         prefetch_multiplier=_prefetch,

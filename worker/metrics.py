@@ -64,7 +64,7 @@ class _Metrics:
                                "fail to connect) in some process", ["buyer"], multiprocess_mode="livemax")
         self.parked = Counter("cgrid_lane_parked", "Attempts handed back to Redis unstarted (lane_full, paused)",
                               ["buyer", "reason"])
-        self.queue_depth = Gauge("cgrid_queue_depth", "Triggers waiting on the broker queue",
+        self.queue_depth = Gauge("cgrid_queue_depth", "Triggers waiting on each broker queue", ["queue"],
                                  multiprocess_mode="livemax")
         self.due = Gauge("cgrid_due_events", "Events accepted and not final, not parked: queued, in flight, "
                          "or waiting for their retry", multiprocess_mode="livemax")

@@ -17,6 +17,7 @@ from celery import Celery
 from cgrid.broker import send_deliver
 from cgrid.buyers import BuyersFile
 from cgrid.ledger import Ledger
+from cgrid.routing import Routing
 from cgrid.settings import Settings
 from worker import metrics
 from worker.logs import get_logger
@@ -40,34 +41,50 @@ def backlog_gauges(ledger: Ledger) -> None:
         metrics.M.archive_oldest.set(archive[1])
 
 
-def send_triggers(app: Celery, ids: list[str], attempt_n: int, batch_size: int, sent_at_s: float) -> None:
-    for start in range(0, len(ids), batch_size):
-        send_deliver(app, ids[start:start + batch_size], attempt_n, sent_at_s)
+def send_triggers(app: Celery, by_queue: dict[str, list[str]], attempt_n: int, batch_size: int,
+                  sent_at_s: float) -> int:
+    """Send the triggers, in batches, each to its queue; returns how many ids they carry."""
+    sent = 0
+    for queue, ids in by_queue.items():
+        for start in range(0, len(ids), batch_size):
+            send_deliver(app, ids[start:start + batch_size], attempt_n, sent_at_s, queue)
+        sent += len(ids)
+    return sent
+
+
+def queue_depths(ledger: Ledger, routing: Routing) -> dict[str, int]:
+    """Triggers waiting on each queue of the routing."""
+    pipe = ledger.client.pipeline(transaction=False)
+    for queue in routing.queues:
+        pipe.llen(queue)
+    return dict(zip(routing.queues, map(int, pipe.execute()), strict=True))
 
 
 def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str, float] | None = None) -> int:
     """One pass; returns how many triggers it sent. The parked events of ``paused`` buyers
     (id -> maximum event age) are left where they are, or expire past that age."""
+    routing = settings.routing
     now_s, first, second = ledger.sweep(
         limit=SWEEP_LIMIT,
         redeliver_after_s=settings.redeliver_after_s,
         retry_delay_s=settings.retry_delay_s,
         report_ttl_s=settings.report_ttl_s,
-        queue=settings.queue,
+        routing=routing,
         revive_after_s=settings.park_revive_s,
         revive_batch=settings.batch_size,
         ledger_ttl_s=settings.ledger_ttl_s,
         paused=paused,
     )
-    send_triggers(app, first, 1, settings.batch_size, now_s)
-    send_triggers(app, second, 2, settings.batch_size, now_s)
+    resent = send_triggers(app, first, 1, settings.batch_size, now_s)
+    retries = send_triggers(app, second, 2, settings.batch_size, now_s)
     if metrics.ENABLED:
-        metrics.M.sweeper.labels("retry_triggers_sent").inc(len(second))
-        metrics.M.sweeper.labels("attempt1_triggers_resent").inc(len(first))
-        metrics.M.queue_depth.set(ledger.client.llen(settings.queue))
-    if first:
-        get_logger().warning("resent_lost_triggers", attempt=1, events=len(first))
-    return len(first) + len(second)
+        metrics.M.sweeper.labels("retry_triggers_sent").inc(retries)
+        metrics.M.sweeper.labels("attempt1_triggers_resent").inc(resent)
+        for queue, depth in queue_depths(ledger, routing).items():
+            metrics.M.queue_depth.labels(queue).set(depth)
+    if resent:
+        get_logger().warning("resent_lost_triggers", attempt=1, events=resent, queues=sorted(first))
+    return resent + retries
 
 
 class Sweeper:
