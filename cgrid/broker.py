@@ -1,7 +1,7 @@
 """The Celery configuration both sides share: the worker's app and the publisher's sender.
 
-Choices (README "Guarantees" explains them): late acks, a prefetch of eight triggers per
-task slot, no results, task events on for Flower, and an explicit visibility timeout. Retries are *not* Celery ETA
+Choices (docs/guarantees.md explains them): late acks, a prefetch chosen by pool, no
+results, task events on for Flower, and an explicit visibility timeout. Retries are *not* Celery ETA
 messages: the ledger schedules them (cgrid.ledger), so no message waits in a worker.
 """
 

@@ -22,6 +22,7 @@ from cgrid.archive import GROUP, ensure_group, file_for, read_lines, recover_tai
 from cgrid.event import parse_event
 from cgrid.ledger import Finish, Ledger, Outcome, Park, day_of
 from cgrid.redis_server import RedisServer
+from cgrid.routing import Routing
 from tests.helpers import ROOT, fleet_env, wait_for
 from worker.archiver import Archiver
 
@@ -80,7 +81,7 @@ def test_every_final_state_is_archived_with_its_fields(client: redis.Redis, tmp_
     ledger.finish([Finish("fail", Outcome.FAIL, attempt(2, None, "timeout"))], 2, retry_delay_s=0, **TTL)
     ledger.park([Park("paused", 1, time.time() - 1000, "bp")])
     time.sleep(0.05)
-    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, queue="q")
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, routing=Routing("q", "q.retry"))
     ledger.sweep(**sweep, paused={"bp": 10.0})  # "lost": attempt 1 lost; "paused": too old, expired
     ledger.claim(["lost"], 2, lease_s=0.01, sent_at_s=0)
     time.sleep(0.05)

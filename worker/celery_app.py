@@ -34,10 +34,10 @@ def green_pool_in_use() -> str | None:
 
 if green_pool_in_use():
     # The calls are made by one libcurl loop per process, in a thread of its own: green
-    # threads would add nothing but a blocked hub. README "Running the fleet".
+    # threads would add nothing but a blocked hub. docs/deploy.md.
     print(f"cgrid-s2s: the {green_pool_in_use()} pool is not supported: calls are made by each process's "
-          "libcurl loop, so green threads add nothing. Run `celery -A worker worker` (prefork, "
-          "recommended), or -P threads / -P solo.", file=sys.stderr)
+          "libcurl loop, so green threads add nothing. Run `celery -A worker worker -P solo`, one per "
+          "core (recommended), or prefork (no -P) or -P threads.", file=sys.stderr)
     raise SystemExit(2)
 
 try:
@@ -103,7 +103,7 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 
     _sweeper = Sweeper(app, Ledger(redis_client(settings)), settings)
     _sweeper.start()
-    # Instead of Celery's restart: SIGHUP re-reads the buyers file (README "Buyers").
+    # Instead of Celery's restart: SIGHUP re-reads the buyers file (docs/settings.md, the buyers file).
     signal.signal(signal.SIGHUP, _reload_buyers_file)
     logs.get_logger().info(
         "worker_ready",

