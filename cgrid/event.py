@@ -133,7 +133,7 @@ class Event:
     def to_final_json(self, *, keep_call: bool) -> str:
         """The event as its final ledger record keeps it: without the user's data (user
         agent, IP chain); without the URL and macros (the URL's host stays) unless
-        ``keep_call`` (a failed event, which may be replayed)."""
+        ``keep_call`` (a failed or expired event, which may be replayed)."""
         out: dict[str, Any] = {"id": self.id, "kind": self.kind.value, "upstream": self.upstream.value,
                                "created_at": self.created_at_s}
         if self.buyer is not None:

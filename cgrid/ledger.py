@@ -151,8 +151,8 @@ local function opened(kind, delta)
   if kind then open_delta[kind] = (open_delta[kind] or 0) + delta end
 end
 -- A final record keeps what reconciliation needs: the user's data (user agent, IP chain)
--- goes at once, and so do the URL and macros (the host stays) unless the event failed and
--- may be replayed. An unreadable record is left as it is.
+-- goes at once, and so do the URL and macros (the host stays) unless the event failed or
+-- expired uncalled, and may be replayed. An unreadable record is left as it is.
 local function slim_event(text, keep_call)
   if not text then return nil end
   local ok, ev = pcall(cjson.decode, text)
@@ -173,10 +173,10 @@ local function closed(key)
   redis.call('HDEL', key, 'claim', 'claimed_at', 'sent_at', 'retry_at')
 end
 local function finalize(key, event_text, state)
-  local slim = slim_event(event_text, state == 'failed')
+  local slim = slim_event(event_text, state == 'failed' or state == 'expired')
   if slim then redis.call('HSET', key, 'event', slim) end
 end
--- Failed events by day and buyer, for replay (cgrid-s2s replay --buyer B --day D).
+-- Failed and expired events by day and buyer, for replay (cgrid-s2s replay --buyer B --day D).
 local function note_failed(day, buyer, id, ttl)
   local key = prefix .. 'failed:' .. day .. ':' .. buyer
   redis.call('SADD', key, id)
@@ -316,6 +316,7 @@ for i = 6, #ARGV, 7 do
       new = outcome
       redis.call('HSET', key, 'reason', reason)
       bump(day, buyer, outcome, report_ttl)
+      if outcome == 'expired' then note_failed(day, buyer, id, ttl) end
     end
   elseif n == 1 and (outcome == 'ok' or outcome == 'unexpected') and state == 'retry_scheduled'
       and claim == 0 and not rec[6] and rec[5] and string.find(rec[5], '"error":"lost"', 1, true) then
@@ -332,7 +333,8 @@ for i = 6, #ARGV, 7 do
     if new ~= 'retry_scheduled' then
       redis.call('ZREM', due, id)
       closed(key)
-      if final_event ~= '' and (new == 'failed') == (outcome == 'fail') then
+      -- (the worker made it keeping the URL for a failed or an expired event)
+      if final_event ~= '' and (new == 'failed' or new == 'expired') == (outcome == 'fail' or outcome == 'expired') then
         redis.call('HSET', key, 'event', final_event)
       else
         finalize(key, redis.call('HGET', key, 'event'), new)
@@ -473,6 +475,7 @@ for i = 12 + 3 * n_routed, #ARGV, 2 do
       redis.call('ZREM', prefix .. 'due', id)
       redis.call('EXPIRE', key, ledger_ttl)
       bump(rec[3], buyer, 'expired', report_ttl)
+      note_failed(rec[3], buyer, id, ledger_ttl)
       archive(key, id, 'expired')
     end
     redis.call('ZREM', pkey, id)
@@ -723,7 +726,8 @@ class Ledger:
         return record
 
     def failed_ids(self, day: str, buyer: str) -> list[str]:
-        """The events of ``buyer`` created on ``day`` that ended ``failed``, sorted."""
+        """The events of ``buyer`` created on ``day`` that ended ``failed`` or ``expired``
+        (uncalled: its buyer was down or paused too long), sorted: what replay sends."""
         return sorted(_text(i) for i in self.client.smembers(f"{self.prefix}failed:{day}:{buyer}"))
 
     def note_replay(self, event_id: str, replay_id: str) -> None:

@@ -218,8 +218,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def replay_from_archive(args: argparse.Namespace, settings: Settings) -> int:
-    """Replay the failed events of an archive file (all of them, or those of --buyer, or the
-    ids given): for events past the ledger's window."""
+    """Replay the failed and expired events of an archive file (all of them, or those of
+    --buyer, or the ids given): for events past the ledger's window."""
     from pathlib import Path
 
     from cgrid.archive import read_lines
@@ -231,15 +231,15 @@ def replay_from_archive(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     archived: dict[str, dict[str, Any]] = {}
     for _, line in read_lines(Path(args.archive)):
-        if line.get("state") == "failed" and isinstance(line.get("id"), str) and (
+        if line.get("state") in ("failed", "expired") and isinstance(line.get("id"), str) and (
                 args.buyer is None or line.get("buyer") == args.buyer):
             archived.setdefault(line["id"], line)  # a line written twice (takeover) is one event
     ids = [i for i in args.ids if i in archived] if args.ids else sorted(archived)
     missing = [i for i in args.ids if i not in archived]
     for event_id in missing:
-        print(f"{event_id}: not replayed: no failed line for it in {args.archive}", file=sys.stderr)
+        print(f"{event_id}: not replayed: no failed or expired line for it in {args.archive}", file=sys.stderr)
     if not ids:
-        print(f"no failed events to replay in {args.archive}", file=sys.stderr)
+        print(f"no failed or expired events to replay in {args.archive}", file=sys.stderr)
         return 1 if missing else 0
     with Publisher(settings, linger_ms=0) as publisher:
         results = replay(publisher, ids, again=args.again, archived=archived)
@@ -303,13 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("value", help="the 38-character value the buyer received in place of ${AUCTION_PRICE}")
     dec.add_argument("--buyer", required=True, help="the buyer whose keys encrypted it")
     dec.set_defaults(run=cmd_decrypt)
-    rep = sub.add_parser("replay", help="publish failed events again as <id>:replay<n> (with the buyer's consent)")
-    rep.add_argument("ids", nargs="*", help="failed event ids (or --buyer and --day)")
-    rep.add_argument("--buyer", default=None, help="the buyer whose failed events to replay ('-' for none)")
+    rep = sub.add_parser("replay", help="publish failed (and expired, uncalled) events again as <id>:replay<n> "
+                         "(with the buyer's consent)")
+    rep.add_argument("ids", nargs="*", help="failed or expired event ids (or --buyer and --day)")
+    rep.add_argument("--buyer", default=None, help="the buyer whose failed and expired events to replay ('-' for none)")
     rep.add_argument("--day", type=day_arg, default=None, help="the UTC day of their created_at, YYYY-MM-DD")
     rep.add_argument("--archive", metavar="FILE", default=None,
-                     help="replay the failed events of this archive file (<dir>/<day>/<name>.jsonl; with --buyer or "
-                          "ids: only those), for events past the ledger's window")
+                     help="replay the failed and expired events of this archive file (<dir>/<day>/<name>.jsonl; "
+                          "with --buyer or ids: only those), for events past the ledger's window")
     rep.add_argument("--again", action="store_true", help="replay events that were replayed before, once more")
     rep.set_defaults(run=cmd_replay)
     arch = sub.add_parser("archive", help="write final ledger records into daily JSON-lines files (runs until stopped)")

@@ -1,6 +1,7 @@
-"""Replay: after a buyer's outage, send its ``failed`` events again, with its consent.
+"""Replay: after a buyer's outage, send its ``failed`` events again, with its consent, and
+its ``expired`` ones (never called: the buyer was down or paused past their maximum age).
 
-Each failed event is published as a new event ``<id>:replay<n>`` (n = 1 the first time),
+Each such event is published as a new event ``<id>:replay<n>`` (n = 1 the first time),
 with the original's fields and ``created_at`` now: it has its own call and its own one
 retry, and the original keeps its record (``status`` lists its replays). The new id is
 derived, and publishing an id the ledger holds is a no-op, so running the same replay twice
@@ -8,7 +9,7 @@ sends nothing the second time; ``again=True`` makes a further replay (n = 2, 3, 
 That guard lasts as long as the replay's record is in the ledger (``CGRID_LEDGER_TTL_S``).
 
 Events past the ledger's window are replayed from their archive lines
-(``cgrid-s2s replay --archive FILE``): a failed event's line keeps its URL and macros.
+(``cgrid-s2s replay --archive FILE``): a failed or expired event's line keeps its URL and macros.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def replay_id_for(publisher: Publisher, event_id: str, again: bool) -> tuple[str
 
 def replay(publisher: Publisher, event_ids: list[str], *, again: bool = False,
            archived: Mapping[str, dict[str, Any]] | None = None) -> list[Replayed]:
-    """Publish a replay of each failed event; returns what happened to each id. Every replay
+    """Publish a replay of each failed or expired event; returns what happened to each id. Every replay
     is accepted (flushed) before this returns. ``archived``: archive lines by event id, for
-    events no longer in the ledger (a failed event's line keeps its URL and macros)."""
+    events no longer in the ledger (a failed or expired event's line keeps its URL and macros)."""
     ledger = publisher.ledger
     done: list[Replayed] = []
     in_ledger: set[str] = set()
@@ -65,8 +66,8 @@ def replay(publisher: Publisher, event_ids: list[str], *, again: bool = False,
             done.append(Replayed(event_id, None, "unknown id (or past CGRID_LEDGER_TTL_S: replay it from the "
                                                  "archive with --archive FILE)"))
             continue
-        if record["state"] != State.FAILED:
-            done.append(Replayed(event_id, None, f"not failed: {record['state']}"))
+        if record["state"] not in (State.FAILED, State.EXPIRED):
+            done.append(Replayed(event_id, None, f"not failed or expired: {record['state']}"))
             continue
         new_id, note = replay_id_for(publisher, event_id, again)
         if new_id is None:

@@ -106,6 +106,10 @@ def test_every_final_state_is_archived_with_its_fields(client: redis.Redis, tmp_
     assert lines["rej"]["reason"] == "127.0.0.2 is a loopback address" and lines["rej"]["attempts"] == []
     assert [a["error"] for a in lines["lost"]["attempts"]] == ["lost", "lost"]
     assert "paused" in lines["paused"]["reason"]
+    # Expired uncalled: kept for replay, like a failed event (but never the user's data).
+    for expired in (lines["old"], lines["paused"]):
+        assert expired["event"]["url"].startswith("https://d.example/") and "user_agent" not in expired["event"]
+    assert Ledger(client).failed_ids(day_of(time.time()), "bp") == ["paused"]
     assert client.xlen(stream_key()) == 0  # acknowledged and deleted
     assert Ledger(client).archive_backlog() == (0, 0.0)
 

@@ -51,12 +51,46 @@ def test_failed_events_are_replayed_once_as_new_events(redis_url: str, dsp: Mock
                                 cwd=ROOT, timeout=60)
         assert second.returncode == 0 and second.stdout == "" and "already replayed as" in second.stderr
         not_failed = subprocess.run([*cli, f"{ids[0]}:replay1"], capture_output=True, text=True, env=env, cwd=ROOT)
-        assert not_failed.returncode == 1 and "not failed: delivered" in not_failed.stderr
+        assert not_failed.returncode == 1 and "not failed or expired: delivered" in not_failed.stderr
         again = subprocess.run([*cli, ids[0], "--again"], capture_output=True, text=True, env=env, cwd=ROOT)
         assert again.stdout.split() == [f"{ids[0]}:replay2"]
         wait_for(lambda: (ledger.record(f"{ids[0]}:replay2") or {}).get("state") in ("delivered", "failed"), 20,
                  "the second replay decided")
         calls = [c["target"] for c in dsp.log.snapshot() if f"e={run}" in c["target"]]
         assert sorted(calls.count(f"/sequence/500,500,204?e={i}") for i in ids) == [3, 3, 4]
+    finally:
+        worker.stop()
+
+
+def test_expired_events_are_replayed_too(redis_url: str, dsp: MockDspServer, tmp_path: Path) -> None:
+    """An event that expired uncalled (its buyer down or paused past its maximum age) keeps
+    its URL and macros, and replay sends it once its buyer is back."""
+    env = fleet_env(redis_url, CGRID_EVENT_MAX_AGE_S="60")
+    worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", concurrency=1).start()
+    run = uuid.uuid4().hex[:6]
+    buyer = f"xb-{run}"
+    ids = [f"{run}-x{i}" for i in range(2)]
+    created_at = time.time() - 120  # past the maximum age when its call would start
+    try:
+        with Publisher(Settings.from_env(env)) as publisher:
+            publisher.publish_many([{"id": i, "kind": "burl", "upstream": "s2s", "buyer": buyer,
+                                     "created_at": created_at, "macros": {"AUCTION_PRICE": "1.5"},
+                                     "url": f"{dsp.url}/status/204?e={i}&p=${{AUCTION_PRICE}}"} for i in ids])
+        ledger = Ledger(redis.Redis.from_url(redis_url))
+        wait_for(lambda: all((ledger.record(i) or {}).get("state") == "expired" for i in ids), 20, "expired")
+        record = ledger.record(ids[0])
+        assert record is not None and record["attempts"] == []
+        assert record["event"]["url"].startswith(dsp.url) and record["event"]["macros"] == {"AUCTION_PRICE": "1.5"}
+        assert "user_agent" not in record["event"]
+        assert not [c for c in dsp.log.snapshot() if f"e={run}" in c["target"]]  # never called
+        replayed = subprocess.run([sys.executable, "-m", "producer.cli", "replay", "--buyer", buyer,
+                                   "--day", day_of(created_at)], capture_output=True, text=True, env=env, cwd=ROOT,
+                                  timeout=60)
+        assert replayed.returncode == 0, replayed.stderr
+        assert replayed.stdout.split() == [f"{i}:replay1" for i in sorted(ids)]
+        wait_for(lambda: all((ledger.record(f"{i}:replay1") or {}).get("state") == "delivered" for i in ids), 20,
+                 "the replays delivered")
+        calls = sorted(c["target"] for c in dsp.log.snapshot() if f"e={run}" in c["target"])
+        assert calls == [f"/status/204?e={i}&p=1.5" for i in sorted(ids)]
     finally:
         worker.stop()

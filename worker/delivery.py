@@ -46,7 +46,7 @@ class Attempt:
         # and the final record is made here, off Redis's CPU.
         final = ""
         if event is not None and not (self.outcome is Outcome.FAIL and self.n == 1):
-            final = event.to_final_json(keep_call=self.outcome is Outcome.FAIL)
+            final = event.to_final_json(keep_call=self.outcome in (Outcome.FAIL, Outcome.EXPIRED))
         return Finish(
             event_id=event_id,
             outcome=self.outcome,
