@@ -458,8 +458,13 @@ local function send(n, buyer, id)
   end
   section[#section + 1] = id
 end
+-- Then: how many buyers have their own retry delay, those (buyer, delay) pairs, and the
+-- paused buyers' (buyer, maximum age) pairs.
+local own_delay, delays_at = {}, 12 + 3 * n_routed
+local n_delays = tonumber(ARGV[delays_at])
+for i = delays_at + 1, delays_at + 2 * n_delays, 2 do own_delay[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local paused = {}
-for i = 12 + 3 * n_routed, #ARGV, 2 do
+for i = delays_at + 1 + 2 * n_delays, #ARGV, 2 do
   local buyer, max_age = ARGV[i], tonumber(ARGV[i + 1])
   paused[buyer] = true
   local pkey = prefix .. 'parked:' .. buyer
@@ -496,9 +501,10 @@ for _, id in ipairs(ids) do
       ',"ms":null,"status":null,"error":"lost"}'
     redis.call('HSET', key, 'a' .. claim, lost, 'claim', 0)
     if claim == 1 then
-      redis.call('HSET', key, 'state', 'retry_scheduled', 'retry_at', stamp(now + delay))
+      local retry_at = now + (own_delay[rec[6]] or delay)  -- the buyer's retry delay, if it has one
+      redis.call('HSET', key, 'state', 'retry_scheduled', 'retry_at', stamp(retry_at))
       redis.call('HDEL', key, 'sent_at')
-      redis.call('ZADD', due, now + delay, id)
+      redis.call('ZADD', due, retry_at, id)
     else
       redis.call('HSET', key, 'state', 'failed')
       redis.call('ZREM', due, id)
@@ -670,7 +676,7 @@ class Ledger:
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
         routing: Routing, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 2700,
-        paused: Mapping[str, float] | None = None,
+        paused: Mapping[str, float] | None = None, retry_delays: Mapping[str, float] | None = None,
     ) -> tuple[float, dict[str, list[str]], dict[str, list[str]]]:
         """Handle events whose due time passed, and revive parked sets no worker touched for
         ``revive_after_s``. Returns the ledger's time and the ids whose trigger must be
@@ -681,6 +687,9 @@ class Ledger:
                                  ledger_ttl_s, routing.retry_queue, len(routed)]
         for buyer, (first_queue, retry_queue) in routed.items():
             args += [buyer, first_queue, retry_queue]
+        args.append(len(retry_delays or {}))
+        for buyer, delay_s in (retry_delays or {}).items():
+            args += [buyer, _num(delay_s)]
         for buyer, max_age_s in (paused or {}).items():
             args += [buyer, _num(max_age_s)]
         now, sections, *flat = self._sweep(args=args)

@@ -259,3 +259,16 @@ def test_a_parked_event_is_claimed_only_by_its_pull_and_a_pull_keeps_the_retry_d
     left, pulled = ledger.pull("b1", 10, lease_s=10)
     assert [(n, i) for n, i, _ in pulled] == [(1, "p")] and left == 1
     assert ledger.record("r")["state"] == "retry_scheduled" and ledger.record("r")["attempts"][0]["n"] == 1  # type: ignore[index]
+
+
+def test_a_lost_first_attempt_waits_its_buyers_own_retry_delay(ledger: Ledger) -> None:
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=10, report_ttl_s=3600, routing=Q)
+    ledger.accept([event("slow", buyer="b-slow"), event("plain", buyer="b-plain")], redeliver_after_s=30, **TTL)
+    ledger.claim(["slow", "plain"], 1, lease_s=0.0, sent_at_s=0)  # both leases over at once: lost
+    now, _, _ = ledger.sweep(**sweep, retry_delays={"b-slow": 300.0})
+    waits = {}
+    for event_id in ("slow", "plain"):
+        record = ledger.record(event_id)
+        assert record is not None and record["state"] == "retry_scheduled"
+        waits[event_id] = round(record["retry_at"] - now)
+    assert waits == {"slow": 300, "plain": 10}

@@ -60,9 +60,11 @@ def queue_depths(ledger: Ledger, routing: Routing) -> dict[str, int]:
     return dict(zip(routing.queues, map(int, pipe.execute()), strict=True))
 
 
-def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str, float] | None = None) -> int:
+def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str, float] | None = None,
+               retry_delays: dict[str, float] | None = None) -> int:
     """One pass; returns how many triggers it sent. The parked events of ``paused`` buyers
-    (id -> maximum event age) are left where they are, or expire past that age."""
+    (id -> maximum event age) are left where they are, or expire past that age; a lost first
+    attempt's retry waits its buyer's ``retry_delays`` (id -> seconds), else the fleet's."""
     routing = settings.routing
     now_s, first, second = ledger.sweep(
         limit=SWEEP_LIMIT,
@@ -74,6 +76,7 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str
         revive_batch=settings.batch_size,
         ledger_ttl_s=settings.ledger_ttl_s,
         paused=paused,
+        retry_delays=retry_delays,
     )
     resent = send_triggers(app, first, 1, settings.batch_size, now_s)
     retries = send_triggers(app, second, 2, settings.batch_size, now_s)
@@ -113,9 +116,10 @@ class Sweeper:
             except Exception as e:
                 log.error("buyers_file_check_failed", error=repr(e)[:300])
             try:
-                paused = {b: own.max_age_s or self.settings.event_max_age_s
-                          for b, own in self.buyers.config.buyers.items() if own.paused}
-                sent = sweep_once(self.app, self.ledger, self.settings, paused)
+                buyers = self.buyers.config.buyers
+                paused = {b: own.max_age_s or self.settings.event_max_age_s for b, own in buyers.items() if own.paused}
+                delays = {b: own.retry_delay_s for b, own in buyers.items() if own.retry_delay_s is not None}
+                sent = sweep_once(self.app, self.ledger, self.settings, paused, delays)
                 if metrics.ENABLED and time.monotonic() >= self._next_backlog_gauges:
                     self._next_backlog_gauges = time.monotonic() + BACKLOG_GAUGES_S
                     backlog_gauges(self.ledger)
