@@ -41,6 +41,7 @@ from cgrid.event import Event
 from cgrid.routing import DELIVER_QUEUE, Routing
 
 PREFIX = "cgrid:"
+CLAIM_WAIT_BACKOFF_S = 10.0  # after a claim found too few replicas, claims stop waiting this long
 NO_BUYER = "-"
 # Poisoned messages (worker/poison.py): a capped list of the last ones, and a counter.
 POISON_LIST_KEY = PREFIX + "poison"
@@ -48,7 +49,14 @@ POISON_COUNT_KEY = PREFIX + "poison:count"
 
 
 class NotReplicated(CgridError, redis.RedisError):
-    """The primary took a write that fewer replicas than CGRID_REDIS_WAIT_REPLICAS hold."""
+    """The primary took a write that fewer replicas than CGRID_REDIS_WAIT_REPLICAS hold.
+    ``result`` is the script's answer; for an accept, ``withdrawn`` says whether its new
+    events were all taken back (else some may still be delivered)."""
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+        self.withdrawn = False
 
 
 class State(StrEnum):
@@ -208,6 +216,30 @@ local function write_bumps()
 end
 """
 
+# ARGV: prefix, the accept's time (accepted_at), then per event: id, day, buyer, kind.
+# Takes back events an accept recorded that no replica holds (CGRID_REDIS_WAIT_REPLICAS):
+# each still untouched (pending, never claimed, accepted at that time) is deleted and its
+# counters undone, so an event the producer was told is not accepted is never called.
+# Returns 1 (withdrawn) or 0 (already in use: it stays, and will be delivered) per event.
+_WITHDRAW = _LUA_COMMON + """
+local out = {}
+for i = 3, #ARGV, 4 do
+  local id, day, buyer, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = prefix .. 'ev:' .. id
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'accepted_at', 'a1')
+  if rec[1] == 'pending' and tonumber(rec[2] or '0') == 0 and rec[3] == ARGV[2] and not rec[4] then
+    redis.call('DEL', key)
+    redis.call('ZREM', prefix .. 'due', id)
+    redis.call('INCRBY', prefix .. 'open:' .. kind, -1)
+    redis.call('HINCRBY', prefix .. 'report:' .. day, buyer .. '\t' .. 'events', -1)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
 # ARGV: prefix, ledger_ttl, report_ttl, redeliver_after, then per event: id, day, buyer,
 # event_json, kind. Returns the time, then 1 (accepted) or 0 (already known) per event.
 _ACCEPT = _LUA_COMMON + """
@@ -241,7 +273,11 @@ _CLAIM = _LUA_COMMON + """
 local n, lease, sent_at = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local wm_key = prefix .. 'watermark:' .. ARGV[5]
 local wm = tonumber(redis.call('GET', wm_key) or '0')
-if sent_at > wm then redis.call('SET', wm_key, ARGV[4]) end
+-- (never past this script's own time: a trigger stamped in the future must not make every
+-- older trigger of its queue look lost)
+if sent_at > wm then
+  if sent_at > now then redis.call('SET', wm_key, now_text) else redis.call('SET', wm_key, ARGV[4]) end
+end
 local out = {}
 local seen, parked = {}, {}
 for i = 6, #ARGV do
@@ -585,12 +621,14 @@ class Ledger:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.replica_shortfalls = 0  # claims and pulls that went ahead short of their replicas
+        self._claims_wait_again_at = 0.0
         self._accept = client.register_script(_ACCEPT)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._sweep = client.register_script(_SWEEP)
         self._park = client.register_script(_PARK)
         self._pull = client.register_script(_PULL)
+        self._withdraw = client.register_script(_WITHDRAW)
 
     def accept(
         self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float
@@ -600,8 +638,27 @@ class Ledger:
         args: list[Any] = [self.prefix, ledger_ttl_s, report_ttl_s, _num(redeliver_after_s)]
         for event in events:
             args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.to_json(), event.kind.value]
-        now, *flags = self._replicated(self._accept, args, "accepted")
+        try:
+            now, *flags = self._replicated(self._accept, args, "accepted")
+        except NotReplicated as e:
+            now, *flags = e.result
+            e.withdrawn = self._withdraw_unreplicated(events, _text(now), flags)
+            raise
         return float(_text(now)), [bool(flag) for flag in flags]
+
+    def _withdraw_unreplicated(self, events: list[Event], accepted_at: str, flags: list[Any]) -> bool:
+        """Take back the events an accept just recorded (those it found new) that no replica
+        holds; True when every one of them is withdrawn (none can be called)."""
+        args: list[Any] = [self.prefix, accepted_at]
+        for event, is_new in zip(events, flags, strict=True):
+            if int(is_new):
+                args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.kind.value]
+        if len(args) == 2:
+            return True
+        try:
+            return all(int(flag) for flag in self._withdraw(args=args))
+        except redis.RedisError:
+            return False
 
     def claim(
         self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float,
@@ -641,7 +698,7 @@ class Ledger:
         goes ahead (its call is made) and is counted in ``replica_shortfalls``: stopping
         every call while a lone primary runs would hold back billing notices already
         accepted, and a claim can only be forgotten by a failover to a replica that lacks it."""
-        if not self.wait_replicas:
+        if not self.wait_replicas or (not required and time.monotonic() < self._claims_wait_again_at):
             return script(args=args)
         pipe = self.client.pipeline(transaction=False)
         script(args=args, client=pipe)
@@ -651,9 +708,12 @@ class Ledger:
             if required:
                 raise NotReplicated(
                     f"{what} by the Redis primary but held by {replicas} of the {self.wait_replicas} replica(s) "
-                    f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms"
+                    f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms", result,
                 )
+            # WAIT does not return early when replicas are missing: claims and pulls stop
+            # waiting for a while rather than each losing the whole timeout.
             self.replica_shortfalls += 1
+            self._claims_wait_again_at = time.monotonic() + CLAIM_WAIT_BACKOFF_S
         return result
 
     def park(self, parks: list[Park]) -> list[bool]:

@@ -7,7 +7,6 @@ broker's options (kombu's Redis or Sentinel transport), which Flower reads too.
 - ``redis://[user:password@]host:port/db`` — one Redis;
 - ``rediss://[user:password@]host:port/db`` — the same over TLS (``CGRID_REDIS_CA_FILE``,
   ``CGRID_REDIS_CERT_FILE``, ``CGRID_REDIS_KEY_FILE`` for a private CA and client certificates);
-- ``unix:///path/to/redis.sock?db=0`` — a local socket;
 - ``sentinel://[user:password@]host:port[/db];sentinel://host:port;...`` — Redis Sentinel,
   kombu's form: the sentinels, ``;``-separated, and the primary's name in
   ``CGRID_REDIS_MASTER_NAME``. The user and password are the Redis nodes' (ACL) ones; the
@@ -33,7 +32,10 @@ from cgrid.errors import ConfigError
 if TYPE_CHECKING:
     from cgrid.settings import Settings
 
-SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
+SCHEMES = ("redis://", "rediss://", "sentinel://")
+# Unencoded in a user name or password these would be read as part of the address (or, for
+# ';', as the next sentinel): the URL must percent-encode them.
+_RAW_IN_USERINFO = set("@/;?#")
 SENTINEL_PORT = 26379
 _PASSWORD = re.compile(r"(://[^:@/;]*):[^@/;]*@")
 
@@ -54,8 +56,9 @@ class SentinelTarget:
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
-    """Split kombu's ``sentinel://h1:26379;sentinel://h2:26379/0`` form; the first part that
-    carries a user, password or database gives them."""
+    """Split kombu's ``sentinel://[user:password@]h1:26379/0;sentinel://h2:26379`` form. The
+    user, password and database are the first part's (as kombu reads them); a later part
+    that names different ones is refused, so the broker and the ledger cannot part ways."""
     sentinels: list[tuple[str, int]] = []
     db, username, password = 0, None, None
     for part in url.split(";"):
@@ -72,16 +75,20 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
             raise ConfigError(f"CGRID_REDIS_URL: {mask_url(part)!r} has no valid port") from None
         if not split.hostname:
             raise ConfigError(f"CGRID_REDIS_URL: {mask_url(part)!r} names no host")
-        sentinels.append((split.hostname, port))
         path = split.path.strip("/")
-        if path:
-            if not path.isdigit():
-                raise ConfigError(f"CGRID_REDIS_URL: database {path!r} is not a number")
-            db = int(path)
-        if split.username and username is None:
-            username = unquote(split.username)
-        if split.password and password is None:
-            password = unquote(split.password)
+        if path and not path.isdigit():
+            raise ConfigError(f"CGRID_REDIS_URL: database {path!r} is not a number")
+        part_db = int(path) if path else 0
+        part_user = unquote(split.username) if split.username else None
+        part_password = unquote(split.password) if split.password else None
+        if not sentinels:
+            db, username, password = part_db, part_user, part_password
+        elif (path and part_db != db) or (part_user and part_user != username) or (
+                part_password and part_password != password):
+            raise ConfigError("CGRID_REDIS_URL: put the database, user and password on the first sentinel only "
+                              "(sentinel://user:password@host1:26379/0;sentinel://host2:26379); the broker "
+                              "reads them from there")
+        sentinels.append((split.hostname, port))
     if not sentinels:
         raise ConfigError("CGRID_REDIS_URL: a sentinel:// URL must name at least one sentinel")
     return SentinelTarget(tuple(sentinels), db, username, password)
@@ -90,9 +97,13 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
 def check_url(settings: Settings) -> None:
     """Refuse a URL or TLS combination that cannot work, naming the setting."""
     url = settings.redis_url
+    if url.startswith("unix://"):
+        raise ConfigError("CGRID_REDIS_URL: unix:// sockets are not supported (Celery's broker cannot use them); "
+                          "use redis://127.0.0.1:6379/0")
     if not url.startswith(SCHEMES):
-        raise ConfigError(f"CGRID_REDIS_URL: {mask_url(url)!r} is not a redis://, rediss://, unix:// "
+        raise ConfigError(f"CGRID_REDIS_URL: {mask_url(url)!r} is not a redis://, rediss:// "
                           "or sentinel:// URL")
+    _check_userinfo(url)
     if url.startswith("sentinel://"):
         parse_sentinel_url(url)
         if not settings.redis_master_name:
@@ -108,6 +119,26 @@ def check_url(settings: Settings) -> None:
             raise ConfigError("CGRID_REDIS_CA_FILE/CERT_FILE/KEY_FILE are set but CGRID_REDIS_URL is not rediss://")
     if bool(settings.redis_cert_file) != bool(settings.redis_key_file):
         raise ConfigError("CGRID_REDIS_CERT_FILE and CGRID_REDIS_KEY_FILE: a client certificate needs both")
+
+
+def _check_userinfo(url: str) -> None:
+    """A user name or password must percent-encode ``@ / ; ? #``: unencoded, the URL would be
+    read differently by kombu and by redis-py, or not at all (and a message could then show
+    part of the password). Nothing of the URL is echoed here."""
+    for part in url.split(";") if url.startswith("sentinel://") else [url]:
+        rest = part.split("://", 1)[1]
+        if rest.count("@") > 1:
+            raise ConfigError("CGRID_REDIS_URL: percent-encode '@' in the user name or password (%40)")
+        if "@" in rest:
+            userinfo = rest.rsplit("@", 1)[0]
+            if _RAW_IN_USERINFO & set(userinfo):
+                raise ConfigError("CGRID_REDIS_URL: percent-encode '@ / ; ? #' in the user name or password "
+                                  "(%40 %2F %3B %3F %23)")
+        try:
+            _ = urlsplit(part).port
+        except ValueError:
+            raise ConfigError("CGRID_REDIS_URL: its port is not a number (a password with unencoded "
+                              "special characters looks like one: percent-encode them)") from None
 
 
 def tls_files(settings: Settings) -> dict[str, str]:

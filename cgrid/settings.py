@@ -15,6 +15,7 @@ from cgrid.routing import DELIVER_QUEUE, RETRY_QUEUE, Routing, check_queue_name,
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DAY_S = 86_400
+REDIS_SOCKET_TIMEOUT_S = 5.0  # the workers' Redis clients (worker/runtime.py)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -54,6 +55,12 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: {raw!r} is not on/off")
 
 
+def default_wait_replicas(env: Mapping[str, str]) -> int:
+    """Behind Sentinel an accepted event must be on a replica before it counts, unless the
+    operator says otherwise: a failover must not lose it."""
+    return 1 if env.get("CGRID_REDIS_URL", "").strip().startswith("sentinel://") else 0
+
+
 def parse_networks(raw: str, name: str = "CGRID_ALLOWED_NETWORKS") -> tuple[IPNetwork, ...]:
     """Comma-separated CIDRs (``127.0.0.0/8, ::1/128``) into network objects."""
     networks = []
@@ -80,10 +87,11 @@ class Settings:
     redis_ca_file: str = ""  # CGRID_REDIS_CA_FILE: CA bundle for TLS (else the system's)
     redis_cert_file: str = ""  # CGRID_REDIS_CERT_FILE: client certificate for rediss://
     redis_key_file: str = ""  # CGRID_REDIS_KEY_FILE: its private key
-    # CGRID_REDIS_WAIT_REPLICAS: replicas that must hold an accept or a claim before it counts
-    # (Redis WAIT); 1 with Sentinel, so a failover loses no accepted event (docs/redis.md).
+    # CGRID_REDIS_WAIT_REPLICAS: replicas that must hold an accepted event before it counts
+    # (Redis WAIT), so a failover loses none (docs/redis.md). Unset: 1 with a sentinel:// URL,
+    # else 0.
     redis_wait_replicas: int = 0
-    redis_wait_timeout_ms: int = 1000
+    redis_wait_timeout_ms: int = 500
     timeout_s: float = 2.0
     retry_delay_s: float = 10.0
     allowed_networks: tuple[IPNetwork, ...] = ()
@@ -128,7 +136,7 @@ class Settings:
             redis_ca_file=env.get("CGRID_REDIS_CA_FILE", "").strip(),
             redis_cert_file=env.get("CGRID_REDIS_CERT_FILE", "").strip(),
             redis_key_file=env.get("CGRID_REDIS_KEY_FILE", "").strip(),
-            redis_wait_replicas=_integer(env, "CGRID_REDIS_WAIT_REPLICAS", cls.redis_wait_replicas, minimum=0),
+            redis_wait_replicas=_integer(env, "CGRID_REDIS_WAIT_REPLICAS", default_wait_replicas(env), minimum=0),
             redis_wait_timeout_ms=_integer(env, "CGRID_REDIS_WAIT_TIMEOUT_MS", cls.redis_wait_timeout_ms),
             timeout_s=_number(env, "CGRID_TIMEOUT_S", cls.timeout_s, minimum=0.01),
             retry_delay_s=_number(env, "CGRID_RETRY_DELAY_S", cls.retry_delay_s),
@@ -192,6 +200,13 @@ class Settings:
         if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CGRID_LOG_LEVEL: {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
         check_redis_url(self)
+        # A WAIT that outlasts the client's socket timeout is cut off after its script ran:
+        # the caller would try the claim again, find it taken, and the attempt be lost.
+        wait_limit_ms = min(self.publish_timeout_s, REDIS_SOCKET_TIMEOUT_S) * 1000 / 2
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms > wait_limit_ms:
+            raise ConfigError(f"CGRID_REDIS_WAIT_TIMEOUT_MS = {self.redis_wait_timeout_ms} must stay at or below "
+                              f"{wait_limit_ms:g} (half of CGRID_PUBLISH_TIMEOUT_S, and of the workers' "
+                              f"{REDIS_SOCKET_TIMEOUT_S:g} s Redis socket timeout)")
         for name, path in (("CGRID_REDIS_CA_FILE", self.redis_ca_file), ("CGRID_REDIS_CERT_FILE", self.redis_cert_file),
                            ("CGRID_REDIS_KEY_FILE", self.redis_key_file)):
             if path and not os.path.isfile(path):

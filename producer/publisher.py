@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import logging
 import sys
 import threading
 import time
@@ -35,6 +36,9 @@ from cgrid.redis_conn import mask_url, redis_client
 from cgrid.settings import Settings
 
 MAX_BUFFERED_EVENTS = 100_000
+
+
+_log = logging.getLogger("cgrid.publisher")
 
 
 class Publisher:
@@ -211,9 +215,14 @@ class Publisher:
                 redeliver_after_s=settings.redeliver_after_s,
             )
         except NotReplicated as e:
-            # Not counted as accepted: sent again, the ledger knows them (no second trigger;
-            # the sweeper sends theirs once it is overdue).
-            raise RedisUnavailable(f"Redis at {mask_url(self.redis_url)} did not replicate the events: {e}") from e
+            # Not accepted: the ledger took them back (withdrawn), so none is called; they
+            # stay buffered and are sent again with the same ids. Should the withdrawal fail,
+            # the ledger holds them: sent again they are known (a no-op), and the sweeper
+            # sends their trigger once overdue, so they may still be delivered, once.
+            detail = ("withdrawn, not accepted" if e.withdrawn
+                      else "could not be withdrawn: they may still be delivered; publish them again with the same ids")
+            raise RedisUnavailable(
+                f"Redis at {mask_url(self.redis_url)} did not replicate the events ({detail}): {e}") from e
         except redis.ResponseError as e:  # e.g. out of memory (maxmemory with noeviction)
             raise RedisUnavailable(f"Redis at {mask_url(self.redis_url)} refused the events: {e}") from e
         except redis.RedisError as e:
@@ -223,10 +232,11 @@ class Publisher:
             return
         try:
             send_deliver(self._celery, new_ids, 1, sent_at_s, queue)
-        except Exception:
+        except Exception as e:
             # The events are in the ledger, so they are accepted: the workers' sweeper
             # sends their trigger again once it sees it was never delivered.
-            pass
+            _log.warning("cgrid-s2s: the trigger of %d accepted events was not sent (%s); the workers' sweeper "
+                         "sends it within CGRID_REDELIVER_AFTER_S", len(new_ids), type(e).__name__)
 
     def _linger_loop(self) -> None:
         while True:

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from cgrid.event import parse_event
-from cgrid.ledger import Finish, Ledger, Outcome, Park
+from cgrid.ledger import Finish, Ledger, NotReplicated, Outcome, Park
 from cgrid.routing import Routing
 
 TTL = dict(ledger_ttl_s=3600, report_ttl_s=3600)
@@ -272,3 +272,41 @@ def test_a_lost_first_attempt_waits_its_buyers_own_retry_delay(ledger: Ledger) -
         assert record is not None and record["state"] == "retry_scheduled"
         waits[event_id] = round(record["retry_at"] - now)
     assert waits == {"slow": 300, "plain": 10}
+
+
+def test_an_accept_no_replica_holds_is_withdrawn(redis_url: str) -> None:
+    """A Redis with no replica: WAIT 1 times out, the accept raises NotReplicated, and the new
+    events are taken back (no record, no backlog, no report count) so none is ever called;
+    an event the ledger already held is left alone."""
+    client = redis.Redis.from_url(redis_url)
+    Ledger(client).accept([event("known")], redeliver_after_s=30, **TTL)
+    ledger = Ledger(client, wait_replicas=1, wait_timeout_ms=50)
+    with pytest.raises(NotReplicated) as refused:
+        ledger.accept([event("new-1"), event("known"), event("new-2")], redeliver_after_s=30, **TTL)
+    assert refused.value.withdrawn
+    assert ledger.record("new-1") is None and ledger.record("new-2") is None
+    assert ledger.record("known") is not None
+    assert ledger.open_events()["burl"] == 1
+    [row] = ledger.report()
+    assert row["events"] == 1
+    assert client.zscore("cgrid:due", "new-1") is None
+
+
+def test_claims_short_of_replicas_go_ahead_and_stop_waiting_for_a_while(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    Ledger(client).accept([event("a"), event("b")], redeliver_after_s=30, **TTL)
+    ledger = Ledger(client, wait_replicas=1, wait_timeout_ms=300)
+    started = time.monotonic()
+    assert [i for i, _ in ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)] == ["a"]
+    first_s = time.monotonic() - started
+    started = time.monotonic()
+    assert [i for i, _ in ledger.claim(["b"], 1, lease_s=10, sent_at_s=0)] == ["b"]
+    second_s = time.monotonic() - started
+    assert ledger.replica_shortfalls == 1
+    assert first_s >= 0.25 and second_s < 0.25  # the second claim did not wait out the timeout
+
+
+def test_a_trigger_stamped_in_the_future_does_not_move_the_watermark_past_now(ledger: Ledger) -> None:
+    ledger.accept([event("a")], redeliver_after_s=30, **TTL)
+    ledger.claim(["a"], 1, lease_s=10, sent_at_s=1e12, queue="q")
+    assert float(ledger.client.get("cgrid:watermark:q") or 0) <= time.time() + 1

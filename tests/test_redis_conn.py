@@ -24,7 +24,7 @@ def test_mask_url_hides_only_the_password(url: str, shown: str) -> None:
 
 
 def test_sentinel_url_lists_every_sentinel_and_takes_db_and_credentials() -> None:
-    target = parse_sentinel_url("sentinel://cgrid:p%40ss@10.0.0.1:26379;sentinel://10.0.0.2;sentinel://h3:26380/2")
+    target = parse_sentinel_url("sentinel://cgrid:p%40ss@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://h3:26380")
     assert target.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379), ("h3", 26380))
     assert (target.db, target.username, target.password) == (2, "cgrid", "p@ss")
 
@@ -41,6 +41,15 @@ def test_sentinel_url_lists_every_sentinel_and_takes_db_and_credentials() -> Non
     ({"CGRID_REDIS_URL": "sentinel://h1:26379", "CGRID_REDIS_CA_FILE": "/etc/hostname"}, "CGRID_REDIS_SENTINEL_TLS"),
     ({"CGRID_REDIS_URL": "rediss://h:6379", "CGRID_REDIS_SENTINEL_TLS": "on"}, "CGRID_REDIS_SENTINEL_TLS"),
     ({"CGRID_REDIS_URL": "sentinel://h1:26379", "CGRID_REDIS_SENTINEL_TLS": "maybe"}, "CGRID_REDIS_SENTINEL_TLS"),
+    ({"CGRID_REDIS_URL": "unix:///run/redis.sock"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "redis://u:p@ss@h:6379/0"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "redis://u:p/ss@h:6379/0"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "redis://u:p;ss@h:6379/0"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "redis://h:63x79/0"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "sentinel://h1:26379;sentinel://h2:26379/2"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "sentinel://h1:26379/1;sentinel://h2:26379/2"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_URL": "sentinel://h1:26379;sentinel://u:pw@h2:26379"}, "CGRID_REDIS_URL"),
+    ({"CGRID_REDIS_WAIT_REPLICAS": "1", "CGRID_REDIS_WAIT_TIMEOUT_MS": "1001"}, "CGRID_REDIS_WAIT_TIMEOUT_MS"),
     ({"CGRID_REDIS_WAIT_REPLICAS": "-1"}, "CGRID_REDIS_WAIT_REPLICAS"),
     ({"CGRID_REDIS_WAIT_TIMEOUT_MS": "0"}, "CGRID_REDIS_WAIT_TIMEOUT_MS"),
 ])
@@ -49,10 +58,19 @@ def test_bad_redis_settings_are_refused_naming_the_setting(env: dict[str, str], 
         Settings.from_env(env)
 
 
-def test_a_refused_url_never_echoes_its_password() -> None:
+@pytest.mark.parametrize("url", ["sentinel://u:hunter2@h1:26379;redis://h2", "redis://u:hunter2;x@h:6379/0",
+                                 "redis://u:hunter2/x@h:6379/0", "redis://u:hunter2@x@h:6379/0"])
+def test_a_refused_url_never_echoes_its_password(url: str) -> None:
     with pytest.raises(ConfigError) as refused:
-        Settings.from_env({"CGRID_REDIS_URL": "sentinel://u:hunter2@h1:26379;redis://h2"})
+        Settings.from_env({"CGRID_REDIS_URL": url})
     assert "hunter2" not in str(refused.value)
+
+
+def test_an_encoded_password_is_accepted_and_sentinel_waits_for_a_replica_by_default() -> None:
+    assert Settings.from_env({"CGRID_REDIS_URL": "redis://u:p%40s%2Fs%3B@h:6379/0"}).redis_wait_replicas == 0
+    sentinel = {"CGRID_REDIS_URL": "sentinel://u:p@h1:26379/0;sentinel://h2:26379"}
+    assert Settings.from_env(sentinel).redis_wait_replicas == 1
+    assert Settings.from_env({**sentinel, "CGRID_REDIS_WAIT_REPLICAS": "0"}).redis_wait_replicas == 0
 
 
 def test_celery_gets_tls_options_for_rediss(tmp_path: Path) -> None:
@@ -75,7 +93,7 @@ def test_celery_gets_the_master_name_and_sentinel_password_for_sentinel() -> Non
 
 
 def test_a_sentinel_client_is_the_named_primarys_client() -> None:
-    settings = Settings.from_env({"CGRID_REDIS_URL": "sentinel://u:pw@h1:26379;sentinel://h2:26380/3",
+    settings = Settings.from_env({"CGRID_REDIS_URL": "sentinel://u:pw@h1:26379/3;sentinel://h2:26380",
                                   "CGRID_REDIS_MASTER_NAME": "cgrid"})
     client = redis_client(settings, socket_timeout_s=1, socket_connect_timeout_s=1)
     pool = client.connection_pool

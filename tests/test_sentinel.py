@@ -122,7 +122,7 @@ def sentinel_group(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[d
     try:
         wait_for(lambda: all(s.knows() == (1, 2) for s in sentinels), 30,
                  "the sentinels to find the replica and each other")
-        url = ";".join(f"sentinel://127.0.0.1:{s.port}" for s in sentinels) + "/0"
+        url = ";".join(f"sentinel://127.0.0.1:{s.port}" + ("/0" if i == 0 else "") for i, s in enumerate(sentinels))
         yield {"primary": primary, "replica": replica, "sentinels": sentinels, "url": url,
                "env": {} if tls is None else tls.env()}
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from cgrid.routing import QUEUE_NAME
@@ -20,8 +21,8 @@ def check_args(ids: Any, attempt: Any, sent_at: Any) -> str | None:
         return f"ids: more than {MAX_IDS_PER_TASK}"
     if attempt not in (1, 2) or isinstance(attempt, bool):
         return "attempt: must be 1 or 2"
-    if isinstance(sent_at, bool) or not isinstance(sent_at, int | float):
-        return "sent_at: must be a number"
+    if isinstance(sent_at, bool) or not isinstance(sent_at, int | float) or not math.isfinite(sent_at):
+        return "sent_at: must be a finite number"
     return None
 
 

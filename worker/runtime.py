@@ -14,7 +14,7 @@ import redis
 
 from cgrid.ledger import Ledger
 from cgrid.redis_conn import redis_client as connect
-from cgrid.settings import Settings
+from cgrid.settings import REDIS_SOCKET_TIMEOUT_S, Settings
 
 if TYPE_CHECKING:
     from worker.engine import DeliveryEngine
@@ -38,8 +38,8 @@ def ride_out_redis(call: Callable[[], T], budget_s: float) -> T:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return connect(settings, socket_timeout_s=5.0, socket_connect_timeout_s=settings.publish_timeout_s,
-                   health_check_interval_s=30)
+    return connect(settings, socket_timeout_s=REDIS_SOCKET_TIMEOUT_S,
+                   socket_connect_timeout_s=settings.publish_timeout_s, health_check_interval_s=30)
 
 
 @dataclass
