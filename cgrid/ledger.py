@@ -121,6 +121,7 @@ class Park:
     created_at_s: float
     buyer: str
     reason: WaitReason = WaitReason.LANE_FULL
+    claim_stamp: str = ""  # the claim's claimed_at, from claim() or pull() ('' = any claim)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,9 +308,11 @@ for i = 6, #ARGV do
     end
   end
 end
--- Then the claimed events' buyers that have parked events: their lanes must pull them (a
--- worker that parked them may be gone) and let new events wait behind them.
+-- Then this claim's stamp (its claimed_at: a park must show it, see _PARK), and the claimed
+-- events' buyers that have parked events: their lanes must pull them (a worker that parked
+-- them may be gone) and let new events wait behind them.
 out[#out + 1] = '|'
+out[#out + 1] = now_text
 for _, buyer in ipairs(parked) do out[#out + 1] = buyer end
 return out
 """
@@ -385,15 +388,19 @@ write_bumps()
 return out
 """
 
-# ARGV: prefix, then per event: id, attempt n, created_at, buyer, reason.
+# ARGV: prefix, then per event: id, attempt n, created_at, buyer, reason, the claim's stamp
+# ('' = any claim of attempt n).
 # Hands claimed attempts back unstarted: the claim is released, no attempt is recorded, and
 # the event waits in its buyer's parked set. Returns 1 (parked) or 0 (not ours) per event.
 _PARK = _LUA_COMMON + """
 local out = {}
-for i = 2, #ARGV, 5 do
-  local id, n, buyer, reason = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 3], ARGV[i + 4]
+for i = 2, #ARGV, 6 do
+  local id, n, buyer, reason, stamp = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local key = prefix .. 'ev:' .. id
-  if tonumber(redis.call('HGET', key, 'claim') or '0') == n then
+  local rec = redis.call('HMGET', key, 'claim', 'claimed_at')
+  -- Only the claim this park was made for: a park sent again after a lost reply must not
+  -- take back the claim of the process that has pulled the event since.
+  if tonumber(rec[1] or '0') == n and (stamp == '' or rec[2] == stamp) then
     redis.call('HSET', key, 'claim', 0, 'wait', reason, 'waiting_since', now_text)
     redis.call('ZREM', prefix .. 'due', id)
     redis.call('ZADD', prefix .. 'parked:' .. buyer, tonumber(ARGV[i + 2]), id)
@@ -411,7 +418,7 @@ return out
 _PULL = _LUA_COMMON + """
 local buyer, k, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local pkey = prefix .. 'parked:' .. buyer
-local out = {0}
+local out = {0, now_text}  -- how many stay parked, this pull's stamp (claimed_at), then claims
 local got = 0
 local later = {}
 while got < k do
@@ -662,18 +669,21 @@ class Ledger:
 
     def claim(
         self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float,
-        parked_buyers: list[str] | None = None, queue: str = DELIVER_QUEUE,
+        parked_buyers: list[str] | None = None, queue: str = DELIVER_QUEUE, stamp: list[str] | None = None,
     ) -> list[tuple[str, str]]:
         """Claim attempt ``attempt`` of each id; returns (id, event JSON) of those won. The
         won events' buyers that have parked events are added to ``parked_buyers``. ``queue``
-        is the broker queue the trigger came from (its watermark moves)."""
+        is the broker queue the trigger came from (its watermark moves). ``stamp`` receives
+        the claim's stamp, which a park of these attempts must show (:class:`Park`)."""
         if not ids:
             return []
         args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue, *ids]
         flat = [_text(item) for item in self._replicated(self._claim, args, "claimed", required=False)]
         split = flat.index("|")
+        if stamp is not None:
+            stamp.append(flat[split + 1])
         if parked_buyers is not None:
-            parked_buyers += flat[split + 1:]
+            parked_buyers += flat[split + 2:]
         return list(zip(flat[0:split:2], flat[1:split:2], strict=True))
 
     def finish(
@@ -722,14 +732,19 @@ class Ledger:
             return []
         args: list[Any] = [self.prefix]
         for park in parks:
-            args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer, park.reason.value]
+            args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer, park.reason.value,
+                     park.claim_stamp]
         return [bool(flag) for flag in self._park(args=args)]
 
-    def pull(self, buyer: str, k: int, *, lease_s: float) -> tuple[int, list[tuple[int, str, str]]]:
+    def pull(self, buyer: str, k: int, *, lease_s: float,
+             stamp: list[str] | None = None) -> tuple[int, list[tuple[int, str, str]]]:
         """Claim the next attempt of up to ``k`` parked events of ``buyer``, oldest first.
-        Returns how many stay parked and (attempt n, id, event JSON) per claim."""
-        left, *flat = self._replicated(self._pull, [self.prefix, buyer, k, _num(lease_s)], "pulled",
-                                        required=False)
+        Returns how many stay parked and (attempt n, id, event JSON) per claim; ``stamp``
+        receives the claims' stamp, as for :meth:`claim`."""
+        left, pull_stamp, *flat = self._replicated(self._pull, [self.prefix, buyer, k, _num(lease_s)], "pulled",
+                                                   required=False)
+        if stamp is not None:
+            stamp.append(_text(pull_stamp))
         items = [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
         return int(left), items
 

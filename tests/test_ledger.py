@@ -310,3 +310,23 @@ def test_a_trigger_stamped_in_the_future_does_not_move_the_watermark_past_now(le
     ledger.accept([event("a")], redeliver_after_s=30, **TTL)
     ledger.claim(["a"], 1, lease_s=10, sent_at_s=1e12, queue="q")
     assert float(ledger.client.get("cgrid:watermark:q") or 0) <= time.time() + 1
+
+
+def test_a_park_sent_again_after_a_lost_reply_cannot_take_back_a_later_pull(ledger: Ledger) -> None:
+    """Process A parks its claim; the reply is lost, and before A sends the park again,
+    process B pulls the event (a new claim of the same attempt). A's repeated park must not
+    release B's claim (B would call, and the event be pulled and called once more)."""
+    ledger.accept([event("a")], redeliver_after_s=30, **TTL)
+    stamp_a: list[str] = []
+    ledger.claim(["a"], 1, lease_s=10, sent_at_s=0, stamp=stamp_a)
+    park_a = Park("a", 1, time.time(), "b1", claim_stamp=stamp_a[0])
+    assert ledger.park([park_a]) == [True]  # done, but A never heard so
+    time.sleep(0.002)  # (the stamp has microseconds)
+    stamp_b: list[str] = []
+    _, [(n, event_id, _)] = ledger.pull("b1", 1, lease_s=10, stamp=stamp_b)
+    assert (n, event_id) == (1, "a") and stamp_b[0] != stamp_a[0]
+    assert ledger.park([park_a]) == [False]  # A again: not its claim any more
+    record = ledger.record("a")
+    assert record is not None and record["in_flight_attempt"] == 1
+    assert ledger.client.zscore("cgrid:parked:b1", "a") is None  # still B's, not parked again
+    assert ledger.park([Park("a", 1, time.time(), "b1", claim_stamp=stamp_b[0])]) == [True]  # B's own park

@@ -27,13 +27,14 @@ def check_args(ids: Any, attempt: Any, sent_at: Any) -> str | None:
 
 
 def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float,
-          parked_buyers: list[str], queue: str) -> list[tuple[str, str]]:
+          parked_buyers: list[str], queue: str, stamp: list[str]) -> list[tuple[str, str]]:
     """Claim, riding out a short Redis outage; a longer one leaves the events to the
-    sweeper (their trigger is resent), so nothing is lost by giving up."""
+    sweeper (their trigger is resent), so nothing is lost by giving up. ``stamp`` receives
+    the claim's stamp."""
     shortfalls = rt.ledger.replica_shortfalls
     claimed = ride_out_redis(
         lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s,
-                                parked_buyers=parked_buyers, queue=queue),
+                                parked_buyers=parked_buyers, queue=queue, stamp=stamp),
         rt.settings.attempt_grace_s / 2,
     )
     if rt.ledger.replica_shortfalls != shortfalls:
@@ -57,11 +58,13 @@ def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any, queue: Any 
         chunk = ids[start:start + rt.settings.batch_size]
         engine.reserve(len(chunk))
         parked_buyers: list[str] = []
+        stamp: list[str] = []
         try:
-            claimed = claim(rt, chunk, attempt_n, float(sent_at_s), parked_buyers, queue)
+            claimed = claim(rt, chunk, attempt_n, float(sent_at_s), parked_buyers, queue, stamp)
         except BaseException:
             engine.submit([], attempt_n, reserved=len(chunk))
             raise
-        engine.submit(claimed, attempt_n, reserved=len(chunk), parked_buyers=parked_buyers)
+        engine.submit(claimed, attempt_n, reserved=len(chunk), parked_buyers=parked_buyers,
+                      claim_stamp=stamp[-1] if stamp else "")
         claimed_total += len(claimed)
     return {"ids": len(ids), "claimed": claimed_total}

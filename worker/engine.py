@@ -63,6 +63,7 @@ class Item:
     attempt_n: int
     event: Event
     buyer: str
+    claim_stamp: str = ""  # the ledger's stamp of this claim: a park must show it
     lane: Lane[Any] | None = None
     started_at_s: float = 0.0
     started: float = 0.0
@@ -126,7 +127,7 @@ class DeliveryEngine:
             self._pending += n
 
     def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int,
-               parked_buyers: list[str] | None = None) -> None:
+               parked_buyers: list[str] | None = None, claim_stamp: str = "") -> None:
         """Hand claimed attempts to the call loop; give back the room of ids not claimed.
         ``parked_buyers``: their buyers that have events parked in Redis (perhaps by a
         worker that is gone): their lanes pull those first."""
@@ -135,7 +136,7 @@ class DeliveryEngine:
             self._cond.notify_all()
         if claimed:
             self._post("claimed", ([(event_id, event_json, attempt_n) for event_id, event_json in claimed],
-                                   parked_buyers or []))
+                                   parked_buyers or [], claim_stamp))
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every claimed attempt has been made and recorded (warm shutdown)."""
@@ -248,19 +249,20 @@ class DeliveryEngine:
 
     def _pull(self, buyer: str, k: int, parks_at_request: int) -> None:
         items: list[tuple[int, str, str]] = []
+        stamp: list[str] = []
         left = 1  # on a Redis error, keep the lane's backlog: it is pulled again later
         with self._cond:
             draining = self._draining
         try:
             if not draining:
                 left, items = self._ride_out(
-                    lambda: self.rt.ledger.pull(buyer, k, lease_s=self.lease_s))
+                    lambda: self.rt.ledger.pull(buyer, k, lease_s=self.lease_s, stamp=stamp))
         except redis.RedisError as e:
             get_logger().warning("ledger_pull_failed", buyer=buyer, error=str(e)[:200])
         finally:  # the lane always hears back, or it would never pull again
             with self._cond:
                 self._pending += len(items)
-            self._post("pulled", (buyer, left, parks_at_request, items))
+            self._post("pulled", (buyer, left, parks_at_request, items, stamp[-1] if stamp else ""))
 
 
 def count_finished(batch: list[Handled], states: list[str]) -> None:
@@ -372,7 +374,7 @@ class _CallLoop:
 
     # -- work coming in --------------------------------------------------------------------
 
-    def _prepared(self, event_id: str, event_json: str, attempt_n: int) -> Item | None:
+    def _prepared(self, event_id: str, event_json: str, attempt_n: int, claim_stamp: str) -> Item | None:
         """Decode a claimed attempt; one that must not be called is recorded at once."""
         try:
             event = Event.from_ledger_json(event_json)
@@ -384,28 +386,28 @@ class _CallLoop:
         if decision is not None:
             self.done.append(Handled(event_id, event, decision))
             return None
-        return Item(event_id, attempt_n, event, event.buyer or NO_BUYER)
+        return Item(event_id, attempt_n, event, event.buyer or NO_BUYER, claim_stamp)
 
-    def _take_claimed(self, claimed: list[tuple[str, str, int]], parked_buyers: list[str]) -> None:
+    def _take_claimed(self, claimed: list[tuple[str, str, int]], parked_buyers: list[str], claim_stamp: str) -> None:
         now = time.monotonic()
         for buyer in parked_buyers:  # older events wait in Redis: pull them, park new ones behind
             self.lanes.note_backlog(buyer)
         for event_id, event_json, attempt_n in claimed:
             try:
-                item = self._prepared(event_id, event_json, attempt_n)
+                item = self._prepared(event_id, event_json, attempt_n, claim_stamp)
                 if item is not None and not self.lanes.admit(item.buyer, item, now):
                     self._park([item])
             except Exception as e:
                 self._lost_to_a_bug(event_id, e)
 
     def _take_pulled(self, buyer: str, left: int, parks_at_request: int,
-                     items: list[tuple[int, str, str]]) -> None:
+                     items: list[tuple[int, str, str]], claim_stamp: str) -> None:
         lane = self.lanes.lane(buyer)
         now = time.monotonic()
         self.lanes.pulled(lane, left, parks_at_request, got=len(items), now_s=now)
         for attempt_n, event_id, event_json in items:
             try:
-                item = self._prepared(event_id, event_json, attempt_n)
+                item = self._prepared(event_id, event_json, attempt_n, claim_stamp)
                 if item is not None and lane.limits.paused:  # paused while the pull was on its way
                     self.lanes.note_backlog(item.buyer)
                     self._park([item])
@@ -424,7 +426,7 @@ class _CallLoop:
         for i in items:
             paused = self.lanes.lane(i.buyer).limits.paused
             reason = WaitReason.PAUSED if paused else WaitReason.LANE_FULL
-            self.parks.append(Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer, reason))
+            self.parks.append(Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer, reason, i.claim_stamp))
             if metrics.ENABLED:
                 metrics.M.parked.labels(i.buyer, reason.value).inc()
 
