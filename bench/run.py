@@ -350,6 +350,7 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
     used0 = int(client.info("memory")["used_memory"])
     archive = Archiver(settings_env, workdir / f"archive-{time.time():.0f}", client) if archiver else None
     try:
+        redis_cpu_publish0 = redis_cpu_s(client)
         with Publisher(settings) as publisher:
             published = time.perf_counter()
             for start in range(0, len(events), 1000):
@@ -358,12 +359,15 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
             publish_s = time.perf_counter() - published
         in_flight_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
         redis_cpu0 = redis_cpu_s(client)
+        redis_cpu_publish = redis_cpu0 - redis_cpu_publish0
         archiver_cpu0 = archive.cpu() if archive else 0.0
         fleet = Fleet(settings_env, pool, processes, workdir)
         try:
             result = measure_fleet(events, settings, fleet, client, buyer, archive, used0, redis_cpu0,
                                    archiver_cpu0, latency)
             result.update(redis_bytes_per_in_flight_event=round(in_flight_bytes),
+                          # Publishing's share (accept script, triggers), not in redis_cpu_s_per_1000:
+                          redis_cpu_s_per_1000_publish=round(redis_cpu_publish / len(events) * 1000, 3),
                           publish_preload_rate=round(len(events) / publish_s), pool=pool, processes=processes)
             if archive:  # everything published must be written before it is stopped
                 wait_until(archive.caught_up, ARCHIVE_CATCH_UP_S, 0.1)
@@ -666,7 +670,8 @@ def print_table(results: list[dict[str, Any]], publish: list[dict[str, Any]] | N
               f"{r['ratio_to_naive']:>8}  + Redis {g['redis_cpu_s_per_1000']} CPU s/1k; {g['pool']}; "
               f"{r['ratio_to_urllib3_loop']}x the blocking urllib3 loop")
         print(f"{'':10} {'':10} buyer's CPU s per 1k events: ceiling {c['buyer_cpu_s_per_1000']}, "
-              f"cgrid-s2s {g['buyer_cpu_s_per_1000']}")
+              f"cgrid-s2s {g['buyer_cpu_s_per_1000']}; Redis CPU s per 1k for publishing them (not in the "
+              f"+ Redis above): {g['redis_cpu_s_per_1000_publish']}")
         if r["cpu_bound"]:
             b = r["cpu_bound"]
             print(f"{'':10} {'':10} a fleet adding no CPU to its libcurl calls: at most {b['rate']}/s "
