@@ -4,7 +4,12 @@ machine, same buyer server; then buyer isolation (a healthy buyer alone, then be
 dead one). Prints a table and saves JSON under ``bench/results/``. It measures; it asserts
 nothing (tests check behaviour, the benchmark reports figures).
 
+The fleet under test runs as ``make run`` runs it: the workers and an archiver
+(``cgrid-s2s archive``, writing into the bench's temporary directory), so Redis's CPU per
+event includes the archive stream; ``--no-archiver`` measures without it.
+
     python -m bench.run [--scenario fast|realistic|isolation|all] [--events N] [--pool prefork|threads|solo]
+                        [--no-archiver]
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 import redis
 
 from bench.buyers import find_nginx, start_nginx
+from cgrid.archive import stream_key
 from cgrid.event import parse_event
+from cgrid.ledger import Ledger
 from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from producer import Publisher
@@ -36,6 +43,7 @@ from tests.helpers import process_tree
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ARCHIVE_CATCH_UP_S = 60.0  # how long the bench waits for the archiver to write every final record
 
 
 # -- processes and their costs ----------------------------------------------------------------
@@ -245,6 +253,65 @@ class Fleet:
             log.close()
 
 
+class Archiver:
+    """The archiver as ``make run`` starts it (``cgrid-s2s archive``, its own session), writing
+    into ``root`` under the name ``bench``. Ready once it has made the stream and its group:
+    from then on the ledger scripts add every final record to the stream."""
+
+    NAME = "bench"
+
+    def __init__(self, env: dict[str, str], root: Path, client: redis.Redis):
+        self.root = root
+        self.client = client
+        self.log = open(root.with_name(root.name + ".log"), "wb")
+        # INFO: its start, its minute's progress and its stop (with the lines written) in the log.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "archive", "--dir", str(root), "--name", self.NAME],
+            cwd=ROOT, env={**env, "CGRID_LOG_LEVEL": "INFO"}, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        key = stream_key()
+        if not wait_until(lambda: self.process.poll() is not None or client.exists(key) == 1, 60):
+            self.stop()
+            raise RuntimeError("the archiver did not make its stream within 60 s")
+        if self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError(f"the archiver exited with {self.process.returncode}: "
+                               f"{Path(self.log.name).read_text()[-2000:]}")
+
+    def cpu(self) -> float:
+        return cpu_seconds(process_tree(self.process.pid))
+
+    def backlog(self) -> tuple[int, float] | None:
+        """Final records not yet written (and the age of the oldest), as the metrics show it."""
+        return Ledger(self.client).archive_backlog()
+
+    def caught_up(self) -> bool:
+        backlog = self.backlog()
+        return backlog is not None and backlog[0] == 0
+
+    def lines(self) -> tuple[int, int]:
+        """Lines in its files, and distinct event ids among them."""
+        lines, ids = 0, set()
+        for path in self.root.glob(f"*/{self.NAME}.jsonl"):
+            with open(path, "rb") as f:
+                for line in f:
+                    lines += 1
+                    ids.add(json.loads(line)["id"])
+        return lines, len(ids)
+
+    def stop(self) -> int | None:
+        """SIGTERM (it finishes the batch in hand), as make run stops it: after the workers."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+
 def terminal_count(client: redis.Redis) -> int:
     total = 0
     for day in client.zrange("cgrid:report:days", 0, -1):
@@ -273,59 +340,110 @@ def attempt_end_s(attempt: dict[str, Any]) -> float:
 
 
 def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: str, processes: int,
-              workdir: Path, client: redis.Redis, buyer: Buyer, latency: bool = True) -> dict[str, Any]:
+              workdir: Path, client: redis.Redis, buyer: Buyer, latency: bool = True,
+              archiver: bool = True) -> dict[str, Any]:
+    """Publish ``events``, then deliver them with a fleet as ``make run`` starts it: one worker
+    per core and, unless ``archiver`` is false, an archiver (started first: the stream must
+    exist before the first record becomes final, or that record is not archived)."""
     settings = Settings.from_env(settings_env)
     client.flushall()
     used0 = int(client.info("memory")["used_memory"])
-    with Publisher(settings) as publisher:
-        published = time.perf_counter()
-        for start in range(0, len(events), 1000):
-            publisher.publish_many(events[start:start + 1000])
-        publisher.flush()
-        publish_s = time.perf_counter() - published
-    in_flight_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
-    redis_cpu0 = redis_cpu_s(client)
-    fleet = Fleet(settings_env, pool, processes, workdir)
+    archive = Archiver(settings_env, workdir / f"archive-{time.time():.0f}", client) if archiver else None
     try:
-        tree = fleet.tree()
-        cpu0, buyer_cpu0 = cpu_seconds(tree), cpu_seconds(buyer.pids())
-        done = wait_until(lambda: terminal_count(client) >= len(events), 900, 0.1)
-        tree = fleet.tree()
-        cpu = cpu_seconds(tree) - cpu0
-        buyer_cpu = cpu_seconds(buyer.pids()) - buyer_cpu0
-        redis_cpu = redis_cpu_s(client) - redis_cpu0
-        rss = peak_rss_mib(tree)
-        records = read_records(client, [e["id"] for e in events])
-        first_attempt_starts = [float(r["attempts"][0]["started_at"]) for r in records if r["attempts"]]
-        first_attempt_ends = [attempt_end_s(r["attempts"][0]) for r in records if r["attempts"]]
-        seconds = max(first_attempt_ends) - min(first_attempt_starts)
-        finished_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
-        states: dict[str, int] = {}
-        for r in records:
-            states[r["state"] or "missing"] = states.get(r["state"] or "missing", 0) + 1
-        failed_first = sum(1 for r in records if r["attempts"] and (
-            r["attempts"][0]["error"] is not None or (r["attempts"][0]["status"] or 0) >= 400))
-        retried = sum(1 for r in records if len(r["attempts"]) == 2)
-        latency_figures = None
-        if latency:
-            latency_figures = measure_latency(settings, client, events[0]["url"].split("/win")[0],
-                                              rate=max(1, int(len(events) / seconds / 2)), duration_s=8)
-        return {
-            "deliveries": len(records), "complete": done, "seconds": round(seconds, 3),
-            "rate": round(len(events) / seconds),
-            "cpu_s_per_1000": round(cpu / len(events) * 1000, 3),
-            "redis_cpu_s_per_1000": round(redis_cpu / len(events) * 1000, 3),
-            "buyer_cpu_s_per_1000": round(buyer_cpu / len(events) * 1000, 3),
-            "peak_rss_mib_per_process": rss,
-            "redis_bytes_per_in_flight_event": round(in_flight_bytes),
-            "redis_bytes_per_finished_event": round(finished_bytes),
-            "publish_preload_rate": round(len(events) / publish_s),
-            "states": states, "first_attempt_failed": failed_first, "retried": retried,
-            "retried_exactly_once": failed_first == retried,
-            "pool": pool, "processes": processes, "latency": latency_figures,
-        }
+        redis_cpu_publish0 = redis_cpu_s(client)
+        with Publisher(settings) as publisher:
+            published = time.perf_counter()
+            for start in range(0, len(events), 1000):
+                publisher.publish_many(events[start:start + 1000])
+            publisher.flush()
+            publish_s = time.perf_counter() - published
+        in_flight_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
+        redis_cpu0 = redis_cpu_s(client)
+        redis_cpu_publish = redis_cpu0 - redis_cpu_publish0
+        archiver_cpu0 = archive.cpu() if archive else 0.0
+        fleet = Fleet(settings_env, pool, processes, workdir)
+        try:
+            result = measure_fleet(events, settings, fleet, client, buyer, archive, used0, redis_cpu0,
+                                   archiver_cpu0, latency)
+            result.update(redis_bytes_per_in_flight_event=round(in_flight_bytes),
+                          # Publishing's share (accept script, triggers), not in redis_cpu_s_per_1000:
+                          redis_cpu_s_per_1000_publish=round(redis_cpu_publish / len(events) * 1000, 3),
+                          publish_preload_rate=round(len(events) / publish_s), pool=pool, processes=processes)
+            if archive:  # everything published must be written before it is stopped
+                wait_until(archive.caught_up, ARCHIVE_CATCH_UP_S, 0.1)
+        finally:
+            fleet.stop()
+        if archive:
+            finished = terminal_count(client)
+            backlog = archive.backlog()
+            exit_code = archive.stop()
+            lines, distinct = archive.lines()
+            result["archive"].update(
+                finished=finished, lines=lines, distinct_ids=distinct, exit_code=exit_code,
+                backlog_at_stop=backlog[0] if backlog else None,
+                oldest_unwritten_s=round(backlog[1], 1) if backlog else None,
+                caught_up=bool(backlog and backlog[0] == 0 and lines == finished == distinct))
+        return result
     finally:
-        fleet.stop()
+        if archive:
+            archive.stop()
+
+
+def measure_fleet(events: list[dict[str, Any]], settings: Settings, fleet: Fleet, client: redis.Redis,
+                  buyer: Buyer, archive: Archiver | None, used0: int, redis_cpu0: float, archiver_cpu0: float,
+                  latency: bool) -> dict[str, Any]:
+    tree = fleet.tree()
+    cpu0, buyer_cpu0 = cpu_seconds(tree), cpu_seconds(buyer.pids())
+    done = wait_until(lambda: terminal_count(client) >= len(events), 900, 0.1)
+    delivered_at = time.monotonic()
+    tree = fleet.tree()
+    cpu = cpu_seconds(tree) - cpu0
+    buyer_cpu = cpu_seconds(buyer.pids()) - buyer_cpu0
+    redis_cpu_delivered = redis_cpu_s(client) - redis_cpu0
+    archive_figures: dict[str, Any] | None = None
+    redis_cpu = redis_cpu_delivered
+    if archive:
+        # The archive's cost of these events: the archiver's CPU and Redis's (XADD in the
+        # ledger scripts, XREADGROUP, XACK, XDEL) until it has written all of them.
+        backlog = archive.backlog()
+        caught_up = wait_until(archive.caught_up, ARCHIVE_CATCH_UP_S, 0.05)
+        redis_cpu = redis_cpu_s(client) - redis_cpu0
+        archiver_cpu = archive.cpu() - archiver_cpu0
+        archive_figures = {
+            "cpu_s_per_1000": round(archiver_cpu / len(events) * 1000, 3),
+            "backlog_at_delivered": backlog[0] if backlog else None,
+            "caught_up_after_delivered_s": round(time.monotonic() - delivered_at, 2) if caught_up else None,
+            "dir": str(archive.root)}
+    rss = peak_rss_mib(tree)
+    records = read_records(client, [e["id"] for e in events])
+    first_attempt_starts = [float(r["attempts"][0]["started_at"]) for r in records if r["attempts"]]
+    first_attempt_ends = [attempt_end_s(r["attempts"][0]) for r in records if r["attempts"]]
+    seconds = max(first_attempt_ends) - min(first_attempt_starts)
+    finished_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
+    states: dict[str, int] = {}
+    for r in records:
+        states[r["state"] or "missing"] = states.get(r["state"] or "missing", 0) + 1
+    failed_first = sum(1 for r in records if r["attempts"] and (
+        r["attempts"][0]["error"] is not None or (r["attempts"][0]["status"] or 0) >= 400))
+    retried = sum(1 for r in records if len(r["attempts"]) == 2)
+    latency_figures = None
+    if latency:
+        latency_figures = measure_latency(settings, client, events[0]["url"].split("/win")[0],
+                                          rate=max(1, int(len(events) / seconds / 2)), duration_s=8)
+    return {
+        "deliveries": len(records), "complete": done, "seconds": round(seconds, 3),
+        "rate": round(len(events) / seconds),
+        "cpu_s_per_1000": round(cpu / len(events) * 1000, 3),
+        # With an archiver: until it has written every final record of these events.
+        "redis_cpu_s_per_1000": round(redis_cpu / len(events) * 1000, 3),
+        "redis_cpu_s_per_1000_at_delivered": round(redis_cpu_delivered / len(events) * 1000, 3),
+        "buyer_cpu_s_per_1000": round(buyer_cpu / len(events) * 1000, 3),
+        "peak_rss_mib_per_process": rss,
+        "redis_bytes_per_finished_event": round(finished_bytes),
+        "states": states, "first_attempt_failed": failed_first, "retried": retried,
+        "retried_exactly_once": failed_first == retried,
+        "latency": latency_figures, "archiver": archive is not None, "archive": archive_figures,
+    }
 
 
 def measure_latency(
@@ -426,7 +544,7 @@ def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000, with_
 
 
 def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: RedisServer,
-             settings_extra: dict[str, str]) -> dict[str, Any]:
+             settings_extra: dict[str, str], archiver: bool = True) -> dict[str, Any]:
     processes = os.cpu_count() or 2
     timeout_s = 2.0
     extra = {"CGRID_TIMEOUT_S": str(timeout_s), **settings_extra}
@@ -448,7 +566,7 @@ def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: 
         naive = run_naive(make_events(n_naive, buyer.port, f"naive{time.time():.0f}"), processes, server.url,
                           workdir)
         print(f"[{name}] naive {naive['rate']}/s; cgrid-s2s...", flush=True)
-        cgrid = run_cgrid(events, env, pool, processes, workdir, client, buyer)
+        cgrid = run_cgrid(events, env, pool, processes, workdir, client, buyer, archiver=archiver)
         print(f"[{name}] cgrid-s2s {cgrid['rate']}/s", flush=True)
     finally:
         buyer.stop()
@@ -476,7 +594,8 @@ def write_buyers_file(path: Path, buyers: int) -> None:
     path.write_text("\n".join(tables))
 
 
-def buyers_scenario(n: int, buyers: int, pool: str, workdir: Path, server: RedisServer) -> dict[str, Any]:
+def buyers_scenario(n: int, buyers: int, pool: str, workdir: Path, server: RedisServer,
+                    archiver: bool = True) -> dict[str, Any]:
     """The fast buyer, events spread over ``buyers`` buyer ids: without a buyers file, then
     with one that lists them all, a quarter with price keys (issue 9: within 10%)."""
     processes = os.cpu_count() or 2
@@ -491,12 +610,15 @@ def buyers_scenario(n: int, buyers: int, pool: str, workdir: Path, server: Redis
             env = fleet_env(server.url, {"CGRID_TIMEOUT_S": "2", **extra})
             events = make_events(n, buyer.port, f"b{label[:4]}{time.time():.0f}", buyers=buyers)
             print(f"[buyers] {buyers} buyers, {label} a buyers file...", flush=True)
-            runs[label] = run_cgrid(events, env, pool, processes, workdir, client, buyer, latency=False)
+            runs[label] = run_cgrid(events, env, pool, processes, workdir, client, buyer, latency=False,
+                                    archiver=archiver)
     finally:
         buyer.stop()
     rate = {label: r["rate"] for label, r in runs.items()}
     cpu = {label: r["cpu_s_per_1000"] for label, r in runs.items()}
+    archived = {label: r["archive"]["caught_up"] if r["archive"] else None for label, r in runs.items()}
     return {"buyers": buyers, "encrypting": (buyers + 3) // 4, "events": n, "rate": rate, "cpu_s_per_1000": cpu,
+            "archived_all": archived, "runs": runs,
             "ratio": round((rate["with"] + rate["with again"]) / (rate["without"] + rate["without again"]), 3)}
 
 
@@ -510,6 +632,24 @@ def cpu_bound(ceiling: dict[str, Any], cgrid: dict[str, Any], cores: int) -> dic
     rate = cores * 1000 / per_1000_s
     return {"cores": cores, "cpu_s_per_1000": round(per_1000_s, 3), "rate": round(rate),
             "ratio_to_ceiling": round(rate / ceiling["rate"], 2)}
+
+
+def archive_summary(g: dict[str, Any]) -> str:
+    """One line on the archiver of a fleet run: its cost, and whether it wrote everything."""
+    a = g.get("archive")
+    if not a:
+        return "archiver: off (--no-archiver); Redis CPU includes no archive stream"
+    caught = (f"caught up {a['caught_up_after_delivered_s']} s after the last delivery"
+              if a["caught_up_after_delivered_s"] is not None else
+              f"NOT caught up {ARCHIVE_CATCH_UP_S:.0f} s after the last delivery")
+    text = (f"archiver: {a['cpu_s_per_1000']} CPU s/1k ({caught}; backlog then {a['backlog_at_delivered']}); "
+            f"Redis {g['redis_cpu_s_per_1000']} CPU s/1k with its writes read back "
+            f"({g['redis_cpu_s_per_1000_at_delivered']} at the last delivery); "
+            f"archived {a['lines']} lines ({a['distinct_ids']} ids) of {a['finished']} events finished")
+    if not a["caught_up"]:
+        text += (f" -- NOT ALL ARCHIVED: backlog at stop {a['backlog_at_stop']} "
+                 f"(oldest {a['oldest_unwritten_s']} s), archiver exit code {a['exit_code']}")
+    return text
 
 
 def print_table(results: list[dict[str, Any]], publish: list[dict[str, Any]] | None) -> None:
@@ -530,7 +670,8 @@ def print_table(results: list[dict[str, Any]], publish: list[dict[str, Any]] | N
               f"{r['ratio_to_naive']:>8}  + Redis {g['redis_cpu_s_per_1000']} CPU s/1k; {g['pool']}; "
               f"{r['ratio_to_urllib3_loop']}x the blocking urllib3 loop")
         print(f"{'':10} {'':10} buyer's CPU s per 1k events: ceiling {c['buyer_cpu_s_per_1000']}, "
-              f"cgrid-s2s {g['buyer_cpu_s_per_1000']}")
+              f"cgrid-s2s {g['buyer_cpu_s_per_1000']}; Redis CPU s per 1k for publishing them (not in the "
+              f"+ Redis above): {g['redis_cpu_s_per_1000_publish']}")
         if r["cpu_bound"]:
             b = r["cpu_bound"]
             print(f"{'':10} {'':10} a fleet adding no CPU to its libcurl calls: at most {b['rate']}/s "
@@ -545,6 +686,7 @@ def print_table(results: list[dict[str, Any]], publish: list[dict[str, Any]] | N
               f"per finished {g['redis_bytes_per_finished_event']}")
         print(f"{'':10} {'':10} states {g['states']}; first attempts failed {g['first_attempt_failed']}, "
               f"retried {g['retried']} (exactly once: {g['retried_exactly_once']})")
+        print(f"{'':10} {'':10} {archive_summary(g)}")
     for run in publish or []:
         print(f"\nPublisher.publish, one thread, events {'with' if run['with_ids'] else 'without'} ids: "
               f"{run['calls_per_s']} calls/s, p50 {run['p50_us']} µs, "
@@ -567,6 +709,9 @@ def main() -> int:
     parser.add_argument("--no-publish", action="store_true", help="skip the Publisher micro-benchmark")
     parser.add_argument("--set", action="append", default=[], metavar="CGRID_NAME=VALUE",
                         help="a setting for the fleet under test (repeatable)")
+    parser.add_argument("--no-archiver", action="store_true",
+                        help="run the fleet without its archiver (make run starts one): the archive stream is not "
+                             "made, so the ledger scripts add nothing to it")
     args = parser.parse_args()
     results = []
     publish = None
@@ -582,7 +727,8 @@ def main() -> int:
                            for with_ids in (True, False)]
             names = {"all": ["fast", "realistic"], "isolation": [], "buyers": []}.get(args.scenario, [args.scenario])
             if args.scenario in ("buyers", "all"):
-                buyers_run = buyers_scenario(args.events, args.buyers, args.pool, workdir, server)
+                buyers_run = buyers_scenario(args.events, args.buyers, args.pool, workdir, server,
+                                             archiver=not args.no_archiver)
             if args.scenario in ("isolation", "all"):
                 redis.Redis.from_url(server.url).flushall()
                 isolation = run_isolation(server.url, workdir, progress=True)
@@ -590,7 +736,8 @@ def main() -> int:
                 n = args.events if name == "fast" else max(args.events // 2, 1000)
                 n_naive = args.naive_events if name == "fast" else max(args.naive_events // 10, 200)
                 results.append(scenario(name, n, n_naive, args.pool, workdir, server,
-                                        dict(item.split("=", 1) for item in args.set)))
+                                        dict(item.split("=", 1) for item in args.set),
+                                        archiver=not args.no_archiver))
         finally:
             server.stop()
     print_table(results, publish)
@@ -602,9 +749,12 @@ def main() -> int:
               + ", ".join(f"{label} {rate}/s ({b['cpu_s_per_1000'][label]} CPU s/1k)"
                           for label, rate in b["rate"].items())
               + f"; with/without {b['ratio']}")
+        for label, run in b["runs"].items():
+            print(f"  {label}: {archive_summary(run)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                               "args": sys.argv[1:], "archiver": not args.no_archiver,
                                "publish": publish, "scenarios": results, "isolation": isolation,
                                "buyers_file": buyers_run}, indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")
