@@ -207,6 +207,12 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
             print(f"no failed events of buyer {args.buyer} on {args.day} in the ledger", file=sys.stderr)
             return 0
         results = replay(publisher, ids, again=args.again)
+    return 1 if print_replays(results) and args.ids else 0
+
+
+def print_replays(results: list[Any]) -> int:
+    """Each new id on stdout, each event not replayed (and why) on stderr; returns how many
+    were not replayed."""
     skipped = 0
     for item in results:
         if item.replay_id is not None:
@@ -214,7 +220,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         else:
             skipped += 1
             print(f"{item.original}: not replayed: {item.note}", file=sys.stderr)
-    return 1 if skipped and args.ids else 0
+    return skipped
 
 
 def replay_from_archive(args: argparse.Namespace, settings: Settings) -> int:
@@ -243,13 +249,7 @@ def replay_from_archive(args: argparse.Namespace, settings: Settings) -> int:
         return 1 if missing else 0
     with Publisher(settings, linger_ms=0) as publisher:
         results = replay(publisher, ids, again=args.again, archived=archived)
-    skipped = len(missing)
-    for item in results:
-        if item.replay_id is not None:
-            print(item.replay_id)
-        else:
-            skipped += 1
-            print(f"{item.original}: not replayed: {item.note}", file=sys.stderr)
+    skipped = len(missing) + print_replays(results)
     return 1 if skipped and args.ids else 0
 
 

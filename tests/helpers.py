@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +51,15 @@ def wait_for(condition: Callable[[], T], timeout_s: float = 20.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.05)
+
+
+def get_json(url: str) -> Any:
+    """GET a JSON document from a loopback URL (Flower's API); None while it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # loopback only
+            return json.loads(response.read())
+    except OSError:
+        return None
 
 
 def fleet_env(redis_url: str, **overrides: Any) -> dict[str, str]:

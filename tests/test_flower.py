@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +13,9 @@ from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from producer import Publisher
 from producer.mock_dsp import MockDspServer
-from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
+from tests.helpers import ROOT, WorkerProcess, fleet_env, get_json, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def get_json(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # loopback only
-            return json.loads(response.read())
-    except OSError:
-        return None
 
 
 def test_flower_lists_a_delivered_task(redis_server: RedisServer, dsp: MockDspServer, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from producer import Publisher
 from producer.mock_dsp import MockDspServer
-from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
+from tests.helpers import ROOT, WorkerProcess, fleet_env, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -60,14 +59,6 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
                     CGRID_REDIS_KEY_FILE=files["client.key"], FLOWER_UNAUTHENTICATED_API="true")
     yield {"server": server, "env": env, "port": port, "files": files, "tls": tls}
     server.stop()
-
-
-def get_json(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # loopback only
-            return json.loads(response.read())
-    except OSError:
-        return None
 
 
 def test_the_server_really_requires_tls_a_client_certificate_and_the_password(tls_redis: dict[str, Any]) -> None:
