@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from cgrid.ledger import PREFIX
+from cgrid.ledger import PREFIX, json_or_raw
 
 STREAM = "archive"  # the stream's key is the ledger prefix + this
 GROUP = "archivers"  # the archivers' consumer group
@@ -53,15 +53,9 @@ def ensure_group(client: redis.Redis, prefix: str = PREFIX) -> None:
             raise
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A stream entry's id or field as text (an undecodable byte is replaced, never fatal)."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _json_or_raw(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return {"unreadable": text[:1000]}
 
 
 def _float_or_none(text: str) -> float | None:
@@ -73,7 +67,7 @@ def _float_or_none(text: str) -> float | None:
 
 def archive_line(entry_id: str, fields: Mapping[Any, Any]) -> tuple[str, bytes]:
     """The day (the file it goes to) and the JSON line of one stream entry."""
-    text = {_text(k): _text(v) for k, v in fields.items()}
+    text = {as_text(k): as_text(v) for k, v in fields.items()}
     day = text.get("day", "")
     if not _DAY.match(day):
         day = UNKNOWN_DAY
@@ -86,11 +80,11 @@ def archive_line(entry_id: str, fields: Mapping[Any, Any]) -> tuple[str, bytes]:
         "kind": text.get("kind", ""),
         "accepted_at": _float_or_none(text.get("accepted_at", "")),
         "finished_at": _float_or_none(text.get("finished_at", "")),
-        "attempts": [_json_or_raw(text[key]) for key in ("a1", "a2") if text.get(key)],
+        "attempts": [json_or_raw(text[key]) for key in ("a1", "a2") if text.get(key)],
     }
     if text.get("reason"):
         record["reason"] = text["reason"]
-    record["event"] = _json_or_raw(text["event"]) if text.get("event") else None
+    record["event"] = json_or_raw(text["event"]) if text.get("event") else None
     return day, (json.dumps(record, separators=(",", ":")) + "\n").encode()
 
 
@@ -128,12 +122,15 @@ def recover_tail(path: Path, keep_lines: int) -> set[str]:
     return ids
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) of every complete, readable line of an archive file."""
+def read_lines(path: Path, containing: bytes = b"") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every complete, readable line of an archive file (only the
+    lines ``containing`` those bytes, a cheap filter before the JSON is decoded)."""
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.endswith(b"\n"):
                 return  # a torn last line: the archiver writes it again
+            if containing not in line:
+                continue
             try:
                 record = json.loads(line)
             except ValueError:
@@ -148,14 +145,7 @@ def find_event(root: Path, day: str, event_id: str) -> list[dict[str, Any]]:
     needle = json.dumps(event_id).encode()
     found: dict[str, dict[str, Any]] = {}
     for path in sorted((root / day).glob("*.jsonl")):
-        with open(path, "rb") as f:
-            for line in f:
-                if needle not in line or not line.endswith(b"\n"):
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get("id") == event_id:
-                    found.setdefault(str(record.get("entry")), record)
+        for _, record in read_lines(path, needle):
+            if record.get("id") == event_id:
+                found.setdefault(str(record.get("entry")), record)
     return list(found.values())

@@ -782,12 +782,12 @@ class Ledger:
         if not raw:
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        attempts = [_json_or_raw(fields[key]) for key in ("a1", "a2") if key in fields]
+        attempts = [json_or_raw(fields[key]) for key in ("a1", "a2") if key in fields]
         record: dict[str, Any] = {
             "id": event_id,
             "state": fields.get("state"),
             "attempts": attempts,
-            "event": _json_or_raw(fields.get("event", "null")),
+            "event": json_or_raw(fields.get("event", "null")),
             "accepted_at": float(fields.get("accepted_at", "0")),
         }
         if fields.get("claim", "0") != "0":
@@ -935,7 +935,7 @@ def _wait_reason(fields: dict[str, str], now_s: float) -> WaitReason | None:
     return WaitReason.QUEUED
 
 
-def _json_or_raw(text: str) -> Any:
+def json_or_raw(text: str) -> Any:
     """Decoded JSON; a corrupt value is shown as it is rather than breaking ``status``."""
     try:
         return json.loads(text)

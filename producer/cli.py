@@ -9,7 +9,7 @@ import datetime
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from cgrid.buyers import BuyersFile
 from cgrid.errors import CgridError, InvalidEvent, RedisUnavailable
@@ -18,6 +18,9 @@ from cgrid.ledger import POISON_LIST_KEY, WAIT_DETAILS, Counter, Ledger, WaitRea
 from cgrid.price_crypto import PriceCryptoError, decrypt
 from cgrid.redis_conn import mask_url, redis_client
 from cgrid.settings import Settings
+
+if TYPE_CHECKING:
+    from producer.replay import Replayed
 
 REPORT_COLUMNS = [
     ("day", "day"),
@@ -210,7 +213,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if print_replays(results) and args.ids else 0
 
 
-def print_replays(results: list[Any]) -> int:
+def print_replays(results: list[Replayed]) -> int:
     """Each new id on stdout, each event not replayed (and why) on stderr; returns how many
     were not replayed."""
     skipped = 0

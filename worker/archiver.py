@@ -35,7 +35,7 @@ from typing import Any
 
 import redis
 
-from cgrid.archive import GROUP, archive_line, ensure_group, file_for, recover_tail, stream_key
+from cgrid.archive import GROUP, archive_line, as_text, ensure_group, file_for, recover_tail, stream_key
 from cgrid.errors import ArchiveError
 from cgrid.ledger import PREFIX, Ledger
 from cgrid.settings import Settings
@@ -190,14 +190,14 @@ class Archiver:
         if not reply:
             return []
         items = reply[0][1]
-        return [(_id_text(entry_id), fields or None) for entry_id, fields in items]
+        return [(as_text(entry_id), fields or None) for entry_id, fields in items]
 
     def _claim_idle(self) -> list[tuple[str, dict[Any, Any] | None]]:
         """Entries pending on another name for longer than CGRID_ARCHIVE_CLAIM_IDLE_S."""
         reply: Any = self.client.xautoclaim(self.key, GROUP, self.name, int(self.claim_idle_s * 1000),
                                        start_id="0-0", count=self.batch)
         items = reply[1] if len(reply) > 1 else []
-        return [(_id_text(entry_id), fields or None) for entry_id, fields in items]
+        return [(as_text(entry_id), fields or None) for entry_id, fields in items]
 
     def _archive(self, entries: list[tuple[str, dict[Any, Any] | None]], *, skip_written: bool) -> int:
         lines: dict[str, list[bytes]] = {}
@@ -270,10 +270,6 @@ class Archiver:
                 with contextlib.suppress(OSError):
                     os.close(day_file.fd)
                 del self.files[day]
-
-
-def _id_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def default_name() -> str:
