@@ -207,8 +207,9 @@ class Settings:
             raise ConfigError(f"CGRID_REDIS_WAIT_TIMEOUT_MS = {self.redis_wait_timeout_ms} must stay at or below "
                               f"{wait_limit_ms:g} (half of CGRID_PUBLISH_TIMEOUT_S, and of the workers' "
                               f"{REDIS_SOCKET_TIMEOUT_S:g} s Redis socket timeout)")
-        for name, path in (("CGRID_REDIS_CA_FILE", self.redis_ca_file), ("CGRID_REDIS_CERT_FILE", self.redis_cert_file),
-                           ("CGRID_REDIS_KEY_FILE", self.redis_key_file)):
+        files = (("CGRID_CA_FILE", self.ca_file), ("CGRID_REDIS_CA_FILE", self.redis_ca_file),
+                 ("CGRID_REDIS_CERT_FILE", self.redis_cert_file), ("CGRID_REDIS_KEY_FILE", self.redis_key_file))
+        for name, path in files:
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name}: {path!r} is not a readable file")
         # A task that is still running when the visibility timeout passes is handed to a
@@ -226,8 +227,6 @@ class Settings:
             )
         if self.metrics_port > 65535:
             raise ConfigError(f"CGRID_METRICS_PORT: {self.metrics_port} is not a port (1-65535, or 0 for off)")
-        if self.ca_file and not os.path.isfile(self.ca_file):
-            raise ConfigError(f"CGRID_CA_FILE: {self.ca_file!r} is not a readable file")
         if self.event_max_age_s >= self.ledger_ttl_s:
             raise ConfigError(
                 f"CGRID_EVENT_MAX_AGE_S = {self.event_max_age_s:g}s must stay below CGRID_LEDGER_TTL_S = "
