@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/python -m worker.fleet
+	$(BIN)/python -m ops.fleet
 
 test: install
 	$(BIN)/pytest
@@ -28,7 +28,7 @@ chaos: install
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 lint: install
-	$(BIN)/ruff check cgrid producer worker tests bench
+	$(BIN)/ruff check cgrid producer delivery worker archive ops tests bench
 	$(BIN)/mypy
 
 clean:

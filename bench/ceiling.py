@@ -4,7 +4,7 @@ benchmark's loops; ``bench.run`` starts one per core.
     python -m bench.ceiling --mode urllib3|pycurl --concurrency N --events FILE
 
 ``urllib3`` is a blocking loop over urllib3 (the previous engine's client), N OS threads
-(N=1 is a plain loop). ``pycurl`` is the worker's own call (``worker.http_client.Transfer``:
+(N=1 is a plain loop). ``pycurl`` is the worker's own call (``delivery.http_client.Transfer``:
 guard, headers, deadline) on a bare libcurl multi loop with N transfers in flight. Prints
 one JSON line: calls answered, loop seconds and CPU seconds.
 """
@@ -25,8 +25,8 @@ import urllib3
 
 from cgrid.event import Event
 from cgrid.settings import parse_networks
-from worker.headers import build_headers
-from worker.http_client import Transfer, header_lines, make_client
+from delivery.headers import build_headers
+from delivery.http_client import Transfer, header_lines, make_client
 
 
 def urllib3_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from bench.run import Buyer, fleet_env, percentile
+from bench.common import Buyer, fleet_env, percentile
 from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from producer import Publisher

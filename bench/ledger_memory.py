@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from cgrid.archive import ensure_group, stream_key
+from archive.files import ensure_group, stream_key
 from cgrid.event import Event, parse_event
 from cgrid.ledger import Finish, Ledger, Outcome
 from cgrid.redis_server import RedisServer

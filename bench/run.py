@@ -17,30 +17,27 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from bench.buyers import find_nginx, start_nginx
-from cgrid.archive import stream_key
+from archive.files import stream_key
+from bench.common import ROOT, Buyer, fleet_env, percentile, wait_until
+from bench.isolation import print_report, run_isolation
 from cgrid.event import parse_event
 from cgrid.ledger import Ledger
-from cgrid.redis_server import RedisServer, free_port
+from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
 from producer import Publisher
 from tests.helpers import process_tree
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ARCHIVE_CATCH_UP_S = 60.0  # how long the bench waits for the archiver to write every final record
@@ -77,52 +74,9 @@ def redis_cpu_s(client: redis.Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-def wait_until(condition: Any, timeout_s: float, poll_s: float = 0.05) -> bool:
-    give_up = time.monotonic() + timeout_s
-    while time.monotonic() < give_up:
-        if condition():
-            return True
-        time.sleep(poll_s)
-    return False
 
 
 # -- the buyer ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Buyer:
-    kind: str
-    port: int
-    process: subprocess.Popen[bytes]
-    workdir: str | None = None  # nginx's configuration and logs
-
-    @classmethod
-    def start(cls, scenario: str, hang_s: float) -> Buyer:
-        port = free_port()
-        if scenario == "fast" and find_nginx():
-            process, workdir = start_nginx(port)
-            kind = "nginx"
-        else:
-            process = subprocess.Popen([sys.executable, "-m", "bench.buyers", scenario, "--port", str(port),
-                                        "--hang-s", str(hang_s)], cwd=ROOT)
-            kind, workdir = f"asyncio ({scenario})", None
-        import socket
-
-        def listening() -> bool:
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_until(listening, 10)
-        return cls(kind, port, process, workdir)
-
-    def pids(self) -> list[int]:
-        return process_tree(self.process.pid)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def make_events(n: int, port: int, run: str, buyers: int = 4) -> list[dict[str, Any]]:
@@ -173,7 +127,7 @@ def run_ceiling(events: list[dict[str, Any]], processes: int, loops: list[tuple[
 
 
 def run_naive(events: list[dict[str, Any]], processes: int, redis_url: str, workdir: Path) -> dict[str, Any]:
-    from worker.headers import build_headers
+    from delivery.headers import build_headers
 
     env = {**os.environ, "BENCH_REDIS_URL": redis_url}
     client = redis.Redis.from_url(redis_url)
@@ -207,13 +161,6 @@ def run_naive(events: list[dict[str, Any]], processes: int, redis_url: str, work
 
 
 # -- 3. cgrid-s2s --------------------------------------------------------------------------------
-
-
-def fleet_env(redis_url: str, extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CGRID_")}
-    env.update({"CGRID_REDIS_URL": redis_url, "CGRID_ALLOWED_NETWORKS": "127.0.0.0/8",
-                "CGRID_LOG_LEVEL": "WARNING", **extra})
-    return env
 
 
 class Fleet:
@@ -266,7 +213,7 @@ class Archiver:
         self.log = open(root.with_name(root.name + ".log"), "wb")
         # INFO: its start, its minute's progress and its stop (with the lines written) in the log.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "archive", "--dir", str(root), "--name", self.NAME],
+            [sys.executable, "-m", "ops.cli", "archive", "--dir", str(root), "--name", self.NAME],
             cwd=ROOT, env={**env, "CGRID_LOG_LEVEL": "INFO"}, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
         key = stream_key()
@@ -490,11 +437,6 @@ def measure_latency(
             "no_answer": len(firsts) - len(answered_ms)}
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The nearest-rank percentile of already sorted values."""
-    return sorted_values[max(0, math.ceil(len(sorted_values) * q) - 1)]
-
-
 # -- the publisher on its own ------------------------------------------------------------------
 
 
@@ -696,7 +638,6 @@ def print_table(results: list[dict[str, Any]], publish: list[dict[str, Any]] | N
 
 
 def main() -> int:
-    from bench.isolation import print_report, run_isolation  # it imports this module
 
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,127 +18,19 @@ A password never appears in an error message or a log line: :func:`mask_url` is 
 
 from __future__ import annotations
 
-import re
 import ssl
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from redis.sentinel import Sentinel
 
-from cgrid.errors import ConfigError
+from cgrid.redis_url import mask_url, parse_sentinel_url
+from cgrid.settings import REDIS_SOCKET_TIMEOUT_S, Settings
 
-if TYPE_CHECKING:
-    from cgrid.settings import Settings
-
-SCHEMES = ("redis://", "rediss://", "sentinel://")
-# Unencoded in a user name or password these would be read as part of the address (or, for
-# ';', as the next sentinel): the URL must percent-encode them.
-_RAW_IN_USERINFO = set("@/;?#")
-SENTINEL_PORT = 26379
-_PASSWORD = re.compile(r"(://[^:@/;]*):[^@/;]*@")
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for messages and logs)."""
-    return _PASSWORD.sub(r"\1:***@", url)
-
-
-@dataclass(frozen=True)
-class SentinelTarget:
-    """What a ``sentinel://`` URL names."""
-
-    sentinels: tuple[tuple[str, int], ...]
-    db: int
-    username: str | None
-    password: str | None
-
-
-def parse_sentinel_url(url: str) -> SentinelTarget:
-    """Split kombu's ``sentinel://[user:password@]h1:26379/0;sentinel://h2:26379`` form. The
-    user, password and database are the first part's (as kombu reads them); a later part
-    that names different ones is refused, so the broker and the ledger cannot part ways."""
-    sentinels: list[tuple[str, int]] = []
-    db, username, password = 0, None, None
-    for part in url.split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        if not part.startswith("sentinel://"):
-            raise ConfigError(f"CGRID_REDIS_URL: {mask_url(part)!r} is not a sentinel:// address "
-                              "(Sentinel URLs list every sentinel as sentinel://host:port, ';'-separated)")
-        try:
-            split = urlsplit(part)
-            port = split.port or SENTINEL_PORT
-        except ValueError:
-            raise ConfigError(f"CGRID_REDIS_URL: {mask_url(part)!r} has no valid port") from None
-        if not split.hostname:
-            raise ConfigError(f"CGRID_REDIS_URL: {mask_url(part)!r} names no host")
-        path = split.path.strip("/")
-        if path and not path.isdigit():
-            raise ConfigError(f"CGRID_REDIS_URL: database {path!r} is not a number")
-        part_db = int(path) if path else 0
-        part_user = unquote(split.username) if split.username else None
-        part_password = unquote(split.password) if split.password else None
-        if not sentinels:
-            db, username, password = part_db, part_user, part_password
-        elif (path and part_db != db) or (part_user and part_user != username) or (
-                part_password and part_password != password):
-            raise ConfigError("CGRID_REDIS_URL: put the database, user and password on the first sentinel only "
-                              "(sentinel://user:password@host1:26379/0;sentinel://host2:26379); the broker "
-                              "reads them from there")
-        sentinels.append((split.hostname, port))
-    if not sentinels:
-        raise ConfigError("CGRID_REDIS_URL: a sentinel:// URL must name at least one sentinel")
-    return SentinelTarget(tuple(sentinels), db, username, password)
-
-
-def check_url(settings: Settings) -> None:
-    """Refuse a URL or TLS combination that cannot work, naming the setting."""
-    url = settings.redis_url
-    if url.startswith("unix://"):
-        raise ConfigError("CGRID_REDIS_URL: unix:// sockets are not supported (Celery's broker cannot use them); "
-                          "use redis://127.0.0.1:6379/0")
-    if not url.startswith(SCHEMES):
-        raise ConfigError(f"CGRID_REDIS_URL: {mask_url(url)!r} is not a redis://, rediss:// "
-                          "or sentinel:// URL")
-    _check_userinfo(url)
-    if url.startswith("sentinel://"):
-        parse_sentinel_url(url)
-        if not settings.redis_master_name:
-            raise ConfigError("CGRID_REDIS_MASTER_NAME: a sentinel:// URL needs the primary's name")
-        if tls_files(settings) and not settings.redis_sentinel_tls:
-            raise ConfigError("CGRID_REDIS_CA_FILE/CERT_FILE/KEY_FILE are set with a sentinel:// URL: "
-                              "set CGRID_REDIS_SENTINEL_TLS=on for TLS to the sentinels and the nodes")
-    else:
-        if settings.redis_sentinel_tls:
-            raise ConfigError("CGRID_REDIS_SENTINEL_TLS is on but CGRID_REDIS_URL is not sentinel:// "
-                              "(for one Redis over TLS use rediss://)")
-        if tls_files(settings) and not url.startswith("rediss://"):
-            raise ConfigError("CGRID_REDIS_CA_FILE/CERT_FILE/KEY_FILE are set but CGRID_REDIS_URL is not rediss://")
-    if bool(settings.redis_cert_file) != bool(settings.redis_key_file):
-        raise ConfigError("CGRID_REDIS_CERT_FILE and CGRID_REDIS_KEY_FILE: a client certificate needs both")
-
-
-def _check_userinfo(url: str) -> None:
-    """A user name or password must percent-encode ``@ / ; ? #``: unencoded, the URL would be
-    read differently by kombu and by redis-py, or not at all (and a message could then show
-    part of the password). Nothing of the URL is echoed here."""
-    for part in url.split(";") if url.startswith("sentinel://") else [url]:
-        rest = part.split("://", 1)[1]
-        if rest.count("@") > 1:
-            raise ConfigError("CGRID_REDIS_URL: percent-encode '@' in the user name or password (%40)")
-        if "@" in rest:
-            userinfo = rest.rsplit("@", 1)[0]
-            if _RAW_IN_USERINFO & set(userinfo):
-                raise ConfigError("CGRID_REDIS_URL: percent-encode '@ / ; ? #' in the user name or password "
-                                  "(%40 %2F %3B %3F %23)")
-        try:
-            _ = urlsplit(part).port
-        except ValueError:
-            raise ConfigError("CGRID_REDIS_URL: its port is not a number (a password with unencoded "
-                              "special characters looks like one: percent-encode them)") from None
+__all__ = ["celery_connection_conf", "long_lived_client", "mask_url", "redis_client", "ride_out_redis", "tls_files"]
+T = TypeVar("T")
 
 
 def tls_files(settings: Settings) -> dict[str, str]:
@@ -204,3 +96,25 @@ def celery_connection_conf(settings: Settings, transport_options: dict[str, Any]
         conf["broker_use_ssl"] = _tls_options(settings)
     conf["broker_transport_options"] = options
     return conf
+
+
+def long_lived_client(settings: Settings) -> redis.Redis:
+    """The client of a process that runs for long (a worker's ledger, the sweeper, the
+    archiver, the poison records): the workers' socket timeout and a health check."""
+    return redis_client(settings, socket_timeout_s=REDIS_SOCKET_TIMEOUT_S,
+                        socket_connect_timeout_s=settings.publish_timeout_s, health_check_interval_s=30)
+
+
+def ride_out_redis(call: Callable[[], T], budget_s: float) -> T:
+    """``call()``, tried again with backoff (50 ms, doubling to 1 s) while Redis errors
+    last no longer than ``budget_s``; after that the last error is raised."""
+    give_up_at = time.monotonic() + budget_s
+    delay_s = 0.05
+    while True:
+        try:
+            return call()
+        except redis.RedisError:
+            if time.monotonic() + delay_s > give_up_at:
+                raise
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)

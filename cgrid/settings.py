@@ -9,13 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cgrid.errors import ConfigError
-from cgrid.redis_conn import check_url as check_redis_url
+from cgrid.redis_url import check_url as check_redis_url
 from cgrid.routing import DELIVER_QUEUE, RETRY_QUEUE, Routing, check_queue_name, check_routing, parse_buyer_queues
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DAY_S = 86_400
-REDIS_SOCKET_TIMEOUT_S = 5.0  # the workers' Redis clients (worker/runtime.py)
+REDIS_SOCKET_TIMEOUT_S = 5.0  # the long-lived Redis clients (cgrid/redis_conn.py)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -199,7 +199,9 @@ class Settings:
         """Refuse combinations that would break the one-retry and nothing-lost guarantees."""
         if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CGRID_LOG_LEVEL: {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
-        check_redis_url(self)
+        check_redis_url(self.redis_url, master_name=self.redis_master_name, sentinel_tls=self.redis_sentinel_tls,
+                        tls_files=bool(self.redis_ca_file or self.redis_cert_file or self.redis_key_file),
+                        cert_file=self.redis_cert_file, key_file=self.redis_key_file)
         # A WAIT that outlasts the client's socket timeout is cut off after its script ran:
         # the caller would try the claim again, find it taken, and the attempt be lost.
         wait_limit_ms = min(self.publish_timeout_s, REDIS_SOCKET_TIMEOUT_S) * 1000 / 2

@@ -32,8 +32,8 @@ from cgrid.errors import RedisUnavailable
 from cgrid.ledger import Ledger
 from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
+from ops.mock_dsp import CallLog, MockDspServer
 from producer import Publisher
-from producer.mock_dsp import CallLog, MockDspServer
 from tests.helpers import WorkerProcess, fleet_env, parent_pids
 
 TERMINAL = {"delivered", "failed", "rejected", "expired"}

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from cgrid.redis_server import RedisServer
-from producer.mock_dsp import MockDspServer
+from ops.mock_dsp import MockDspServer
 
 
 @pytest.fixture(scope="session")

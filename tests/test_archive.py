@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 import redis
 
-from cgrid.archive import GROUP, ensure_group, file_for, read_lines, recover_tail, stream_key
+from archive.archiver import Archiver
+from archive.files import GROUP, ensure_group, file_for, read_lines, recover_tail, stream_key
 from cgrid.event import parse_event
 from cgrid.ledger import Finish, Ledger, Outcome, Park, day_of
 from cgrid.redis_server import RedisServer
 from cgrid.routing import Routing
 from tests.helpers import ROOT, fleet_env, wait_for
-from worker.archiver import Archiver
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +128,7 @@ def test_a_torn_last_line_is_cut_and_a_batch_already_written_is_not_written_agai
     read = client.xreadgroup(GROUP, "a1", {stream_key(): ">"}, count=10)
     entries = read[0][1]
     root = tmp_path / "archive"
-    from cgrid.archive import archive_line
+    from archive.files import archive_line
 
     day, _ = archive_line(entries[0][0].decode(), entries[0][1])
     path = file_for(root, day, "a1")
@@ -170,7 +170,7 @@ def test_entries_left_pending_by_a_gone_archiver_are_taken_over(client: redis.Re
 
 
 def start_archiver(env: dict[str, str], root: Path, name: str, log: Path, **popen: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "producer.cli", "archive", "--dir", str(root), "--name", name],
+    return subprocess.Popen([sys.executable, "-m", "ops.cli", "archive", "--dir", str(root), "--name", name],
                             cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, **popen)
 
 
@@ -260,7 +260,7 @@ def test_a_second_archiver_with_the_same_name_is_refused(redis_url: str, tmp_pat
     first = start_archiver(env, root, "same", tmp_path / "first.log")
     try:
         wait_for(lambda: "archiver_started" in (tmp_path / "first.log").read_text(), 20, "first archiver")
-        second = subprocess.run([sys.executable, "-m", "producer.cli", "archive", "--dir", str(root),
+        second = subprocess.run([sys.executable, "-m", "ops.cli", "archive", "--dir", str(root),
                                  "--name", "same"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
         assert second.returncode == 2 and "another archiver named 'same'" in second.stderr
         assert "Traceback" not in second.stderr
@@ -272,7 +272,7 @@ def test_a_second_archiver_with_the_same_name_is_refused(redis_url: str, tmp_pat
 
 def test_an_unwritable_directory_is_a_clear_error(redis_url: str, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
-    result = subprocess.run([sys.executable, "-m", "producer.cli", "archive", "--dir", str(tmp_path / "file" / "a")],
+    result = subprocess.run([sys.executable, "-m", "ops.cli", "archive", "--dir", str(tmp_path / "file" / "a")],
                             cwd=ROOT, env=fleet_env(redis_url), capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "CGRID_ARCHIVE_DIR: cannot write to" in result.stderr
     assert "Traceback" not in result.stderr
@@ -348,7 +348,7 @@ def test_archive_files_are_readable_while_written(tmp_path: Path) -> None:
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
 
 

@@ -20,10 +20,9 @@ from cgrid.event import parse_event
 from cgrid.ledger import Ledger
 from cgrid.price_crypto import PriceKeys, decrypt
 from cgrid.settings import Settings
-from producer.mock_dsp import MockDspServer
+from delivery.engine import DeliveryEngine
+from ops.mock_dsp import MockDspServer
 from tests.helpers import ROOT, fleet_env, wait_for
-from worker.engine import DeliveryEngine
-from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +32,11 @@ KEYS = PriceKeys.from_web_safe(E_KEY, I_KEY)
 
 def make_engine(redis_url: str, buyers_file: Path, **env: Any) -> DeliveryEngine:
     settings = Settings.from_env(fleet_env(redis_url, CGRID_BUYERS_FILE=str(buyers_file), **env))
-    return DeliveryEngine(Runtime(settings=settings, ledger=Ledger(redis.Redis.from_url(redis_url)), pid=os.getpid()))
+    return DeliveryEngine(settings, Ledger(redis.Redis.from_url(redis_url)))
 
 
 def deliver(engine: DeliveryEngine, events: list[dict[str, Any]], attempt_n: int = 1) -> list[str]:
-    ledger, settings = engine.rt.ledger, engine.rt.settings
+    ledger, settings = engine.ledger, engine.settings
     parsed = [parse_event(e) for e in events]
     if attempt_n == 1:
         ledger.accept(parsed, ledger_ttl_s=3600, report_ttl_s=3600, redeliver_after_s=60)
@@ -50,7 +49,7 @@ def deliver(engine: DeliveryEngine, events: list[dict[str, Any]], attempt_n: int
 
 
 def states(engine: DeliveryEngine, ids: list[str]) -> list[str]:
-    return [engine.rt.ledger.record(i)["state"] for i in ids]  # type: ignore[index]
+    return [engine.ledger.record(i)["state"] for i in ids]  # type: ignore[index]
 
 
 def rewrite(path: Path, text: str) -> None:
@@ -68,7 +67,7 @@ def test_a_paused_buyer_waits_in_redis_and_is_called_in_creation_order_once_resu
                "url": f"{dsp.url}/?e=p-{i}"} for i in range(5)]  # claimed newest first
     other = {"id": "free-1", "kind": "burl", "upstream": "s2s", "buyer": "dsp-free", "url": f"{dsp.url}/?e=free-1"}
     ids = deliver(engine, [*events, other])
-    ledger = engine.rt.ledger
+    ledger = engine.ledger
     wait_for(lambda: states(engine, ["free-1"]) == ["delivered"], 10, "the other buyer's event")
     wait_for(lambda: all((ledger.record(i) or {}).get("waiting", {}).get("reason") == "paused" for i in ids[:5]),
              10, "the paused buyer's events parked as paused")
@@ -96,7 +95,7 @@ def test_a_buyer_with_keys_gets_the_price_encrypted_with_a_fresh_iv_each_call(
     deliver(engine, [clear, enc])
     wait_for(lambda: states(engine, ["enc-1"]) == ["retry_scheduled"], 10, "the first attempt failed")
     # The buyer's own retry delay (0 s) applies, not CGRID_RETRY_DELAY_S (30 s).
-    record = engine.rt.ledger.record("enc-1")
+    record = engine.ledger.record("enc-1")
     assert record is not None and record["retry_at"] - time.time() < 5
     time.sleep(0.1)
     deliver(engine, [enc], attempt_n=2)
@@ -120,9 +119,9 @@ def test_per_buyer_deadline_and_maximum_age(redis_url: str, dsp: MockDspServer, 
            "url": f"{dsp.url}/?e=old-1"}
     deliver(engine, [slow, old])
     wait_for(lambda: states(engine, ["slow-1", "old-1"]) == ["retry_scheduled", "expired"], 10, "both decided")
-    [attempt] = engine.rt.ledger.record("slow-1")["attempts"]  # type: ignore[index]
+    [attempt] = engine.ledger.record("slow-1")["attempts"]  # type: ignore[index]
     assert attempt["error"] == "timeout" and attempt["ms"] < 1000
-    assert "maximum age of 60s" in engine.rt.ledger.record("old-1")["reason"]  # type: ignore[index]
+    assert "maximum age of 60s" in engine.ledger.record("old-1")["reason"]  # type: ignore[index]
     assert "old-1" not in str(dsp.log.snapshot())
 
 
@@ -130,7 +129,7 @@ def test_decrypt_on_the_command_line(tmp_path: Path) -> None:
     buyers = tmp_path / "buyers.toml"
     buyers.write_text(f'[buyers.dsp-42]\nprice_encryption_key = "{E_KEY}"\nprice_integrity_key = "{I_KEY}"\n')
     env = fleet_env("redis://127.0.0.1:1/0", CGRID_BUYERS_FILE=str(buyers))
-    cli = [sys.executable, "-m", "producer.cli", "decrypt"]
+    cli = [sys.executable, "-m", "ops.cli", "decrypt"]
     ok = subprocess.run([*cli, "YWJjMTIzZGVmNDU2Z2hpN7fhCuPemCAWJRxOgA", "--buyer", "dsp-42"], capture_output=True,
                         text=True, env=env, cwd=ROOT)
     assert ok.returncode == 0 and json.loads(ok.stdout)["micros"] == 1900
@@ -159,7 +158,7 @@ def test_a_real_worker_pauses_resumes_and_reloads_on_sighup(
                                "url": f"{dsp.url}/?e=x"})
         ledger = Ledger(redis.Redis.from_url(redis_url))
         wait_for(lambda: (ledger.record("x-1") or {}).get("waiting", {}).get("reason") == "paused", 15, "paused")
-        status = subprocess.run([sys.executable, "-m", "producer.cli", "status", "x-1"], capture_output=True,
+        status = subprocess.run([sys.executable, "-m", "ops.cli", "status", "x-1"], capture_output=True,
                                 text=True, env=env, cwd=ROOT)
         assert json.loads(status.stdout)["waiting"]["reason"] == "paused"
         loaded = worker.log_text().count("buyers_file_loaded")
@@ -189,5 +188,5 @@ def test_the_lease_covers_the_longest_deadline_of_any_buyer(redis_url: str, tmp_
     engine = make_engine(redis_url, buyers, CGRID_TIMEOUT_S=2)
     # A buyer's own 30 s deadline must not outlast the lease, or a slow success would be
     # counted lost and retried: two calls for one delivery.
-    assert engine.lease_s >= 30 * 2 + engine.rt.settings.attempt_grace_s
-    assert engine.rt.settings.attempt_lease_s < 30
+    assert engine.lease_s >= 30 * 2 + engine.settings.attempt_grace_s
+    assert engine.settings.attempt_lease_s < 30

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cgrid.ledger import Outcome
-from worker.classify import classify_status
+from delivery.classify import classify_status
 
 
 @pytest.mark.parametrize("status", [200, 204, 301, 302, 303, 304, 307, 308])

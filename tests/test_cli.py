@@ -17,7 +17,7 @@ EVENT = {"kind": "burl", "upstream": "s2s", "url": "https://dsp.example/b"}
 
 def publish(redis_url: str, lines: list[str], *args: str) -> subprocess.CompletedProcess[str]:
     env = fleet_env(redis_url, CGRID_PUBLISH_TIMEOUT_S="0.5")
-    return subprocess.run([sys.executable, "-m", "producer.cli", "publish", *args], input="\n".join(lines),
+    return subprocess.run([sys.executable, "-m", "ops.cli", "publish", *args], input="\n".join(lines),
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
 
 

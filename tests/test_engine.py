@@ -4,7 +4,6 @@ and a bug in the loop does not leak the process's room."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,10 +13,9 @@ import redis
 from cgrid.event import parse_event
 from cgrid.ledger import Ledger
 from cgrid.settings import Settings
-from producer.mock_dsp import MockDspServer
+from delivery.engine import DeliveryEngine
+from ops.mock_dsp import MockDspServer
 from tests.helpers import fleet_env, wait_for
-from worker.engine import DeliveryEngine
-from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
@@ -26,12 +24,11 @@ pytestmark = pytest.mark.integration
 def engine(redis_url: str) -> Iterator[DeliveryEngine]:
     settings = Settings.from_env(fleet_env(redis_url, CGRID_BUYER_MAX_CONCURRENCY=2, CGRID_LANE_WAIT_MS=100,
                                            CGRID_TIMEOUT_S=1))
-    rt = Runtime(settings=settings, ledger=Ledger(redis.Redis.from_url(redis_url)), pid=os.getpid())
-    yield DeliveryEngine(rt)
+    yield DeliveryEngine(settings, Ledger(redis.Redis.from_url(redis_url)))
 
 
 def accept_and_claim(engine: DeliveryEngine, events: list[dict[str, Any]]) -> list[str]:
-    ledger, settings = engine.rt.ledger, engine.rt.settings
+    ledger, settings = engine.ledger, engine.settings
     parsed = [parse_event(e) for e in events]
     ledger.accept(parsed, ledger_ttl_s=3600, report_ttl_s=3600, redeliver_after_s=60)
     ids = [e.id for e in parsed]
@@ -45,7 +42,7 @@ def accept_and_claim(engine: DeliveryEngine, events: list[dict[str, Any]]) -> li
 def test_a_full_lane_parks_in_redis_and_its_events_come_back_in_creation_order(
     engine: DeliveryEngine, dsp: MockDspServer
 ) -> None:
-    ledger = engine.rt.ledger
+    ledger = engine.ledger
     slow = [{"id": f"slow-{i}", "kind": "burl", "upstream": "s2s", "buyer": "slow", "created_at": 1_800_000_000 + i,
              "url": f"{dsp.url}/sleep/400?e=slow-{i}"} for i in range(8)]
     ids = accept_and_claim(engine, slow[::-1])  # claimed newest first
@@ -76,7 +73,7 @@ def test_a_bug_in_the_loop_does_not_leak_the_process_room(
     event = {"id": "bug-1", "kind": "burl", "upstream": "s2s", "url": f"{dsp.url}/?e=bug-1"}
     accept_and_claim(engine, [event])
     assert engine.drain(2)  # the room was given back
-    record = engine.rt.ledger.record("bug-1")
+    record = engine.ledger.record("bug-1")
     assert record is not None and record["in_flight_attempt"] == 1  # left to its lease
     assert dsp.log.snapshot() == []
 
@@ -84,7 +81,7 @@ def test_a_bug_in_the_loop_does_not_leak_the_process_room(
 def test_the_final_record_the_engine_writes_drops_the_users_data(engine: DeliveryEngine, dsp: MockDspServer) -> None:
     user = {"user_agent": "Mozilla/5.0 (secret)", "forwarded_for": ["77.16.215.3"], "upstream": "u2s"}
     ids = accept_and_claim(engine, [{**user, "id": "fin-ok", "kind": "burl", "url": f"{dsp.url}/status/204?e=ok"}])
-    ledger = engine.rt.ledger
+    ledger = engine.ledger
     wait_for(lambda: (ledger.record(ids[0]) or {}).get("state") == "delivered", 10, "delivered")
     final = ledger.record(ids[0])["event"]  # type: ignore[index]
     assert "user_agent" not in final and "forwarded_for" not in final and "url" not in final
@@ -94,7 +91,7 @@ def test_the_final_record_the_engine_writes_drops_the_users_data(engine: Deliver
 def test_events_parked_by_a_worker_that_is_gone_are_pulled_first(engine: DeliveryEngine, dsp: MockDspServer) -> None:
     from cgrid.ledger import Park
 
-    ledger, settings = engine.rt.ledger, engine.rt.settings
+    ledger, settings = engine.ledger, engine.settings
     old = [parse_event({"id": f"orph-{i}", "kind": "burl", "upstream": "s2s", "buyer": "orph",
                         "created_at": 1_800_000_000 + i, "url": f"{dsp.url}/?e=orph-{i}"}) for i in range(3)]
     ledger.accept(old, ledger_ttl_s=3600, report_ttl_s=3600, redeliver_after_s=600)

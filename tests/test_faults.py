@@ -16,8 +16,8 @@ import redis
 from cgrid.ledger import Ledger
 from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration

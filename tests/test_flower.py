@@ -11,8 +11,8 @@ import pytest
 
 from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import ROOT, WorkerProcess, fleet_env, get_json, wait_for
 
 pytestmark = pytest.mark.integration

@@ -19,10 +19,10 @@ import trustme
 
 from cgrid.errors import ForbiddenDestination
 from cgrid.settings import IPNetwork, parse_networks
-from producer.mock_dsp import MockDspServer
-from worker.classify import ErrorClass
-from worker.guard import forbidden_reason
-from worker.http_client import AttemptError, Transfer, call, make_client
+from delivery.classify import ErrorClass
+from delivery.guard import forbidden_reason
+from delivery.http_client import AttemptError, Transfer, call, make_client
+from ops.mock_dsp import MockDspServer
 
 ONLY_127_0_0_1 = parse_networks("127.0.0.1/32")
 

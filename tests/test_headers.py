@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cgrid.event import parse_event
-from worker.headers import build_headers, clean_forwarded_for, clean_user_agent
+from delivery.headers import build_headers, clean_forwarded_for, clean_user_agent
 
 UA = "Mozilla/5.0 (iPhone; CPU iPhone OS 11_2_1 like Mac OS X) AppleWebKit/604.4.7 [FBAN/FBIOS;...]"
 CHAIN = ["77.16.215.3", "18.196.6.164"]

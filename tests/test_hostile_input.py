@@ -15,7 +15,7 @@ from requests.utils import check_header_validity
 from cgrid.errors import InvalidEvent
 from cgrid.event import FIELDS, URL_MAX_BYTES, Event, parse_event
 from cgrid.macros import MACRO_NAMES, substitute
-from worker.headers import build_headers
+from delivery.headers import build_headers
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -14,10 +14,10 @@ import pytest
 
 from cgrid.errors import ForbiddenDestination
 from cgrid.event import parse_event
-from producer.mock_dsp import MockDspServer
-from worker.classify import ErrorClass
-from worker.delivery import deliver
-from worker.http_client import AttemptError, ClientConfig, Transfer, call, error_class, header_lines, make_client
+from delivery.attempt import deliver
+from delivery.classify import ErrorClass
+from delivery.http_client import AttemptError, ClientConfig, Transfer, call, error_class, header_lines, make_client
+from ops.mock_dsp import MockDspServer
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 
@@ -99,7 +99,7 @@ def test_the_path_goes_out_exactly_as_given(session, dsp: MockDspServer) -> None
 
 
 def test_credentials_in_the_url_are_refused_not_sent(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
-    from worker.http_client import InvalidTarget
+    from delivery.http_client import InvalidTarget
 
     with pytest.raises(InvalidTarget):
         call(session, dsp.url.replace("http://", "http://user:pw@") + "/", {}, 2.0)

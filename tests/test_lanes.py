@@ -1,9 +1,9 @@
-"""Buyer lanes (worker/lanes.py): caps, round robin, AIMD narrowing, parking decisions."""
+"""Buyer lanes (delivery/lanes.py): caps, round robin, AIMD narrowing, parking decisions."""
 
 from __future__ import annotations
 
-from worker.classify import ErrorClass
-from worker.lanes import MIN_CAP, LaneLimits, Lanes
+from delivery.classify import ErrorClass
+from delivery.lanes import MIN_CAP, LaneLimits, Lanes
 
 
 def lanes(call_slots: int = 100, cap: int = 4, timeout_s: float = 2.0, wait_s: float = 0.25) -> Lanes[str]:

@@ -6,16 +6,17 @@ import json
 
 import pytest
 
+from cgrid import logs as cgrid_logs
 from cgrid.event import parse_event
 from cgrid.ledger import Outcome
-from worker import logs
-from worker.delivery import Attempt
+from delivery import attempt_log as logs
+from delivery.attempt import Attempt
 
 UA = "Mozilla/5.0 (Linux; Android 14; Pixel 8) Secret/1.2.3"
 
 
 def test_attempt_line_has_the_fields_and_no_personal_data(capsys: pytest.CaptureFixture[str]) -> None:
-    logs.configure("INFO")
+    cgrid_logs.configure("INFO")
     event = parse_event({"id": "e-1", "kind": "burl", "upstream": "u2s", "buyer": "dsp-7",
                          "url": "https://dsp.example/b?p=${AUCTION_PRICE}", "user_agent": UA,
                          "forwarded_for": ["77.16.215.3", "18.196.6.164"], "macros": {"AUCTION_PRICE": 3}})

@@ -19,8 +19,8 @@ import redis
 from cgrid.broker import make_celery
 from cgrid.ledger import TERMINAL_STATES, Ledger
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import WorkerProcess, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration

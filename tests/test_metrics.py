@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from cgrid.archive import ensure_group
+from archive.files import ensure_group
 from cgrid.ledger import Ledger
 from cgrid.redis_server import free_port
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration

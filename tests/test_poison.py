@@ -13,8 +13,8 @@ from cgrid.broker import DELIVER_TASK, make_celery
 from cgrid.ledger import POISON_COUNT_KEY, POISON_LIST_KEY, Ledger
 from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import WorkerProcess, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration

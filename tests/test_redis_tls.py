@@ -21,8 +21,8 @@ from cgrid.ledger import Ledger
 from cgrid.redis_conn import redis_client
 from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import ROOT, WorkerProcess, fleet_env, get_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -111,7 +111,7 @@ def test_publish_deliver_status_report_and_flower_over_tls(
         queues = wait_for(lambda: get_json(f"{api}/queues/length"), 30, "Flower's queue lengths over TLS")
         assert "active_queues" in queues
 
-        cli = [sys.executable, "-m", "producer.cli"]
+        cli = [sys.executable, "-m", "ops.cli"]
         status = subprocess.run([*cli, "status", ids[0]], cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=30)
         assert status.returncode == 0, status.stderr

@@ -15,8 +15,8 @@ import redis
 
 from cgrid.ledger import Ledger, day_of
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 def test_failed_events_are_replayed_once_as_new_events(redis_url: str, dsp: MockDspServer, tmp_path: Path) -> None:
     env = fleet_env(redis_url, CGRID_RETRY_DELAY_S="0.2")
     worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", concurrency=1).start()
-    cli = [sys.executable, "-m", "producer.cli", "replay"]
+    cli = [sys.executable, "-m", "ops.cli", "replay"]
     run = uuid.uuid4().hex[:6]
     buyer = f"rb-{run}"
     ids = [f"{run}-{i}" for i in range(3)]
@@ -83,7 +83,7 @@ def test_expired_events_are_replayed_too(redis_url: str, dsp: MockDspServer, tmp
         assert record["event"]["url"].startswith(dsp.url) and record["event"]["macros"] == {"AUCTION_PRICE": "1.5"}
         assert "user_agent" not in record["event"]
         assert not [c for c in dsp.log.snapshot() if f"e={run}" in c["target"]]  # never called
-        replayed = subprocess.run([sys.executable, "-m", "producer.cli", "replay", "--buyer", buyer,
+        replayed = subprocess.run([sys.executable, "-m", "ops.cli", "replay", "--buyer", buyer,
                                    "--day", day_of(created_at)], capture_output=True, text=True, env=env, cwd=ROOT,
                                   timeout=60)
         assert replayed.returncode == 0, replayed.stderr

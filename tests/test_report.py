@@ -17,8 +17,8 @@ import redis
 
 from cgrid.ledger import Ledger, bucket_percentile, day_of, latency_bucket
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration
@@ -96,13 +96,13 @@ def test_the_report_matches_the_ledger_under_parallel_workers(
     states = Tally(r["state"] for r in records)
     assert states["delivered"] and states["failed"] and states["rejected"] and states["expired"], states
     expected = expected_rows(records)
-    report = subprocess.run([sys.executable, "-m", "producer.cli", "report", "--json"], capture_output=True,
+    report = subprocess.run([sys.executable, "-m", "ops.cli", "report", "--json"], capture_output=True,
                             text=True, env=env, cwd=ROOT, timeout=60)
     got = {(row["day"], row["buyer"]): {k: v for k, v in row.items() if k not in ("day", "buyer")}
            for row in json.loads(report.stdout)}
     assert got == expected
     assert sum(row["unexpected"] for row in got.values()) == N // len(paths) - sum(
         1 for i in range(6, N, len(paths)) if i % 37 == 0 or i % 41 == 0)
-    csv_out = subprocess.run([sys.executable, "-m", "producer.cli", "report", "--csv", "--buyer", "dsp-1"],
+    csv_out = subprocess.run([sys.executable, "-m", "ops.cli", "report", "--csv", "--buyer", "dsp-1"],
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=60).stdout.splitlines()
     assert csv_out[0].startswith("day,buyer,events,") and len(csv_out) == 2 and ",dsp-1," in csv_out[1]

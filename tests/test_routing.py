@@ -69,7 +69,7 @@ def test_bad_routing_stops_the_worker_and_the_command_line_with_one_line() -> No
                             capture_output=True, text=True, timeout=60)
     assert worker.returncode == 2 and "Traceback" not in worker.stderr
     assert "cgrid-s2s: configuration error: CGRID_BUYER_QUEUES: buyer 'dsp-a'" in worker.stderr
-    cli = subprocess.run([sys.executable, "-m", "producer.cli", "publish"], cwd=ROOT, env=env, input="",
+    cli = subprocess.run([sys.executable, "-m", "ops.cli", "publish"], cwd=ROOT, env=env, input="",
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr and "CGRID_BUYER_QUEUES" in cli.stderr
 
@@ -170,7 +170,7 @@ def test_a_trigger_is_judged_lost_by_its_own_queue(ledger: Ledger) -> None:
 def test_status_names_the_queue_an_event_waits_on(ledger: Ledger, redis_url: str,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from producer.cli import main
+    from ops.cli import main
 
     monkeypatch.setenv("CGRID_REDIS_URL", redis_url)
     monkeypatch.setenv("CGRID_BUYER_QUEUES", "cgrid.big=dsp-a")

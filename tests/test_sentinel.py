@@ -26,8 +26,8 @@ from cgrid.ledger import Ledger
 from cgrid.redis_conn import redis_client
 from cgrid.redis_server import RedisServer, find_redis_server, free_port
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import WorkerProcess, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration

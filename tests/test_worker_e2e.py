@@ -17,8 +17,8 @@ import redis
 from cgrid.ledger import Ledger
 from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from producer.mock_dsp import MockDspServer
 from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration
@@ -162,7 +162,7 @@ def test_cli_publish_status_report(fleet: dict[str, Any], dsp: MockDspServer, tm
                     "url": f"{dsp.url}/status/204?e={run}-ok"}),
         json.dumps({"kind": "burl", "upstream": "s2s", "url": "ftp://nope"}),
     ]
-    cli = [sys.executable, "-m", "producer.cli"]
+    cli = [sys.executable, "-m", "ops.cli"]
     env = fleet["env"]
     published = subprocess.run([*cli, "publish"], input="\n".join(lines), capture_output=True, text=True,
                                env=env, cwd=ROOT, timeout=60)

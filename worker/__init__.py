@@ -1,10 +1,9 @@
-"""The cgrid-s2s worker fleet: ``celery -A worker worker``.
+"""The Celery side of the fleet: ``celery -A worker worker`` and ``celery -A worker flower``.
 
-Layout: ``celery_app`` (the app and its one task), ``batch`` (what the task does),
-``engine`` (the per-process libcurl loop and its ledger thread), ``lanes`` (buyer lanes),
-``http_client`` (one libcurl transfer), ``delivery`` (an attempt), ``headers``,
-``classify`` and ``guard`` (the rules), ``sweeper`` (retries and recovery), ``metrics``,
-``runtime`` (per-process resources), ``logs``, and ``fleet`` (``make run``).
+``celery_app`` (the app and its one task), ``batch`` (what the task does: claim, hand over to
+the process's delivery engine in ``delivery/``), ``transport`` and ``poison`` (broker
+messages that cannot be read are dropped and recorded), ``sweeper`` (retries and recovery),
+``runtime`` (per-process resources).
 """
 
 from worker.celery_app import app

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from cgrid.logs import get_logger
+from cgrid.redis_conn import ride_out_redis
 from cgrid.routing import QUEUE_NAME
-from worker.logs import get_logger
 from worker.poison import record_poison
-from worker.runtime import Runtime, ride_out_redis
+from worker.runtime import Runtime
 
 MAX_IDS_PER_TASK = 10_000
 

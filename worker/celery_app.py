@@ -9,11 +9,12 @@ from typing import Any
 
 from celery import signals
 
+from cgrid import logs, metrics
 from cgrid.broker import DELIVER_TASK, make_celery, prefetch_multiplier
 from cgrid.buyers import BuyersFile
 from cgrid.errors import ConfigError
 from cgrid.settings import Settings
-from worker import logs, metrics
+from worker import poison
 from worker.transport import use_hardened_transports
 
 GREEN_POOLS = ("gevent", "eventlet")
@@ -51,6 +52,7 @@ except ConfigError as e:
 
 logs.configure(settings.log_level)
 metrics.prepare(settings.metrics_port)  # before anything imports prometheus_client
+poison.configure(settings)  # where poisoned messages are recorded
 # Consume with the hardened transport: a poisoned message is dropped, not fatal.
 use_hardened_transports()
 app = make_celery(settings)
@@ -98,10 +100,10 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
     global _sweeper
     _prefetch = getattr(getattr(sender, "controller", None), "prefetch_multiplier", None)
     from cgrid.ledger import Ledger
-    from worker.runtime import redis_client
+    from cgrid.redis_conn import long_lived_client
     from worker.sweeper import Sweeper
 
-    _sweeper = Sweeper(app, Ledger(redis_client(settings)), settings)
+    _sweeper = Sweeper(app, Ledger(long_lived_client(settings)), settings)
     _sweeper.start()
     # Instead of Celery's restart: SIGHUP re-reads the buyers file (docs/settings.md, the buyers file).
     signal.signal(signal.SIGHUP, _reload_buyers_file)

@@ -8,11 +8,20 @@ import time
 import redis
 
 from cgrid.ledger import POISON_COUNT_KEY, POISON_LIST_KEY
-from worker.logs import get_logger
+from cgrid.logs import get_logger
+from cgrid.redis_conn import long_lived_client
+from cgrid.settings import Settings
 
 POISON_LIST_MAX = 1000
 
+_settings: Settings | None = None  # handed in by the worker at start (configure)
 _client: redis.Redis | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Where poisoned messages are recorded: the ledger's Redis of these settings."""
+    global _settings, _client
+    _settings, _client = settings, None
 
 
 def record_poison(reason: str, sample: str) -> None:
@@ -21,10 +30,9 @@ def record_poison(reason: str, sample: str) -> None:
     get_logger().error("poisoned_message", reason=reason, sample=sample[:300])
     try:
         if _client is None:
-            from worker.celery_app import settings
-            from worker.runtime import redis_client
-
-            _client = redis_client(settings)
+            if _settings is None:
+                raise RuntimeError("worker.poison.configure() was not called")
+            _client = long_lived_client(_settings)
         entry = json.dumps({"at": time.time(), "reason": reason, "sample": sample[:300]})
         pipe = _client.pipeline()
         pipe.lpush(POISON_LIST_KEY, entry)

@@ -5,41 +5,12 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
-
-import redis
 
 from cgrid.ledger import Ledger
-from cgrid.redis_conn import redis_client as connect
-from cgrid.settings import REDIS_SOCKET_TIMEOUT_S, Settings
-
-if TYPE_CHECKING:
-    from worker.engine import DeliveryEngine
-
-T = TypeVar("T")
-
-
-def ride_out_redis(call: Callable[[], T], budget_s: float) -> T:
-    """``call()``, tried again with backoff (50 ms, doubling to 1 s) while Redis errors
-    last no longer than ``budget_s``; after that the last error is raised."""
-    give_up_at = time.monotonic() + budget_s
-    delay_s = 0.05
-    while True:
-        try:
-            return call()
-        except redis.RedisError:
-            if time.monotonic() + delay_s > give_up_at:
-                raise
-            time.sleep(delay_s)
-            delay_s = min(delay_s * 2, 1.0)
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    return connect(settings, socket_timeout_s=REDIS_SOCKET_TIMEOUT_S,
-                   socket_connect_timeout_s=settings.publish_timeout_s, health_check_interval_s=30)
+from cgrid.redis_conn import long_lived_client
+from cgrid.settings import Settings
+from delivery.engine import DeliveryEngine
 
 
 @dataclass
@@ -51,12 +22,10 @@ class Runtime:
 
     @property
     def engine(self) -> DeliveryEngine:
-        from worker.engine import DeliveryEngine
-
         if self._engine is None:
             with _lock:
                 if self._engine is None:
-                    self._engine = DeliveryEngine(self)
+                    self._engine = DeliveryEngine(self.settings, self.ledger)
         return self._engine
 
     def drain(self, timeout_s: float) -> bool:
@@ -76,7 +45,7 @@ def get_runtime(settings: Settings) -> Runtime:
             if _runtime is None or _runtime.pid != os.getpid():
                 _runtime = Runtime(
                     settings=settings,
-                    ledger=Ledger(redis_client(settings), wait_replicas=settings.redis_wait_replicas,
+                    ledger=Ledger(long_lived_client(settings), wait_replicas=settings.redis_wait_replicas,
                                   wait_timeout_ms=settings.redis_wait_timeout_ms),
                     pid=os.getpid(),
                 )

@@ -14,13 +14,13 @@ import time
 import redis
 from celery import Celery
 
+from cgrid import metrics
 from cgrid.broker import send_deliver
 from cgrid.buyers import BuyersFile
 from cgrid.ledger import Ledger
+from cgrid.logs import get_logger
 from cgrid.routing import Routing
 from cgrid.settings import Settings
-from worker import metrics
-from worker.logs import get_logger
 
 SWEEP_LIMIT = 2000
 BACKLOG_GAUGES_S = 5.0  # how often the backlog gauges are read from Redis (metrics on)

@@ -1,0 +1,76 @@
+"""What the benchmark's scenarios share: the buyer server under test, the fleet's
+environment, waiting, percentiles."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.buyers import find_nginx, start_nginx
+from cgrid.redis_server import free_port
+from tests.helpers import process_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(condition: Any, timeout_s: float, poll_s: float = 0.05) -> bool:
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return False
+
+
+@dataclass
+class Buyer:
+    kind: str
+    port: int
+    process: subprocess.Popen[bytes]
+    workdir: str | None = None  # nginx's configuration and logs
+
+    @classmethod
+    def start(cls, scenario: str, hang_s: float) -> Buyer:
+        port = free_port()
+        if scenario == "fast" and find_nginx():
+            process, workdir = start_nginx(port)
+            kind = "nginx"
+        else:
+            process = subprocess.Popen([sys.executable, "-m", "bench.buyers", scenario, "--port", str(port),
+                                        "--hang-s", str(hang_s)], cwd=ROOT)
+            kind, workdir = f"asyncio ({scenario})", None
+        def listening() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, 10)
+        return cls(kind, port, process, workdir)
+
+    def pids(self) -> list[int]:
+        return process_tree(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def fleet_env(redis_url: str, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CGRID_")}
+    env.update({"CGRID_REDIS_URL": redis_url, "CGRID_ALLOWED_NETWORKS": "127.0.0.0/8",
+                "CGRID_LOG_LEVEL": "WARNING", **extra})
+    return env
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank percentile of already sorted values."""
+    return sorted_values[max(0, math.ceil(len(sorted_values) * q) - 1)]

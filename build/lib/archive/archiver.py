@@ -1,0 +1,310 @@
+"""The archiver (``cgrid-s2s archive``): final ledger records from the Redis stream
+``P archive`` into daily JSON-lines files (``archive/files.py`` has the format), losing
+nothing and writing nothing twice when it is killed at any instant.
+
+One batch at a time, as a member of the stream's consumer group:
+
+1. read up to :data:`BATCH` entries (``XREADGROUP``): they are now pending on this name;
+2. append their lines to ``<dir>/<day>/<name>.jsonl``, flush and ``fsync`` every file;
+3. acknowledge and delete them, atomically (``MULTI``: ``XACK`` + ``XDEL``).
+
+Nothing is read before the last batch is acknowledged, so after a crash this name's
+pending entries are that one batch, and its lines, if written, are among the last
+:data:`BATCH` lines of their files. On start (and after any failure) the archiver therefore
+reads its own pending entries first (id 0) and skips those whose entry id is in the tail of
+their file; a torn last line is cut away first. The name must be stable across restarts
+(the host name by default) and is locked in the directory, so two archivers never share it.
+
+Entries pending on a name that no longer runs (another host's archiver, gone) are taken over
+with ``XAUTOCLAIM`` once idle for ``CGRID_ARCHIVE_CLAIM_IDLE_S``. If that archiver had
+written them before it died, they are then in two files: a loader de-duplicates on ``entry``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from archive.files import GROUP, archive_line, as_text, ensure_group, file_for, recover_tail, stream_key
+from cgrid.errors import ArchiveError
+from cgrid.ledger import PREFIX, Ledger
+from cgrid.logs import get_logger
+from cgrid.redis_conn import long_lived_client
+from cgrid.settings import Settings
+
+BATCH = 500  # entries per batch (and lines of a file's tail looked at on recovery)
+BLOCK_MS = 1000  # how long one read waits for new entries (a stop is noticed within it)
+CLAIM_EVERY_S = 30.0  # how often entries idle on other names are looked for
+IDLE_FILE_S = 300.0  # a day's file not written for this long is closed
+PROGRESS_EVERY_S = 60.0  # how often the archiver logs what it wrote
+
+
+@dataclass(eq=False)
+class DayFile:
+    """One open ``<day>/<name>.jsonl``: its descriptor (append-only) and, from when it was
+    opened, the entry ids of its last lines (to skip re-reads of a batch it already holds)."""
+
+    path: Path
+    fd: int
+    tail_ids: set[str]
+    last_write_s: float = field(default_factory=time.monotonic)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class Archiver:
+    def __init__(self, client: redis.Redis, root: Path, name: str, *, claim_idle_s: float,
+                 prefix: str = PREFIX, batch: int = BATCH) -> None:
+        self.client = client
+        self.root = root
+        self.name = name
+        self.claim_idle_s = claim_idle_s
+        self.key = stream_key(prefix)
+        self.prefix = prefix
+        self.batch = batch
+        self.files: dict[str, DayFile] = {}
+        self.recovering = True  # this name's pending entries are read (again) first
+        self.written = 0  # lines written since start
+        self.skipped = 0  # pending entries found already written (re-read after a crash or failure)
+        self._lock_fd: int | None = None
+        self._next_claim_s = 0.0
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Check the directory and take this name's lock in it; raises ArchiveError."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock_path = self.root / f".{self.name}.lock"
+            self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ArchiveError(f"CGRID_ARCHIVE_DIR: cannot write to {self.root}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ArchiveError(f"another archiver named {self.name!r} is running on {self.root} "
+                               "(give this one another --name)") from None
+
+    def close(self) -> None:
+        self._close_files()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _close_files(self) -> None:
+        for day_file in self.files.values():
+            with contextlib.suppress(OSError):
+                os.close(day_file.fd)
+        self.files.clear()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, log: Any) -> None:
+        """Archive until ``stop`` is set; rides out Redis outages and write failures (both
+        logged; nothing is acknowledged that is not on disk)."""
+        pause_s = 0.0
+        next_progress_s = time.monotonic() + PROGRESS_EVERY_S
+        written_at_progress = 0
+        while not stop.wait(pause_s):
+            try:
+                was_recovering, skipped = self.recovering, self.skipped
+                self.step()
+                if was_recovering and self.skipped > skipped:
+                    log.info("archive_recovered", already_written=self.skipped - skipped)
+                pause_s = 0.0
+            except redis.ResponseError as e:
+                if "NOGROUP" in str(e):  # the stream was deleted (or Redis emptied): make it again
+                    log.warning("archive_stream_missing", action="recreated", key=self.key)
+                    self._ensure_group()
+                else:
+                    log.error("archive_redis_error", error=str(e)[:300])
+                pause_s = self._failed(pause_s)
+            except redis.RedisError as e:
+                log.warning("archive_redis_unavailable", error=str(e)[:200])
+                pause_s = self._failed(pause_s)
+            except ArchiveError as e:
+                log.error("archive_write_failed", error=str(e), acknowledged=False)
+                pause_s = self._failed(pause_s)
+            now_s = time.monotonic()
+            if now_s >= next_progress_s:
+                next_progress_s = now_s + PROGRESS_EVERY_S
+                with contextlib.suppress(redis.RedisError):
+                    pending = Ledger(self.client, prefix=self.prefix).archive_backlog()
+                    log.info("archive_progress", lines=self.written - written_at_progress,
+                             backlog=pending[0] if pending else None)
+                written_at_progress = self.written
+
+    def _failed(self, pause_s: float) -> float:
+        """After any failure: files are reopened (their tails read again) and this name's
+        pending entries re-read first, so a batch half written or written but not
+        acknowledged is neither lost nor written twice."""
+        self._close_files()
+        self.recovering = True
+        return min(max(pause_s * 2, 0.5), 10.0)
+
+    def _ensure_group(self) -> None:
+        ensure_group(self.client, self.prefix)
+
+    def step(self) -> int:
+        """One batch: read, write and sync, acknowledge. Returns the lines written."""
+        if self.recovering:
+            entries = self._read("0", block_ms=None)
+            if not entries:
+                self.recovering = False
+                for day_file in self.files.values():
+                    day_file.tail_ids = set()
+                return 0
+            return self._archive(entries, skip_written=True)
+        if time.monotonic() >= self._next_claim_s:
+            self._next_claim_s = time.monotonic() + CLAIM_EVERY_S
+            claimed = self._claim_idle()
+            if claimed:
+                return self._archive(claimed, skip_written=False)
+        self._close_idle_files()
+        entries = self._read(">", block_ms=BLOCK_MS)
+        return self._archive(entries, skip_written=False) if entries else 0
+
+    def _read(self, start: str, block_ms: int | None) -> list[tuple[str, dict[Any, Any] | None]]:
+        reply: Any = self.client.xreadgroup(GROUP, self.name, {self.key: start}, count=self.batch, block=block_ms)
+        if not reply:
+            return []
+        items = reply[0][1]
+        return [(as_text(entry_id), fields or None) for entry_id, fields in items]
+
+    def _claim_idle(self) -> list[tuple[str, dict[Any, Any] | None]]:
+        """Entries pending on another name for longer than CGRID_ARCHIVE_CLAIM_IDLE_S."""
+        reply: Any = self.client.xautoclaim(self.key, GROUP, self.name, int(self.claim_idle_s * 1000),
+                                       start_id="0-0", count=self.batch)
+        items = reply[1] if len(reply) > 1 else []
+        return [(as_text(entry_id), fields or None) for entry_id, fields in items]
+
+    def _archive(self, entries: list[tuple[str, dict[Any, Any] | None]], *, skip_written: bool) -> int:
+        lines: dict[str, list[bytes]] = {}
+        for entry_id, fields in entries:
+            if fields is None:
+                continue  # deleted from the stream already: nothing to write, only to acknowledge
+            day, line = archive_line(entry_id, fields)
+            day_file = self._file(day)
+            if skip_written and entry_id in day_file.tail_ids:
+                self.skipped += 1
+                continue
+            lines.setdefault(day, []).append(line)
+        self._write(lines)
+        self._acknowledge([entry_id for entry_id, _ in entries])
+        count = sum(len(day_lines) for day_lines in lines.values())
+        self.written += count
+        return count
+
+    def _write(self, lines: dict[str, list[bytes]]) -> None:
+        """Append and fsync; on failure cut every file back to where it was."""
+        starts: dict[str, int] = {}
+        day = ""
+        try:
+            for day, day_lines in lines.items():
+                day_file = self.files[day]
+                starts[day] = os.fstat(day_file.fd).st_size
+                _write_all(day_file.fd, b"".join(day_lines))
+                day_file.last_write_s = time.monotonic()
+            for day in lines:
+                os.fsync(self.files[day].fd)
+        except OSError as e:
+            for cut_day, size in starts.items():
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.files[cut_day].fd, size)
+            path = self.files[day].path if day in self.files else self.root
+            raise ArchiveError(f"cannot write {path}: {e.strerror or e}") from None
+
+    def _acknowledge(self, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.key, GROUP, *entry_ids)
+        pipe.xdel(self.key, *entry_ids)
+        pipe.execute()
+
+    def _file(self, day: str) -> DayFile:
+        day_file = self.files.get(day)
+        if day_file is not None:
+            return day_file
+        path = file_for(self.root, day, self.name)
+        try:
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.root)
+            tail_ids = recover_tail(path, self.batch) if path.exists() else set()
+            created = not path.exists()
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if created:
+                _fsync_dir(path.parent)
+        except OSError as e:
+            raise ArchiveError(f"cannot open {path}: {e.strerror or e}") from None
+        day_file = DayFile(path, fd, tail_ids)
+        self.files[day] = day_file
+        return day_file
+
+    def _close_idle_files(self) -> None:
+        now_s = time.monotonic()
+        for day, day_file in list(self.files.items()):
+            if now_s - day_file.last_write_s > IDLE_FILE_S:
+                with contextlib.suppress(OSError):
+                    os.close(day_file.fd)
+                del self.files[day]
+
+
+def default_name() -> str:
+    """The host name: stable across restarts, so a restarted archiver finds its pending entries."""
+    return socket.gethostname() or "archiver"
+
+
+def run_archiver(settings: Settings, root: Path, name: str) -> int:
+    """``cgrid-s2s archive``: runs until SIGTERM or Ctrl-C, then stops after its batch."""
+    log = get_logger()
+    if not name or "/" in name or name.startswith("."):
+        raise ArchiveError(f"--name: {name!r} is not a usable file name")
+    archiver = Archiver(long_lived_client(settings), root, name, claim_idle_s=settings.archive_claim_idle_s)
+    archiver.open()
+    stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stop.is_set():  # the group is made once Redis answers
+            try:
+                archiver._ensure_group()
+                break
+            except redis.RedisError as e:
+                log.warning("archive_redis_unavailable", error=str(e)[:200])
+                stop.wait(1.0)
+        log.info("archiver_started", dir=str(root), name=name, stream=archiver.key)
+        archiver.run(stop, log)
+        log.info("archiver_stopping")
+    finally:
+        archiver.close()
+    log.info("archiver_stopped", lines=archiver.written, already_written=archiver.skipped)
+    return 0

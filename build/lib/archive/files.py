@@ -1,0 +1,151 @@
+"""The archive of final ledger records: daily JSON-lines files, and how to read them back.
+
+The ledger scripts add every record that becomes final (``delivered``, ``failed``,
+``rejected``, ``expired``) to the Redis stream ``P archive`` in the same script that makes
+it final; the archiver (``archive/archiver.py``, ``cgrid-s2s archive``) appends them to
+
+    <dir>/<YYYY-MM-DD>/<name>.jsonl
+
+where the day is the UTC day of the event's ``created_at`` (the report's day) and the name
+is the archiver's (its host name by default): one file per archiver and day, so archivers
+never write the same file. One line per final record (``docs/archive.md``)::
+
+    {"entry": "1764100000000-0", "id": "a1:imp1:burl", "state": "delivered", "day": "2026-11-25",
+     "buyer": "dsp-7", "kind": "burl", "accepted_at": 1764099999.9, "finished_at": 1764100000.1,
+     "attempts": [{"n": 1, "started_at": ..., "ms": 41.2, "status": 204, "error": null}],
+     "event": {...the final record's event: no user agent, no IP chain; URL and macros
+               only for failed events...}}
+
+``entry`` is the stream entry's id: unique per final record, the key to de-duplicate on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from cgrid.ledger import PREFIX, json_or_raw
+
+STREAM = "archive"  # the stream's key is the ledger prefix + this
+GROUP = "archivers"  # the archivers' consumer group
+UNKNOWN_DAY = "unknown-day"  # a record without a readable day (a corrupt one) goes here
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
+_READ_CHUNK = 64 * 1024
+
+
+def stream_key(prefix: str = PREFIX) -> str:
+    return prefix + STREAM
+
+
+def ensure_group(client: redis.Redis, prefix: str = PREFIX) -> None:
+    """Make the stream and the archivers' group (from the stream's start) if missing. From
+    then on the ledger scripts add every final record to the stream."""
+    try:
+        client.xgroup_create(stream_key(prefix), GROUP, id="0", mkstream=True)
+    except redis.ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+def as_text(value: Any) -> str:
+    """A stream entry's id or field as text (an undecodable byte is replaced, never fatal)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def archive_line(entry_id: str, fields: Mapping[Any, Any]) -> tuple[str, bytes]:
+    """The day (the file it goes to) and the JSON line of one stream entry."""
+    text = {as_text(k): as_text(v) for k, v in fields.items()}
+    day = text.get("day", "")
+    if not _DAY.match(day):
+        day = UNKNOWN_DAY
+    record: dict[str, Any] = {
+        "entry": entry_id,
+        "id": text.get("id", ""),
+        "state": text.get("state", ""),
+        "day": text.get("day", ""),
+        "buyer": text.get("buyer", ""),
+        "kind": text.get("kind", ""),
+        "accepted_at": _float_or_none(text.get("accepted_at", "")),
+        "finished_at": _float_or_none(text.get("finished_at", "")),
+        "attempts": [json_or_raw(text[key]) for key in ("a1", "a2") if text.get(key)],
+    }
+    if text.get("reason"):
+        record["reason"] = text["reason"]
+    record["event"] = json_or_raw(text["event"]) if text.get("event") else None
+    return day, (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
+def file_for(root: Path, day: str, name: str) -> Path:
+    return root / day / f"{name}.jsonl"
+
+
+def recover_tail(path: Path, keep_lines: int) -> set[str]:
+    """Cut a torn last line (an archiver killed mid-write) and return the entry ids of the
+    last ``keep_lines`` complete lines: the only ones an unacknowledged batch can be in."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        pos, buf = size, b""
+        while pos > 0 and buf.count(b"\n") <= keep_lines:
+            step = min(_READ_CHUNK, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+        complete = buf.rfind(b"\n") + 1
+        if pos + complete < size:
+            f.truncate(pos + complete)
+            f.flush()
+            os.fsync(f.fileno())
+    lines = buf[:complete].split(b"\n")[:-1]
+    if pos > 0:
+        lines = lines[1:]  # the first may have started before what was read
+    ids: set[str] = set()
+    for line in lines[-keep_lines:]:
+        try:
+            entry = json.loads(line).get("entry")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(entry, str):
+            ids.add(entry)
+    return ids
+
+
+def read_lines(path: Path, containing: bytes = b"") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every complete, readable line of an archive file (only the
+    lines ``containing`` those bytes, a cheap filter before the JSON is decoded)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                return  # a torn last line: the archiver writes it again
+            if containing not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield number, record
+
+
+def find_event(root: Path, day: str, event_id: str) -> list[dict[str, Any]]:
+    """The archived records of ``event_id`` in the files of ``day`` (usually one; a record
+    an archiver wrote twice after a crash or a takeover appears once per entry id)."""
+    needle = json.dumps(event_id).encode()
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted((root / day).glob("*.jsonl")):
+        for _, record in read_lines(path, needle):
+            if record.get("id") == event_id:
+                found.setdefault(str(record.get("entry")), record)
+    return list(found.values())

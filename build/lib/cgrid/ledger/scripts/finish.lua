@@ -1,0 +1,71 @@
+-- finish: writes the outcomes of claimed attempts of one attempt number.
+-- KEYS:  none (key names are built from the prefix: ev:<id>, due, report:<day>,
+--        failed:<day>:<buyer>, open:<kind>, archive)
+-- ARGV:  prefix, attempt n, ledger_ttl, report_ttl, retry_delay, then per event: id, outcome,
+--        attempt_json, reason, the buyer's retry delay ('' = the default), the call's latency
+--        bucket ('' = no call), and the event as its final record keeps it ('' = made here)
+-- Reply: the new state per event ('' if the attempt was not ours)
+local n, ttl, report_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local default_delay = tonumber(ARGV[5])
+local due = prefix .. 'due'
+local out = {}
+for i = 6, #ARGV, 7 do
+  local id, outcome, attempt, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local delay = tonumber(ARGV[i + 4]) or default_delay
+  local bucket, final_event = ARGV[i + 5], ARGV[i + 6]
+  local key = prefix .. 'ev:' .. id
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2')
+  local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
+  local new = ''
+  local akey = 'a' .. n
+  if claim == n then
+    redis.call('HSET', key, 'claim', 0)
+    if attempt ~= '' then redis.call('HSET', key, akey, attempt) end
+    if outcome == 'ok' or outcome == 'unexpected' then
+      new = 'delivered'
+      bump(day, buyer, n == 1 and 'delivered_first' or 'delivered_retry', report_ttl)
+      if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
+    elseif outcome == 'fail' and n == 1 then
+      new = 'retry_scheduled'
+      redis.call('HSET', key, 'retry_at', stamp(now + delay))
+      redis.call('HDEL', key, 'sent_at')
+      redis.call('ZADD', due, now + delay, id)
+    elseif outcome == 'fail' then
+      new = 'failed'
+      bump(day, buyer, 'failed', report_ttl)
+      note_failed(day, buyer, id, ttl)
+    else
+      new = outcome
+      redis.call('HSET', key, 'reason', reason)
+      bump(day, buyer, outcome, report_ttl)
+      if outcome == 'expired' then note_failed(day, buyer, id, ttl) end
+    end
+  elseif n == 1 and (outcome == 'ok' or outcome == 'unexpected') and state == 'retry_scheduled'
+      and claim == 0 and not rec[6] and rec[5] and string.find(rec[5], '"error":"lost"', 1, true) then
+    -- The sweeper gave this attempt up for lost, but it did succeed: keep the truth and
+    -- cancel the retry, so a success is never followed by a second call.
+    new = 'delivered'
+    redis.call('HSET', key, akey, attempt)
+    bump(day, buyer, 'delivered_first', report_ttl)
+    if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
+  end
+  if new ~= '' then
+    if bucket ~= '' then bump(day, buyer, 'lat_' .. bucket, report_ttl) end
+    redis.call('HSET', key, 'state', new)
+    if new ~= 'retry_scheduled' then
+      redis.call('ZREM', due, id)
+      closed(key)
+      -- (the worker made it keeping the URL for a failed or an expired event)
+      if final_event ~= '' and (new == 'failed' or new == 'expired') == (outcome == 'fail' or outcome == 'expired') then
+        redis.call('HSET', key, 'event', final_event)
+      else
+        finalize(key, redis.call('HGET', key, 'event'), new)
+      end
+      redis.call('EXPIRE', key, ttl)
+      archive(key, id, new)
+    end
+  end
+  out[#out + 1] = new
+end
+write_bumps()
+return out

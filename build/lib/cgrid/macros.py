@@ -1,0 +1,57 @@
+"""OpenRTB 2.6 §4.4 auction macros: ``${AUCTION_PRICE}`` and friends (SPEC §7)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from urllib.parse import quote
+
+MACRO_NAMES = frozenset(
+    {
+        "AUCTION_ID",
+        "AUCTION_BID_ID",
+        "AUCTION_IMP_ID",
+        "AUCTION_SEAT_ID",
+        "AUCTION_AD_ID",
+        "AUCTION_PRICE",
+        "AUCTION_CURRENCY",
+        "AUCTION_MBR",
+        "AUCTION_LOSS",
+        "AUCTION_MIN_TO_WIN",
+        "AUCTION_MULTIPLIER",
+        "AUCTION_IMP_TS",
+    }
+)
+
+MacroValue = str | int | float
+
+_TOKEN = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
+
+
+def format_value(value: MacroValue) -> str:
+    """A macro value as text; numbers in plain decimal, never with an exponent."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    text = repr(value)
+    if "e" in text or "n" in text:  # an exponent (1e-07), or inf/nan (refused at parse time)
+        text = format(Decimal(text), "f")
+    return text
+
+
+def substitute(url: str, macros: Mapping[str, MacroValue]) -> str:
+    """Replace the known macros by their URL-encoded values; a known one with no value
+    becomes empty, any other ``${...}`` token is left as it is."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in MACRO_NAMES:
+            return match.group(0)
+        value = macros.get(name)
+        if value is None:
+            return ""
+        return quote(format_value(value), safe="")
+
+    return _TOKEN.sub(replace, url)

@@ -1,0 +1,256 @@
+"""``Publisher``: how upstream auction code hands events to the fleet (SPEC §10).
+
+``publish()`` validates the event and buffers it; a background thread sends the buffer
+``linger_ms`` after the first event into it (or as soon as ``batch_size`` events wait),
+like a Kafka producer.
+Sending = one Lua script that records the new events in the ledger (idempotently, by id)
+plus one Celery message per batch (a batch's events share a queue: cgrid/routing.py). An
+event is *accepted* once that script ran: ``flush()`` returns only when every event
+published before it is accepted, and raises :class:`RedisUnavailable` if Redis cannot be
+reached within ``CGRID_PUBLISH_TIMEOUT_S``.
+
+Nothing is dropped silently: events that could not be sent stay buffered and are sent
+when Redis answers again; while the buffer is full and Redis is down, ``publish()``
+raises instead of accepting more. ``Publisher(linger_ms=0)`` sends on every call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+from celery import Celery
+
+from cgrid.broker import make_celery, send_deliver
+from cgrid.errors import RedisUnavailable
+from cgrid.event import Event, parse_event
+from cgrid.ledger import Ledger, NotReplicated
+from cgrid.redis_conn import mask_url, redis_client
+from cgrid.settings import Settings
+
+MAX_BUFFERED_EVENTS = 100_000
+
+
+_log = logging.getLogger("cgrid.publisher")
+
+
+class Publisher:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis_url: str | None = None,
+        linger_ms: float | None = None,
+        batch_size: int | None = None,
+        max_buffered: int = MAX_BUFFERED_EVENTS,
+    ) -> None:
+        settings = settings or Settings.from_env()
+        if redis_url:
+            settings = dataclasses.replace(settings, redis_url=redis_url)
+            settings.validate()
+        self.settings = settings
+        self.redis_url = settings.redis_url
+        self.linger_s = (settings.linger_ms if linger_ms is None else linger_ms) / 1000
+        self.batch_size = batch_size or settings.batch_size
+        self.max_buffered = max_buffered
+        self._routing = settings.routing
+        self._client = redis_client(settings, socket_timeout_s=settings.publish_timeout_s,
+                                    socket_connect_timeout_s=settings.publish_timeout_s)
+        self._ledger = Ledger(self._client, wait_replicas=settings.redis_wait_replicas,
+                              wait_timeout_ms=settings.redis_wait_timeout_ms)
+        self._celery: Celery = make_celery(settings, name="cgrid-producer")
+        self._buffer: list[Event] = []
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._last_error: RedisUnavailable | None = None
+        self._oldest_at = 0.0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if self.linger_s > 0:
+            self._thread = threading.Thread(target=self._linger_loop, name="cgrid-publisher", daemon=True)
+            self._thread.start()
+        atexit.register(self._close_at_exit)
+
+    # -- public API --------------------------------------------------------------------
+
+    def publish(self, event: Mapping[str, Any] | Event) -> str:
+        """Validate and buffer one event; returns its id. Raises InvalidEvent naming the
+        field, or RedisUnavailable when Redis is down and the buffer is full."""
+        parsed = event if isinstance(event, Event) else parse_event(event)
+        self._enqueue([parsed])
+        return parsed.id
+
+    def publish_many(self, events: Iterable[Mapping[str, Any] | Event]) -> list[str]:
+        """Validate all first (one bad event refuses the whole call), then buffer them."""
+        parsed = [e if isinstance(e, Event) else parse_event(e) for e in events]
+        self._enqueue(parsed)
+        return [e.id for e in parsed]
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Send everything buffered; returns once it is accepted in Redis."""
+        budget_s = self.settings.publish_timeout_s if timeout_s is None else timeout_s
+        give_up_at = time.monotonic() + budget_s
+        while True:
+            try:
+                self._send_buffered()
+                return
+            except RedisUnavailable:
+                if time.monotonic() >= give_up_at:
+                    raise
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        """Flush and stop. Raises RedisUnavailable if buffered events could not be sent;
+        they stay buffered, and calling ``close()`` again tries again."""
+        if not self._closed:
+            self._closed = True
+            with self._cond:
+                self._cond.notify_all()
+            if self._thread is not None:
+                self._thread.join(timeout=1)
+        self.flush()
+        atexit.unregister(self._close_at_exit)
+        self._client.close()
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger this publisher writes to (for tools such as replay)."""
+        return self._ledger
+
+    def discard(self) -> int:
+        """Drop the events buffered and not yet accepted (they will never be sent); returns
+        how many. For a caller that has told its own caller they were not accepted."""
+        with self._send_lock:
+            return len(self._take())
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except RedisUnavailable as e:
+            print(f"cgrid-s2s: {len(self._buffer)} published events were NOT accepted at exit: {e}",
+                  file=sys.stderr)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _enqueue(self, events: list[Event]) -> None:
+        if self._closed:
+            raise RedisUnavailable("publisher is closed")
+        if not events:
+            return
+        with self._cond:
+            if len(self._buffer) + len(events) > self.max_buffered:
+                error = self._last_error or RedisUnavailable("publish buffer is full")
+                raise RedisUnavailable(
+                    f"not accepted: {len(self._buffer)} events already wait to be sent ({error})"
+                )
+            first = not self._buffer
+            if first:
+                self._oldest_at = time.monotonic()
+            self._buffer.extend(events)
+            # Wake the sender for the first event (it starts the linger clock) and when a
+            # batch is full.
+            if self._thread is not None and (first or len(self._buffer) >= self.batch_size):
+                self._cond.notify()
+        if self._thread is None:
+            self._send_buffered()
+
+    def _take(self) -> list[Event]:
+        with self._cond:
+            taken, self._buffer = self._buffer, []
+            return taken
+
+    def _put_back(self, events: list[Event]) -> None:
+        with self._cond:
+            self._buffer[:0] = events
+
+    def _batches(self, events: list[Event]) -> list[tuple[str, list[Event]]]:
+        """The events in batches of at most ``batch_size``, each for one queue (the first
+        attempts of a group of buyers have a queue of their own: cgrid/routing.py)."""
+        size = self.batch_size
+        if not self._routing.grouped:
+            queue = self._routing.deliver_queue
+            return [(queue, events[start:start + size]) for start in range(0, len(events), size)]
+        by_queue: dict[str, list[Event]] = {}
+        queue_for = self._routing.queue_for
+        for event in events:
+            queue = queue_for(event.buyer, 1)
+            group = by_queue.get(queue)
+            if group is None:
+                by_queue[queue] = [event]
+            else:
+                group.append(event)
+        return [(queue, group[start:start + size])
+                for queue, group in by_queue.items() for start in range(0, len(group), size)]
+
+    def _send_buffered(self) -> None:
+        with self._send_lock:
+            batches = self._batches(self._take())
+            for index, (queue, batch) in enumerate(batches):
+                try:
+                    self._send(batch, queue)
+                except RedisUnavailable as e:
+                    self._put_back([event for _, rest in batches[index:] for event in rest])
+                    self._last_error = e
+                    raise
+            self._last_error = None
+
+    def _send(self, batch: list[Event], queue: str) -> None:
+        settings = self.settings
+        try:
+            sent_at_s, accepted = self._ledger.accept(
+                batch, ledger_ttl_s=settings.ledger_ttl_s, report_ttl_s=settings.report_ttl_s,
+                redeliver_after_s=settings.redeliver_after_s,
+            )
+        except NotReplicated as e:
+            # Not accepted: the ledger took them back (withdrawn), so none is called; they
+            # stay buffered and are sent again with the same ids. Should the withdrawal fail,
+            # the ledger holds them: sent again they are known (a no-op), and the sweeper
+            # sends their trigger once overdue, so they may still be delivered, once.
+            detail = ("withdrawn, not accepted" if e.withdrawn
+                      else "could not be withdrawn: they may still be delivered; publish them again with the same ids")
+            raise RedisUnavailable(
+                f"Redis at {mask_url(self.redis_url)} did not replicate the events ({detail}): {e}") from e
+        except redis.ResponseError as e:  # e.g. out of memory (maxmemory with noeviction)
+            raise RedisUnavailable(f"Redis at {mask_url(self.redis_url)} refused the events: {e}") from e
+        except redis.RedisError as e:
+            raise RedisUnavailable(f"Redis at {mask_url(self.redis_url)} is unreachable: {e}") from e
+        new_ids = [event.id for event, is_new in zip(batch, accepted, strict=True) if is_new]
+        if not new_ids:
+            return
+        try:
+            send_deliver(self._celery, new_ids, 1, sent_at_s, queue)
+        except Exception as e:
+            # The events are in the ledger, so they are accepted: the workers' sweeper
+            # sends their trigger again once it sees it was never delivered.
+            _log.warning("cgrid-s2s: the trigger of %d accepted events was not sent (%s); the workers' sweeper "
+                         "sends it within CGRID_REDELIVER_AFTER_S", len(new_ids), type(e).__name__)
+
+    def _linger_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                if not self._buffer:
+                    self._cond.wait()  # until the next first event, or close()
+                    continue
+                wait_s = self._oldest_at + self.linger_s - time.monotonic()
+                if wait_s > 0 and len(self._buffer) < self.batch_size:
+                    self._cond.wait(wait_s)
+                    continue
+            try:
+                self._send_buffered()
+            except RedisUnavailable:
+                time.sleep(0.2)

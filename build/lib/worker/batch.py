@@ -1,0 +1,71 @@
+"""What one delivery task does with its batch of event ids: claim them, hand them over."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from cgrid.logs import get_logger
+from cgrid.redis_conn import ride_out_redis
+from cgrid.routing import QUEUE_NAME
+from worker.poison import record_poison
+from worker.runtime import Runtime
+
+MAX_IDS_PER_TASK = 10_000
+
+
+def check_args(ids: Any, attempt: Any, sent_at: Any) -> str | None:
+    """Why a task message is malformed (poisoned), or None."""
+    if not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= 128 for i in ids):
+        return "ids: must be a list of event id strings"
+    if len(ids) > MAX_IDS_PER_TASK:
+        return f"ids: more than {MAX_IDS_PER_TASK}"
+    if attempt not in (1, 2) or isinstance(attempt, bool):
+        return "attempt: must be 1 or 2"
+    if isinstance(sent_at, bool) or not isinstance(sent_at, int | float) or not math.isfinite(sent_at):
+        return "sent_at: must be a finite number"
+    return None
+
+
+def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float,
+          parked_buyers: list[str], queue: str, stamp: list[str]) -> list[tuple[str, str]]:
+    """Claim, riding out a short Redis outage; a longer one leaves the events to the
+    sweeper (their trigger is resent), so nothing is lost by giving up. ``stamp`` receives
+    the claim's stamp."""
+    shortfalls = rt.ledger.replica_shortfalls
+    claimed = ride_out_redis(
+        lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s,
+                                parked_buyers=parked_buyers, queue=queue, stamp=stamp),
+        rt.settings.attempt_grace_s / 2,
+    )
+    if rt.ledger.replica_shortfalls != shortfalls:
+        get_logger().warning("claim_not_replicated", events=len(claimed), replicas=rt.settings.redis_wait_replicas,
+                             wait_ms=rt.settings.redis_wait_timeout_ms)
+    return claimed
+
+
+def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any, queue: Any = None) -> dict[str, int]:
+    """Claim attempt ``attempt_n`` of each id and queue the calls in this process's engine.
+    ``queue`` is the broker queue the trigger came from (its routing key)."""
+    problem = check_args(ids, attempt_n, sent_at_s)
+    if problem is not None:
+        record_poison(f"task arguments: {problem}", repr([ids, attempt_n, sent_at_s]))
+        return {"poisoned": 1}
+    if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
+        queue = rt.settings.routing.queue_for(None, attempt_n)
+    engine = rt.engine
+    claimed_total = 0
+    for start in range(0, len(ids), rt.settings.batch_size):
+        chunk = ids[start:start + rt.settings.batch_size]
+        engine.reserve(len(chunk))
+        parked_buyers: list[str] = []
+        stamp: list[str] = []
+        try:
+            claimed = claim(rt, chunk, attempt_n, float(sent_at_s), parked_buyers, queue, stamp)
+        except BaseException:
+            engine.submit([], attempt_n, reserved=len(chunk))
+            raise
+        engine.submit(claimed, attempt_n, reserved=len(chunk), parked_buyers=parked_buyers,
+                      claim_stamp=stamp[-1] if stamp else "")
+        claimed_total += len(claimed)
+    return {"ids": len(ids), "claimed": claimed_total}

@@ -1,0 +1,57 @@
+"""Per-process resources: settings, the ledger's Redis client and the delivery engine.
+Built lazily in each process, after fork (libcurl's multi handle must never cross a fork)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from cgrid.ledger import Ledger
+from cgrid.redis_conn import long_lived_client
+from cgrid.settings import Settings
+from delivery.engine import DeliveryEngine
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    ledger: Ledger
+    pid: int
+    _engine: DeliveryEngine | None = field(default=None, repr=False)
+
+    @property
+    def engine(self) -> DeliveryEngine:
+        if self._engine is None:
+            with _lock:
+                if self._engine is None:
+                    self._engine = DeliveryEngine(self.settings, self.ledger)
+        return self._engine
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until the attempts this process claimed are made and recorded (a process
+        that never delivered has nothing to wait for)."""
+        return self._engine is None or self._engine.drain(timeout_s)
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def get_runtime(settings: Settings) -> Runtime:
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        with _lock:
+            if _runtime is None or _runtime.pid != os.getpid():
+                _runtime = Runtime(
+                    settings=settings,
+                    ledger=Ledger(long_lived_client(settings), wait_replicas=settings.redis_wait_replicas,
+                                  wait_timeout_ms=settings.redis_wait_timeout_ms),
+                    pid=os.getpid(),
+                )
+    return _runtime
+
+
+def current_runtime() -> Runtime | None:
+    """This process's runtime, if it has made one (for shutdown)."""
+    return _runtime if _runtime is not None and _runtime.pid == os.getpid() else None

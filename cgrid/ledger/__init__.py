@@ -1,0 +1,31 @@
+"""The ledger: every accepted event's state and attempts in Redis (``ledger.py`` holds the
+key layout and the typed API; ``scripts/`` one Lua file per operation)."""
+
+from cgrid.ledger.ledger import (
+    CLAIM_WAIT_BACKOFF_S,
+    LATENCY_BUCKETS_MS,
+    NO_BUYER,
+    POISON_COUNT_KEY,
+    POISON_LIST_KEY,
+    PREFIX,
+    TERMINAL_STATES,
+    WAIT_DETAILS,
+    Counter,
+    Finish,
+    Ledger,
+    NotReplicated,
+    Outcome,
+    Park,
+    State,
+    WaitReason,
+    bucket_percentile,
+    day_of,
+    json_or_raw,
+    latency_bucket,
+)
+
+__all__ = [
+    "CLAIM_WAIT_BACKOFF_S", "LATENCY_BUCKETS_MS", "NO_BUYER", "POISON_COUNT_KEY", "POISON_LIST_KEY", "PREFIX",
+    "TERMINAL_STATES", "WAIT_DETAILS", "Counter", "Finish", "Ledger", "NotReplicated", "Outcome", "Park", "State",
+    "WaitReason", "bucket_percentile", "day_of", "json_or_raw", "latency_bucket",
+]

@@ -1,0 +1,493 @@
+"""The ledger (SPEC §6): every accepted event's state and attempts, kept in Redis.
+
+The ledger is the source of truth; Celery messages are only triggers. Every state change
+is one Lua script, so it is atomic however many workers, duplicate messages or sweepers
+race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
+
+- ``P ev:<id>``        hash: event JSON, state, attempts ``a1``/``a2``, claim bookkeeping
+- ``P due``            sorted set: id -> when the sweeper must look at it next
+- ``P report:<day>``   hash: ``<buyer>\t<counter>`` -> count, per UTC day of ``created_at``
+- ``P report:days``    sorted set of days that have counters
+- ``P watermark:<queue>`` newest ``sent_at`` of any trigger a worker has started from that
+                       broker queue (cgrid/routing.py)
+- ``P parked:<buyer>`` sorted set: id -> created_at, attempts waiting for room in the
+                       buyer's lane (claimed, then handed back unstarted: no attempt counted)
+- ``P parked:activity`` sorted set: buyer -> when its parked set was last touched
+- ``P failed:<day>:<buyer>`` set of the ids that ended ``failed``, for replay
+- ``P open:<kind>``      events accepted and not yet final, per kind (the backlog)
+- ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
+- ``P archive``        stream: every record that became final, until the archiver has written
+                       it to disk (``archive/files.py``); exists once an archiver has started
+
+The one-retry guard is the claim script (``scripts/claim.lua``): attempt ``n`` of an event can be claimed once,
+attempt 2 only after attempt 1 failed, so no event is called more than twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from cgrid.errors import CgridError
+from cgrid.event import Event
+from cgrid.routing import DELIVER_QUEUE, Routing
+
+PREFIX = "cgrid:"
+CLAIM_WAIT_BACKOFF_S = 10.0  # after a claim found too few replicas, claims stop waiting this long
+NO_BUYER = "-"
+# Poisoned messages (worker/poison.py): a capped list of the last ones, and a counter.
+POISON_LIST_KEY = PREFIX + "poison"
+POISON_COUNT_KEY = PREFIX + "poison:count"
+
+
+class NotReplicated(CgridError, redis.RedisError):
+    """The primary took a write that fewer replicas than CGRID_REDIS_WAIT_REPLICAS hold.
+    ``result`` is the script's answer; for an accept, ``withdrawn`` says whether its new
+    events were all taken back (else some may still be delivered)."""
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+        self.withdrawn = False
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    RETRY_SCHEDULED = "retry_scheduled"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+TERMINAL_STATES = frozenset({State.DELIVERED, State.FAILED, State.REJECTED, State.EXPIRED})
+
+
+class WaitReason(StrEnum):
+    """Why an accepted event waits without being called (``status`` shows it)."""
+
+    QUEUED = "queued"  # its trigger is on the queue, no worker has taken it yet
+    IN_FLIGHT = "in_flight"  # a worker claimed the attempt and is making the call
+    RETRY_DELAY = "retry_delay"  # its first attempt failed; the retry is not due yet
+    LANE_FULL = "lane_full"  # its buyer's lane had no room: parked in Redis, called in turn
+    PAUSED = "paused"  # its buyer is paused (buyers file): parked in Redis until resumed
+
+
+WAIT_DETAILS = {
+    WaitReason.QUEUED: "on the queue, waiting for a worker",
+    WaitReason.IN_FLIGHT: "a worker is making the call",
+    WaitReason.RETRY_DELAY: "the first attempt failed; the one retry waits for CGRID_RETRY_DELAY_S",
+    WaitReason.LANE_FULL: "the buyer's lane is at its limit of calls in flight (or throttled while the "
+                          "buyer fails): parked in Redis, called in creation order as the lane has room",
+    WaitReason.PAUSED: "the buyer is paused in the buyers file: parked in Redis, called in creation order "
+                       "once it is resumed (or expired at its maximum age)",
+}
+
+
+class Outcome(StrEnum):
+    """What one attempt (or the decision not to make one) came to."""
+
+    OK = "ok"
+    UNEXPECTED = "unexpected"
+    FAIL = "fail"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class Counter(StrEnum):
+    EVENTS = "events"
+    DELIVERED_FIRST = "delivered_first"
+    DELIVERED_RETRY = "delivered_retry"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    UNEXPECTED = "unexpected"
+
+
+@dataclass(frozen=True, slots=True)
+class Park:
+    """A claimed attempt handed back unstarted, to wait in its buyer's parked set."""
+
+    event_id: str
+    attempt_n: int
+    created_at_s: float
+    buyer: str
+    reason: WaitReason = WaitReason.LANE_FULL
+    claim_stamp: str = ""  # the claim's claimed_at, from claim() or pull() ('' = any claim)
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The result of one claimed attempt, to be written by :meth:`Ledger.finish`."""
+
+    event_id: str
+    outcome: Outcome
+    attempt_json: str = ""
+    reason: str = ""
+    retry_delay_s: float | None = None  # the buyer's, or None for CGRID_RETRY_DELAY_S
+    duration_ms: float | None = None  # of the call, for the report's latency (None: no call)
+    final_event: str = ""  # the event as a final record keeps it ('' = made by the script)
+
+
+# The scripts, one file per operation in scripts/, each opening with its KEYS, ARGV and
+# reply; common.lua, their shared prelude, goes in front of each (after a `#!lua` line).
+SCRIPTS_DIR = Path(__file__).parent / "scripts"
+
+
+def load_script(name: str) -> str:
+    """The source of one ledger operation's script, with the shared prelude."""
+    common = (SCRIPTS_DIR / "common.lua").read_text()
+    text = (SCRIPTS_DIR / f"{name}.lua").read_text()
+    if text.startswith("#!"):
+        shebang, _, rest = text.partition("\n")
+        return f"{shebang}\n{common}{rest}"
+    return common + text
+
+
+def _num(value: float) -> str:
+    return repr(float(value))
+
+
+def day_of(created_at_s: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(created_at_s))
+
+
+class Ledger:
+    """Typed access to the ledger scripts; one instance per process is enough."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = PREFIX, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 1000) -> None:
+        self.client = client
+        self.prefix = prefix
+        # With replicas (Sentinel), an accept counts only once this many replicas hold it
+        # (Redis WAIT), so a failover cannot lose an accepted event; a claim's call waits for
+        # them too, so a failover cannot forget a claim whose call is made (a third call).
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.replica_shortfalls = 0  # claims and pulls that went ahead short of their replicas
+        self._claims_wait_again_at = 0.0
+        self._accept = client.register_script(load_script("accept"))
+        self._claim = client.register_script(load_script("claim"))
+        self._finish = client.register_script(load_script("finish"))
+        self._sweep = client.register_script(load_script("sweep"))
+        self._park = client.register_script(load_script("park"))
+        self._pull = client.register_script(load_script("pull"))
+        self._withdraw = client.register_script(load_script("withdraw"))
+
+    def accept(
+        self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float
+    ) -> tuple[float, list[bool]]:
+        """Record new events as ``pending``. Returns the ledger's time (the trigger's
+        ``sent_at``) and, per event, False for an id the ledger already holds."""
+        args: list[Any] = [self.prefix, ledger_ttl_s, report_ttl_s, _num(redeliver_after_s)]
+        for event in events:
+            args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.to_json(), event.kind.value]
+        try:
+            now, *flags = self._replicated(self._accept, args, "accepted")
+        except NotReplicated as e:
+            now, *flags = e.result
+            e.withdrawn = self._withdraw_unreplicated(events, _text(now), flags)
+            raise
+        return float(_text(now)), [bool(flag) for flag in flags]
+
+    def _withdraw_unreplicated(self, events: list[Event], accepted_at: str, flags: list[Any]) -> bool:
+        """Take back the events an accept just recorded (those it found new) that no replica
+        holds; True when every one of them is withdrawn (none can be called)."""
+        args: list[Any] = [self.prefix, accepted_at]
+        for event, is_new in zip(events, flags, strict=True):
+            if int(is_new):
+                args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.kind.value]
+        if len(args) == 2:
+            return True
+        try:
+            return all(int(flag) for flag in self._withdraw(args=args))
+        except redis.RedisError:
+            return False
+
+    def claim(
+        self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float,
+        parked_buyers: list[str] | None = None, queue: str = DELIVER_QUEUE, stamp: list[str] | None = None,
+    ) -> list[tuple[str, str]]:
+        """Claim attempt ``attempt`` of each id; returns (id, event JSON) of those won. The
+        won events' buyers that have parked events are added to ``parked_buyers``. ``queue``
+        is the broker queue the trigger came from (its watermark moves). ``stamp`` receives
+        the claim's stamp, which a park of these attempts must show (:class:`Park`)."""
+        if not ids:
+            return []
+        args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue, *ids]
+        flat = [_text(item) for item in self._replicated(self._claim, args, "claimed", required=False)]
+        split = flat.index("|")
+        if stamp is not None:
+            stamp.append(flat[split + 1])
+        if parked_buyers is not None:
+            parked_buyers += flat[split + 2:]
+        return list(zip(flat[0:split:2], flat[1:split:2], strict=True))
+
+    def finish(
+        self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,
+        retry_delay_s: float,
+    ) -> list[str]:
+        """Write the outcomes of claimed attempts; returns each event's new state."""
+        if not results:
+            return []
+        args: list[Any] = [self.prefix, attempt, ledger_ttl_s, report_ttl_s, _num(retry_delay_s)]
+        for result in results:
+            delay = "" if result.retry_delay_s is None else _num(result.retry_delay_s)
+            bucket = "" if result.duration_ms is None else latency_bucket(result.duration_ms)
+            args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket,
+                     result.final_event]
+        return [_text(state) for state in self._finish(args=args)]
+
+    def _replicated(self, script: Script, args: list[Any], what: str, *, required: bool = True) -> Any:
+        """Run ``script``; with ``wait_replicas``, wait (WAIT, on the same connection) until
+        that many replicas hold its writes. Short of them after the timeout: an accept raises
+        :class:`NotReplicated` (the events are not counted as accepted); a claim or a pull
+        goes ahead (its call is made) and is counted in ``replica_shortfalls``: stopping
+        every call while a lone primary runs would hold back billing notices already
+        accepted, and a claim can only be forgotten by a failover to a replica that lacks it."""
+        if not self.wait_replicas or (not required and time.monotonic() < self._claims_wait_again_at):
+            return script(args=args)
+        pipe = self.client.pipeline(transaction=False)
+        script(args=args, client=pipe)
+        pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        result, replicas = pipe.execute()
+        if int(replicas) < self.wait_replicas:
+            if required:
+                raise NotReplicated(
+                    f"{what} by the Redis primary but held by {replicas} of the {self.wait_replicas} replica(s) "
+                    f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms", result,
+                )
+            # WAIT does not return early when replicas are missing: claims and pulls stop
+            # waiting for a while rather than each losing the whole timeout.
+            self.replica_shortfalls += 1
+            self._claims_wait_again_at = time.monotonic() + CLAIM_WAIT_BACKOFF_S
+        return result
+
+    def park(self, parks: list[Park]) -> list[bool]:
+        """Hand claimed attempts back unstarted, to wait in their buyer's parked set."""
+        if not parks:
+            return []
+        args: list[Any] = [self.prefix]
+        for park in parks:
+            args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer, park.reason.value,
+                     park.claim_stamp]
+        return [bool(flag) for flag in self._park(args=args)]
+
+    def pull(self, buyer: str, k: int, *, lease_s: float,
+             stamp: list[str] | None = None) -> tuple[int, list[tuple[int, str, str]]]:
+        """Claim the next attempt of up to ``k`` parked events of ``buyer``, oldest first.
+        Returns how many stay parked and (attempt n, id, event JSON) per claim; ``stamp``
+        receives the claims' stamp, as for :meth:`claim`."""
+        left, pull_stamp, *flat = self._replicated(self._pull, [self.prefix, buyer, k, _num(lease_s)], "pulled",
+                                                   required=False)
+        if stamp is not None:
+            stamp.append(_text(pull_stamp))
+        items = [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
+        return int(left), items
+
+    def sweep(
+        self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
+        routing: Routing, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 2700,
+        paused: Mapping[str, float] | None = None, retry_delays: Mapping[str, float] | None = None,
+    ) -> tuple[float, dict[str, list[str]], dict[str, list[str]]]:
+        """Handle events whose due time passed, and revive parked sets no worker touched for
+        ``revive_after_s``. Returns the ledger's time and the ids whose trigger must be
+        (re)sent, per queue (``routing``), for attempt 1 and for attempt 2."""
+        routed = routing.buyer_queues
+        args: list[str | int] = [self.prefix, limit, _num(redeliver_after_s), _num(retry_delay_s),
+                                 report_ttl_s, routing.deliver_queue, _num(revive_after_s), revive_batch,
+                                 ledger_ttl_s, routing.retry_queue, len(routed)]
+        for buyer, (first_queue, retry_queue) in routed.items():
+            args += [buyer, first_queue, retry_queue]
+        args.append(len(retry_delays or {}))
+        for buyer, delay_s in (retry_delays or {}).items():
+            args += [buyer, _num(delay_s)]
+        for buyer, max_age_s in (paused or {}).items():
+            args += [buyer, _num(max_age_s)]
+        now, sections, *flat = self._sweep(args=args)
+        sends: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
+        at = 0
+        for _ in range(int(sections)):
+            attempt_n, queue, count = int(flat[at]), _text(flat[at + 1]), int(flat[at + 2])
+            sends[attempt_n - 1].setdefault(queue, []).extend(_text(i) for i in flat[at + 3:at + 3 + count])
+            at += 3 + count
+        return float(_text(now)), sends[0], sends[1]
+
+    def record(self, event_id: str) -> dict[str, Any] | None:
+        """The ledger record as the ``status`` command prints it; None if unknown."""
+        raw = self.client.hgetall(self.prefix + "ev:" + event_id)
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        attempts = [json_or_raw(fields[key]) for key in ("a1", "a2") if key in fields]
+        record: dict[str, Any] = {
+            "id": event_id,
+            "state": fields.get("state"),
+            "attempts": attempts,
+            "event": json_or_raw(fields.get("event", "null")),
+            "accepted_at": float(fields.get("accepted_at", "0")),
+        }
+        if fields.get("claim", "0") != "0":
+            record["in_flight_attempt"] = int(fields["claim"])
+        if "retry_at" in fields and fields.get("state") == State.RETRY_SCHEDULED:
+            record["retry_at"] = float(fields["retry_at"])
+        if fields.get("reason"):
+            record["reason"] = fields["reason"]
+        if fields.get("replayed_as"):
+            record["replayed_as"] = fields["replayed_as"].split(" ")
+        if any(isinstance(a, dict) and a.get("unexpected_status") for a in attempts):
+            record["unexpected_status"] = True  # as the report counts it
+        waiting = _wait_reason(fields, now_s=time.time())
+        if waiting is not None:
+            record["waiting"] = {"reason": waiting.value, "detail": WAIT_DETAILS[waiting]}
+            if waiting in (WaitReason.LANE_FULL, WaitReason.PAUSED):
+                buyer = fields.get("buyer", NO_BUYER)
+                record["waiting"]["buyer"] = buyer
+                record["waiting"]["since"] = float(fields.get("waiting_since", "0"))
+        return record
+
+    def failed_ids(self, day: str, buyer: str) -> list[str]:
+        """The events of ``buyer`` created on ``day`` that ended ``failed`` or ``expired``
+        (uncalled: its buyer was down or paused too long), sorted: what replay sends."""
+        return sorted(_text(i) for i in self.client.smembers(f"{self.prefix}failed:{day}:{buyer}"))
+
+    def note_replay(self, event_id: str, replay_id: str) -> None:
+        """Link the original to the new event that replays it (``status`` shows it)."""
+        key = self.prefix + "ev:" + event_id
+        replays = self.client.hget(key, "replayed_as")
+        listed = [] if not replays else _text(replays).split(" ")
+        if replay_id not in listed:
+            self.client.hset(key, "replayed_as", " ".join([*listed, replay_id]))
+
+    def open_events(self) -> dict[str, int]:
+        """Events accepted and not yet final, per kind (``nurl``, ``burl``)."""
+        values = self.client.mget([f"{self.prefix}open:nurl", f"{self.prefix}open:burl"])
+        return {"nurl": int(values[0] or 0), "burl": int(values[1] or 0)}
+
+    def backlog(self) -> tuple[int, dict[str, int]]:
+        """Events in the due set (queued, in flight, retry waiting), and parked per buyer."""
+        buyers = [_text(b) for b in self.client.zrange(self.prefix + "parked:activity", 0, -1)]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(self.prefix + "due")
+        for buyer in buyers:
+            pipe.zcard(self.prefix + "parked:" + buyer)
+        due, *parked = pipe.execute()
+        return int(due), dict(zip(buyers, map(int, parked), strict=True))
+
+    def archive_backlog(self) -> tuple[int, float] | None:
+        """Final records not yet archived (the archive stream's length) and the age in
+        seconds of the oldest (by its entry id, Redis's clock); None when the archive is off
+        (no archiver ever made the stream)."""
+        key = self.prefix + "archive"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(key)
+        pipe.xlen(key)
+        pipe.xrange(key, count=1)
+        pipe.time()
+        exists, length, first, (now_s, now_us) = pipe.execute()
+        if not exists:
+            return None
+        oldest_s = 0.0
+        if first:
+            entry_ms = int(_text(first[0][0]).split("-")[0])
+            oldest_s = max(0.0, int(now_s) + int(now_us) / 1e6 - entry_ms / 1000)
+        return int(length), oldest_s
+
+    def poisoned(self) -> int:
+        """How many poisoned messages workers have dropped."""
+        return int(self.client.get(POISON_COUNT_KEY) or 0)
+
+    def report(self, days: int | None = None, *, day: str | None = None,
+               buyer: str | None = None) -> list[dict[str, Any]]:
+        """Counters per buyer and day, newest day first, with the calls' p50/p99 latency
+        (the upper bound of the bucket that holds it, in ms; None without calls)."""
+        if day is not None:
+            day_keys = [day] if self.client.zscore(self.prefix + "report:days", day) is not None else []
+        else:
+            day_keys = [_text(d) for d in self.client.zrevrange(
+                self.prefix + "report:days", 0, -1 if days is None else days - 1)]
+        rows: list[dict[str, Any]] = []
+        for day_key in day_keys:
+            per_buyer: dict[str, dict[str, Any]] = {}
+            buckets: dict[str, dict[str, int]] = {}
+            for field, count in self.client.hgetall(self.prefix + "report:" + day_key).items():
+                row_buyer, _, counter = _text(field).rpartition("\t")
+                if buyer is not None and row_buyer != buyer:
+                    continue
+                row = per_buyer.setdefault(
+                    row_buyer, {"day": day_key, "buyer": row_buyer, **{c.value: 0 for c in Counter}}
+                )
+                if counter.startswith("lat_"):
+                    buckets.setdefault(row_buyer, {})[counter[4:]] = int(count)
+                else:
+                    row[counter] = int(count)
+            for row_buyer, row in per_buyer.items():
+                row["calls_timed"] = sum(buckets.get(row_buyer, {}).values())
+                row["p50_ms"] = bucket_percentile(buckets.get(row_buyer, {}), 0.50)
+                row["p99_ms"] = bucket_percentile(buckets.get(row_buyer, {}), 0.99)
+            rows += [per_buyer[b] for b in sorted(per_buyer)]
+        return rows
+
+
+# Upper bounds (ms) of the report's latency buckets, about 1.5x apart: a percentile read
+# from them is the bound of the bucket that holds it. A call cannot outlast its deadline
+# (timeout_s is at most 60 s), so the last bucket is the end.
+LATENCY_BUCKETS_MS = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500, 700,
+                      1000, 1500, 2000, 3000, 5000, 7000, 10000, 15000, 20000, 30000, 60000)
+
+
+def latency_bucket(duration_ms: float) -> str:
+    """The name of the bucket a call's duration falls in (its upper bound in ms)."""
+    for bound in LATENCY_BUCKETS_MS:
+        if duration_ms <= bound:
+            return str(bound)
+    return str(LATENCY_BUCKETS_MS[-1])
+
+
+def bucket_percentile(counts: dict[str, int], q: float) -> float | None:
+    """The upper bound of the bucket holding the q-th call (nearest rank); None if none."""
+    total = sum(counts.values())
+    if not total:
+        return None
+    rank = max(1, math.ceil(total * q))
+    seen = 0
+    for bound in LATENCY_BUCKETS_MS:
+        seen += counts.get(str(bound), 0)
+        if seen >= rank:
+            return float(bound)
+    return float(LATENCY_BUCKETS_MS[-1])
+
+
+def _wait_reason(fields: dict[str, str], now_s: float) -> WaitReason | None:
+    """Why a non-terminal event is not being called right now."""
+    state = fields.get("state")
+    if state not in (State.PENDING, State.RETRY_SCHEDULED):
+        return None
+    if fields.get("claim", "0") != "0":
+        return WaitReason.IN_FLIGHT
+    if fields.get("wait"):
+        return WaitReason(fields["wait"]) if fields["wait"] in WaitReason._value2member_map_ else None
+    if state == State.RETRY_SCHEDULED and now_s < float(fields.get("retry_at", "0")):
+        return WaitReason.RETRY_DELAY
+    return WaitReason.QUEUED
+
+
+def json_or_raw(text: str) -> Any:
+    """Decoded JSON; a corrupt value is shown as it is rather than breaking ``status``."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"unreadable": text[:1000]}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,52 @@
+-- claim: claims attempt n of each id that may have it. This is the one-retry guard:
+-- attempt n of an event can be claimed once, attempt 2 only after attempt 1 failed.
+-- KEYS:  none (key names are built from the prefix: ev:<id>, due, watermark:<queue>,
+--        parked:<buyer>)
+-- ARGV:  prefix, attempt n, lease_s, sent_at (of the trigger, by this clock), the queue the
+--        trigger came from, then the ids
+-- Reply: {id, event_json} per claimed event, then '|', this claim's stamp (its claimed_at),
+--        then the claimed events' buyers that have parked events
+local n, lease, sent_at = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local wm_key = prefix .. 'watermark:' .. ARGV[5]
+local wm = tonumber(redis.call('GET', wm_key) or '0')
+-- (never past this script's own time: a trigger stamped in the future must not make every
+-- older trigger of its queue look lost)
+if sent_at > wm then
+  if sent_at > now then redis.call('SET', wm_key, now_text) else redis.call('SET', wm_key, ARGV[4]) end
+end
+local out = {}
+local seen, parked = {}, {}
+for i = 6, #ARGV do
+  local id = ARGV[i]
+  local key = prefix .. 'ev:' .. id
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event', 'wait', 'buyer')
+  local state, claim = rec[1], tonumber(rec[2] or '0')
+  local ok = false
+  -- A parked event (wait set) is claimed by its lane's pull, never by a stray trigger.
+  if claim == 0 and not rec[7] then
+    if n == 1 then
+      ok = state == 'pending' and not rec[3]
+    else
+      ok = state == 'retry_scheduled' and rec[3] and not rec[4]
+        and now >= tonumber(rec[5] or '0') - 1
+    end
+  end
+  if ok then
+    redis.call('HSET', key, 'claim', n, 'claimed_at', now_text)
+    redis.call('ZADD', prefix .. 'due', now + lease, id)
+    out[#out + 1] = id
+    out[#out + 1] = rec[6]
+    local buyer = rec[8]
+    if buyer and not seen[buyer] then
+      seen[buyer] = true
+      if redis.call('EXISTS', prefix .. 'parked:' .. buyer) == 1 then parked[#parked + 1] = buyer end
+    end
+  end
+end
+-- Then this claim's stamp (its claimed_at: a park must show it, see park.lua), and the claimed
+-- events' buyers that have parked events: their lanes must pull them (a worker that parked
+-- them may be gone) and let new events wait behind them.
+out[#out + 1] = '|'
+out[#out + 1] = now_text
+for _, buyer in ipairs(parked) do out[#out + 1] = buyer end
+return out

@@ -1,0 +1,48 @@
+-- pull: claims the next attempt of up to k parked events of a buyer, oldest first.
+-- KEYS:  none (key names are built from the prefix: parked:<buyer>, ev:<id>, due,
+--        parked:activity)
+-- ARGV:  prefix, buyer, k, lease
+-- Reply: {how many stay parked, this pull's stamp (claimed_at), then n, id, event_json per
+--        claim}
+local buyer, k, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local pkey = prefix .. 'parked:' .. buyer
+local out = {0, now_text}  -- how many stay parked, this pull's stamp (claimed_at), then claims
+local got = 0
+local later = {}
+while got < k do
+  local popped = redis.call('ZPOPMIN', pkey, k - got)
+  if #popped == 0 then break end
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local key = prefix .. 'ev:' .. id
+    local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'event', 'retry_at')
+    local n = nil
+    if tonumber(rec[2] or '0') == 0 then
+      if rec[1] == 'pending' and not rec[3] then n = 1
+      elseif rec[1] == 'retry_scheduled' and rec[3] and not rec[4]
+          and now >= tonumber(rec[6] or '0') - 1 then n = 2
+      elseif rec[1] == 'retry_scheduled' and rec[3] and not rec[4] then
+        -- Its retry is not due yet: it stays parked (a pull never shortens the delay).
+        later[#later + 1] = {popped[i + 1], id}
+      end
+    end
+    if n then
+      redis.call('HSET', key, 'claim', n, 'claimed_at', now_text)
+      redis.call('HDEL', key, 'wait', 'waiting_since')
+      redis.call('ZADD', prefix .. 'due', now + lease, id)
+      out[#out + 1] = n
+      out[#out + 1] = id
+      out[#out + 1] = rec[5]
+      got = got + 1
+    end
+  end
+end
+for _, entry in ipairs(later) do redis.call('ZADD', pkey, entry[1], entry[2]) end
+local left = redis.call('ZCARD', pkey)
+out[1] = left
+if left == 0 then
+  redis.call('ZREM', prefix .. 'parked:activity', buyer)
+else
+  redis.call('ZADD', prefix .. 'parked:activity', now, buyer)
+end
+return out

@@ -1,0 +1,148 @@
+-- sweep: looks at events whose due time has passed (lost claims end their attempt `lost`;
+-- due retries and lost triggers are sent), and at parked sets no worker has touched for
+-- revive_after (their workers are gone): a few of those are sent again as triggers. A paused
+-- buyer's parked events are left alone, but those past its maximum age end `expired`.
+-- KEYS:  none (key names are built from the prefix: due, ev:<id>, parked:<buyer>,
+--        parked:activity, watermark:<queue>, report:<day>, failed:<day>:<buyer>, archive;
+--        and the broker queues' lists, by name)
+-- ARGV:  prefix, limit, redeliver_after, retry_delay, report_ttl, deliver queue,
+--        revive_after, revive_batch, ledger_ttl, retry queue, the number of buyers with
+--        queues of their own, then per such buyer: its id, its first-attempt queue and its
+--        retry queue; then how many buyers have their own retry delay and those (buyer,
+--        delay) pairs; then per paused buyer: its id and maximum event age
+-- Reply: {time, number of sections, then per section: attempt n, queue, count, ids...}
+local limit, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3])
+local delay, report_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local revive_after, revive_batch, ledger_ttl = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local default_queue = {ARGV[6], ARGV[10]}
+local routed, n_routed = {}, tonumber(ARGV[11])
+for i = 12, 11 + 3 * n_routed, 3 do routed[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]} end
+local function queue_of(buyer, n)
+  return (routed[buyer] or default_queue)[n]
+end
+-- Per queue, read once: is it empty, and the newest sent_at of a trigger a worker started
+-- from it. Queues are FIFO, so a trigger older than one already started (by more than
+-- redeliver) was lost; another queue's progress says nothing about it.
+local queues = {}
+local function trigger_lost(queue, sent_at)
+  local q = queues[queue]
+  if not q then
+    q = {redis.call('LLEN', queue) == 0, tonumber(redis.call('GET', prefix .. 'watermark:' .. queue) or '0')}
+    queues[queue] = q
+  end
+  return q[1] or q[2] > sent_at + redeliver
+end
+local sections, by_key = {}, {}
+local function send(n, buyer, id)
+  local queue = queue_of(buyer, n)
+  local section = by_key[n .. queue]
+  if not section then
+    section = {n, queue}
+    by_key[n .. queue] = section
+    sections[#sections + 1] = section
+  end
+  section[#section + 1] = id
+end
+-- Then: how many buyers have their own retry delay, those (buyer, delay) pairs, and the
+-- paused buyers' (buyer, maximum age) pairs.
+local own_delay, delays_at = {}, 12 + 3 * n_routed
+local n_delays = tonumber(ARGV[delays_at])
+for i = delays_at + 1, delays_at + 2 * n_delays, 2 do own_delay[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local paused = {}
+for i = delays_at + 1 + 2 * n_delays, #ARGV, 2 do
+  local buyer, max_age = ARGV[i], tonumber(ARGV[i + 1])
+  paused[buyer] = true
+  local pkey = prefix .. 'parked:' .. buyer
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', pkey, '-inf', now - max_age, 'LIMIT', 0, limit)) do
+    local key = prefix .. 'ev:' .. id
+    local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'event')
+    if tonumber(rec[2] or '0') == 0 and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
+      redis.call('HSET', key, 'state', 'expired',
+        'reason', 'past its maximum age of ' .. max_age .. 's while its buyer was paused')
+      redis.call('HDEL', key, 'wait', 'waiting_since')
+      closed(key)
+      finalize(key, rec[4], 'expired')
+      redis.call('ZREM', prefix .. 'due', id)
+      redis.call('EXPIRE', key, ledger_ttl)
+      bump(rec[3], buyer, 'expired', report_ttl)
+      note_failed(rec[3], buyer, id, ledger_ttl)
+      archive(key, id, 'expired')
+    end
+    redis.call('ZREM', pkey, id)
+  end
+end
+local due = prefix .. 'due'
+local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  local key = prefix .. 'ev:' .. id
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event')
+  local state, claim = rec[1], tonumber(rec[2] or '0')
+  if not state or (state ~= 'pending' and state ~= 'retry_scheduled') then
+    redis.call('ZREM', due, id)
+  elseif claim ~= 0 then
+    -- The attempt was claimed but never finished in its lease: its worker died. It
+    -- counts as a failed attempt (SPEC §5).
+    local lost = '{"n":' .. claim .. ',"started_at":' .. (rec[3] or '0') ..
+      ',"ms":null,"status":null,"error":"lost"}'
+    redis.call('HSET', key, 'a' .. claim, lost, 'claim', 0)
+    if claim == 1 then
+      local retry_at = now + (own_delay[rec[6]] or delay)  -- the buyer's retry delay, if it has one
+      redis.call('HSET', key, 'state', 'retry_scheduled', 'retry_at', stamp(retry_at))
+      redis.call('HDEL', key, 'sent_at')
+      redis.call('ZADD', due, retry_at, id)
+    else
+      redis.call('HSET', key, 'state', 'failed')
+      redis.call('ZREM', due, id)
+      closed(key)
+      finalize(key, rec[7], 'failed')
+      redis.call('EXPIRE', key, ledger_ttl)
+      bump(rec[5], rec[6], 'failed', report_ttl)
+      note_failed(rec[5], rec[6], id, ledger_ttl)
+      archive(key, id, 'failed')
+    end
+  else
+    local sent_at = tonumber(rec[4] or '-1')
+    -- A trigger is (re)sent when none was sent yet (a due retry), or when the one sent
+    -- must have been lost: its queue is empty, or workers already started newer ones from it.
+    local n = state == 'pending' and 1 or 2
+    if sent_at < 0 or trigger_lost(queue_of(rec[6], n), sent_at) then
+      redis.call('HSET', key, 'sent_at', now_text)
+      send(n, rec[6], id)
+    end
+    redis.call('ZADD', due, now + redeliver, id)
+  end
+end
+local activity = prefix .. 'parked:activity'
+for _, buyer in ipairs(redis.call('ZRANGEBYSCORE', activity, '-inf', now - revive_after, 'LIMIT', 0, 100)) do
+  if paused[buyer] then
+    redis.call('ZADD', activity, now, buyer)
+  else
+  local pkey = prefix .. 'parked:' .. buyer
+  local popped = redis.call('ZPOPMIN', pkey, revive_batch)
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local key = prefix .. 'ev:' .. id
+    local rec = redis.call('HMGET', key, 'state', 'claim')
+    if tonumber(rec[2] or '0') == 0 and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
+      redis.call('HSET', key, 'sent_at', now_text)
+      redis.call('HDEL', key, 'wait', 'waiting_since')
+      redis.call('ZADD', due, now + redeliver, id)
+      send(rec[1] == 'pending' and 1 or 2, buyer, id)
+    end
+  end
+  if redis.call('ZCARD', pkey) == 0 then
+    redis.call('ZREM', activity, buyer)
+  else
+    redis.call('ZADD', activity, now, buyer)
+  end
+  end
+end
+write_bumps()
+local out = {now_text, #sections}
+for _, section in ipairs(sections) do
+  out[#out + 1] = section[1]
+  out[#out + 1] = section[2]
+  out[#out + 1] = #section - 2
+  for j = 3, #section do out[#out + 1] = section[j] end
+end
+return out

@@ -1,0 +1,225 @@
+"""Buyer lanes: how one worker process shares its calls among buyers (pure logic, no I/O).
+
+Every buyer has a lane (events without a buyer share one). A lane has at most its cap of
+calls in flight in this process; the process has at most ``call_slots`` in flight in all.
+Lanes with work and room take turns for free slots (round robin). An attempt that cannot
+start soon — its lane is at its cap, it has waited ``wait_s`` and its lane is still full —
+is *parked*: handed back to Redis unstarted, and pulled again, oldest first, when the
+lane has room. So a buyer that hangs holds at most its lane's cap of calls and, briefly, a
+few waiting attempts; never the process.
+
+The cap adapts (AIMD, as TCP's window does): a call that times out or cannot connect halves
+it, at most once per ``timeout_s`` (a burst of timeouts from one outage is one signal);
+every HTTP answer widens it by one, up to the lane's maximum. It never closes below
+``MIN_CAP``: a dead buyer's events still get their calls, at its lane's pace.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from delivery.classify import ErrorClass
+
+T = TypeVar("T")
+
+MIN_CAP = 1.0
+# Failures that say "this buyer is not answering": they narrow its lane. A 5xx is an
+# answer (the buyer is up and quick to say no), so it does not.
+TROUBLE = frozenset({ErrorClass.TIMEOUT, ErrorClass.CONNECT_TIMEOUT, ErrorClass.CONNECT_REFUSED})
+
+
+@dataclass(frozen=True)
+class LaneLimits:
+    max_concurrency: int
+    timeout_s: float
+    paused: bool = False  # a paused lane admits nothing and pulls nothing: all of it parks
+
+
+@dataclass(eq=False)
+class Lane(Generic[T]):
+    buyer: str
+    limits: LaneLimits
+    cap: float = 0.0
+    in_flight: int = 0
+    queue: deque[tuple[T, float]] = field(default_factory=deque)  # (item, when it joined)
+    backlog: bool = False  # Redis holds parked events of this lane (as far as we know)
+    parks: int = 0  # parks issued, so a pull that raced a park cannot clear ``backlog``
+    pulling: bool = False
+    next_pull_at: float = 0.0  # after a pull that found nothing callable, wait a little
+    next_cut_at: float = 0.0
+    failures_in_row: int = 0
+    ready: bool = False  # in the scheduler's round-robin ring
+
+    def __post_init__(self) -> None:
+        self.cap = float(self.limits.max_concurrency)
+
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= int(self.cap)
+
+    @property
+    def room(self) -> int:
+        """How many more attempts the lane could start now."""
+        return max(0, int(self.cap) - self.in_flight - len(self.queue))
+
+    @property
+    def throttled(self) -> bool:
+        return self.cap < self.limits.max_concurrency
+
+
+class Lanes(Generic[T]):
+    """The lanes of one process and its call slots."""
+
+    def __init__(self, call_slots: int, limits_for: Callable[[str], LaneLimits], wait_s: float = 0.25) -> None:
+        self.call_slots = call_slots
+        self.limits_for = limits_for
+        self.wait_s = wait_s
+        self.lanes: dict[str, Lane[T]] = {}
+        self._ready: deque[Lane[T]] = deque()
+        self._queued: dict[str, Lane[T]] = {}  # lanes with waiting attempts
+        self._backlogged: dict[str, Lane[T]] = {}
+        self.in_flight = 0
+        self.waiting = 0
+        # A lane at its cap may hold this many waiting attempts (each for at most wait_s);
+        # beyond, new ones park at once: worker memory stays bounded.
+        self.queue_max_per_cap = 2
+
+    def lane(self, buyer: str) -> Lane[T]:
+        lane = self.lanes.get(buyer)
+        if lane is None:
+            lane = self.lanes[buyer] = Lane(buyer, self.limits_for(buyer))
+        return lane
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.call_slots - self.in_flight - self.waiting)
+
+    def admit(self, buyer: str, item: T, now_s: float) -> bool:
+        """Queue ``item`` in its lane; False when it must park instead. While the lane has
+        parked events, new ones park behind them, in creation order."""
+        lane = self.lane(buyer)
+        if lane.backlog or lane.limits.paused or (
+                lane.full and len(lane.queue) >= self.queue_max_per_cap * max(1, int(lane.cap))):
+            self._mark_backlog(lane)
+            return False
+        self._enqueue(lane, item, now_s)
+        return True
+
+    def admit_pulled(self, buyer: str, item: T, now_s: float) -> None:
+        """Queue an item pulled from the lane's parked set (room was checked at the pull)."""
+        self._enqueue(self.lane(buyer), item, now_s)
+
+    def _enqueue(self, lane: Lane[T], item: T, now_s: float) -> None:
+        lane.queue.append((item, now_s))
+        self.waiting += 1
+        self._queued[lane.buyer] = lane
+        self._make_ready(lane)
+
+    def _make_ready(self, lane: Lane[T]) -> None:
+        if not lane.ready and lane.queue and not lane.full:
+            lane.ready = True
+            self._ready.append(lane)
+
+    def next_to_start(self) -> tuple[Lane[T], T] | None:
+        """The next item to call, taking lanes in turn; None when no slot or no work."""
+        while self._ready and self.in_flight < self.call_slots:
+            lane = self._ready.popleft()
+            lane.ready = False
+            if not lane.queue or lane.full:
+                continue
+            item, _ = lane.queue.popleft()
+            self.waiting -= 1
+            if not lane.queue:
+                self._queued.pop(lane.buyer, None)
+            lane.in_flight += 1
+            self.in_flight += 1
+            self._make_ready(lane)
+            return lane, item
+        return None
+
+    def finished(self, lane: Lane[T], *, answered: bool, error: ErrorClass | None, now_s: float) -> None:
+        """A call of ``lane`` ended: with an HTTP answer, or a failure ``error`` (None for a
+        call that was not made)."""
+        lane.in_flight -= 1
+        self.in_flight -= 1
+        if answered:
+            lane.failures_in_row = 0
+            lane.cap = min(float(lane.limits.max_concurrency), lane.cap + 1)
+        elif error in TROUBLE:
+            lane.failures_in_row += 1
+            if now_s >= lane.next_cut_at:
+                lane.cap = max(MIN_CAP, lane.cap / 2)
+                lane.next_cut_at = now_s + lane.limits.timeout_s
+        self._make_ready(lane)
+
+    def overdue(self, now_s: float) -> list[T]:
+        """Waiting attempts that cannot start soon: their lane is full and they have waited
+        ``wait_s``. They are taken out of their lanes: park them."""
+        out: list[T] = []
+        for buyer, lane in list(self._queued.items()):
+            if not lane.full:
+                continue
+            before = len(out)
+            while lane.queue and now_s - lane.queue[0][1] >= self.wait_s:
+                out.append(lane.queue.popleft()[0])
+                self.waiting -= 1
+            if not lane.queue:
+                del self._queued[buyer]
+            if len(out) > before:
+                self._mark_backlog(lane)
+        return out
+
+    def note_backlog(self, buyer: str) -> None:
+        """Redis holds parked events of this buyer (parked by any process): pull them, and
+        let new events park behind them."""
+        lane = self.lane(buyer)
+        if not lane.backlog:
+            self._mark_backlog(lane)
+
+    def _mark_backlog(self, lane: Lane[T]) -> None:
+        lane.backlog = True
+        lane.parks += 1
+        self._backlogged[lane.buyer] = lane
+
+    def pulls_wanted(self, max_k: int, now_s: float = 0.0) -> list[tuple[Lane[T], int]]:
+        """Lanes with parked events and room, and how many to pull for each."""
+        wanted = []
+        free = self.free_slots
+        for lane in self._backlogged.values():
+            if free <= 0:
+                break
+            if not lane.pulling and lane.room > 0 and not lane.limits.paused and now_s >= lane.next_pull_at:
+                k = min(lane.room, free, max_k)
+                lane.pulling = True
+                wanted.append((lane, k))
+                free -= k
+        return wanted
+
+    def update_limits(self) -> list[T]:
+        """Apply new limits (a reloaded buyers file) to every lane. A narrower maximum takes
+        effect at once; a wider one is reached by the usual one-per-answer growth. Returns
+        the waiting attempts of lanes that are now paused: park them."""
+        out: list[T] = []
+        for lane in self.lanes.values():
+            lane.limits = self.limits_for(lane.buyer)
+            lane.cap = min(lane.cap, float(lane.limits.max_concurrency))
+            if lane.limits.paused and lane.queue:
+                out += [item for item, _ in lane.queue]
+                self.waiting -= len(lane.queue)
+                lane.queue.clear()
+                self._queued.pop(lane.buyer, None)
+                self._mark_backlog(lane)
+            self._make_ready(lane)
+        return out
+
+    def pulled(self, lane: Lane[T], left: int, parks_at_request: int, *, got: int = 1, now_s: float = 0.0) -> None:
+        """A pull came back with ``got`` events; ``left`` stay parked in Redis."""
+        lane.pulling = False
+        if got == 0 and left > 0:  # nothing callable yet (a retry not due): do not spin on it
+            lane.next_pull_at = now_s + 1.0
+        if left == 0 and lane.parks == parks_at_request:
+            lane.backlog = False
+            self._backlogged.pop(lane.buyer, None)
