@@ -153,6 +153,10 @@ def load_script(name: str) -> str:
     return common + text
 
 
+# Read once, when this module is imported; each Ledger registers them with its client.
+SCRIPTS = {name: load_script(name) for name in ("accept", "claim", "finish", "park", "pull", "sweep", "withdraw")}
+
+
 def _num(value: float) -> str:
     return repr(float(value))
 
@@ -175,13 +179,13 @@ class Ledger:
         self.wait_timeout_ms = wait_timeout_ms
         self.replica_shortfalls = 0  # claims and pulls that went ahead short of their replicas
         self._claims_wait_again_at = 0.0
-        self._accept = client.register_script(load_script("accept"))
-        self._claim = client.register_script(load_script("claim"))
-        self._finish = client.register_script(load_script("finish"))
-        self._sweep = client.register_script(load_script("sweep"))
-        self._park = client.register_script(load_script("park"))
-        self._pull = client.register_script(load_script("pull"))
-        self._withdraw = client.register_script(load_script("withdraw"))
+        self._accept = client.register_script(SCRIPTS["accept"])
+        self._claim = client.register_script(SCRIPTS["claim"])
+        self._finish = client.register_script(SCRIPTS["finish"])
+        self._sweep = client.register_script(SCRIPTS["sweep"])
+        self._park = client.register_script(SCRIPTS["park"])
+        self._pull = client.register_script(SCRIPTS["pull"])
+        self._withdraw = client.register_script(SCRIPTS["withdraw"])
 
     def accept(
         self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float
