@@ -29,7 +29,8 @@ from redis.sentinel import Sentinel
 from cgrid.redis_url import mask_url, parse_sentinel_url
 from cgrid.settings import REDIS_SOCKET_TIMEOUT_S, Settings
 
-__all__ = ["celery_connection_conf", "long_lived_client", "mask_url", "redis_client", "ride_out_redis", "tls_files"]
+__all__ = ["broker_client", "celery_connection_conf", "long_lived_client", "mask_url", "redis_client",
+           "ride_out_redis", "tls_files"]
 T = TypeVar("T")
 
 
@@ -46,8 +47,9 @@ def _tls_options(settings: Settings) -> dict[str, Any]:
 
 
 def redis_client(settings: Settings, *, socket_timeout_s: float, socket_connect_timeout_s: float,
-                 health_check_interval_s: int = 0) -> redis.Redis:
-    """A redis-py client for the ledger, the sweeper, the producer and the command line.
+                 health_check_interval_s: int = 0, url: str = "") -> redis.Redis:
+    """A redis-py client for the ledger, the sweeper, the producer and the command line: of
+    the ledger's Redis (``CGRID_REDIS_URL``), or of ``url`` (the broker's, in the same forms).
 
     With Sentinel it is the primary's client: after a failover its next command finds the
     new primary (a command caught by the failover raises a ``redis.ConnectionError``, which
@@ -57,7 +59,7 @@ def redis_client(settings: Settings, *, socket_timeout_s: float, socket_connect_
         "socket_connect_timeout": socket_connect_timeout_s,
         "health_check_interval": health_check_interval_s,
     }
-    url = settings.redis_url
+    url = url or settings.redis_url
     if url.startswith("sentinel://"):
         target = parse_sentinel_url(url)
         if settings.redis_sentinel_tls:
@@ -87,12 +89,13 @@ def _sentinel_kwargs(settings: Settings) -> dict[str, Any]:
 def celery_connection_conf(settings: Settings, transport_options: dict[str, Any]) -> dict[str, Any]:
     """The Celery settings that say how to reach the broker (``broker_url``, its transport
     options, ``broker_use_ssl``); Flower reads the same ones."""
-    conf: dict[str, Any] = {"broker_url": settings.redis_url}
+    url = settings.broker
+    conf: dict[str, Any] = {"broker_url": url}
     options = dict(transport_options)
-    if settings.redis_url.startswith("sentinel://"):
+    if url.startswith("sentinel://"):
         options["master_name"] = settings.redis_master_name
         options["sentinel_kwargs"] = _sentinel_kwargs(settings)
-    if settings.redis_url.startswith("rediss://") or settings.redis_sentinel_tls:
+    if url.startswith("rediss://") or settings.redis_sentinel_tls:
         conf["broker_use_ssl"] = _tls_options(settings)
     conf["broker_transport_options"] = options
     return conf
@@ -103,6 +106,14 @@ def long_lived_client(settings: Settings) -> redis.Redis:
     archiver, the poison records): the workers' socket timeout and a health check."""
     return redis_client(settings, socket_timeout_s=REDIS_SOCKET_TIMEOUT_S,
                         socket_connect_timeout_s=settings.publish_timeout_s, health_check_interval_s=30)
+
+
+def broker_client(settings: Settings) -> redis.Redis:
+    """A redis-py client of the broker's Redis (``CGRID_BROKER_URL``): the sweeper reads the
+    queues' lengths there."""
+    return redis_client(settings, socket_timeout_s=REDIS_SOCKET_TIMEOUT_S,
+                        socket_connect_timeout_s=settings.publish_timeout_s, health_check_interval_s=30,
+                        url=settings.broker)
 
 
 def ride_out_redis(call: Callable[[], T], budget_s: float) -> T:

@@ -80,6 +80,8 @@ class Settings:
     """Every knob of the fleet. Names of the SPEC §9 variables are fixed; the rest are ours."""
 
     redis_url: str = "redis://localhost:6379/0"
+    # CGRID_BROKER_URL: Celery's broker (and Flower's); '' = the ledger's Redis, CGRID_REDIS_URL
+    broker_url: str = ""
     # How Redis is reached beyond the URL (cgrid/redis_conn.py):
     redis_master_name: str = "mymaster"  # CGRID_REDIS_MASTER_NAME: the primary's name in Sentinel
     redis_sentinel_password: str = ""  # CGRID_REDIS_SENTINEL_PASSWORD: the sentinels' own password
@@ -125,11 +127,17 @@ class Settings:
     # CGRID_BUYER_QUEUES: (queue, buyers) per group of buyers with queues of their own
     buyer_queues: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
+    @property
+    def broker(self) -> str:
+        """The broker's URL: CGRID_BROKER_URL, else the ledger's Redis."""
+        return self.broker_url or self.redis_url
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         settings = cls(
             redis_url=env.get("CGRID_REDIS_URL", "").strip() or cls.redis_url,
+            broker_url=env.get("CGRID_BROKER_URL", "").strip(),
             redis_master_name=env.get("CGRID_REDIS_MASTER_NAME", cls.redis_master_name).strip(),
             redis_sentinel_password=env.get("CGRID_REDIS_SENTINEL_PASSWORD", ""),
             redis_sentinel_tls=_flag(env, "CGRID_REDIS_SENTINEL_TLS", cls.redis_sentinel_tls),
@@ -199,9 +207,14 @@ class Settings:
         """Refuse combinations that would break the one-retry and nothing-lost guarantees."""
         if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CGRID_LOG_LEVEL: {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
-        check_redis_url(self.redis_url, master_name=self.redis_master_name, sentinel_tls=self.redis_sentinel_tls,
-                        tls_files=bool(self.redis_ca_file or self.redis_cert_file or self.redis_key_file),
-                        cert_file=self.redis_cert_file, key_file=self.redis_key_file)
+        for name, url in (("CGRID_REDIS_URL", self.redis_url), ("CGRID_BROKER_URL", self.broker_url)):
+            try:
+                check_redis_url(url or self.redis_url, master_name=self.redis_master_name,
+                                sentinel_tls=self.redis_sentinel_tls,
+                                tls_files=bool(self.redis_ca_file or self.redis_cert_file or self.redis_key_file),
+                                cert_file=self.redis_cert_file, key_file=self.redis_key_file)
+            except ConfigError as e:  # the same forms and TLS settings: the message names the variable
+                raise ConfigError(str(e).replace("CGRID_REDIS_URL", name)) from None
         # A WAIT that outlasts the client's socket timeout is cut off after its script ran:
         # the caller would try the claim again, find it taken, and the attempt be lost.
         wait_limit_ms = min(self.publish_timeout_s, REDIS_SOCKET_TIMEOUT_S) * 1000 / 2

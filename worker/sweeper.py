@@ -52,20 +52,23 @@ def send_triggers(app: Celery, by_queue: dict[str, list[str]], attempt_n: int, b
     return sent
 
 
-def queue_depths(ledger: Ledger, routing: Routing) -> dict[str, int]:
-    """Triggers waiting on each queue of the routing."""
-    pipe = ledger.client.pipeline(transaction=False)
+def queue_depths(broker: redis.Redis, routing: Routing) -> dict[str, int]:
+    """Triggers waiting on each queue of the routing, read on the broker's Redis."""
+    pipe = broker.pipeline(transaction=False)
     for queue in routing.queues:
         pipe.llen(queue)
     return dict(zip(routing.queues, map(int, pipe.execute()), strict=True))
 
 
 def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str, float] | None = None,
-               retry_delays: dict[str, float] | None = None) -> int:
+               retry_delays: dict[str, float] | None = None, broker: redis.Redis | None = None) -> int:
     """One pass; returns how many triggers it sent. The parked events of ``paused`` buyers
     (id -> maximum event age) are left where they are, or expire past that age; a lost first
-    attempt's retry waits its buyer's ``retry_delays`` (id -> seconds), else the fleet's."""
+    attempt's retry waits its buyer's ``retry_delays`` (id -> seconds), else the fleet's.
+    ``broker``: a client of the broker's Redis (default: the ledger's), whose queues' lengths
+    tell a lost trigger (an event waiting on an empty queue)."""
     routing = settings.routing
+    depths = queue_depths(ledger.client if broker is None else broker, routing)
     now_s, first, second = ledger.sweep(
         limit=SWEEP_LIMIT,
         redeliver_after_s=settings.redeliver_after_s,
@@ -77,13 +80,14 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str
         ledger_ttl_s=settings.ledger_ttl_s,
         paused=paused,
         retry_delays=retry_delays,
+        empty_queues=[queue for queue, depth in depths.items() if depth == 0],
     )
     resent = send_triggers(app, first, 1, settings.batch_size, now_s)
     retries = send_triggers(app, second, 2, settings.batch_size, now_s)
     if metrics.ENABLED:
         metrics.M.sweeper.labels("retry_triggers_sent").inc(retries)
         metrics.M.sweeper.labels("attempt1_triggers_resent").inc(resent)
-        for queue, depth in queue_depths(ledger, routing).items():
+        for queue, depth in depths.items():
             metrics.M.queue_depth.labels(queue).set(depth)
     if resent:
         get_logger().warning("resent_lost_triggers", attempt=1, events=resent, queues=sorted(first))
@@ -91,9 +95,10 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str
 
 
 class Sweeper:
-    def __init__(self, app: Celery, ledger: Ledger, settings: Settings) -> None:
+    def __init__(self, app: Celery, ledger: Ledger, settings: Settings, broker: redis.Redis | None = None) -> None:
         self.app = app
         self.ledger = ledger
+        self.broker = broker  # the broker's Redis (CGRID_BROKER_URL); None: the ledger's
         self.settings = settings
         self.buyers = BuyersFile.for_settings(settings)
         self._stop = threading.Event()
@@ -119,7 +124,7 @@ class Sweeper:
                 buyers = self.buyers.config.buyers
                 paused = {b: own.max_age_s or self.settings.event_max_age_s for b, own in buyers.items() if own.paused}
                 delays = {b: own.retry_delay_s for b, own in buyers.items() if own.retry_delay_s is not None}
-                sent = sweep_once(self.app, self.ledger, self.settings, paused, delays)
+                sent = sweep_once(self.app, self.ledger, self.settings, paused, delays, self.broker)
                 if metrics.ENABLED and time.monotonic() >= self._next_backlog_gauges:
                     self._next_backlog_gauges = time.monotonic() + BACKLOG_GAUGES_S
                     backlog_gauges(self.ledger)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -302,16 +302,20 @@ class Ledger:
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
         routing: Routing, revive_after_s: float = 10.0, revive_batch: int = 10, ledger_ttl_s: int = 2700,
         paused: Mapping[str, float] | None = None, retry_delays: Mapping[str, float] | None = None,
+        empty_queues: Collection[str] = (),
     ) -> tuple[float, dict[str, list[str]], dict[str, list[str]]]:
         """Handle events whose due time passed, and revive parked sets no worker touched for
-        ``revive_after_s``. Returns the ledger's time and the ids whose trigger must be
-        (re)sent, per queue (``routing``), for attempt 1 and for attempt 2."""
+        ``revive_after_s``. ``empty_queues``: the broker queues found empty just before (a
+        waiting event's trigger on one of them was lost). Returns the ledger's time and the
+        ids whose trigger must be (re)sent, per queue (``routing``), for attempt 1 and for
+        attempt 2."""
         routed = routing.buyer_queues
         args: list[str | int] = [self.prefix, limit, _num(redeliver_after_s), _num(retry_delay_s),
                                  report_ttl_s, routing.deliver_queue, _num(revive_after_s), revive_batch,
                                  ledger_ttl_s, routing.retry_queue, len(routed)]
         for buyer, (first_queue, retry_queue) in routed.items():
             args += [buyer, first_queue, retry_queue]
+        args += [len(empty_queues), *empty_queues]
         args.append(len(retry_delays or {}))
         for buyer, delay_s in (retry_delays or {}).items():
             args += [buyer, _num(delay_s)]

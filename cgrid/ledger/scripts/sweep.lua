@@ -4,12 +4,13 @@
 -- buyer's parked events are left alone, but those past its maximum age end `expired`.
 -- KEYS:  none (key names are built from the prefix: due, ev:<id>, parked:<buyer>,
 --        parked:activity, watermark:<queue>, report:<day>, failed:<day>:<buyer>, archive;
---        and the broker queues' lists, by name)
+--        the broker's queues are not read here: they may live on another Redis)
 -- ARGV:  prefix, limit, redeliver_after, retry_delay, report_ttl, deliver queue,
 --        revive_after, revive_batch, ledger_ttl, retry queue, the number of buyers with
 --        queues of their own, then per such buyer: its id, its first-attempt queue and its
---        retry queue; then how many buyers have their own retry delay and those (buyer,
---        delay) pairs; then per paused buyer: its id and maximum event age
+--        retry queue; then how many queues the sweeper found empty on the broker and their
+--        names; then how many buyers have their own retry delay and those (buyer, delay)
+--        pairs; then per paused buyer: its id and maximum event age
 -- Reply: {time, number of sections, then per section: attempt n, queue, count, ids...}
 local limit, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3])
 local delay, report_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -20,17 +21,23 @@ for i = 12, 11 + 3 * n_routed, 3 do routed[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]}
 local function queue_of(buyer, n)
   return (routed[buyer] or default_queue)[n]
 end
--- Per queue, read once: is it empty, and the newest sent_at of a trigger a worker started
--- from it. Queues are FIFO, so a trigger older than one already started (by more than
--- redeliver) was lost; another queue's progress says nothing about it.
-local queues = {}
+-- The queues the sweeper found empty on the broker, just before this sweep (it reads them
+-- there: CGRID_BROKER_URL may be another Redis).
+local empty_at = 12 + 3 * n_routed
+local empty = {}
+for i = empty_at + 1, empty_at + tonumber(ARGV[empty_at]) do empty[ARGV[i]] = true end
+-- Per queue, read once: the newest sent_at of a trigger a worker started from it. Queues
+-- are FIFO, so a trigger older than one already started (by more than redeliver) was lost,
+-- and so is one whose queue is empty; another queue's progress says nothing about it.
+local watermarks = {}
 local function trigger_lost(queue, sent_at)
-  local q = queues[queue]
-  if not q then
-    q = {redis.call('LLEN', queue) == 0, tonumber(redis.call('GET', prefix .. 'watermark:' .. queue) or '0')}
-    queues[queue] = q
+  if empty[queue] then return true end
+  local wm = watermarks[queue]
+  if not wm then
+    wm = tonumber(redis.call('GET', prefix .. 'watermark:' .. queue) or '0')
+    watermarks[queue] = wm
   end
-  return q[1] or q[2] > sent_at + redeliver
+  return wm > sent_at + redeliver
 end
 local sections, by_key = {}, {}
 local function send(n, buyer, id)
@@ -45,7 +52,7 @@ local function send(n, buyer, id)
 end
 -- Then: how many buyers have their own retry delay, those (buyer, delay) pairs, and the
 -- paused buyers' (buyer, maximum age) pairs.
-local own_delay, delays_at = {}, 12 + 3 * n_routed
+local own_delay, delays_at = {}, empty_at + 1 + tonumber(ARGV[empty_at])
 local n_delays = tonumber(ARGV[delays_at])
 for i = delays_at + 1, delays_at + 2 * n_delays, 2 do own_delay[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local paused = {}
