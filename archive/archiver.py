@@ -38,6 +38,7 @@ import redis
 from archive.files import GROUP, archive_line, as_text, ensure_group, file_for, recover_tail, stream_key
 from cgrid.errors import ArchiveError
 from cgrid.ledger import PREFIX, Ledger
+from cgrid.ledger.partitions import PartitionedLedger, ledger_for
 from cgrid.logs import get_logger
 from cgrid.redis_conn import long_lived_client
 from cgrid.settings import Settings
@@ -47,6 +48,7 @@ BLOCK_MS = 1000  # how long one read waits for new entries (a stop is noticed wi
 CLAIM_EVERY_S = 30.0  # how often entries idle on other names are looked for
 IDLE_FILE_S = 300.0  # a day's file not written for this long is closed
 PROGRESS_EVERY_S = 60.0  # how often the archiver logs what it wrote
+IDLE_POLL_S = 0.2  # an archiver of a cluster's partitions looks at each stream this often when idle
 
 
 @dataclass(eq=False)
@@ -77,7 +79,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 class Archiver:
     def __init__(self, client: redis.Redis, root: Path, name: str, *, claim_idle_s: float,
-                 prefix: str = PREFIX, batch: int = BATCH) -> None:
+                 prefix: str = PREFIX, batch: int = BATCH, block_ms: int | None = BLOCK_MS,
+                 entry_prefix: str = "") -> None:
+        """``block_ms``: how long a read waits for new entries (None: it does not wait, for
+        an archiver that takes turns with others in one process); ``entry_prefix``: put
+        before each line's ``entry`` (a partition's stream ids are unique only within it)."""
         self.client = client
         self.root = root
         self.name = name
@@ -91,6 +97,9 @@ class Archiver:
         self.skipped = 0  # pending entries found already written (re-read after a crash or failure)
         self._lock_fd: int | None = None
         self._next_claim_s = 0.0
+        self._pause_s = 0.0
+        self.block_ms = block_ms
+        self.entry_prefix = entry_prefix
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -125,37 +134,31 @@ class Archiver:
     def run(self, stop: threading.Event, log: Any) -> None:
         """Archive until ``stop`` is set; rides out Redis outages and write failures (both
         logged; nothing is acknowledged that is not on disk)."""
-        pause_s = 0.0
-        next_progress_s = time.monotonic() + PROGRESS_EVERY_S
-        written_at_progress = 0
-        while not stop.wait(pause_s):
-            try:
-                was_recovering, skipped = self.recovering, self.skipped
-                self.step()
-                if was_recovering and self.skipped > skipped:
-                    log.info("archive_recovered", already_written=self.skipped - skipped)
-                pause_s = 0.0
-            except redis.ResponseError as e:
-                if "NOGROUP" in str(e):  # the stream was deleted (or Redis emptied): make it again
-                    log.warning("archive_stream_missing", action="recreated", key=self.key)
-                    self._ensure_group()
-                else:
-                    log.error("archive_redis_error", error=str(e)[:300])
-                pause_s = self._failed(pause_s)
-            except redis.RedisError as e:
-                log.warning("archive_redis_unavailable", error=str(e)[:200])
-                pause_s = self._failed(pause_s)
-            except ArchiveError as e:
-                log.error("archive_write_failed", error=str(e), acknowledged=False)
-                pause_s = self._failed(pause_s)
-            now_s = time.monotonic()
-            if now_s >= next_progress_s:
-                next_progress_s = now_s + PROGRESS_EVERY_S
+        run_all([self], stop, log)
+
+    def turn(self, log: Any) -> float:
+        """One step, its failures logged and ridden out; returns how long to pause before
+        the next (0 after work; with non-blocking reads, :data:`IDLE_POLL_S` when idle)."""
+        try:
+            was_recovering, skipped = self.recovering, self.skipped
+            written = self.step()
+            if was_recovering and self.skipped > skipped:
+                log.info("archive_recovered", already_written=self.skipped - skipped)
+            self._pause_s = 0.0
+            return IDLE_POLL_S if self.block_ms is None and not written and not self.recovering else 0.0
+        except redis.ResponseError as e:
+            if "NOGROUP" in str(e):  # the stream was deleted (or Redis emptied): make it again
+                log.warning("archive_stream_missing", action="recreated", key=self.key)
                 with contextlib.suppress(redis.RedisError):
-                    pending = Ledger(self.client, prefix=self.prefix).archive_backlog()
-                    log.info("archive_progress", lines=self.written - written_at_progress,
-                             backlog=pending[0] if pending else None)
-                written_at_progress = self.written
+                    self._ensure_group()
+            else:
+                log.error("archive_redis_error", error=str(e)[:300])
+        except redis.RedisError as e:
+            log.warning("archive_redis_unavailable", error=str(e)[:200])
+        except ArchiveError as e:
+            log.error("archive_write_failed", error=str(e), acknowledged=False)
+        self._pause_s = self._failed(self._pause_s)
+        return self._pause_s
 
     def _failed(self, pause_s: float) -> float:
         """After any failure: files are reopened (their tails read again) and this name's
@@ -184,7 +187,7 @@ class Archiver:
             if claimed:
                 return self._archive(claimed, skip_written=False)
         self._close_idle_files()
-        entries = self._read(">", block_ms=BLOCK_MS)
+        entries = self._read(">", block_ms=self.block_ms)
         return self._archive(entries, skip_written=False) if entries else 0
 
     def _read(self, start: str, block_ms: int | None) -> list[tuple[str, dict[Any, Any] | None]]:
@@ -206,9 +209,9 @@ class Archiver:
         for entry_id, fields in entries:
             if fields is None:
                 continue  # deleted from the stream already: nothing to write, only to acknowledge
-            day, line = archive_line(entry_id, fields)
+            day, line = archive_line(self.entry_prefix + entry_id, fields)
             day_file = self._file(day)
-            if skip_written and entry_id in day_file.tail_ids:
+            if skip_written and self.entry_prefix + entry_id in day_file.tail_ids:
                 self.skipped += 1
                 continue
             lines.setdefault(day, []).append(line)
@@ -274,6 +277,30 @@ class Archiver:
                 del self.files[day]
 
 
+def run_all(archivers: list[Archiver], stop: threading.Event, log: Any) -> None:
+    """Archive until ``stop`` is set, the archivers taking turns (one per stream: a
+    cluster's ledger has a stream per partition); logs the progress of all."""
+    next_progress_s = time.monotonic() + PROGRESS_EVERY_S
+    written_at_progress = 0
+    due_at = [0.0] * len(archivers)
+    while not stop.is_set():
+        now_s = time.monotonic()
+        for index, archiver in enumerate(archivers):
+            if now_s >= due_at[index] and not stop.is_set():
+                due_at[index] = time.monotonic() + archiver.turn(log)
+        now_s = time.monotonic()
+        if now_s >= next_progress_s:
+            next_progress_s = now_s + PROGRESS_EVERY_S
+            written = sum(a.written for a in archivers)
+            backlog: int | None = None
+            with contextlib.suppress(redis.RedisError):
+                found = [Ledger(a.client, prefix=a.prefix).archive_backlog() for a in archivers]
+                backlog = sum(b[0] for b in found if b is not None) if any(found) else None
+            log.info("archive_progress", lines=written - written_at_progress, backlog=backlog)
+            written_at_progress = written
+        stop.wait(max(0.0, min(due_at) - time.monotonic()))
+
+
 def default_name() -> str:
     """The host name: stable across restarts, so a restarted archiver finds its pending entries."""
     return socket.gethostname() or "archiver"
@@ -284,8 +311,25 @@ def run_archiver(settings: Settings, root: Path, name: str) -> int:
     log = get_logger()
     if not name or "/" in name or name.startswith("."):
         raise ArchiveError(f"--name: {name!r} is not a usable file name")
-    archiver = Archiver(long_lived_client(settings), root, name, claim_idle_s=settings.archive_claim_idle_s)
-    archiver.open()
+    client = long_lived_client(settings)
+    ledger = ledger_for(settings, client)
+    if isinstance(ledger, PartitionedLedger):
+        # One stream per partition: an archiver each, taking turns, each with files of its own
+        # (<day>/<name>.<tag>.jsonl) and its entries marked with the partition's tag.
+        archivers = [Archiver(client, root, f"{name}.{part.tag}", claim_idle_s=settings.archive_claim_idle_s,
+                              prefix=part.prefix, block_ms=None, entry_prefix=f"{part.tag}/")
+                     for part in ledger.parts]
+    else:
+        archivers = [Archiver(client, root, name, claim_idle_s=settings.archive_claim_idle_s)]
+    opened: list[Archiver] = []
+    try:
+        for archiver in archivers:
+            archiver.open()
+            opened.append(archiver)
+    except ArchiveError:
+        for archiver in opened:
+            archiver.close()
+        raise
     stop = threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -294,17 +338,20 @@ def run_archiver(settings: Settings, root: Path, name: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        while not stop.is_set():  # the group is made once Redis answers
-            try:
-                archiver._ensure_group()
-                break
-            except redis.RedisError as e:
-                log.warning("archive_redis_unavailable", error=str(e)[:200])
-                stop.wait(1.0)
-        log.info("archiver_started", dir=str(root), name=name, stream=archiver.key)
-        archiver.run(stop, log)
+        for archiver in archivers:
+            while not stop.is_set():  # the group is made once Redis answers
+                try:
+                    archiver._ensure_group()
+                    break
+                except redis.RedisError as e:
+                    log.warning("archive_redis_unavailable", error=str(e)[:200])
+                    stop.wait(1.0)
+        log.info("archiver_started", dir=str(root), name=name, streams=[a.key for a in archivers])
+        run_all(archivers, stop, log)
         log.info("archiver_stopping")
     finally:
-        archiver.close()
-    log.info("archiver_stopped", lines=archiver.written, already_written=archiver.skipped)
+        for archiver in archivers:
+            archiver.close()
+    log.info("archiver_stopped", lines=sum(a.written for a in archivers),
+             already_written=sum(a.skipped for a in archivers))
     return 0

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
 from redis.sentinel import Sentinel
 
 from cgrid.redis_url import mask_url, parse_sentinel_url
@@ -73,6 +74,11 @@ def redis_client(settings: Settings, *, socket_timeout_s: float, socket_connect_
         return client
     if url.startswith("rediss://"):
         options.update(_tls_options(settings))
+    if settings.redis_cluster and url == settings.redis_url:
+        # Any node names the cluster; the others are discovered (CLUSTER SLOTS). A client of
+        # the whole cluster: each command goes to the primary of its key's slot.
+        cluster: redis.Redis = RedisCluster.from_url(url, **options)  # type: ignore[assignment]
+        return cluster
     return redis.Redis.from_url(url, **options)
 
 

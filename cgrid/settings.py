@@ -58,7 +58,9 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 def default_wait_replicas(env: Mapping[str, str]) -> int:
     """Behind Sentinel an accepted event must be on a replica before it counts, unless the
     operator says otherwise: a failover must not lose it."""
-    return 1 if env.get("CGRID_REDIS_URL", "").strip().startswith("sentinel://") else 0
+    if env.get("CGRID_REDIS_URL", "").strip().startswith("sentinel://"):
+        return 1
+    return 1 if _flag(env, "CGRID_REDIS_CLUSTER", False) else 0
 
 
 def parse_networks(raw: str, name: str = "CGRID_ALLOWED_NETWORKS") -> tuple[IPNetwork, ...]:
@@ -82,6 +84,9 @@ class Settings:
     redis_url: str = "redis://localhost:6379/0"
     # CGRID_BROKER_URL: Celery's broker (and Flower's); '' = the ledger's Redis, CGRID_REDIS_URL
     broker_url: str = ""
+    # CGRID_REDIS_CLUSTER: CGRID_REDIS_URL names a node of a Redis Cluster; the ledger is spread
+    # over its primaries in partitions (cgrid/ledger/partitions.py)
+    redis_cluster: bool = False
     # How Redis is reached beyond the URL (cgrid/redis_conn.py):
     redis_master_name: str = "mymaster"  # CGRID_REDIS_MASTER_NAME: the primary's name in Sentinel
     redis_sentinel_password: str = ""  # CGRID_REDIS_SENTINEL_PASSWORD: the sentinels' own password
@@ -138,6 +143,7 @@ class Settings:
         settings = cls(
             redis_url=env.get("CGRID_REDIS_URL", "").strip() or cls.redis_url,
             broker_url=env.get("CGRID_BROKER_URL", "").strip(),
+            redis_cluster=_flag(env, "CGRID_REDIS_CLUSTER", cls.redis_cluster),
             redis_master_name=env.get("CGRID_REDIS_MASTER_NAME", cls.redis_master_name).strip(),
             redis_sentinel_password=env.get("CGRID_REDIS_SENTINEL_PASSWORD", ""),
             redis_sentinel_tls=_flag(env, "CGRID_REDIS_SENTINEL_TLS", cls.redis_sentinel_tls),
@@ -207,6 +213,16 @@ class Settings:
         """Refuse combinations that would break the one-retry and nothing-lost guarantees."""
         if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CGRID_LOG_LEVEL: {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+        if self.redis_cluster:
+            if not self.broker_url:
+                raise ConfigError("CGRID_REDIS_CLUSTER is on but CGRID_BROKER_URL is not set: Celery's broker cannot "
+                                  "use a Redis Cluster; give it a Redis of its own (redis://, rediss:// or "
+                                  "sentinel://), docs/redis.md")
+            if self.broker_url == self.redis_url:
+                raise ConfigError("CGRID_BROKER_URL names the cluster: Celery's broker needs a Redis of its own")
+            if not self.redis_url.startswith(("redis://", "rediss://")):
+                raise ConfigError("CGRID_REDIS_CLUSTER is on: CGRID_REDIS_URL must be a redis:// or rediss:// URL "
+                                  "of any node of the cluster")
         for name, url in (("CGRID_REDIS_URL", self.redis_url), ("CGRID_BROKER_URL", self.broker_url)):
             try:
                 check_redis_url(url or self.redis_url, master_name=self.redis_master_name,

@@ -15,6 +15,7 @@ from cgrid.buyers import BuyersFile
 from cgrid.errors import CgridError, InvalidEvent, RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import POISON_LIST_KEY, WAIT_DETAILS, Counter, Ledger, WaitReason
+from cgrid.ledger.partitions import ledger_for
 from cgrid.price_crypto import PriceCryptoError, decrypt
 from cgrid.redis_conn import mask_url, redis_client
 from cgrid.settings import Settings
@@ -42,7 +43,7 @@ REPORT_FIELDS = [key for key, _ in REPORT_COLUMNS] + ["calls_timed"]
 def _ledger(settings: Settings) -> Ledger:
     client = redis_client(settings, socket_timeout_s=settings.publish_timeout_s,
                           socket_connect_timeout_s=settings.publish_timeout_s)
-    return Ledger(client)
+    return ledger_for(settings, client)
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:

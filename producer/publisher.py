@@ -32,6 +32,7 @@ from cgrid.broker import make_celery, send_deliver
 from cgrid.errors import RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import Ledger, NotReplicated
+from cgrid.ledger.partitions import PartitionedLedger, ledger_for
 from cgrid.redis_conn import mask_url, redis_client
 from cgrid.settings import Settings
 
@@ -63,8 +64,7 @@ class Publisher:
         self._routing = settings.routing
         self._client = redis_client(settings, socket_timeout_s=settings.publish_timeout_s,
                                     socket_connect_timeout_s=settings.publish_timeout_s)
-        self._ledger = Ledger(self._client, wait_replicas=settings.redis_wait_replicas,
-                              wait_timeout_ms=settings.redis_wait_timeout_ms)
+        self._ledger = ledger_for(settings, self._client)
         self._celery: Celery = make_celery(settings, name="cgrid-producer")
         self._buffer: list[Event] = []
         self._cond = threading.Condition()
@@ -178,22 +178,25 @@ class Publisher:
 
     def _batches(self, events: list[Event]) -> list[tuple[str, list[Event]]]:
         """The events in batches of at most ``batch_size``, each for one queue (the first
-        attempts of a group of buyers have a queue of their own: cgrid/routing.py)."""
+        attempts of a group of buyers have a queue of their own: cgrid/routing.py) and, on a
+        Redis Cluster, one partition of the ledger (one accept script, one claim per trigger)."""
         size = self.batch_size
-        if not self._routing.grouped:
+        partitioned = isinstance(self._ledger, PartitionedLedger)
+        if not self._routing.grouped and not partitioned:
             queue = self._routing.deliver_queue
             return [(queue, events[start:start + size]) for start in range(0, len(events), size)]
-        by_queue: dict[str, list[Event]] = {}
+        groups: dict[tuple[str, int], list[Event]] = {}
         queue_for = self._routing.queue_for
+        partition_of = self._ledger.partition_of
         for event in events:
-            queue = queue_for(event.buyer, 1)
-            group = by_queue.get(queue)
+            key = (queue_for(event.buyer, 1), partition_of(event.id) if partitioned else 0)
+            group = groups.get(key)
             if group is None:
-                by_queue[queue] = [event]
+                groups[key] = [event]
             else:
                 group.append(event)
         return [(queue, group[start:start + size])
-                for queue, group in by_queue.items() for start in range(0, len(group), size)]
+                for (queue, _), group in groups.items() for start in range(0, len(group), size)]
 
     def _send_buffered(self) -> None:
         with self._send_lock:

@@ -99,11 +99,11 @@ def _prefetch_for_the_pool(sender: Any, **_: Any) -> None:
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
     global _sweeper
     _prefetch = getattr(getattr(sender, "controller", None), "prefetch_multiplier", None)
-    from cgrid.ledger import Ledger
+    from cgrid.ledger.partitions import ledger_for
     from cgrid.redis_conn import broker_client, long_lived_client
     from worker.sweeper import Sweeper
 
-    _sweeper = Sweeper(app, Ledger(long_lived_client(settings)), settings, broker_client(settings))
+    _sweeper = Sweeper(app, ledger_for(settings, long_lived_client(settings)), settings, broker_client(settings))
     _sweeper.start()
     # Instead of Celery's restart: SIGHUP re-reads the buyers file (docs/settings.md, the buyers file).
     signal.signal(signal.SIGHUP, _reload_buyers_file)

@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field
 
 from cgrid.ledger import Ledger
+from cgrid.ledger.partitions import ledger_for
 from cgrid.redis_conn import long_lived_client
 from cgrid.settings import Settings
 from delivery.engine import DeliveryEngine
@@ -45,8 +46,7 @@ def get_runtime(settings: Settings) -> Runtime:
             if _runtime is None or _runtime.pid != os.getpid():
                 _runtime = Runtime(
                     settings=settings,
-                    ledger=Ledger(long_lived_client(settings), wait_replicas=settings.redis_wait_replicas,
-                                  wait_timeout_ms=settings.redis_wait_timeout_ms),
+                    ledger=ledger_for(settings, long_lived_client(settings)),
                     pid=os.getpid(),
                 )
     return _runtime

@@ -42,12 +42,17 @@ def backlog_gauges(ledger: Ledger) -> None:
 
 
 def send_triggers(app: Celery, by_queue: dict[str, list[str]], attempt_n: int, batch_size: int,
-                  sent_at_s: float) -> int:
-    """Send the triggers, in batches, each to its queue; returns how many ids they carry."""
+                  sent_at_s: float, ledger: Ledger) -> int:
+    """Send the triggers, in batches, each to its queue and with the ids of one partition of
+    the ledger (a cluster's: one claim script per trigger); returns how many ids they carry."""
     sent = 0
     for queue, ids in by_queue.items():
-        for start in range(0, len(ids), batch_size):
-            send_deliver(app, ids[start:start + batch_size], attempt_n, sent_at_s, queue)
+        by_partition: dict[int, list[str]] = {}
+        for event_id in ids:
+            by_partition.setdefault(ledger.partition_of(event_id), []).append(event_id)
+        for part_ids in by_partition.values():
+            for start in range(0, len(part_ids), batch_size):
+                send_deliver(app, part_ids[start:start + batch_size], attempt_n, sent_at_s, queue)
         sent += len(ids)
     return sent
 
@@ -82,8 +87,8 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str
         retry_delays=retry_delays,
         empty_queues=[queue for queue, depth in depths.items() if depth == 0],
     )
-    resent = send_triggers(app, first, 1, settings.batch_size, now_s)
-    retries = send_triggers(app, second, 2, settings.batch_size, now_s)
+    resent = send_triggers(app, first, 1, settings.batch_size, now_s, ledger)
+    retries = send_triggers(app, second, 2, settings.batch_size, now_s, ledger)
     if metrics.ENABLED:
         metrics.M.sweeper.labels("retry_triggers_sent").inc(retries)
         metrics.M.sweeper.labels("attempt1_triggers_resent").inc(resent)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
 from cgrid.errors import CgridError
@@ -172,6 +173,9 @@ class Ledger:
                  wait_timeout_ms: int = 1000) -> None:
         self.client = client
         self.prefix = prefix
+        # Every script declares one key of its keyspace: a Redis Cluster routes the script by
+        # it, and every key a script touches shares its hash slot (the prefix's hash tag).
+        self._keys = [prefix + "due"]
         # With replicas (Sentinel), an accept counts only once this many replicas hold it
         # (Redis WAIT), so a failover cannot lose an accepted event; a claim's call waits for
         # them too, so a failover cannot forget a claim whose call is made (a third call).
@@ -186,6 +190,18 @@ class Ledger:
         self._park = client.register_script(SCRIPTS["park"])
         self._pull = client.register_script(SCRIPTS["pull"])
         self._withdraw = client.register_script(SCRIPTS["withdraw"])
+
+    def partition_of(self, event_id: str) -> int:
+        """The partition an event's keys live in: one keyspace, partition 0 (a cluster's
+        ledger has several: cgrid/ledger/partitions.py)."""
+        return 0
+
+    def _node_client(self) -> redis.Redis:
+        """A client of the one Redis that holds this keyspace (a cluster's node for it)."""
+        if isinstance(self.client, RedisCluster):
+            node = self.client.get_node_from_key(self._keys[0])
+            return self.client.get_redis_connection(node)
+        return self.client
 
     def accept(
         self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float
@@ -213,7 +229,7 @@ class Ledger:
         if len(args) == 2:
             return True
         try:
-            return all(int(flag) for flag in self._withdraw(args=args))
+            return all(int(flag) for flag in self._withdraw(keys=self._keys, args=args))
         except redis.RedisError:
             return False
 
@@ -249,7 +265,7 @@ class Ledger:
             bucket = "" if result.duration_ms is None else latency_bucket(result.duration_ms)
             args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket,
                      result.final_event]
-        return [_text(state) for state in self._finish(args=args)]
+        return [_text(state) for state in self._finish(keys=self._keys, args=args)]
 
     def _replicated(self, script: Script, args: list[Any], what: str, *, required: bool = True) -> Any:
         """Run ``script``; with ``wait_replicas``, wait (WAIT, on the same connection) until
@@ -259,9 +275,9 @@ class Ledger:
         every call while a lone primary runs would hold back billing notices already
         accepted, and a claim can only be forgotten by a failover to a replica that lacks it."""
         if not self.wait_replicas or (not required and time.monotonic() < self._claims_wait_again_at):
-            return script(args=args)
-        pipe = self.client.pipeline(transaction=False)
-        script(args=args, client=pipe)
+            return script(keys=self._keys, args=args)
+        pipe = self._node_client().pipeline(transaction=False)  # WAIT must follow on the same connection
+        script(keys=self._keys, args=args, client=pipe)
         pipe.wait(self.wait_replicas, self.wait_timeout_ms)
         result, replicas = pipe.execute()
         if int(replicas) < self.wait_replicas:
@@ -284,7 +300,7 @@ class Ledger:
         for park in parks:
             args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer, park.reason.value,
                      park.claim_stamp]
-        return [bool(flag) for flag in self._park(args=args)]
+        return [bool(flag) for flag in self._park(keys=self._keys, args=args)]
 
     def pull(self, buyer: str, k: int, *, lease_s: float,
              stamp: list[str] | None = None) -> tuple[int, list[tuple[int, str, str]]]:
@@ -321,7 +337,7 @@ class Ledger:
             args += [buyer, _num(delay_s)]
         for buyer, max_age_s in (paused or {}).items():
             args += [buyer, _num(max_age_s)]
-        now, sections, *flat = self._sweep(args=args)
+        now, sections, *flat = self._sweep(keys=self._keys, args=args)
         sends: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
         at = 0
         for _ in range(int(sections)):
@@ -415,9 +431,10 @@ class Ledger:
         return int(self.client.get(POISON_COUNT_KEY) or 0)
 
     def report(self, days: int | None = None, *, day: str | None = None,
-               buyer: str | None = None) -> list[dict[str, Any]]:
+               buyer: str | None = None, with_buckets: bool = False) -> list[dict[str, Any]]:
         """Counters per buyer and day, newest day first, with the calls' p50/p99 latency
-        (the upper bound of the bucket that holds it, in ms; None without calls)."""
+        (the upper bound of the bucket that holds it, in ms; None without calls), and with
+        ``with_buckets`` the latency buckets' counts (``buckets``: bound -> count)."""
         if day is not None:
             day_keys = [day] if self.client.zscore(self.prefix + "report:days", day) is not None else []
         else:
@@ -442,6 +459,8 @@ class Ledger:
                 row["calls_timed"] = sum(buckets.get(row_buyer, {}).values())
                 row["p50_ms"] = bucket_percentile(buckets.get(row_buyer, {}), 0.50)
                 row["p99_ms"] = bucket_percentile(buckets.get(row_buyer, {}), 0.99)
+                if with_buckets:
+                    row["buckets"] = buckets.get(row_buyer, {})
             rows += [per_buyer[b] for b in sorted(per_buyer)]
         return rows
 
