@@ -39,7 +39,7 @@ class Cluster:
     def _node(self, port: int) -> RedisServer:
         return RedisServer(self.data_dir / str(port), port, extra_args=[
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", "2000", "--appendfsync", "always"])
+            "--cluster-node-timeout", "2000", "--appendfsync", "always", "--repl-diskless-sync-delay", "0"])
 
     @property
     def url(self) -> str:
@@ -56,12 +56,15 @@ class Cluster:
         return self
 
     def wait_ok(self, timeout_s: float = 60.0) -> None:
-        """Until every live node says the cluster is ok and all slots are served."""
+        """Until every live node says the cluster is ok, all slots are served, and every live
+        replica has synchronised with its primary (only then can it take over from it)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if all(b"cluster_state:ok" in self.node_client(p).execute_command("CLUSTER", "INFO")
-                       for p, n in self.nodes.items() if n.process is not None):
+                live = [p for p, n in self.nodes.items() if n.process is not None]
+                replication = [self.node_client(p).info("replication") for p in live]
+                if all(b"cluster_state:ok" in self.node_client(p).execute_command("CLUSTER", "INFO") for p in live) \
+                        and all(r["role"] == "master" or r.get("master_link_status") == "up" for r in replication):
                     return
             except redis.RedisError:
                 pass

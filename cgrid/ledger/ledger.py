@@ -25,6 +25,7 @@ attempt 2 only after attempt 1 failed, so no event is called more than twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -279,7 +280,15 @@ class Ledger:
         pipe = self._node_client().pipeline(transaction=False)  # WAIT must follow on the same connection
         script(keys=self._keys, args=args, client=pipe)
         pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-        result, replicas = pipe.execute()
+        try:
+            result, replicas = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
+            if isinstance(self.client, RedisCluster) and not isinstance(e, NotReplicated):
+                # The node this went to is gone or no longer serves the slot (a failover):
+                # learn the cluster's layout again, so the caller's next try finds the new one.
+                with contextlib.suppress(redis.RedisError):
+                    self.client.nodes_manager.initialize()
+            raise
         if int(replicas) < self.wait_replicas:
             if required:
                 raise NotReplicated(
