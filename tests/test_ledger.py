@@ -194,7 +194,7 @@ def test_sweeper_revives_a_parked_set_no_worker_touches(ledger: Ledger) -> None:
     assert sorted(first["q"]) == ["a", "b"] and second == {}
     assert ledger.record("a")["waiting"]["reason"] == "queued"  # type: ignore[index]
     assert [i for i, _ in ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)] == ["a"]
-    assert ledger.client.zcard("cgrid:parked:activity") == 0
+    assert ledger.client.zcard("cgrid:idx:parked-activity") == 0
 
 
 def test_a_paused_buyers_parked_events_expire_past_its_maximum_age(ledger: Ledger) -> None:

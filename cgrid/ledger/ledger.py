@@ -12,12 +12,19 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
                        broker queue (cgrid/routing.py)
 - ``P parked:<buyer>`` sorted set: id -> created_at, attempts waiting for room in the
                        buyer's lane (claimed, then handed back unstarted: no attempt counted)
-- ``P parked:activity`` sorted set: buyer -> when its parked set was last touched
+- ``P idx:parked-activity`` sorted set: buyer -> when its parked set was last touched
 - ``P failed:<day>:<buyer>`` set of the ids that ended ``failed``, for replay
 - ``P open:<kind>``      events accepted and not yet final, per kind (the backlog)
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 - ``P archive``        stream: every record that became final, until the archiver has written
                        it to disk (``archive/files.py``); exists once an archiver has started
+
+No id can forge a key: each family starts with its own word, ids and buyers come last (a
+day is always YYYY-MM-DD, without ':'), queue names have no ':', and the fixed keys (``due``,
+``report:days``, ``idx:parked-activity``, ``poison``, ``poison:count``, ``archive``) are out
+of every family's reach (``tests/test_ledger_keys.py``). The index of parked sets was
+``parked:activity`` before, the parked set of a buyer named ``activity``: the sweep moves
+what it finds there (docs/operations.md).
 
 The one-retry guard is the claim script (``scripts/claim.lua``): attempt ``n`` of an event can be claimed once,
 attempt 2 only after attempt 1 failed, so no event is called more than twice.
@@ -379,7 +386,7 @@ class Ledger:
 
     def backlog(self) -> tuple[int, dict[str, int]]:
         """Events in the due set (queued, in flight, retry waiting), and parked per buyer."""
-        buyers = [_text(b) for b in self.client.zrange(self.prefix + "parked:activity", 0, -1)]
+        buyers = [_text(b) for b in self.client.zrange(self.prefix + "idx:parked-activity", 0, -1)]
         pipe = self.client.pipeline(transaction=False)
         pipe.zcard(self.prefix + "due")
         for buyer in buyers:

@@ -1,7 +1,7 @@
 -- park: hands claimed attempts back unstarted: the claim is released, no attempt is
 -- recorded, and the event waits in its buyer's parked set.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, parked:<buyer>,
---        parked:activity)
+--        idx:parked-activity)
 -- ARGV:  prefix, then per event: id, attempt n, created_at, buyer, reason, the claim's stamp
 --        ('' = any claim of attempt n)
 -- Reply: per event, 1 (parked) or 0 (not ours)
@@ -16,7 +16,7 @@ for i = 2, #ARGV, 6 do
     redis.call('HSET', key, 'claim', 0, 'wait', reason, 'waiting_since', now_text)
     redis.call('ZREM', prefix .. 'due', id)
     redis.call('ZADD', prefix .. 'parked:' .. buyer, tonumber(ARGV[i + 2]), id)
-    redis.call('ZADD', prefix .. 'parked:activity', now, buyer)
+    redis.call('ZADD', prefix .. 'idx:parked-activity', now, buyer)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

@@ -1,6 +1,6 @@
 -- pull: claims the next attempt of up to k parked events of a buyer, oldest first.
 -- KEYS:  none (key names are built from the prefix: parked:<buyer>, ev:<id>, due,
---        parked:activity)
+--        idx:parked-activity)
 -- ARGV:  prefix, buyer, k, lease
 -- Reply: {how many stay parked, this pull's stamp (claimed_at), then n, id, event_json per
 --        claim}
@@ -41,8 +41,8 @@ for _, entry in ipairs(later) do redis.call('ZADD', pkey, entry[1], entry[2]) en
 local left = redis.call('ZCARD', pkey)
 out[1] = left
 if left == 0 then
-  redis.call('ZREM', prefix .. 'parked:activity', buyer)
+  redis.call('ZREM', prefix .. 'idx:parked-activity', buyer)
 else
-  redis.call('ZADD', prefix .. 'parked:activity', now, buyer)
+  redis.call('ZADD', prefix .. 'idx:parked-activity', now, buyer)
 end
 return out
