@@ -12,11 +12,11 @@ local function stamp(t) return string.format('%.6f', t) end
 local now_text = stamp(now)
 -- Report counters are summed in the script and written once per day and counter.
 local bumps, bump_ttl = {}, 0
-local function bump(day, buyer, counter, report_ttl)
+local function bump(day, buyer, counter, report_ttl, delta)
   local fields = bumps[day]
   if not fields then fields = {}; bumps[day] = fields end
   local field = buyer .. '\t' .. counter
-  fields[field] = (fields[field] or 0) + 1
+  fields[field] = (fields[field] or 0) + (delta or 1)
   bump_ttl = report_ttl
 end
 -- Events accepted and not yet final, per kind (P open:<kind>): the notices' backlog.
