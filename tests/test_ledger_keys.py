@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from cgrid.errors import InvalidEvent
+from cgrid.errors import CgridError, InvalidEvent
 from cgrid.event import parse_event
 from cgrid.ledger import Finish, Ledger, Outcome, Park, WaitReason, day_of
 from cgrid.ledger import ledger as ledger_module
@@ -37,6 +37,7 @@ FAMILIES = {
     "report:<day>": rf"report:{DAY}",
     "watermark:<queue>": rf"watermark:{QUEUE_NAME.pattern}",
     "open:<kind>": r"open:(nurl|burl)",
+    "pulled:<token>": r"pulled:[0-9a-f]{16,64}",
 }
 # ... and the fixed keys, which none of those patterns may reach.
 FIXED = ("due", "report:days", "idx:parked-activity", "poison", "poison:count", "archive")
@@ -227,3 +228,16 @@ def test_an_upgrade_moves_the_former_index_and_keeps_the_activity_buyers_events(
     assert sorted(first["q"]) == ["a1", "o1"]
     assert ledger.client.exists(P + "parked:activity", P + "idx:parked-activity") == 0
     assert ledger.backlog() == (2, {})
+
+
+def test_pull_lists_only_a_token_made_for_it(ledger: Ledger) -> None:
+    """``pulled:<token>``: the token is random hex made by the ledger's caller; anything else
+    is refused before a key is built from it."""
+    claim_and_park(ledger, ["p1"], "b1", reason="lane_full")
+    for bad in ("../due", "ABCDEF0123456789", "0123", "x" * 16):
+        with pytest.raises(CgridError, match="token"):
+            ledger.pull("b1", 1, lease_s=30, token=bad)
+    token = "0123456789abcdef"
+    assert [i for _, i, _ in ledger.pull("b1", 1, lease_s=30, token=token)[1]] == ["p1"]
+    assert ledger.client.smembers(P + "pulled:" + token) == {b"p1"}
+    assert 0 < ledger.client.pttl(P + "pulled:" + token) <= 30_000

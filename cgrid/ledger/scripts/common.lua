@@ -44,7 +44,7 @@ end
 -- record needs none of it: 71 bytes of its ~600 in Redis).
 local function closed(key)
   opened(redis.call('HGET', key, 'kind'), -1)
-  redis.call('HDEL', key, 'claim', 'claimed_at', 'sent_at', 'retry_at')
+  redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id', 'sent_at', 'retry_at')
 end
 local function finalize(key, event_text, state)
   local slim = slim_event(event_text, state == 'failed' or state == 'expired')
