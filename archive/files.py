@@ -140,12 +140,15 @@ def read_lines(path: Path, containing: bytes = b"") -> Iterator[tuple[int, dict[
 
 
 def find_event(root: Path, day: str, event_id: str) -> list[dict[str, Any]]:
-    """The archived records of ``event_id`` in the files of ``day`` (usually one; a record
-    an archiver wrote twice after a crash or a takeover appears once per entry id)."""
+    """The archived records of ``event_id`` in the files of ``day``, oldest first: usually
+    one; two when a later line corrects the first (a retry given up as lost whose success
+    arrived after: ``failed``, then ``delivered``). A record an archiver wrote twice after a
+    crash or a takeover appears once per entry id."""
     needle = json.dumps(event_id).encode()
     found: dict[str, dict[str, Any]] = {}
     for path in sorted((root / day).glob("*.jsonl")):
         for _, record in read_lines(path, needle):
             if record.get("id") == event_id:
                 found.setdefault(str(record.get("entry")), record)
-    return list(found.values())
+    return sorted(found.values(),
+                  key=lambda r: r["finished_at"] if isinstance(r.get("finished_at"), int | float) else 0)

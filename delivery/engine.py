@@ -32,7 +32,7 @@ from cgrid import metrics
 from cgrid.buyers import BuyerSettings, BuyersFile
 from cgrid.errors import InvalidEvent
 from cgrid.event import Event
-from cgrid.ledger import NO_BUYER, Ledger, Outcome, Park, WaitReason
+from cgrid.ledger import NO_BUYER, Ledger, Outcome, Park, WaitReason, new_claim_token
 from cgrid.logs import get_logger
 from cgrid.macros import substitute
 from cgrid.price_crypto import PriceCryptoError, encrypt_price
@@ -257,8 +257,9 @@ class DeliveryEngine:
             draining = self._draining
         try:
             if not draining:
+                token = new_claim_token()  # sent again with the pull: a lost reply costs no events
                 left, items = self._ride_out(
-                    lambda: self.ledger.pull(buyer, k, lease_s=self.lease_s, stamp=stamp))
+                    lambda: self.ledger.pull(buyer, k, lease_s=self.lease_s, stamp=stamp, token=token))
         except redis.RedisError as e:
             get_logger().warning("ledger_pull_failed", buyer=buyer, error=str(e)[:200])
         finally:  # the lane always hears back, or it would never pull again

@@ -240,14 +240,22 @@ def replay_from_archive(args: argparse.Namespace, settings: Settings) -> int:
         print("cgrid-s2s replay: --archive names the file (its folder is the day); drop --day", file=sys.stderr)
         return 2
     archived: dict[str, dict[str, Any]] = {}
+    delivered: set[str] = set()
     for _, line in read_lines(Path(args.archive)):
-        if line.get("state") in ("failed", "expired") and isinstance(line.get("id"), str) and (
-                args.buyer is None or line.get("buyer") == args.buyer):
+        if not isinstance(line.get("id"), str) or (args.buyer is not None and line.get("buyer") != args.buyer):
+            continue
+        if line.get("state") in ("failed", "expired"):
             archived.setdefault(line["id"], line)  # a line written twice (takeover) is one event
+        elif line.get("state") == "delivered":
+            delivered.add(line["id"])  # a later line corrects a failed one (a lost retry's late success)
+    for event_id in delivered:
+        archived.pop(event_id, None)
     ids = [i for i in args.ids if i in archived] if args.ids else sorted(archived)
     missing = [i for i in args.ids if i not in archived]
     for event_id in missing:
-        print(f"{event_id}: not replayed: no failed or expired line for it in {args.archive}", file=sys.stderr)
+        why = ("delivered (a later line corrects its failed one)" if event_id in delivered
+               else "no failed or expired line for it")
+        print(f"{event_id}: not replayed: {why} in {args.archive}", file=sys.stderr)
     if not ids:
         print(f"no failed or expired events to replay in {args.archive}", file=sys.stderr)
         return 1 if missing else 0

@@ -387,6 +387,40 @@ def test_status_and_replay_of_an_event_past_the_window_use_the_archive(
     assert second.stdout.split() == ["gone-2:replay1"] and "already replayed as gone-1:replay1" in second.stderr
 
 
+def test_a_late_success_of_a_lost_retry_corrects_the_archive_with_a_second_line(
+        client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    """The archive got the event's `failed` line when the sweeper gave its retry up for lost;
+    the retry's success arrives later: a second line, `delivered`, follows. Readers take the
+    last line of an id: status shows both in order, replay from the archive skips it."""
+    ledger = Ledger(client)
+    ids = ["late", "dead"]
+    ledger.accept([make_event(i) for i in ids], redeliver_after_s=30, **TTL)
+    ledger.claim(ids, 1, lease_s=30, sent_at_s=0)
+    ledger.finish([Finish(i, Outcome.FAIL, attempt(1, 500)) for i in ids], 1, retry_delay_s=0, **TTL)
+    ledger.claim(ids, 2, lease_s=0.0, sent_at_s=0)
+    ledger.sweep(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, routing=Routing("q", "q.r"))
+    root = tmp_path / "archive"
+    archiver = Archiver(client, root, "a1", claim_idle_s=600)
+    archiver.open()
+    drain(archiver, client)
+    assert ledger.finish([Finish("late", Outcome.OK, attempt(2))], 2, retry_delay_s=0, **TTL) == ["delivered"]
+    drain(archiver, client)
+    lines = [(r["id"], r["state"]) for r in archived(root)]
+    assert sorted(lines[:2]) == [("dead", "failed"), ("late", "failed")] and lines[2] == ("late", "delivered")
+    client.delete("cgrid:ev:late", "cgrid:ev:dead")  # past CGRID_LEDGER_TTL_S
+    env = fleet_env(redis_url, CGRID_ARCHIVE_DIR=str(root))
+    day = day_of(make_event("late").created_at_s)
+    status = cli(env, "status", "late", "--day", day)
+    assert status.returncode == 0, status.stderr
+    shown = [json.loads(part) for part in status.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    assert [r["state"] for r in shown] == ["failed", "delivered"] and shown[1]["attempts"][1]["status"] == 204
+    path = str(file_for(root, day, "a1"))
+    replayed = cli(env, "replay", "--archive", path, "late", "dead")
+    assert replayed.stdout.split() == ["dead:replay1"], replayed.stderr
+    assert "late: not replayed: delivered" in replayed.stderr
+    assert cli(env, "replay", "--archive", path).stdout.split() == []  # dead was replayed; late never
+
+
 def test_an_open_record_never_expires_a_final_one_after_the_ledger_ttl(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     ledger = Ledger(client)
@@ -395,4 +429,5 @@ def test_an_open_record_never_expires_a_final_one_after_the_ledger_ttl(redis_url
     ledger.claim(["w1"], 1, lease_s=30, sent_at_s=0)
     ledger.finish([Finish("w1", Outcome.OK, attempt(1))], 1, retry_delay_s=1, ledger_ttl_s=120, report_ttl_s=3600)
     assert 0 < client.ttl("cgrid:ev:w1") <= 120
-    assert not {b"claim", b"claimed_at", b"sent_at"} & set(client.hkeys("cgrid:ev:w1"))  # final: bookkeeping gone
+    bookkeeping = {b"claim", b"claimed_at", b"claim_id", b"sent_at"}
+    assert not bookkeeping & set(client.hkeys("cgrid:ev:w1"))  # final: bookkeeping gone

@@ -193,7 +193,7 @@ def test_sweeper_revives_a_parked_set_no_worker_touches(ledger: Ledger) -> None:
     assert sorted(first["q"]) == ["a", "b"] and second == {}
     assert ledger.record("a")["waiting"]["reason"] == "queued"  # type: ignore[index]
     assert [i for i, _ in ledger.claim(["a"], 1, lease_s=10, sent_at_s=0)] == ["a"]
-    assert ledger.client.zcard("cgrid:parked:activity") == 0
+    assert ledger.client.zcard("cgrid:idx:parked-activity") == 0
 
 
 def test_a_paused_buyers_parked_events_expire_past_its_maximum_age(ledger: Ledger) -> None:
@@ -329,3 +329,41 @@ def test_a_park_sent_again_after_a_lost_reply_cannot_take_back_a_later_pull(ledg
     assert record is not None and record["in_flight_attempt"] == 1
     assert ledger.client.zscore("cgrid:parked:b1", "a") is None  # still B's, not parked again
     assert ledger.park([Park("a", 1, time.time(), "b1", claim_stamp=stamp_b[0])]) == [True]  # B's own park
+
+
+def test_a_late_success_of_a_lost_retry_ends_delivered_and_corrects_report_replay_and_archive(
+        ledger: Ledger) -> None:
+    """The sweeper gave the retry up for lost (the event ended failed: counted, listed for
+    replay, streamed to the archive), then the slow worker's success arrived: the buyer did
+    get the notice. The event ends delivered; the failed count, the replay set and the
+    archive (a second, correcting line) follow, and nothing can call it a third time."""
+    from archive.files import ensure_group, stream_key
+
+    ensure_group(ledger.client)
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, routing=Q)
+    ledger.accept([event("a"), event("b"), event("c")], redeliver_after_s=30, **TTL)
+    ledger.claim(["a", "b", "c"], 1, lease_s=10, sent_at_s=0)
+    ledger.finish([Finish(i, Outcome.FAIL, attempt(1, 500)) for i in ("a", "b", "c")], 1, retry_delay_s=0, **TTL)
+    ledger.claim(["a", "b", "c"], 2, lease_s=0.0, sent_at_s=0)  # the lease is over at once
+    ledger.sweep(**sweep)
+    day = ledger.record("a")["event"]  # type: ignore[index]
+    day = time.strftime("%Y-%m-%d", time.gmtime(day["created_at"]))
+    assert ledger.failed_ids(day, "b1") == ["a", "b", "c"] and ledger.report()[0]["failed"] == 3
+    assert finish(ledger, "a", 2, Outcome.OK) == "delivered"
+    assert ledger.finish([Finish("b", Outcome.UNEXPECTED, attempt(2, 201), duration_ms=3.0)], 2,
+                         retry_delay_s=0, **TTL) == ["delivered"]
+    assert finish(ledger, "c", 2, Outcome.FAIL) == ""  # a late failure changes nothing
+    assert finish(ledger, "a", 2, Outcome.OK) == ""  # nor a success written twice
+    record = ledger.record("a")
+    assert record is not None and record["state"] == "delivered"
+    assert [a["status"] for a in record["attempts"]] == [500, 204]  # the call, not "lost"
+    assert "url" not in record["event"] and record["event"]["host"] == "d.example"
+    assert "lost" in record["reason"]
+    [row] = ledger.report()
+    assert (row["failed"], row["delivered_retry"], row["unexpected"], row["calls_timed"]) == (1, 2, 1, 1)
+    assert ledger.failed_ids(day, "b1") == ["c"]
+    assert ledger.open_events()["burl"] == 0  # final once: not taken off the backlog twice
+    assert ledger.claim(["a", "b"], 2, lease_s=10, sent_at_s=0) == []  # no third call
+    assert ledger.sweep(**sweep)[1:] == ({}, {})
+    lines = [(f[b"id"].decode(), f[b"state"].decode()) for _, f in ledger.client.xrange(stream_key())]
+    assert lines == [("a", "failed"), ("b", "failed"), ("c", "failed"), ("a", "delivered"), ("b", "delivered")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from cgrid.ledger import new_claim_token
 from cgrid.logs import get_logger
 from cgrid.redis_conn import ride_out_redis
 from cgrid.routing import QUEUE_NAME
@@ -33,9 +34,10 @@ def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float,
     sweeper (their trigger is resent), so nothing is lost by giving up. ``stamp`` receives
     the claim's stamp."""
     shortfalls = rt.ledger.replica_shortfalls
+    token = new_claim_token()  # one per claim, sent again with it: a lost reply costs no events
     claimed = ride_out_redis(
         lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s,
-                                parked_buyers=parked_buyers, queue=queue, stamp=stamp),
+                                parked_buyers=parked_buyers, queue=queue, stamp=stamp, token=token),
         rt.settings.attempt_grace_s / 2,
     )
     if rt.ledger.replica_shortfalls != shortfalls:

@@ -22,10 +22,12 @@ from cgrid.ledger.ledger import (
     day_of,
     json_or_raw,
     latency_bucket,
+    new_claim_token,
 )
 
 __all__ = [
     "CLAIM_WAIT_BACKOFF_S", "LATENCY_BUCKETS_MS", "NO_BUYER", "POISON_COUNT_KEY", "POISON_LIST_KEY", "PREFIX",
     "TERMINAL_STATES", "WAIT_DETAILS", "Counter", "Finish", "Ledger", "NotReplicated", "Outcome", "Park", "State",
     "WaitReason", "bucket_percentile", "day_of", "json_or_raw", "latency_bucket",
+    "new_claim_token",
 ]

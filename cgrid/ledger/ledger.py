@@ -12,15 +12,28 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
                        broker queue (cgrid/routing.py)
 - ``P parked:<buyer>`` sorted set: id -> created_at, attempts waiting for room in the
                        buyer's lane (claimed, then handed back unstarted: no attempt counted)
-- ``P parked:activity`` sorted set: buyer -> when its parked set was last touched
+- ``P pulled:<token>`` set: the ids one pull claimed, for its lease (a pull sent again after
+                       a lost reply gets them again)
+- ``P idx:parked-activity`` sorted set: buyer -> when its parked set was last touched
 - ``P failed:<day>:<buyer>`` set of the ids that ended ``failed``, for replay
 - ``P open:<kind>``      events accepted and not yet final, per kind (the backlog)
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 - ``P archive``        stream: every record that became final, until the archiver has written
                        it to disk (``archive/files.py``); exists once an archiver has started
 
+No id can forge a key: each family starts with its own word, ids and buyers come last (a
+day is always YYYY-MM-DD, without ':'), queue names have no ':', and the fixed keys (``due``,
+``report:days``, ``idx:parked-activity``, ``poison``, ``poison:count``, ``archive``) are out
+of every family's reach (``tests/test_ledger_keys.py``). The index of parked sets was
+``parked:activity`` before, the parked set of a buyer named ``activity``: the sweep moves
+what it finds there (docs/operations.md).
+
 The one-retry guard is the claim script (``scripts/claim.lua``): attempt ``n`` of an event can be claimed once,
-attempt 2 only after attempt 1 failed, so no event is called more than twice.
+attempt 2 only after attempt 1 failed, so no event is called more than twice. Each claim and
+pull carries a random token (:func:`new_claim_token`), kept in the record while the attempt is
+claimed: the same call sent again after its reply was lost (redis-py's retry on a timeout,
+:func:`cgrid.redis_conn.ride_out_redis`) gets its own claims back instead of nothing, and a
+park must show it.
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
+import secrets
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -124,7 +139,7 @@ class Park:
     created_at_s: float
     buyer: str
     reason: WaitReason = WaitReason.LANE_FULL
-    claim_stamp: str = ""  # the claim's claimed_at, from claim() or pull() ('' = any claim)
+    claim_stamp: str = ""  # the claim's token, from claim() or pull() ('' = any claim)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +172,22 @@ def load_script(name: str) -> str:
 
 # Read once, when this module is imported; each Ledger registers them with its client.
 SCRIPTS = {name: load_script(name) for name in ("accept", "claim", "finish", "park", "pull", "sweep", "withdraw")}
+
+
+_TOKEN = re.compile(r"[0-9a-f]{16,64}")
+
+
+def new_claim_token() -> str:
+    """A claim's or a pull's token: make one per call, and send it again with the call."""
+    return secrets.token_hex(8)
+
+
+def _checked_token(token: str) -> str:
+    if not token:
+        return new_claim_token()
+    if not _TOKEN.fullmatch(token):
+        raise CgridError(f"token: a claim token is 16 to 64 lowercase hex digits, not {token[:80]!r}")
+    return token
 
 
 def _num(value: float) -> str:
@@ -237,14 +268,18 @@ class Ledger:
     def claim(
         self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float,
         parked_buyers: list[str] | None = None, queue: str = DELIVER_QUEUE, stamp: list[str] | None = None,
+        token: str = "",
     ) -> list[tuple[str, str]]:
         """Claim attempt ``attempt`` of each id; returns (id, event JSON) of those won. The
         won events' buyers that have parked events are added to ``parked_buyers``. ``queue``
         is the broker queue the trigger came from (its watermark moves). ``stamp`` receives
-        the claim's stamp, which a park of these attempts must show (:class:`Park`)."""
+        the claim's stamp, which a park of these attempts must show (:class:`Park`).
+        ``token`` (:func:`new_claim_token`; '' = a new one): a claim sent again with the
+        token of one whose reply was lost gets that claim's events again."""
         if not ids:
             return []
-        args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue, *ids]
+        args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue,
+                                 _checked_token(token), *ids]
         flat = [_text(item) for item in self._replicated(self._claim, args, "claimed", required=False)]
         split = flat.index("|")
         if stamp is not None:
@@ -311,13 +346,13 @@ class Ledger:
                      park.claim_stamp]
         return [bool(flag) for flag in self._park(keys=self._keys, args=args)]
 
-    def pull(self, buyer: str, k: int, *, lease_s: float,
-             stamp: list[str] | None = None) -> tuple[int, list[tuple[int, str, str]]]:
+    def pull(self, buyer: str, k: int, *, lease_s: float, stamp: list[str] | None = None,
+             token: str = "") -> tuple[int, list[tuple[int, str, str]]]:
         """Claim the next attempt of up to ``k`` parked events of ``buyer``, oldest first.
         Returns how many stay parked and (attempt n, id, event JSON) per claim; ``stamp``
-        receives the claims' stamp, as for :meth:`claim`."""
-        left, pull_stamp, *flat = self._replicated(self._pull, [self.prefix, buyer, k, _num(lease_s)], "pulled",
-                                                   required=False)
+        receives the claims' stamp and ``token`` works as for :meth:`claim`."""
+        args = [self.prefix, buyer, k, _num(lease_s), _checked_token(token)]
+        left, pull_stamp, *flat = self._replicated(self._pull, args, "pulled", required=False)
         if stamp is not None:
             stamp.append(_text(pull_stamp))
         items = [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
@@ -408,7 +443,7 @@ class Ledger:
 
     def backlog(self) -> tuple[int, dict[str, int]]:
         """Events in the due set (queued, in flight, retry waiting), and parked per buyer."""
-        buyers = [_text(b) for b in self.client.zrange(self.prefix + "parked:activity", 0, -1)]
+        buyers = [_text(b) for b in self.client.zrange(self.prefix + "idx:parked-activity", 0, -1)]
         pipe = self.client.pipeline(transaction=False)
         pipe.zcard(self.prefix + "due")
         for buyer in buyers:

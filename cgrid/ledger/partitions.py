@@ -22,13 +22,14 @@ import redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from cgrid.event import Event
-from cgrid.ledger.ledger import PREFIX, Counter, Finish, Ledger, Park, bucket_percentile
+from cgrid.ledger.ledger import PREFIX, Counter, Finish, Ledger, Park, bucket_percentile, new_claim_token
 from cgrid.routing import DELIVER_QUEUE, Routing
 from cgrid.settings import Settings
 
 # Fixed: events are mapped to partitions by their id. 12 divides evenly over 1, 2, 3, 4, 6
 # or 12 primaries.
 CLUSTER_PARTITIONS = 12
+PULL_TOKENS_KEPT = 1000  # recent pulls whose partition is remembered, for a pull sent again
 T = TypeVar("T")
 
 
@@ -67,6 +68,7 @@ class PartitionedLedger(Ledger):
         self.parts = [Partition(client, tag, prefix=f"{prefix}{{{tag}}}:", wait_replicas=wait_replicas,
                                 wait_timeout_ms=wait_timeout_ms) for tag in partition_tags(partitions)]
         self._next_pull: dict[str, int] = {}  # buyer -> the partition its next pull starts at
+        self._pulled_from: dict[str, int] = {}  # a recent pull's token -> its partition
 
     @property
     def replica_shortfalls(self) -> int:  # type: ignore[override]
@@ -103,20 +105,20 @@ class PartitionedLedger(Ledger):
 
     def claim(self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float,
               parked_buyers: list[str] | None = None, queue: str = DELIVER_QUEUE,
-              stamp: list[str] | None = None) -> list[tuple[str, str]]:
-        """As :meth:`Ledger.claim`. A trigger carries the ids of one partition (publisher
-        and sweeper batch so); should one mix partitions, its parks accept any claim of the
-        attempt (stamp '')."""
+              stamp: list[str] | None = None, token: str = "") -> list[tuple[str, str]]:
+        """As :meth:`Ledger.claim`: one claim script per partition the ids fall in (a
+        trigger carries the ids of one: publisher and sweeper batch so), all with one token."""
+        token = token or new_claim_token()
         claimed: list[tuple[str, str]] = []
         stamps: list[str] = []
         found: list[str] = []
         for index, group in self._split(ids, lambda i: i).items():
             claimed += self.parts[index].claim([i for _, i in group], attempt, lease_s=lease_s, sent_at_s=sent_at_s,
-                                               parked_buyers=found, queue=queue, stamp=stamps)
+                                               parked_buyers=found, queue=queue, stamp=stamps, token=token)
         if parked_buyers is not None:
             parked_buyers += [b for b in dict.fromkeys(found) if b not in parked_buyers]
         if stamp is not None and stamps:
-            stamp.append(stamps[0] if len(stamps) == 1 else "")
+            stamp.append(stamps[0])
         return claimed
 
     def finish(self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,
@@ -143,20 +145,26 @@ class PartitionedLedger(Ledger):
             pipe.zcard(f"{part.prefix}parked:{buyer}")
         return [int(count) for count in pipe.execute()]
 
-    def pull(self, buyer: str, k: int, *, lease_s: float,
-             stamp: list[str] | None = None) -> tuple[int, list[tuple[int, str, str]]]:
+    def pull(self, buyer: str, k: int, *, lease_s: float, stamp: list[str] | None = None,
+             token: str = "") -> tuple[int, list[tuple[int, str, str]]]:
         """As :meth:`Ledger.pull`, from one partition per call: the next, in turn, that holds
         the buyer's parked events (oldest first within it). Returns how many stay parked in
-        all partitions."""
+        all partitions. A pull sent again with its token goes to the same partition."""
         counts = self.parked_counts(buyer)
-        start = self._next_pull.get(buyer, 0)
-        order = [(start + i) % len(self.parts) for i in range(len(self.parts))]
-        holding = [i for i in order if counts[i] > 0]
-        if not holding:
-            return 0, []
-        index = holding[0]
-        self._next_pull[buyer] = (index + 1) % len(self.parts)
-        counts[index], items = self.parts[index].pull(buyer, k, lease_s=lease_s, stamp=stamp)
+        index = self._pulled_from.get(token) if token else None
+        if index is None:
+            start = self._next_pull.get(buyer, 0)
+            holding = [i for i in ((start + step) % len(self.parts) for step in range(len(self.parts)))
+                       if counts[i] > 0]
+            if not holding:
+                return 0, []
+            index = holding[0]
+            self._next_pull[buyer] = (index + 1) % len(self.parts)
+            if token:
+                self._pulled_from[token] = index
+                while len(self._pulled_from) > PULL_TOKENS_KEPT:
+                    del self._pulled_from[next(iter(self._pulled_from))]
+        counts[index], items = self.parts[index].pull(buyer, k, lease_s=lease_s, stamp=stamp, token=token)
         return sum(counts), items
 
     def sweep(self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,

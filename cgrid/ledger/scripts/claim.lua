@@ -3,10 +3,12 @@
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, watermark:<queue>,
 --        parked:<buyer>)
 -- ARGV:  prefix, attempt n, lease_s, sent_at (of the trigger, by this clock), the queue the
---        trigger came from, then the ids
--- Reply: {id, event_json} per claimed event, then '|', this claim's stamp (its claimed_at),
---        then the claimed events' buyers that have parked events
-local n, lease, sent_at = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+--        trigger came from, this claim's token (random, made by the caller), then the ids
+-- Reply: {id, event_json} per claimed event, then '|', this claim's stamp (its token), then
+--        the claimed events' buyers that have parked events
+-- A claim sent again with the same token (its reply was lost: redis-py or ride_out_redis
+-- sent it again) gets the events it had claimed again, with those it can claim now.
+local n, lease, sent_at, token = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
 local wm_key = prefix .. 'watermark:' .. ARGV[5]
 local wm = tonumber(redis.call('GET', wm_key) or '0')
 -- (never past this script's own time: a trigger stamped in the future must not make every
@@ -16,12 +18,13 @@ if sent_at > wm then
 end
 local out = {}
 local seen, parked = {}, {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local id = ARGV[i]
   local key = prefix .. 'ev:' .. id
-  local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event', 'wait', 'buyer')
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event', 'wait', 'buyer',
+    'claim_id')
   local state, claim = rec[1], tonumber(rec[2] or '0')
-  local ok = false
+  local ok, again = false, false
   -- A parked event (wait set) is claimed by its lane's pull, never by a stray trigger.
   if claim == 0 and not rec[7] then
     if n == 1 then
@@ -30,9 +33,11 @@ for i = 6, #ARGV do
       ok = state == 'retry_scheduled' and rec[3] and not rec[4]
         and now >= tonumber(rec[5] or '0') - 1
     end
+  elseif claim == n and rec[9] == token then
+    ok, again = true, true  -- this claim's own, sent again: its lease starts now
   end
   if ok then
-    redis.call('HSET', key, 'claim', n, 'claimed_at', now_text)
+    if not again then redis.call('HSET', key, 'claim', n, 'claimed_at', now_text, 'claim_id', token) end
     redis.call('ZADD', prefix .. 'due', now + lease, id)
     out[#out + 1] = id
     out[#out + 1] = rec[6]
@@ -43,10 +48,10 @@ for i = 6, #ARGV do
     end
   end
 end
--- Then this claim's stamp (its claimed_at: a park must show it, see park.lua), and the claimed
+-- Then this claim's stamp (its token: a park must show it, see park.lua), and the claimed
 -- events' buyers that have parked events: their lanes must pull them (a worker that parked
 -- them may be gone) and let new events wait behind them.
 out[#out + 1] = '|'
-out[#out + 1] = now_text
+out[#out + 1] = token
 for _, buyer in ipairs(parked) do out[#out + 1] = buyer end
 return out

@@ -12,11 +12,11 @@ local function stamp(t) return string.format('%.6f', t) end
 local now_text = stamp(now)
 -- Report counters are summed in the script and written once per day and counter.
 local bumps, bump_ttl = {}, 0
-local function bump(day, buyer, counter, report_ttl)
+local function bump(day, buyer, counter, report_ttl, delta)
   local fields = bumps[day]
   if not fields then fields = {}; bumps[day] = fields end
   local field = buyer .. '\t' .. counter
-  fields[field] = (fields[field] or 0) + 1
+  fields[field] = (fields[field] or 0) + (delta or 1)
   bump_ttl = report_ttl
 end
 -- Events accepted and not yet final, per kind (P open:<kind>): the notices' backlog.
@@ -44,7 +44,7 @@ end
 -- record needs none of it: 71 bytes of its ~600 in Redis).
 local function closed(key)
   opened(redis.call('HGET', key, 'kind'), -1)
-  redis.call('HDEL', key, 'claim', 'claimed_at', 'sent_at', 'retry_at')
+  redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id', 'sent_at', 'retry_at')
 end
 local function finalize(key, event_text, state)
   local slim = slim_event(event_text, state == 'failed' or state == 'expired')

@@ -1,6 +1,8 @@
 -- finish: writes the outcomes of claimed attempts of one attempt number.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, report:<day>,
 --        failed:<day>:<buyer>, open:<kind>, archive)
+-- A success that arrives after the sweeper gave its attempt up for lost still counts: a
+-- first attempt's cancels the retry; a retry's turns `failed` into `delivered`.
 -- ARGV:  prefix, attempt n, ledger_ttl, report_ttl, retry_delay, then per event: id, outcome,
 --        attempt_json, reason, the buyer's retry delay ('' = the default), the call's latency
 --        bucket ('' = no call), and the event as its final record keeps it ('' = made here)
@@ -16,7 +18,7 @@ for i = 6, #ARGV, 7 do
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2')
   local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
-  local new = ''
+  local new, was_final = '', false
   local akey = 'a' .. n
   if claim == n then
     redis.call('HSET', key, 'claim', 0)
@@ -48,13 +50,26 @@ for i = 6, #ARGV, 7 do
     redis.call('HSET', key, akey, attempt)
     bump(day, buyer, 'delivered_first', report_ttl)
     if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
+  elseif n == 2 and (outcome == 'ok' or outcome == 'unexpected') and state == 'failed'
+      and rec[6] and string.find(rec[6], '"error":"lost"', 1, true) then
+    -- The same for a retry: the sweeper gave it up for lost and the event ended failed, but
+    -- the call did succeed. It ends delivered: its failed count and its place in the replay
+    -- set are taken back, and the archive gets a second line for it, `delivered`, after its
+    -- `failed` one (docs/archive.md). It was final already: it stays off the backlog.
+    new, was_final = 'delivered', true
+    redis.call('HSET', key, akey, attempt, 'reason',
+      'attempt 2 was given up as lost, then its success arrived: delivered, not failed')
+    bump(day, buyer, 'delivered_retry', report_ttl)
+    bump(day, buyer, 'failed', report_ttl, -1)
+    if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
+    redis.call('SREM', prefix .. 'failed:' .. day .. ':' .. buyer, id)
   end
   if new ~= '' then
     if bucket ~= '' then bump(day, buyer, 'lat_' .. bucket, report_ttl) end
     redis.call('HSET', key, 'state', new)
     if new ~= 'retry_scheduled' then
       redis.call('ZREM', due, id)
-      closed(key)
+      if not was_final then closed(key) end
       -- (the worker made it keeping the URL for a failed or an expired event)
       if final_event ~= '' and (new == 'failed' or new == 'expired') == (outcome == 'fail' or outcome == 'expired') then
         redis.call('HSET', key, 'event', final_event)

@@ -1,22 +1,23 @@
 -- park: hands claimed attempts back unstarted: the claim is released, no attempt is
 -- recorded, and the event waits in its buyer's parked set.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, parked:<buyer>,
---        parked:activity)
+--        idx:parked-activity)
 -- ARGV:  prefix, then per event: id, attempt n, created_at, buyer, reason, the claim's stamp
---        ('' = any claim of attempt n)
+--        (its token, from claim.lua or pull.lua; '' = any claim of attempt n)
 -- Reply: per event, 1 (parked) or 0 (not ours)
 local out = {}
 for i = 2, #ARGV, 6 do
   local id, n, buyer, reason, stamp = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local key = prefix .. 'ev:' .. id
-  local rec = redis.call('HMGET', key, 'claim', 'claimed_at')
+  local rec = redis.call('HMGET', key, 'claim', 'claim_id')
   -- Only the claim this park was made for: a park sent again after a lost reply must not
   -- take back the claim of the process that has pulled the event since.
   if tonumber(rec[1] or '0') == n and (stamp == '' or rec[2] == stamp) then
     redis.call('HSET', key, 'claim', 0, 'wait', reason, 'waiting_since', now_text)
+    redis.call('HDEL', key, 'claim_id')
     redis.call('ZREM', prefix .. 'due', id)
     redis.call('ZADD', prefix .. 'parked:' .. buyer, tonumber(ARGV[i + 2]), id)
-    redis.call('ZADD', prefix .. 'parked:activity', now, buyer)
+    redis.call('ZADD', prefix .. 'idx:parked-activity', now, buyer)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

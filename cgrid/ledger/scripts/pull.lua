@@ -1,14 +1,28 @@
 -- pull: claims the next attempt of up to k parked events of a buyer, oldest first.
 -- KEYS:  none (key names are built from the prefix: parked:<buyer>, ev:<id>, due,
---        parked:activity)
--- ARGV:  prefix, buyer, k, lease
--- Reply: {how many stay parked, this pull's stamp (claimed_at), then n, id, event_json per
+--        idx:parked-activity, pulled:<token>)
+-- ARGV:  prefix, buyer, k, lease, this pull's token (random, made by the caller)
+-- Reply: {how many stay parked, this pull's stamp (its token), then n, id, event_json per
 --        claim}
-local buyer, k, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+-- A pull sent again with the same token (its reply was lost) gets the events it had claimed
+-- again (listed in P pulled:<token> for the lease), then pulls more up to k.
+local buyer, k, lease, token = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local pkey = prefix .. 'parked:' .. buyer
-local out = {0, now_text}  -- how many stay parked, this pull's stamp (claimed_at), then claims
+local mine = prefix .. 'pulled:' .. token
+local out = {0, token}  -- how many stay parked, this pull's stamp (its token), then claims
 local got = 0
 local later = {}
+for _, id in ipairs(redis.call('SMEMBERS', mine)) do
+  local key = prefix .. 'ev:' .. id
+  local rec = redis.call('HMGET', key, 'claim', 'claim_id', 'event')
+  if tonumber(rec[1] or '0') ~= 0 and rec[2] == token then
+    redis.call('ZADD', prefix .. 'due', now + lease, id)
+    out[#out + 1] = tonumber(rec[1])
+    out[#out + 1] = id
+    out[#out + 1] = rec[3]
+    got = got + 1
+  end
+end
 while got < k do
   local popped = redis.call('ZPOPMIN', pkey, k - got)
   if #popped == 0 then break end
@@ -27,8 +41,9 @@ while got < k do
       end
     end
     if n then
-      redis.call('HSET', key, 'claim', n, 'claimed_at', now_text)
+      redis.call('HSET', key, 'claim', n, 'claimed_at', now_text, 'claim_id', token)
       redis.call('HDEL', key, 'wait', 'waiting_since')
+      redis.call('SADD', mine, id)
       redis.call('ZADD', prefix .. 'due', now + lease, id)
       out[#out + 1] = n
       out[#out + 1] = id
@@ -38,11 +53,12 @@ while got < k do
   end
 end
 for _, entry in ipairs(later) do redis.call('ZADD', pkey, entry[1], entry[2]) end
+if got > 0 then redis.call('PEXPIRE', mine, math.max(1, math.ceil(lease * 1000))) end
 local left = redis.call('ZCARD', pkey)
 out[1] = left
 if left == 0 then
-  redis.call('ZREM', prefix .. 'parked:activity', buyer)
+  redis.call('ZREM', prefix .. 'idx:parked-activity', buyer)
 else
-  redis.call('ZADD', prefix .. 'parked:activity', now, buyer)
+  redis.call('ZADD', prefix .. 'idx:parked-activity', now, buyer)
 end
 return out

@@ -3,7 +3,8 @@
 -- revive_after (their workers are gone): a few of those are sent again as triggers. A paused
 -- buyer's parked events are left alone, but those past its maximum age end `expired`.
 -- KEYS:  none (key names are built from the prefix: due, ev:<id>, parked:<buyer>,
---        parked:activity, watermark:<queue>, report:<day>, failed:<day>:<buyer>, archive;
+--        idx:parked-activity, watermark:<queue>, report:<day>, failed:<day>:<buyer>, archive;
+--        and parked:activity, the index's former name (its entries are moved here as found);
 --        the broker's queues are not read here: they may live on another Redis)
 -- ARGV:  prefix, limit, redeliver_after, retry_delay, report_ttl, deliver queue,
 --        revive_after, revive_batch, ledger_ttl, retry queue, the number of buyers with
@@ -119,7 +120,22 @@ for _, id in ipairs(ids) do
     redis.call('ZADD', due, now + redeliver, id)
   end
 end
-local activity = prefix .. 'parked:activity'
+local activity = prefix .. 'idx:parked-activity'
+-- The index of parked sets was P parked:activity before, which is also the parked set of a
+-- buyer named 'activity' (a running fleet's key, or one that workers not yet upgraded still
+-- write): the buyer names found there move to the index; the events of that buyer stay (its
+-- parked set), and the buyer is indexed.
+local old_index = prefix .. 'parked:activity'
+local old_entries = redis.call('ZREVRANGE', old_index, 0, 99, 'WITHSCORES')
+for i = 1, #old_entries, 2 do
+  local member = old_entries[i]
+  if redis.call('HGET', prefix .. 'ev:' .. member, 'buyer') == 'activity' then
+    redis.call('ZADD', activity, 'NX', now, 'activity')
+  else
+    redis.call('ZREM', old_index, member)
+    redis.call('ZADD', activity, 'NX', tonumber(old_entries[i + 1]), member)
+  end
+end
 for _, buyer in ipairs(redis.call('ZRANGEBYSCORE', activity, '-inf', now - revive_after, 'LIMIT', 0, 100)) do
   if paused[buyer] then
     redis.call('ZADD', activity, now, buyer)
