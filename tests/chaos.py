@@ -7,12 +7,13 @@ process groups, and single pool children) at random instants and starts new ones
 one (warm shutdown), crashes and restarts Redis once (SIGKILL), and makes the buyer unreachable for a few seconds.
 Then it checks every event against the ledger and the buyer's record of calls.
 
-    python -m tests.chaos [--events 5000] [--seconds 40] [--workers 3] [--seed N]
+    python -m tests.chaos [--events 5000] [--seconds 40] [--workers 3] [--seed N] [--cluster]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -29,11 +30,13 @@ from typing import Any
 import redis
 
 from cgrid.errors import RedisUnavailable
-from cgrid.ledger import Ledger
+from cgrid.ledger.partitions import ledger_for
+from cgrid.redis_conn import long_lived_client
 from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from ops.mock_dsp import CallLog, MockDspServer
 from producer import Publisher
+from tests.cluster import Cluster
 from tests.helpers import WorkerProcess, fleet_env, parent_pids
 
 TERMINAL = {"delivered", "failed", "rejected", "expired"}
@@ -79,17 +82,23 @@ class Buyer:
 
 
 class Chaos:
-    def __init__(self, events: int, seconds: float, workers: int, seed: int, workdir: Path) -> None:
+    def __init__(self, events: int, seconds: float, workers: int, seed: int, workdir: Path,
+                 cluster: bool = False) -> None:
         self.n_events = events
         self.seconds = seconds
         self.n_workers = workers
         self.rng = random.Random(seed)
         self.seed = seed
         self.workdir = workdir
+        # The ledger on one Redis, or (cluster mode) on a Redis Cluster of three primaries with
+        # a replica each, the broker then on a Redis of its own (self.redis).
+        self.cluster = Cluster(workdir / "cluster", start_port=36000).start() if cluster else None
         self.redis = RedisServer(workdir / "redis").start()
         self.buyer = Buyer()
+        cluster_env = ({"CGRID_REDIS_CLUSTER": "1", "CGRID_BROKER_URL": self.redis.url,
+                        "CGRID_REDIS_WAIT_TIMEOUT_MS": "200"} if self.cluster else {})
         self.env = fleet_env(
-            self.redis.url,
+            self.cluster.url if self.cluster else self.redis.url, **cluster_env,
             CGRID_TIMEOUT_S="0.5", CGRID_RETRY_DELAY_S="1", CGRID_SWEEP_INTERVAL_S="0.2",
             CGRID_ATTEMPT_GRACE_S="2", CGRID_REDELIVER_AFTER_S="3", CGRID_BATCH_SIZE="20",
             CGRID_CALL_CONCURRENCY="20", CGRID_PUBLISH_TIMEOUT_S="0.5", CGRID_LOG_LEVEL="WARNING",
@@ -174,11 +183,31 @@ class Chaos:
         self.start_worker()
 
     def restart_redis(self) -> None:
+        if self.cluster is not None:
+            return self.fail_over()
         self.redis.stop(kill=True)  # a crash, not a clean shutdown: only the AOF is left
         time.sleep(1.0)
         self.redis.start()
         self.faults.redis_restarts += 1
         self.faults.note(self.started, "Redis SIGKILLed and restarted from its AOF")
+        return None
+
+    def fail_over(self) -> None:
+        """Cluster mode: a primary SIGKILLed; its replica takes over; it comes back as a replica."""
+        assert self.cluster is not None
+        victim = self.rng.choice(self.cluster.primaries())
+        self.cluster.kill(victim)
+        self.faults.note(self.started, f"cluster primary {victim} SIGKILLed")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                if len(self.cluster.primaries()) == 3:
+                    break
+            time.sleep(0.2)
+        self.faults.note(self.started, "its replica took over")
+        self.cluster.restart(victim)
+        self.faults.redis_restarts += 1
+        self.faults.note(self.started, f"{victim} back, as a replica")
 
     def buyer_outage(self) -> None:
         self.buyer.stop()
@@ -221,7 +250,7 @@ class Chaos:
         return self.settle_and_check(deadline_s=120)
 
     def settle_and_check(self, deadline_s: float) -> dict[str, Any]:
-        ledger = Ledger(redis.Redis.from_url(self.redis.url))
+        ledger = ledger_for(self.settings, long_lived_client(self.settings))
         give_up = time.monotonic() + deadline_s
         while True:
             records = {i: ledger.record(i) for i in self.accepted}
@@ -290,10 +319,13 @@ class Chaos:
             worker.stop(timeout_s=10)
         self.buyer.stop()
         self.redis.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
-def run_chaos(events: int, seconds: float, workers: int, seed: int, workdir: Path) -> dict[str, Any]:
-    chaos = Chaos(events, seconds, workers, seed, workdir)
+def run_chaos(events: int, seconds: float, workers: int, seed: int, workdir: Path,
+              cluster: bool = False) -> dict[str, Any]:
+    chaos = Chaos(events, seconds, workers, seed, workdir, cluster=cluster)
     try:
         return chaos.run()
     finally:
@@ -320,9 +352,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--seed", type=int, default=random.randrange(1_000_000))
+    parser.add_argument("--cluster", action="store_true",
+                        help="the ledger on a Redis Cluster (3 primaries, 3 replicas), the broker on its own Redis; "
+                             "the Redis crash becomes a primary SIGKILLed and replaced by its replica")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cgrid-chaos-") as workdir:
-        result = run_chaos(args.events, args.seconds, args.workers, args.seed, Path(workdir))
+        result = run_chaos(args.events, args.seconds, args.workers, args.seed, Path(workdir), cluster=args.cluster)
     print_result(result)
     failed = result["lost"] or result["over_called"] or result["violations"]
     return 1 if failed else 0
