@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from archive.files import stream_key
+from bench.cluster import print_cluster, run_cluster_bench
 from bench.common import ROOT, Buyer, fleet_env, percentile, wait_until
 from bench.isolation import print_report, run_isolation
 from cgrid.event import parse_event
@@ -650,10 +651,23 @@ def main() -> int:
     parser.add_argument("--no-publish", action="store_true", help="skip the Publisher micro-benchmark")
     parser.add_argument("--set", action="append", default=[], metavar="CGRID_NAME=VALUE",
                         help="a setting for the fleet under test (repeatable)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="only Redis CPU per event with the ledger on a Redis Cluster against one Redis, "
+                             "alternating (--events per run, --rounds pairs; bench/cluster.py)")
+    parser.add_argument("--rounds", type=int, default=2, help="pairs of runs with --cluster")
     parser.add_argument("--no-archiver", action="store_true",
                         help="run the fleet without its archiver (make run starts one): the archive stream is not "
                              "made, so the ledger scripts add nothing to it")
     args = parser.parse_args()
+    if args.cluster:
+        cluster_result = run_cluster_bench(args.events, args.rounds, dict(item.split("=", 1) for item in args.set))
+        print_cluster(cluster_result)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-cluster.json"
+        out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                                   "args": sys.argv[1:], "cluster": cluster_result}, indent=2))
+        print(f"\nsaved {out.relative_to(ROOT)}")
+        return 0
     results = []
     publish = None
     isolation = None

@@ -149,6 +149,9 @@ def test_events_flow_over_every_partition(cluster: Cluster, env: dict[str, str],
         assert sorted(r["id"] for r in lines) == sorted(ids + replayed)
         assert len({r["entry"] for r in lines}) == len(lines)  # entries unique across partitions
         assert len(list((archive_dir / day).glob("a1.*.jsonl"))) == CLUSTER_PARTITIONS
+        # What the metrics read, over every partition.
+        assert wait_for(lambda: ledger.archive_backlog() == (0, 0.0), 30, "the archive streams empty")
+        assert ledger.backlog() == (0, {}) and ledger.open_events() == {"nurl": 0, "burl": 0}
     finally:
         worker.stop()
         archiver.terminate()

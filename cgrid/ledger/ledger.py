@@ -456,7 +456,7 @@ class Ledger:
         seconds of the oldest (by its entry id, Redis's clock); None when the archive is off
         (no archiver ever made the stream)."""
         key = self.prefix + "archive"
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self._node_client().pipeline(transaction=False)  # TIME: of the node that holds the stream
         pipe.exists(key)
         pipe.xlen(key)
         pipe.xrange(key, count=1)
