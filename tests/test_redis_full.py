@@ -51,7 +51,7 @@ def alive(process: WorkerProcess | subprocess.Popen[bytes]) -> bool:
 
 def event(run: str, n: int, dsp: MockDspServer) -> dict[str, Any]:
     event_id = f"{run}-{n}"
-    path = "/sequence/500,204" if n % 10 == 0 else "/status/204"  # a tenth fail first, then succeed
+    path = "/sequence/500,204" if n % 10 == 0 else "/sleep/100/204"  # a tenth fail first, then succeed
     return {"id": event_id, "kind": "burl", "upstream": "s2s", "buyer": f"dsp{n % 3}",
             "url": f"{dsp.url}{path}?e={event_id}"}
 
@@ -88,7 +88,8 @@ def used_and_max(client: redis.Redis) -> tuple[int, int]:
 def test_a_full_redis_refuses_new_events_and_the_fleet_drains_the_backlog(tmp_path: Path,
                                                                            dsp: MockDspServer) -> None:
     server = RedisServer(tmp_path / "redis", appendfsync="everysec").start()
-    env = fleet_env(server.url, CGRID_TIMEOUT_S="2", CGRID_RETRY_DELAY_S="1")
+    # A slow buyer (100 ms, 10 calls in flight per process): a backlog builds, lanes park.
+    env = fleet_env(server.url, CGRID_TIMEOUT_S="2", CGRID_RETRY_DELAY_S="1", CGRID_BUYER_MAX_CONCURRENCY="10")
     settings = Settings.from_env(env)
     client = redis.Redis.from_url(server.url)
     ledger = Ledger(client)
@@ -103,13 +104,13 @@ def test_a_full_redis_refuses_new_events_and_the_fleet_drains_the_backlog(tmp_pa
         wait_for(lambda: client.exists("cgrid:archive"), 30, "the archiver's stream")
         client.config_set("maxmemory", "8mb")
 
-        # 1. Publish in chunks until Redis refuses, and go on for a few seconds: refused.
+        # 1. Publish in chunks until Redis refuses, and go on for two seconds: refused.
         publisher = Publisher(settings, linger_ms=0)
         accepted: list[str] = []
         refused, n, errors = 0, 0, set()
         first_refusal_at: float | None = None
         give_up = time.monotonic() + 120
-        while first_refusal_at is None or time.monotonic() - first_refusal_at < 5:
+        while first_refusal_at is None or time.monotonic() - first_refusal_at < 2:
             assert time.monotonic() < give_up, "Redis never refused new events"
             chunk = [event(run, n + i, dsp) for i in range(200)]
             n += len(chunk)
@@ -130,6 +131,7 @@ def test_a_full_redis_refuses_new_events_and_the_fleet_drains_the_backlog(tmp_pa
         assert "maxmemory" in error or "OOM" in error or "refused" in error, error
 
         started = time.monotonic()
+        open_when_full = len(open_ids(ledger, accepted))
 
         def drained() -> bool:
             for process in (*workers, archiver):
@@ -142,6 +144,7 @@ def test_a_full_redis_refuses_new_events_and_the_fleet_drains_the_backlog(tmp_pa
         wait_for(lambda: client.xlen("cgrid:archive") == 0, 60, "the archive stream emptied")
         outcome = check_outcomes(ledger, dsp, accepted)
         print(f"\nredis full: accepted {len(accepted)}, refused {refused + 50} (publish attempts of events), "
+              f"open when Redis went past maxmemory {open_when_full}, "
               f"final {sum(outcome['states'].values())} {outcome['states']}, drained in {drain_s:.1f}s, "
               f"memory used/max at the end {still_full}, workers alive {sum(alive(w) for w in workers)}/2, "
               f"archiver alive {alive(archiver)}, calls {outcome['calls']}")
