@@ -197,10 +197,13 @@ def test_a_broker_redis_demoted_to_a_replica_stops_no_worker(tmp_path: Path, dsp
             assert alive(worker), f"{worker.name} exited while its Redis was a replica: {tail(tmp_path)}"
 
         p.replicaof("no", "one")  # promoted again
-        late.wait_ready(90)
+        promoted_at = time.monotonic()
         with Publisher(settings) as publisher:
             after = publisher.publish_many([event(run, 20_000 + i, dsp) for i in range(200)])
         wait_for(lambda: not open_ids(ledger, after), 90, "the events published after the promotion final")
+        late.wait_ready(90)
+        print(f"\nreplica for 10 s: workers alive {sum(alive(w) for w in workers)}/3; the events published after "
+              f"the promotion final {time.monotonic() - promoted_at:.1f}s after it")
         outcome = check_outcomes(ledger, dsp, before + after)
         assert outcome["over_called"] == [] and outcome["success_retried"] == []
         for worker in workers:

@@ -63,3 +63,14 @@ def test_the_log_line_names_the_kind_and_is_written_once_per_interval(capsys: py
     assert (record["event"], record["kind"], record["where"], record["repeats"]) == (
         "test_line_unblocked", "UNBLOCKED", "consume", 0)
     assert record["error"].startswith("UNBLOCKED force unblock")
+
+
+@pytest.mark.parametrize("raw", ["0", "0.05", "1.5", "full", "-1"])
+def test_a_bad_publishing_share_is_refused_naming_the_setting(raw: str) -> None:
+    from cgrid.errors import ConfigError
+    from cgrid.settings import Settings
+
+    with pytest.raises(ConfigError, match="CGRID_PUBLISH_MAX_MEMORY_SHARE"):
+        Settings.from_env({"CGRID_PUBLISH_MAX_MEMORY_SHARE": raw})
+    assert Settings.from_env({}).publish_max_memory_share == 0.9
+    assert Settings.from_env({"CGRID_PUBLISH_MAX_MEMORY_SHARE": "1"}).publish_max_memory_share == 1.0
