@@ -387,8 +387,9 @@ def test_the_archiver_goes_on_when_its_stream_cannot_be_made_again(private_redis
 
     from archive.archiver import Archiver
     from archive.files import ensure_group
-    from cgrid.logs import get_logger
+    from cgrid import logs as cgrid_logs
 
+    cgrid_logs.configure("INFO")  # onto this test's stdout
     client = redis.Redis.from_url(private_redis.url)
     ensure_group(client)
     client.set("filler", "x" * 200_000)
@@ -399,7 +400,7 @@ def test_the_archiver_goes_on_when_its_stream_cannot_be_made_again(private_redis
     stop = threading.Event()
     threading.Timer(3.0, stop.set).start()
     try:
-        archiver.run(stop, get_logger())  # returns at the stop: no Redis error escapes
+        archiver.run(stop, cgrid_logs.get_logger())  # returns at the stop: no Redis error escapes
     finally:
         archiver.close()
     client.config_set("maxmemory", "0")

@@ -49,8 +49,9 @@ return 1
 PUSH_MESSAGE = """#!lua flags=allow-oom
 return redis.call('LPUSH', KEYS[1], ARGV[1])
 """
-# Every error reply is Redis's state, not the message's: the consumer reconnects.
-REPLY_ERRORS: tuple[type[Exception], ...] = (redis.ResponseError,)
+# Every error reply is Redis's state, not the message's, and so is a reply that cannot be
+# parsed: the consumer reconnects.
+REPLY_ERRORS: tuple[type[Exception], ...] = (redis.ResponseError, redis.exceptions.InvalidResponse)
 
 
 class _HardenedQoS:
