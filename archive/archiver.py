@@ -6,7 +6,9 @@ One batch at a time, as a member of the stream's consumer group:
 
 1. read up to :data:`BATCH` entries (``XREADGROUP``): they are now pending on this name;
 2. append their lines to ``<dir>/<day>/<name>.jsonl``, flush and ``fsync`` every file;
-3. acknowledge and delete them, atomically (``MULTI``: ``XACK`` + ``XDEL``).
+3. delete and acknowledge them (``XDEL``, then ``XACK``: neither is refused by a full Redis,
+   which is when the archive must drain; an entry deleted but not acknowledged is read
+   again without its fields and only acknowledged).
 
 Nothing is read before the last batch is acknowledged, so after a crash this name's
 pending entries are that one batch, and its lines, if written, are among the last
@@ -41,6 +43,7 @@ from cgrid.ledger import PREFIX, Ledger
 from cgrid.ledger.partitions import PartitionedLedger, ledger_for
 from cgrid.logs import get_logger
 from cgrid.redis_conn import long_lived_client
+from cgrid.redis_replies import log_redis_error
 from cgrid.settings import Settings
 
 BATCH = 500  # entries per batch (and lines of a file's tail looked at on recovery)
@@ -97,6 +100,7 @@ class Archiver:
         self.skipped = 0  # pending entries found already written (re-read after a crash or failure)
         self._lock_fd: int | None = None
         self._next_claim_s = 0.0
+        self._group_missing = False  # the stream or its group was gone: made again before the next read
         self._pause_s = 0.0
         self.block_ms = block_ms
         self.entry_prefix = entry_prefix
@@ -132,8 +136,9 @@ class Archiver:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, log: Any) -> None:
-        """Archive until ``stop`` is set; rides out Redis outages and write failures (both
-        logged; nothing is acknowledged that is not on disk)."""
+        """Archive until ``stop`` is set; rides out Redis outages, Redis's error replies (a
+        full Redis, a replica: logged once per kind and 30 s) and write failures; nothing is
+        acknowledged that is not on disk."""
         run_all([self], stop, log)
 
     def turn(self, log: Any) -> float:
@@ -149,12 +154,11 @@ class Archiver:
         except redis.ResponseError as e:
             if "NOGROUP" in str(e):  # the stream was deleted (or Redis emptied): make it again
                 log.warning("archive_stream_missing", action="recreated", key=self.key)
-                with contextlib.suppress(redis.RedisError):
-                    self._ensure_group()
+                self._group_missing = True
             else:
-                log.error("archive_redis_error", error=str(e)[:300])
+                log_redis_error("archive_redis_error", e, level="error")
         except redis.RedisError as e:
-            log.warning("archive_redis_unavailable", error=str(e)[:200])
+            log_redis_error("archive_redis_unavailable", e)
         except ArchiveError as e:
             log.error("archive_write_failed", error=str(e), acknowledged=False)
         self._pause_s = self._failed(self._pause_s)
@@ -173,6 +177,9 @@ class Archiver:
 
     def step(self) -> int:
         """One batch: read, write and sync, acknowledge. Returns the lines written."""
+        if self._group_missing:
+            self._ensure_group()
+            self._group_missing = False
         if self.recovering:
             entries = self._read("0", block_ms=None)
             if not entries:
@@ -243,9 +250,13 @@ class Archiver:
     def _acknowledge(self, entry_ids: list[str]) -> None:
         if not entry_ids:
             return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xack(self.key, GROUP, *entry_ids)
+        # Not in MULTI: a full Redis refuses every command queued in a transaction, and these
+        # two alone it takes. XDEL first: an entry deleted but not acknowledged (the second
+        # command lost) is read again without fields and acknowledged; the other way round it
+        # would stay in the stream for good.
+        pipe = self.client.pipeline(transaction=False)
         pipe.xdel(self.key, *entry_ids)
+        pipe.xack(self.key, GROUP, *entry_ids)
         pipe.execute()
 
     def _file(self, day: str) -> DayFile:
@@ -344,7 +355,7 @@ def run_archiver(settings: Settings, root: Path, name: str) -> int:
                     archiver._ensure_group()
                     break
                 except redis.RedisError as e:
-                    log.warning("archive_redis_unavailable", error=str(e)[:200])
+                    log_redis_error("archive_redis_unavailable", e)
                     stop.wait(1.0)
         log.info("archiver_started", dir=str(root), name=name, streams=[a.key for a in archivers])
         run_all(archivers, stop, log)

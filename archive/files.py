@@ -49,8 +49,19 @@ def ensure_group(client: redis.Redis, prefix: str = PREFIX) -> None:
     try:
         client.xgroup_create(stream_key(prefix), GROUP, id="0", mkstream=True)
     except redis.ResponseError as e:
-        if "BUSYGROUP" not in str(e):
-            raise
+        if "BUSYGROUP" in str(e):
+            return
+        if isinstance(e, redis.exceptions.OutOfMemoryError) and _group_exists(client, prefix):
+            return  # a full Redis refuses XGROUP CREATE even when there is nothing to make
+        raise
+
+
+def _group_exists(client: redis.Redis, prefix: str) -> bool:
+    try:
+        groups: Any = client.xinfo_groups(stream_key(prefix))
+    except redis.ResponseError:  # no such stream
+        return False
+    return any(as_text(group.get("name", b"")) == GROUP for group in groups)
 
 
 def as_text(value: Any) -> str:

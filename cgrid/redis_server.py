@@ -69,15 +69,17 @@ class RedisServer:
 
     def __init__(self, data_dir: Path, port: int | None = None, *, appendfsync: str = "always",
                  extra_args: Sequence[str] = (), client_options: Mapping[str, Any] | None = None,
-                 url: str | None = None):
+                 url: str | None = None, binary: str | None = None):
         """``extra_args`` are more redis-server options (TLS, ACL users, ``--replicaof``);
-        ``url`` and ``client_options`` say how to reach such a server to see it is up."""
+        ``url`` and ``client_options`` say how to reach such a server to see it is up;
+        ``binary`` is a redis-server other than :func:`find_redis_server`'s."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendfsync = appendfsync
         self.extra_args = list(extra_args)
         self.client_options = dict(client_options or {})
         self._url = url
+        self.binary = binary
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,7 +89,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            find_redis_server(),
+            self.binary or find_redis_server(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir.resolve()),

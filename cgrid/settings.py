@@ -123,6 +123,9 @@ class Settings:
     attempt_grace_s: float = 10.0
     redeliver_after_s: float = 30.0
     publish_timeout_s: float = 2.0
+    # CGRID_PUBLISH_MAX_MEMORY_SHARE: new events are refused once Redis's used memory passes
+    # this share of its maxmemory, so the accepted ones keep room to end (docs/troubleshooting.md)
+    publish_max_memory_share: float = 0.9
     log_level: str = "INFO"
     data_dir: str = "data"
     archive_dir: str = ""  # CGRID_ARCHIVE_DIR; '' = <CGRID_DATA_DIR>/archive
@@ -175,6 +178,8 @@ class Settings:
             attempt_grace_s=_number(env, "CGRID_ATTEMPT_GRACE_S", cls.attempt_grace_s, minimum=1),
             redeliver_after_s=_number(env, "CGRID_REDELIVER_AFTER_S", cls.redeliver_after_s, minimum=1),
             publish_timeout_s=_number(env, "CGRID_PUBLISH_TIMEOUT_S", cls.publish_timeout_s, minimum=0.1),
+            publish_max_memory_share=_number(env, "CGRID_PUBLISH_MAX_MEMORY_SHARE", cls.publish_max_memory_share,
+                                             minimum=0.1),
             log_level=env.get("CGRID_LOG_LEVEL", "").strip().upper() or cls.log_level,
             data_dir=env.get("CGRID_DATA_DIR", "").strip() or cls.data_dir,
             archive_dir=env.get("CGRID_ARCHIVE_DIR", "").strip(),
@@ -256,6 +261,9 @@ class Settings:
                 f"CGRID_RETRY_DELAY_S = {self.retry_delay_s:g}s must stay below "
                 f"CGRID_VISIBILITY_TIMEOUT_S = {self.visibility_timeout_s}s"
             )
+        if self.publish_max_memory_share > 1:
+            raise ConfigError(f"CGRID_PUBLISH_MAX_MEMORY_SHARE: {self.publish_max_memory_share:g} must be a share of "
+                              "Redis's maxmemory between 0.1 and 1 (1: refuse new events only when Redis does)")
         if self.metrics_port > 65535:
             raise ConfigError(f"CGRID_METRICS_PORT: {self.metrics_port} is not a port (1-65535, or 0 for off)")
         if self.event_max_age_s >= self.ledger_ttl_s:

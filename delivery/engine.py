@@ -37,6 +37,7 @@ from cgrid.logs import get_logger
 from cgrid.macros import substitute
 from cgrid.price_crypto import PriceCryptoError, encrypt_price
 from cgrid.redis_conn import ride_out_redis
+from cgrid.redis_replies import log_redis_error
 from cgrid.settings import Settings
 from delivery.attempt import Attempt, attempt_from, expired
 from delivery.attempt_log import log_attempt
@@ -231,7 +232,7 @@ class DeliveryEngine:
                 report_ttl_s=settings.report_ttl_s, retry_delay_s=settings.retry_delay_s,
             ))
         except redis.RedisError as e:
-            get_logger().error("ledger_write_failed", events=len(batch), error=str(e)[:200], kept=True)
+            log_redis_error("ledger_write_failed", e, level="error", events=len(batch), kept=True)
             return False
         if metrics.ENABLED:
             count_finished(batch, states)
@@ -247,7 +248,7 @@ class DeliveryEngine:
             self._ride_out(lambda: self.ledger.park(parks))
         except redis.RedisError as e:
             # Still claimed: when their lease passes the sweeper counts them as lost attempts.
-            get_logger().error("ledger_park_failed", events=len(parks), error=str(e)[:200])
+            log_redis_error("ledger_park_failed", e, level="error", events=len(parks))
 
     def _pull(self, buyer: str, k: int, parks_at_request: int) -> None:
         items: list[tuple[int, str, str]] = []
@@ -261,7 +262,7 @@ class DeliveryEngine:
                 left, items = self._ride_out(
                     lambda: self.ledger.pull(buyer, k, lease_s=self.lease_s, stamp=stamp, token=token))
         except redis.RedisError as e:
-            get_logger().warning("ledger_pull_failed", buyer=buyer, error=str(e)[:200])
+            log_redis_error("ledger_pull_failed", e, buyer=buyer)
         finally:  # the lane always hears back, or it would never pull again
             with self._cond:
                 self._pending += len(items)

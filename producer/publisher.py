@@ -12,6 +12,12 @@ reached within ``CGRID_PUBLISH_TIMEOUT_S``.
 Nothing is dropped silently: events that could not be sent stay buffered and are sent
 when Redis answers again; while the buffer is full and Redis is down, ``publish()``
 raises instead of accepting more. ``Publisher(linger_ms=0)`` sends on every call.
+
+A full Redis refuses new events (at ``CGRID_PUBLISH_MAX_MEMORY_SHARE`` of its
+``maxmemory``, before Redis itself would) while the workers go on with the accepted ones.
+Every send that Redis refuses or cannot take is counted, by reason (:data:`REFUSED_REASONS`),
+in ``Publisher.refused`` and in the Prometheus counter ``cgrid_publish_refused_total`` of
+prometheus_client's default registry (an auction process that serves its metrics shows it).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,12 +41,36 @@ from cgrid.event import Event, parse_event
 from cgrid.ledger import Ledger, NotReplicated
 from cgrid.ledger.partitions import PartitionedLedger, ledger_for
 from cgrid.redis_conn import mask_url, redis_client
+from cgrid.redis_replies import is_full
 from cgrid.settings import Settings
 
 MAX_BUFFERED_EVENTS = 100_000
+# Why a send (one batch, one ledger script) was not accepted: Redis is full (its maxmemory,
+# or past CGRID_PUBLISH_MAX_MEMORY_SHARE of it), refused it otherwise (an error reply such as
+# READONLY), could not be reached, or did not replicate it in time.
+REFUSED_REASONS = ("full", "error_reply", "unreachable", "not_replicated")
 
 
 _log = logging.getLogger("cgrid.publisher")
+_refused_metric: Any = None
+_refused_metric_lock = threading.Lock()
+
+
+def refused_metric() -> Any:
+    """``cgrid_publish_refused_total{reason}`` in prometheus_client's default registry, made
+    once per process; None when prometheus_client cannot be imported."""
+    global _refused_metric
+    with _refused_metric_lock:
+        if _refused_metric is None:
+            try:
+                from prometheus_client import Counter as PromCounter
+            except ImportError:
+                return None
+            _refused_metric = PromCounter(
+                "cgrid_publish_refused", "Sends of new events (a batch each) that Redis refused or could not "
+                "take, by reason: full, error_reply, unreachable, not_replicated. The events stay buffered and "
+                "are tried again, so each try counts", ["reason"])
+        return _refused_metric
 
 
 class Publisher:
@@ -70,6 +101,9 @@ class Publisher:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._last_error: RedisUnavailable | None = None
+        # Sends Redis refused or could not take, by reason (REFUSED_REASONS); each try counts.
+        self.refused: Counter[str] = Counter()
+        self._refused_metric = refused_metric()
         self._oldest_at = 0.0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -215,9 +249,10 @@ class Publisher:
         try:
             sent_at_s, accepted = self._ledger.accept(
                 batch, ledger_ttl_s=settings.ledger_ttl_s, report_ttl_s=settings.report_ttl_s,
-                redeliver_after_s=settings.redeliver_after_s,
+                redeliver_after_s=settings.redeliver_after_s, max_memory_share=settings.publish_max_memory_share,
             )
         except NotReplicated as e:
+            self._count_refused("not_replicated")
             # Not accepted: the ledger took them back (withdrawn), so none is called; they
             # stay buffered and are sent again with the same ids. Should the withdrawal fail,
             # the ledger holds them: sent again they are known (a no-op), and the sweeper
@@ -226,9 +261,11 @@ class Publisher:
                       else "could not be withdrawn: they may still be delivered; publish them again with the same ids")
             raise RedisUnavailable(
                 f"Redis at {mask_url(self.redis_url)} did not replicate the events ({detail}): {e}") from e
-        except redis.ResponseError as e:  # e.g. out of memory (maxmemory with noeviction)
+        except redis.ResponseError as e:  # e.g. full (maxmemory, or our headroom below it), a replica
+            self._count_refused("full" if is_full(e) else "error_reply")
             raise RedisUnavailable(f"Redis at {mask_url(self.redis_url)} refused the events: {e}") from e
         except redis.RedisError as e:
+            self._count_refused("unreachable")
             raise RedisUnavailable(f"Redis at {mask_url(self.redis_url)} is unreachable: {e}") from e
         new_ids = [event.id for event, is_new in zip(batch, accepted, strict=True) if is_new]
         if not new_ids:
@@ -240,6 +277,11 @@ class Publisher:
             # sends their trigger again once it sees it was never delivered.
             _log.warning("cgrid-s2s: the trigger of %d accepted events was not sent (%s); the workers' sweeper "
                          "sends it within CGRID_REDELIVER_AFTER_S", len(new_ids), type(e).__name__)
+
+    def _count_refused(self, reason: str) -> None:
+        self.refused[reason] += 1
+        if self._refused_metric is not None:
+            self._refused_metric.labels(reason).inc()
 
     def _linger_loop(self) -> None:
         while True:

@@ -4,8 +4,10 @@ A private Redis with AOF (appendfsync always), several real ``celery worker`` pr
 answers 200/204/302, returns 500s, hangs past the deadline and resets connections, and
 records every call by event id. While thousands of events flow, it SIGKILLs workers (whole
 process groups, and single pool children) at random instants and starts new ones, SIGTERMs
-one (warm shutdown), crashes and restarts Redis once (SIGKILL), and makes the buyer unreachable for a few seconds.
-Then it checks every event against the ledger and the buyer's record of calls.
+one (warm shutdown), crashes and restarts Redis once (SIGKILL), makes the buyer unreachable for a few seconds,
+and fills Redis: its ``maxmemory`` is set below what it uses for a few seconds, then lifted.
+Then it checks every event against the ledger and the buyer's record of calls, and that no
+worker it did not stop has exited.
 
     python -m tests.chaos [--events 5000] [--seconds 40] [--workers 3] [--seed N] [--cluster]
 """
@@ -54,6 +56,7 @@ class Faults:
     warm_shutdowns: int = 0
     redis_restarts: int = 0
     buyer_outages: int = 0
+    redis_full_phases: int = 0
     log: list[str] = field(default_factory=list)
 
     def note(self, started: float, text: str) -> None:
@@ -109,6 +112,9 @@ class Chaos:
         self.faults = Faults()
         self.accepted: list[str] = []
         self.started = time.monotonic()
+        self.retired: list[WorkerProcess] = []  # stopped or killed on purpose
+        self.redis_lock = threading.Lock()  # one Redis fault at a time
+        self.publish_refused: dict[str, int] = {}
 
     # -- parts ---------------------------------------------------------------------------
 
@@ -126,7 +132,10 @@ class Chaos:
         publisher = Publisher(self.settings, linger_ms=5)
         paths = [p for p, _ in BEHAVIOURS]
         weights = [w for _, w in BEHAVIOURS]
+        full = threading.Thread(target=self.redis_full, name="redis-full")
         for start in range(0, self.n_events, chunk):
+            if start >= self.n_events * 0.35 and full.ident is None:
+                full.start()  # while events flow, whatever the other faults are doing
             batch = []
             for i in range(start, min(start + chunk, self.n_events)):
                 event_id = f"c{self.seed}-{i}"
@@ -141,15 +150,20 @@ class Chaos:
                     time.sleep(0.2)
             self.accepted += [e["id"] for e in batch]
             time.sleep(pause_s)
+        if full.ident is not None:
+            full.join()
         give_up = time.monotonic() + 60
-        while True:
-            try:
-                publisher.close()
-                return
-            except RedisUnavailable:
-                if time.monotonic() > give_up:
-                    raise
-                time.sleep(0.2)
+        try:
+            while True:
+                try:
+                    publisher.close()
+                    return
+                except RedisUnavailable:
+                    if time.monotonic() > give_up:
+                        raise
+                    time.sleep(0.2)
+        finally:
+            self.publish_refused = dict(publisher.refused)
 
     # -- faults --------------------------------------------------------------------------
 
@@ -159,6 +173,7 @@ class Chaos:
         assert worker.process is not None
         worker.process.wait()
         self.workers.remove(worker)
+        self.retired.append(worker)
         self.faults.group_kills += 1
         self.faults.note(self.started, f"SIGKILL worker group {worker.log_path.stem}")
         self.start_worker()
@@ -177,6 +192,7 @@ class Chaos:
     def warm_shutdown(self) -> None:
         worker = self.rng.choice(self.workers)
         self.workers.remove(worker)
+        self.retired.append(worker)
         worker.stop(timeout_s=30)
         self.faults.warm_shutdowns += 1
         self.faults.note(self.started, f"SIGTERM (warm shutdown) {worker.log_path.stem}")
@@ -184,10 +200,12 @@ class Chaos:
 
     def restart_redis(self) -> None:
         if self.cluster is not None:
-            return self.fail_over()
-        self.redis.stop(kill=True)  # a crash, not a clean shutdown: only the AOF is left
-        time.sleep(1.0)
-        self.redis.start()
+            with self.redis_lock:
+                return self.fail_over()
+        with self.redis_lock:
+            self.redis.stop(kill=True)  # a crash, not a clean shutdown: only the AOF is left
+            time.sleep(1.0)
+            self.redis.start()
         self.faults.redis_restarts += 1
         self.faults.note(self.started, "Redis SIGKILLed and restarted from its AOF")
         return None
@@ -216,6 +234,28 @@ class Chaos:
         self.buyer.start()
         self.faults.buyer_outages += 1
         self.faults.note(self.started, "buyer back")
+
+    def redis_full(self) -> None:
+        """Redis past its maxmemory while events flow (noeviction: it refuses writes that add
+        data): new events are refused, the accepted ones must still end. Then lifted. In
+        cluster mode every primary of the ledger's cluster is full at once."""
+        ledger = ledger_for(self.settings, long_lived_client(self.settings))
+        with self.redis_lock:
+            nodes = ([self.cluster.node_client(port) for port in self.cluster.primaries()] if self.cluster
+                     else [redis.Redis.from_url(self.redis.url)])
+            used = [int(node.info("memory")["used_memory"]) for node in nodes]
+            for node, node_used in zip(nodes, used, strict=True):
+                node.config_set("maxmemory", str(max(node_used - 256 * 1024, node_used // 2)))
+            open_before = sum(ledger.open_events().values())
+            self.faults.note(self.started, f"Redis full: maxmemory below its {sum(used)} bytes used, "
+                                           f"{open_before} events open")
+            time.sleep(max(3.0, self.seconds * 0.1))
+            open_after = sum(ledger.open_events().values())
+            used_after = sum(int(node.info("memory")["used_memory"]) for node in nodes)
+            for node in nodes:
+                node.config_set("maxmemory", "0")
+        self.faults.redis_full_phases += 1
+        self.faults.note(self.started, f"maxmemory lifted: {open_after} events open, {used_after} bytes used")
 
     def inject(self, stop: threading.Event) -> None:
         """Random kills all along; the one-off faults at fixed points while events flow."""
@@ -291,6 +331,11 @@ class Chaos:
             if record["state"] == "delivered" and not ok(attempts[-1]):
                 violations.append(f"{event_id}: delivered, but its last attempt did not succeed")
         retried = sum(1 for r in records.values() if r and len(r["attempts"]) == 2)
+        success_retried = [i for i, r in records.items()
+                           if r and len(r["attempts"]) > 1 and r["attempts"][0].get("error") is None
+                           and r["attempts"][0].get("status") is not None and r["attempts"][0]["status"] < 400]
+        exited = [w.log_path.stem for w in self.workers if w.process is None or w.process.poll() is not None]
+        logs = "".join(w.log_text() for w in self.workers + self.retired)
         answers: Tally[str] = Tally(
             str(a.get("status") or a.get("error")) for r in records.values() if r for a in r["attempts"])
         lost_attempts = answers["lost"]
@@ -302,6 +347,8 @@ class Chaos:
             "warm_shutdowns": self.faults.warm_shutdowns,
             "redis_restarts": self.faults.redis_restarts,
             "buyer_outages": self.faults.buyer_outages,
+            "redis_full_phases": self.faults.redis_full_phases,
+            "publish_refused": self.publish_refused,
             "calls": sum(calls.values()),
             "retried": retried,
             "attempts_lost_to_kills": lost_attempts,
@@ -309,8 +356,13 @@ class Chaos:
             "states": dict(states),
             "lost": len(lost),
             "over_called": len(over_called),
+            "success_retried": len(success_retried),
             "violations": len(violations),
-            "examples": (lost[:5] + over_called[:5] + violations[:5]),
+            "workers_running": len(self.workers) - len(exited),
+            "workers_exited": len(exited),
+            "unrecoverable_errors": logs.count("Unrecoverable error"),
+            "poisoned_messages": logs.count('"poisoned_message"'),
+            "examples": (lost[:5] + over_called[:5] + violations[:5] + exited),
             "timeline": self.faults.log,
         }
 
@@ -359,7 +411,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cgrid-chaos-") as workdir:
         result = run_chaos(args.events, args.seconds, args.workers, args.seed, Path(workdir), cluster=args.cluster)
     print_result(result)
-    failed = result["lost"] or result["over_called"] or result["violations"]
+    failed = (result["lost"] or result["over_called"] or result["violations"] or result["workers_exited"]
+              or result["unrecoverable_errors"] or result["poisoned_messages"])
     return 1 if failed else 0
 
 

@@ -74,6 +74,8 @@ def test_a_worker_serves_delivery_metrics(pool: str, redis_url: str, dsp: MockDs
             'cgrid_open_events{kind="burl"}') == 0, 15, "the backlog gauges at 0: nothing waits")
         wait_for(lambda: scrape(port).get("cgrid_archive_backlog") == 21, 15, "21 final records not yet archived")
         assert scrape(port)["cgrid_archive_oldest_seconds"] > 0
+        memory = scrape(port)
+        assert memory["cgrid_redis_memory_used_bytes"] > 0 and "cgrid_redis_memory_max_bytes" in memory
     finally:
         worker.stop()
 

@@ -13,12 +13,14 @@ import time
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from cgrid import metrics
 from cgrid.broker import send_deliver
 from cgrid.buyers import BuyersFile
 from cgrid.ledger import Ledger
 from cgrid.logs import get_logger
+from cgrid.redis_replies import log_redis_error
 from cgrid.routing import Routing
 from cgrid.settings import Settings
 
@@ -28,7 +30,7 @@ BACKLOG_GAUGES_S = 5.0  # how often the backlog gauges are read from Redis (metr
 
 def backlog_gauges(ledger: Ledger) -> None:
     """Events accepted and not yet final: due, parked per buyer, open per kind; final
-    records not yet archived."""
+    records not yet archived; Redis's memory against its maxmemory."""
     due, parked = ledger.backlog()
     metrics.M.due.set(due)
     for buyer, count in parked.items():
@@ -39,6 +41,12 @@ def backlog_gauges(ledger: Ledger) -> None:
     if archive is not None:
         metrics.M.archive_backlog.set(archive[0])
         metrics.M.archive_oldest.set(archive[1])
+    try:
+        used, maximum = ledger.memory()
+    except redis.exceptions.NoPermissionError:
+        return  # an ACL user without INFO: no memory gauges
+    metrics.M.redis_memory_used.set(used)
+    metrics.M.redis_memory_max.set(maximum)
 
 
 def send_triggers(app: Celery, by_queue: dict[str, list[str]], attempt_n: int, batch_size: int,
@@ -134,8 +142,10 @@ class Sweeper:
                     self._next_backlog_gauges = time.monotonic() + BACKLOG_GAUGES_S
                     backlog_gauges(self.ledger)
                 pause_s = 0.0 if sent >= SWEEP_LIMIT else self.settings.sweep_interval_s
-            except (redis.RedisError, OSError) as e:
-                log.warning("sweep_failed", error=str(e)[:200])
+            except (redis.RedisError, OSError, OperationalError) as e:
+                # Redis away, or an error reply (full, a replica ...): kombu wraps a failed
+                # trigger send in its OperationalError. Logged once per kind and 30 s.
+                log_redis_error("sweep_failed", e)
                 pause_s = min(max(pause_s * 2, 0.5), 5.0)
             except Exception as e:  # never let the sweeper die quietly
                 log.error("sweep_crashed", error=repr(e)[:300])

@@ -1,28 +1,129 @@
-"""A Redis broker transport that survives poisoned messages.
+"""A Redis broker transport that survives poisoned messages and Redis's "not now" replies.
 
 kombu's Redis transport pops a message with BRPOP and then decodes it; a message that is
 not JSON, or JSON of the wrong shape, raises inside the worker's event loop and takes the
 whole worker down ("Unrecoverable error"). Here such a message — already popped, so it is
 never seen again — is logged, counted in the ledger's poison record, and dropped, and the
-worker goes on with the messages behind it. Connection errors still propagate, so the
-normal reconnect logic is untouched.
+worker goes on with the messages behind it.
+
+An error *reply* from Redis is never the message's fault: a full Redis (OOM), a replica
+(READONLY, or UNBLOCKED for a BRPOP that was waiting when the server became one),
+MASTERDOWN, LOADING, BUSY, MISCONF. Stock kombu lets most of them out of the event loop,
+and Celery stops the worker. Here every error reply counts as a *connection* error: the
+consumer reconnects with kombu's backoff (2 s, 4 s ... 30 s, for ever) and the worker stays
+up. A channel checks that its Redis is a primary before it is used, so a worker started
+against a replica, or one that was demoted, waits (with that backoff) instead of
+restarting in a tight loop. And a full Redis (``maxmemory``, ``noeviction``) refuses none of
+the broker's work on triggers already sent (issue 15):
+
+- acks are sent outside ``MULTI`` (Redis 7 refuses every command queued in a transaction
+  when it is full, though ``HDEL`` and ``ZREM`` alone are allowed);
+- the unacked record of a message BRPOP has just taken, and the triggers a worker sends
+  (the sweeper's retries and resends), are written by ``#!lua flags=allow-oom`` scripts: a
+  trigger already taken off its list must not be lost, and the accepted events' retries
+  must go on (Redis 7; on 6.2, which reads no script flags, kombu's own commands are used);
+- restoring unacked messages and binding queues (housekeeping) log and skip instead.
 """
 
 from __future__ import annotations
 
+import time
 from queue import Empty
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
 
+from cgrid.redis_conn import script_flags_supported
+from cgrid.redis_replies import log_redis_error
 from worker.poison import record_poison
+
+# ZADD + HSET of an unacked message: what kombu's QoS.append does in MULTI.
+APPEND_UNACKED = """#!lua flags=allow-oom
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+PUSH_MESSAGE = """#!lua flags=allow-oom
+return redis.call('LPUSH', KEYS[1], ARGV[1])
+"""
+# Every error reply is Redis's state, not the message's, and so is a reply that cannot be
+# parsed: the consumer reconnects.
+REPLY_ERRORS: tuple[type[Exception], ...] = (redis.ResponseError, redis.exceptions.InvalidResponse)
+
+
+class _HardenedQoS:
+    """kombu's Redis QoS (ack emulation), made to work on a full Redis."""
+
+    channel: Any
+    unacked_key: str
+    unacked_index_key: str
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        if not self.channel.script_flags:
+            super().append(message, delivery_tag)  # type: ignore[misc]
+            return
+        delivery = message.delivery_info
+        self.channel.allow_oom_script("append", APPEND_UNACKED)(
+            keys=[self.unacked_index_key, self.unacked_key],
+            args=[time.time(), delivery_tag,
+                  dumps([message._raw, delivery["exchange"], delivery["routing_key"]])])  # type: ignore[no-untyped-call]
+        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[arg-type, no-untyped-call]
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        # Inside restore_by_tag's WATCH/MULTI (pipe given) kombu's way stays; an ack sends
+        # HDEL + ZREM plainly (a full Redis refuses them inside MULTI).
+        if pipe is not None:
+            return super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[misc]
+        with self.channel.conn_or_acquire() as client:
+            return client.pipeline(transaction=False).hdel(self.unacked_key, delivery_tag) \
+                .zrem(self.unacked_index_key, delivery_tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        # Messages unacked past the visibility timeout go back to their queue: housekeeping,
+        # tried again later, never worth a consumer restart.
+        try:
+            return super().restore_visible(*args, **kwargs)  # type: ignore[misc]
+        except REPLY_ERRORS as e:
+            log_redis_error("broker_redis_error", e, where="restore_unacked", action="skipped, tried again later")
+            return None
+
+
+class QoS(_HardenedQoS, kombu_redis.QoS):  # type: ignore[misc]
+    pass
 
 
 class _HardenedChannel:
     """What both channels (one Redis, or Redis behind Sentinel) add to kombu's."""
 
     _sync_client: Any = None
+    _script_flags: bool | None = None
     connection_errors: Any
+    client: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # connects and PINGs
+        try:
+            self._require_primary()
+        except BaseException:
+            self.close()  # type: ignore[attr-defined]
+            raise
+
+    def _require_primary(self) -> None:
+        """A replica answers PING but refuses BRPOP, acks and bindings (READONLY): raise a
+        connection error now, so that kombu backs off and tries again until it is a primary
+        (a worker started against a replica would otherwise fail at every step at once)."""
+        try:
+            role = self.client.execute_command("ROLE")
+        except redis.exceptions.NoPermissionError:
+            return  # an ACL without ROLE: a replica then shows itself at the first write
+        name = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
+        if name != "master":
+            error = redis.exceptions.ReadOnlyError(f"the broker Redis is not a primary (ROLE: {name})")
+            log_redis_error("broker_redis_error", error, where="connect", action="waiting for a primary")
+            raise error
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """kombu builds a new redis-py client object for every command it sends (acks,
@@ -35,10 +136,43 @@ class _HardenedChannel:
             self._sync_client = super()._create_client()  # type: ignore[misc]
         return self._sync_client
 
+    @property
+    def script_flags(self) -> bool:
+        """Whether this Redis runs ``#!lua flags=allow-oom`` scripts (asked once)."""
+        if self._script_flags is None:
+            self._script_flags = script_flags_supported(self._create_client())
+        return self._script_flags
+
+    def allow_oom_script(self, name: str, source: str) -> Any:
+        """One of this module's scripts, registered once per channel."""
+        scripts: dict[str, Any] = self.__dict__.setdefault("_allow_oom_scripts", {})
+        if name not in scripts:
+            scripts[name] = self._create_client().register_script(source)
+        return scripts[name]
+
+    def _put(self, queue: Any, message: Any, **kwargs: Any) -> Any:
+        """A message to a queue (our triggers): LPUSH, allowed past maxmemory."""
+        expires: dict[str, Any] = self._expires  # type: ignore[attr-defined]
+        if kwargs.get("_publish_batch") is not None or queue in expires or not self.script_flags:
+            return super()._put(queue, message, **kwargs)  # type: ignore[misc]
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))  # type: ignore[attr-defined]
+        return self.allow_oom_script("put", PUSH_MESSAGE)(keys=[key], args=[dumps(message)])  # type: ignore[no-untyped-call]
+
+    def _queue_bind(self, *args: Any, **kwargs: Any) -> Any:
+        # SADD at consumer start: a full Redis refuses it. The binding is there from earlier
+        # starts, and our triggers go to their list by name anyway.
+        try:
+            return super()._queue_bind(*args, **kwargs)  # type: ignore[misc]
+        except redis.exceptions.OutOfMemoryError as e:
+            log_redis_error("broker_redis_error", e, where="bind_queue", action="skipped")
+            return None
+
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
-        except self.connection_errors:
+        except self.connection_errors as e:
+            if isinstance(e, REPLY_ERRORS):
+                log_redis_error("broker_redis_error", e, where="consume", action="reconnecting")
             raise
         except Empty:
             raise
@@ -66,11 +200,11 @@ def envelope_problem(message: Any) -> str | None:
 
 
 class Channel(_HardenedChannel, kombu_redis.Channel):  # type: ignore[misc]
-    pass
+    QoS = QoS
 
 
 class SentinelChannel(_HardenedChannel, kombu_redis.SentinelChannel):  # type: ignore[misc]
-    pass
+    QoS = QoS
 
 
 class _HardenedTransport:
@@ -84,10 +218,12 @@ class _HardenedTransport:
 
 class Transport(_HardenedTransport, kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
+    connection_errors = kombu_redis.Transport.connection_errors + REPLY_ERRORS
 
 
 class SentinelTransport(_HardenedTransport, kombu_redis.SentinelTransport):  # type: ignore[misc]
     Channel = SentinelChannel
+    connection_errors = kombu_redis.SentinelTransport.connection_errors + REPLY_ERRORS
 
 
 def use_hardened_transports() -> None:

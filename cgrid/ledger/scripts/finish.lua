@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- finish: writes the outcomes of claimed attempts of one attempt number.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, report:<day>,
 --        failed:<day>:<buyer>, open:<kind>, archive)

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- park: hands claimed attempts back unstarted: the claim is released, no attempt is
 -- recorded, and the event waits in its buyer's parked set.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, parked:<buyer>,

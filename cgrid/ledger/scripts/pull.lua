@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- pull: claims the next attempt of up to k parked events of a buyer, oldest first.
 -- KEYS:  none (key names are built from the prefix: parked:<buyer>, ev:<id>, due,
 --        idx:parked-activity, pulled:<token>)

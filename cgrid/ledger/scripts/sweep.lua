@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- sweep: looks at events whose due time has passed (lost claims end their attempt `lost`;
 -- due retries and lost triggers are sent), and at parked sets no worker has touched for
 -- revive_after (their workers are gone): a few of those are sent again as triggers. A paused

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- withdraw: takes back events an accept recorded that no replica holds
 -- (CGRID_REDIS_WAIT_REPLICAS): each still untouched (pending, never claimed, accepted at
 -- that time) is deleted and its counters undone, so an event the producer was told is not
