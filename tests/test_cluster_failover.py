@@ -29,6 +29,7 @@ from tests.helpers import WorkerProcess, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration
 TERMINAL = {"delivered", "failed", "rejected", "expired"}
+RUN = uuid.uuid4().hex[:6]
 
 
 @pytest.fixture()
@@ -46,8 +47,32 @@ def test_a_primary_lost_while_events_flow_loses_nothing_and_retries_no_success(
                     CGRID_REDIS_WAIT_TIMEOUT_MS="500", CGRID_TIMEOUT_S="1", CGRID_RETRY_DELAY_S="1")
     settings = Settings.from_env(env)
     assert settings.redis_wait_replicas == 1  # cluster mode's default
-    worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", name="cluster").start()
-    run = uuid.uuid4().hex[:6]
+    worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", name="cluster")
+    try:
+        worker.start()
+        accepted, refused, victim, records = fail_over_while_publishing(cluster, settings, dsp)
+    finally:
+        worker.stop()
+        broker.stop()
+    run = RUN
+    calls = Counter(call["target"].split("e=", 1)[1] for call in dsp.log.snapshot() if f"e={run}-" in call["target"])
+    over_called = {k: v for k, v in calls.items() if v > 2}
+    success_retried = {k: v for k, v in calls.items() if int(k.rsplit("-", 1)[1]) % 4 != 0 and v > 1}
+    lost = [i for i, r in records.items() if r is None]
+    print(f"accepted {len(accepted)}, refused during the failover {refused}, "
+          f"states {dict(Counter(r['state'] for r in records.values()))}, most calls for one event "
+          f"{max(calls.values())}, success retried {len(success_retried)}")
+    assert not lost
+    assert not over_called, f"called more than twice: {over_called}"
+    assert not success_retried, f"a success called again: {success_retried}"
+    assert cluster.node_client(victim).info("replication")["role"] == "slave"
+
+
+def fail_over_while_publishing(cluster: Cluster, settings: Settings, dsp: MockDspServer
+                               ) -> tuple[list[str], int, int, dict[str, dict[str, Any]]]:
+    """Publish while a primary is SIGKILLed and comes back; wait until every accepted event
+    ended. Returns the accepted ids, how many were refused, the port killed, the records."""
+    run = RUN
     accepted: list[str] = []
     refused = 0
     stop = threading.Event()
@@ -84,25 +109,10 @@ def test_a_primary_lost_while_events_flow_loses_nothing_and_retries_no_success(
     finally:
         stop.set()
         thread.join(timeout=60)
-    try:
-        ledger = PartitionedLedger(long_lived_client(settings))
+    ledger = PartitionedLedger(long_lived_client(settings))
 
-        def all_ended() -> dict[str, dict[str, Any]] | None:
-            records = {i: ledger.record(i) for i in accepted}
-            return records if all(r and r["state"] in TERMINAL for r in records.values()) else None  # type: ignore[return-value]
+    def all_ended() -> dict[str, dict[str, Any]] | None:
+        records = {i: ledger.record(i) for i in accepted}
+        return records if all(r and r["state"] in TERMINAL for r in records.values()) else None  # type: ignore[return-value]
 
-        records = wait_for(all_ended, 120, "every accepted event to end")
-    finally:
-        worker.stop()
-        broker.stop()
-    calls = Counter(call["target"].split("e=", 1)[1] for call in dsp.log.snapshot() if f"e={run}-" in call["target"])
-    over_called = {k: v for k, v in calls.items() if v > 2}
-    success_retried = {k: v for k, v in calls.items() if int(k.rsplit("-", 1)[1]) % 4 != 0 and v > 1}
-    lost = [i for i, r in records.items() if r is None]
-    print(f"accepted {len(accepted)}, refused during the failover {refused}, "
-          f"states {dict(Counter(r['state'] for r in records.values()))}, most calls for one event "
-          f"{max(calls.values())}, success retried {len(success_retried)}")
-    assert not lost
-    assert not over_called, f"called more than twice: {over_called}"
-    assert not success_retried, f"a success called again: {success_retried}"
-    assert cluster.node_client(victim).info("replication")["role"] == "slave"
+    return accepted, refused, victim, wait_for(all_ended, 120, "every accepted event to end")
