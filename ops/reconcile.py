@@ -356,50 +356,77 @@ def above_threshold(pct: float | None, threshold_pct: float) -> bool:
 
 def reconcile(sources: Sources, theirs: Theirs, *, day: str, buyer: str, kind: str | None,
               workdir: Path) -> Result:
-    """Load our records and their rows into DuckDB and match them."""
+    """Match our records of the buyer's day with their rows (see :func:`_count_keys` and
+    :func:`_differing_rows`); the evidence is in the result's tables."""
     db = _connect(workdir)
+    ours_sql = _ours_sql(sources, theirs, day=day, buyer=buyer, kind=kind)
+    if theirs.form is Form.COUNTS:
+        db.execute(f"CREATE TEMP TABLE recs AS SELECT min(st) AS st, min(hour) AS hour FROM ({ours_sql}) "
+                   "GROUP BY i1, i2")
+        per_hour = dict(db.execute("SELECT hour, count(*) FROM recs WHERE st = 0 GROUP BY hour").fetchall())
+        hours = sorted(set(per_hour) | set(theirs.hour_counts))
+        return Result(db, theirs, sum(per_hour.values()), sum(theirs.hour_counts.values()), None,
+                      [_hour_row(h, int(per_hour.get(h, 0)), theirs.hour_counts.get(h, 0)) for h in hours])
+    ours_by_hour = _count_keys(db, theirs, ours_sql)
+    _differing_rows(db, theirs, _ours_sql(sources, theirs, day=day, buyer=buyer, kind=kind, evidence=True))
+    ours = sum(ours_by_hour.values())
+    ours_only = dict(db.execute("SELECT hour, count(*) FROM ours_only GROUP BY hour").fetchall())
+    theirs_only = dict(db.execute("SELECT hour, count(*) FROM theirs_only GROUP BY hour").fetchall())
+    hours = sorted(set(ours_by_hour) | set(theirs_only), key=lambda h: (h is None, h or 0))
+    result = Result(db, theirs, ours, theirs.rows, ours - sum(ours_only.values()), [
+        _hour_row(h, ours_by_hour.get(h, 0), ours_by_hour.get(h, 0) - ours_only.get(h, 0) + theirs_only.get(h, 0))
+        for h in hours])
+    result.ours_only, result.theirs_only = sum(ours_only.values()), sum(theirs_only.values())
+    return result
+
+
+# A state as a number that orders a record's copies: the final state first (a record read
+# while open and again once final counts as final), delivered first of all.
+_STATE_CODE = ("CASE state WHEN 'delivered' THEN 0 WHEN 'failed' THEN 1 WHEN 'expired' THEN 2 WHEN 'rejected' THEN 3 "
+               "WHEN 'retry_scheduled' THEN 8 ELSE 9 END::UTINYINT")
+
+
+def _hash128(text_sql: str, prefix: str) -> str:
+    """Two 64-bit hashes of a text (``prefix``1, ``prefix``2): the keys that are grouped
+    and joined on, 16 bytes however long the id. Two different ids share both with a chance
+    of about n²/2¹²⁹ (10⁻²⁴ for 20 million); the differing rows are matched on the text."""
+    return f"hash({text_sql}) AS {prefix}1, hash({text_sql} || chr(30)) AS {prefix}2"
+
+
+def _key_text(theirs: Theirs) -> str:
+    if theirs.form is not Form.AUCTIONS:
+        return "id"
+    return "auction_id || chr(31) || imp_id" if theirs.with_imp else "auction_id"
+
+
+def _ours_sql(sources: Sources, theirs: Theirs, *, day: str, buyer: str, kind: str | None,
+              evidence: bool = False) -> str:
+    """Our records of the buyer's day (every copy read): id and key hashes, state code, hour;
+    with ``evidence`` also the texts, the creation time, the attempts and the reason."""
     auctions = theirs.form is Form.AUCTIONS
     columns = ("'id': 'VARCHAR', 'state': 'VARCHAR', 'day': 'VARCHAR', 'buyer': 'VARCHAR', 'kind': 'VARCHAR', "
                "'event': 'STRUCT(created_at DOUBLE" +
-               (', macros STRUCT("AUCTION_ID" VARCHAR, "AUCTION_IMP_ID" VARCHAR))' if auctions else ")") + "'")
-    key_columns = ("coalesce(event.macros.\"AUCTION_ID\", '') AS auction_id, "
-                   "coalesce(event.macros.\"AUCTION_IMP_ID\", '') AS imp_id, " if auctions else "")
-    kind_filter = "AND kind = $kind" if kind else ""
-    params: dict[str, Any] = {"day": day, "buyer": buyer or NO_BUYER}
-    if kind:
-        params["kind"] = kind
-    # Every record of the buyer's day, once: a final state wins over an open one (read
-    # before it became final), and a record read twice is the same record.
-    db.execute(f"""
-        CREATE TEMP TABLE recs AS
-        SELECT id, arg_min({{'state': state, 'hour': hour, 'created_at': created_at
-                             {", 'auction_id': auction_id, 'imp_id': imp_id" if auctions else ""}}}, rank) AS r
+               (', macros STRUCT("AUCTION_ID" VARCHAR, "AUCTION_IMP_ID" VARCHAR))' if auctions else ")") + "'" +
+               (", 'attempts': 'JSON', 'reason': 'VARCHAR'" if evidence else ""))
+    keys = ("coalesce(event.macros.\"AUCTION_ID\", '') AS auction_id, "
+            "coalesce(event.macros.\"AUCTION_IMP_ID\", '') AS imp_id, " if auctions else "")
+    extra = ", id, state, created_at, attempts, reason" + (", auction_id, imp_id" if auctions else "")
+    return f"""
+        SELECT {_hash128("id", "i")}, {_hash128(_key_text(theirs), "k")}, st, hour {extra if evidence else ""}
         FROM (
-            SELECT id, state, {key_columns} event.created_at AS created_at,
-                   floor(event.created_at / 3600)::BIGINT AS hour,
-                   CASE WHEN state IN {_FINAL} THEN 0 ELSE 1 END AS rank
+            SELECT id, state, {keys} {_STATE_CODE} AS st, event.created_at AS created_at,
+                   floor(event.created_at / 3600)::INTEGER AS hour {", attempts, reason" if evidence else ""}
             FROM {_json_source(sources, columns)}
-            WHERE day = $day AND buyer = $buyer AND id IS NOT NULL {kind_filter}
+            WHERE day = {_quote(day)} AND buyer = {_quote(buyer)} AND id IS NOT NULL
+                  {f"AND kind = {_quote(kind)}" if kind else ""}
         )
-        GROUP BY id
-    """, params)
-    db.execute("CREATE TEMP TABLE ours_all AS SELECT id, r.* FROM recs")
-    db.execute("DROP TABLE recs")
-    db.execute("CREATE TEMP TABLE delivered AS SELECT * FROM ours_all WHERE state = 'delivered'")
-    ours = _one(db, "SELECT count(*) FROM delivered")
-    if theirs.form is Form.COUNTS:
-        return _by_counts(db, theirs, ours)
-    _load_their_rows(db, theirs)
-    if auctions:
-        _match_auctions(db, theirs.with_imp)
-    else:
-        _match_ids(db)
-    return _result(db, theirs, ours)
+    """
 
 
-def _load_their_rows(db: duckdb.DuckDBPyConnection, theirs: Theirs) -> None:
+def _their_rows_sql(theirs: Theirs) -> str:
     """Their rows, numbered in file order (``rownum``, blank lines skipped, as
-    :func:`read_theirs` counted them: ``Theirs.line_of`` gives the line)."""
+    :func:`read_theirs` counted them: ``Theirs.line_of`` gives the line), with the key hashes.
+    Read with ``preserve_insertion_order`` on."""
     names = [f"c{i}" for i in range(theirs.width)]
     columns = ", ".join(f"'{n}': 'VARCHAR'" for n in names)
     if theirs.form is Form.IDS:
@@ -408,137 +435,99 @@ def _load_their_rows(db: duckdb.DuckDBPyConnection, theirs: Theirs) -> None:
         imp_at = theirs.columns.get("imp_id")
         values = (f"trim(c{theirs.columns['auction_id']}, ' \t') AS auction_id, "
                   + (f"coalesce(trim(c{imp_at}, ' \t'), '')" if imp_at is not None else "''") + " AS imp_id")
+    return f"""
+        SELECT *, {_hash128(_key_text(theirs), "k")} FROM (
+            SELECT row_number() OVER () AS rownum, {values}
+            FROM read_csv({_quote(str(theirs.path))}, header=false, skip={theirs.header_lines}, delim=',',
+                          quote='"', escape='"', auto_detect=false, strict_mode=true, columns={{{columns}}})
+            WHERE {" OR ".join(f"{n} IS NOT NULL" for n in names)}
+        )
+    """
+
+
+def _count_keys(db: duckdb.DuckDBPyConnection, theirs: Theirs, ours_sql: str) -> dict[int | None, int]:
+    """Per match key (an id, or an auction and impression): how many delivered notices of
+    ours and rows of theirs. The keys whose counts differ are the ``differing`` table; our
+    delivered notices per hour are returned. Only hashes and numbers are held, for speed
+    and memory: 10 million keys on each side."""
     db.execute("SET preserve_insertion_order = true")  # rownum is the file's order
-    db.execute(f"""
-        CREATE TEMP TABLE their_rows AS
-        SELECT row_number() OVER () AS rownum, {values}
-        FROM read_csv({_quote(str(theirs.path))}, header=false, skip={theirs.header_lines}, delim=',',
-                      quote='"', escape='"', auto_detect=false, strict_mode=true, columns={{{columns}}})
-        WHERE {" OR ".join(f"{n} IS NOT NULL" for n in names)}
-    """)
+    db.execute(f"CREATE TEMP TABLE their_keys AS SELECT rownum, k1, k2 FROM ({_their_rows_sql(theirs)})")
     db.execute("SET preserve_insertion_order = false")
+    if theirs.form is Form.IDS:  # the key is the id: one grouping counts both sides
+        db.execute(f"""
+            CREATE TEMP TABLE keys AS
+            SELECT k1, k2, coalesce(min(st) = 0, false)::INTEGER AS ours_n, count(rownum) AS their_n, min(hour) AS hour
+            FROM (SELECT k1, k2, st, hour, NULL::BIGINT AS rownum FROM ({ours_sql})
+                  UNION ALL SELECT k1, k2, NULL, NULL, rownum FROM their_keys)
+            GROUP BY k1, k2
+        """)
+        per_hour = db.execute("SELECT hour, count(*) FROM keys WHERE ours_n = 1 GROUP BY hour").fetchall()
+    else:  # one record per event first (its copies), then per key
+        db.execute(f"""
+            CREATE TEMP TABLE recs AS
+            SELECT min(st) AS st, min(hour) AS hour, min(k1) AS k1, min(k2) AS k2 FROM ({ours_sql}) GROUP BY i1, i2
+        """)
+        db.execute("""
+            CREATE TEMP TABLE keys AS
+            SELECT k1, k2, count(*) FILTER (st = 0) AS ours_n, count(rownum) AS their_n
+            FROM (SELECT k1, k2, st, NULL::BIGINT AS rownum FROM recs
+                  UNION ALL SELECT k1, k2, NULL, rownum FROM their_keys)
+            GROUP BY k1, k2
+        """)
+        per_hour = db.execute("SELECT hour, count(*) FROM recs WHERE st = 0 GROUP BY hour").fetchall()
+        db.execute("DROP TABLE recs")
+    db.execute("CREATE TEMP TABLE differing AS SELECT k1, k2 FROM keys WHERE ours_n <> their_n")
+    db.execute("DROP TABLE keys")
+    db.execute("DROP TABLE their_keys")
+    return {hour: int(count) for hour, count in per_hour}
 
 
-def _one(db: duckdb.DuckDBPyConnection, sql: str) -> int:
-    row = db.execute(sql).fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
-
-
-def _match_ids(db: duckdb.DuckDBPyConnection) -> None:
-    """By event id: a row matches our delivered event of that id; a repeated id is matched
-    once, its other rows are theirs only (with our record: the buyer counted it twice)."""
-    db.execute("""
-        CREATE TEMP TABLE firsts AS SELECT id, min(rownum) AS rownum FROM their_rows GROUP BY id
+def _differing_rows(db: duckdb.DuckDBPyConnection, theirs: Theirs, evidence_sql: str) -> None:
+    """For the keys whose counts differ, our records (with their evidence: attempts, reason)
+    and their rows, read again with their texts; within a key the n-th row of theirs
+    (file order) matches our n-th delivered notice (oldest first): a win and a billing
+    notice of one impression are two notices. What is left over is ``ours_only`` and
+    ``theirs_only``; a row of theirs left over shows our record of that key that was not
+    delivered, if any (else a delivered one: the buyer counted it more often than we called)."""
+    text = ["id"] if theirs.form is Form.IDS else ["auction_id", "imp_id"] if theirs.with_imp else ["auction_id"]
+    key = ", ".join(text)
+    db.execute(f"""
+        CREATE TEMP TABLE ev AS
+        SELECT id, arg_min(state, st) AS state, min(st) AS st, min(hour) AS hour, min(created_at) AS created_at,
+               {"".join(f"any_value({c}) AS {c}, " for c in text if c != "id")}
+               arg_min(attempts, st) AS attempts, arg_min(reason, st) AS reason
+        FROM ({evidence_sql}) j SEMI JOIN differing USING (k1, k2)
+        GROUP BY id
     """)
-    db.execute("""
+    db.execute("SET preserve_insertion_order = true")
+    db.execute(f"CREATE TEMP TABLE their_diff AS SELECT * FROM ({_their_rows_sql(theirs)}) t "
+               "SEMI JOIN differing USING (k1, k2)")
+    db.execute("SET preserve_insertion_order = false")
+    on = " AND ".join(f"o.{c} = t.{c}" for c in text)
+    db.execute(f"""
         CREATE TEMP TABLE matched AS
-        SELECT d.id, f.rownum, d.hour FROM delivered d JOIN firsts f ON f.id = d.id
+        SELECT o.id, t.rownum FROM
+            (SELECT id, {key}, row_number() OVER (PARTITION BY {key} ORDER BY created_at, id) AS n
+             FROM ev WHERE st = 0) o
+        JOIN (SELECT rownum, {key}, row_number() OVER (PARTITION BY {key} ORDER BY rownum) AS n FROM their_diff) t
+        ON {on} AND o.n = t.n
     """)
-    db.execute("""
-        CREATE TEMP TABLE ours_only AS SELECT d.* FROM delivered d ANTI JOIN firsts f ON f.id = d.id
-    """)
-    db.execute("""
-        CREATE TEMP TABLE theirs_only AS
-        SELECT t.rownum, t.id AS their_id, NULL::VARCHAR AS auction_id, NULL::VARCHAR AS imp_id,
-               o.id AS our_id, o.state, o.hour, o.created_at
-        FROM their_rows t ANTI JOIN matched m ON m.rownum = t.rownum
-        LEFT JOIN ours_all o ON o.id = t.id
-    """)
-
-
-def _match_auctions(db: duckdb.DuckDBPyConnection, with_imp: bool) -> None:
-    """By auction (and impression) id: the n-th row of a key matches our n-th delivered
-    event of that key (oldest first): a win and a billing notice of one impression are two
-    notices. A row left over shows our record of that key that was not delivered, if any
-    (else a delivered one: the buyer counted it more often than we called)."""
-    key = "auction_id, imp_id" if with_imp else "auction_id"
-    on = "USING (auction_id, imp_id, n)" if with_imp else "USING (auction_id, n)"
-    db.execute(f"""
-        CREATE TEMP TABLE their_keys AS
-        SELECT rownum, auction_id, imp_id, row_number() OVER (PARTITION BY {key} ORDER BY rownum) AS n
-        FROM their_rows
-    """)
-    db.execute(f"""
-        CREATE TEMP TABLE our_keys AS
-        SELECT id, hour, created_at, auction_id, imp_id,
-               row_number() OVER (PARTITION BY {key} ORDER BY created_at, id) AS n
-        FROM delivered
-    """)
-    db.execute(f"""
-        CREATE TEMP TABLE matched AS
-        SELECT o.id, t.rownum, o.hour FROM our_keys o JOIN their_keys t {on}
-    """)
-    db.execute("""
-        CREATE TEMP TABLE ours_only AS SELECT d.* FROM delivered d ANTI JOIN matched m ON m.id = d.id
-    """)
-    db.execute(f"""
-        CREATE TEMP TABLE best AS
-        SELECT {key}, arg_min({{'id': id, 'state': state, 'hour': hour, 'created_at': created_at}},
-                              (state = 'delivered', created_at)) AS r
-        FROM ours_all GROUP BY {key}
-    """)
+    db.execute("CREATE TEMP TABLE ours_only AS SELECT * FROM ev WHERE st = 0 AND id NOT IN (SELECT id FROM matched)")
     db.execute(f"""
         CREATE TEMP TABLE theirs_only AS
-        SELECT t.rownum, NULL::VARCHAR AS their_id, t.auction_id, t.imp_id,
-               b.r.id AS our_id, b.r.state AS state, b.r.hour AS hour, b.r.created_at AS created_at
-        FROM their_keys t ANTI JOIN matched m ON m.rownum = t.rownum
-        LEFT JOIN best b ON b.auction_id = t.auction_id {"AND b.imp_id = t.imp_id" if with_imp else ""}
+        SELECT t.rownum, {", ".join(f"t.{c}" for c in text)}, b.r.id AS our_id, b.r.state AS state, b.r.hour AS hour,
+               b.r.attempts AS attempts, b.r.reason AS reason
+        FROM their_diff t
+        LEFT JOIN (SELECT {key}, arg_min({{'id': id, 'state': state, 'hour': hour, 'attempts': attempts,
+                                          'reason': reason}}, (st = 0, created_at)) AS r
+                   FROM ev GROUP BY {key}) b ON {on.replace("o.", "b.")}
+        WHERE t.rownum NOT IN (SELECT rownum FROM matched)
     """)
-
-
-def _result(db: duckdb.DuckDBPyConnection, theirs: Theirs, ours: int) -> Result:
-    rows = db.execute("""
-        SELECT hour, sum(ours)::BIGINT, sum(theirs)::BIGINT FROM (
-            SELECT hour, 1 AS ours, 0 AS theirs FROM delivered
-            UNION ALL SELECT hour, 0, 1 FROM matched
-            UNION ALL SELECT hour, 0, 1 FROM theirs_only
-        ) GROUP BY hour ORDER BY hour NULLS LAST
-    """).fetchall()
-    result = Result(db, theirs, ours, theirs.rows, _one(db, "SELECT count(*) FROM matched"),
-                    [_hour_row(h, o, t) for h, o, t in rows])
-    result.ours_only = _one(db, "SELECT count(*) FROM ours_only")
-    result.theirs_only = _one(db, "SELECT count(*) FROM theirs_only")
-    return result
-
-
-def _by_counts(db: duckdb.DuckDBPyConnection, theirs: Theirs, ours: int) -> Result:
-    per_hour = dict(db.execute("SELECT hour, count(*) FROM delivered GROUP BY hour").fetchall())
-    hours = sorted(set(per_hour) | set(theirs.hour_counts), key=lambda h: (h is None, h or 0))
-    return Result(db, theirs, ours, sum(theirs.hour_counts.values()), None,
-                  [_hour_row(h, int(per_hour.get(h, 0)), theirs.hour_counts.get(h, 0)) for h in hours])
 
 
 def _hour_row(hour: int | None, ours: int, theirs: int) -> dict[str, Any]:
     return {"hour": hour_text(hour), "ours": int(ours), "theirs": int(theirs),
             "discrepancy_pct": discrepancy_pct(int(ours), int(theirs))}
-
-
-# -- the evidence --------------------------------------------------------------------------------
-
-
-def load_evidence(result: Result, sources: Sources, day: str, buyer: str) -> None:
-    """Each differing row's record of ours: its attempts (status and time of each call) and
-    the reason of a rejected or expired one. A second read of the files, for those ids only."""
-    db = result.db
-    if result.form is Form.COUNTS:
-        return
-    db.execute("""
-        CREATE TEMP TABLE wanted AS SELECT id FROM ours_only
-        UNION SELECT our_id FROM theirs_only WHERE our_id IS NOT NULL
-    """)
-    if not _one(db, "SELECT count(*) FROM wanted"):
-        db.execute("CREATE TEMP TABLE evidence (id VARCHAR, attempts JSON, reason VARCHAR)")
-        return
-    columns = "'id': 'VARCHAR', 'state': 'VARCHAR', 'day': 'VARCHAR', 'buyer': 'VARCHAR', " \
-              "'attempts': 'JSON', 'reason': 'VARCHAR'"
-    db.execute(f"""
-        CREATE TEMP TABLE evidence AS
-        SELECT id, arg_min(attempts, rank) AS attempts, arg_min(reason, rank) AS reason FROM (
-            SELECT id, attempts, reason, CASE WHEN state IN {_FINAL} THEN 0 ELSE 1 END AS rank
-            FROM {_json_source(sources, columns)}
-            WHERE day = $day AND buyer = $buyer AND id IN (SELECT id FROM wanted)
-        ) GROUP BY id
-    """, {"day": day, "buyer": buyer or NO_BUYER})
 
 
 def _attempts(text: str | None) -> list[dict[str, Any]]:
@@ -562,16 +551,18 @@ def ours_only_rows(result: Result) -> Iterator[dict[str, Any]]:
     if result.form is Form.COUNTS:
         return  # counts say which hours differ, not which notices
     auctions = result.form is Form.AUCTIONS
+    imp = "imp_id" if result.their_file.with_imp else "NULL"
     cursor = result.db.execute(f"""
-        SELECT o.id, o.state, o.created_at, o.hour, {"o.auction_id, o.imp_id" if auctions else "NULL, NULL"},
-               e.attempts
-        FROM ours_only o LEFT JOIN evidence e USING (id) ORDER BY o.created_at, o.id
+        SELECT id, state, hour, {f"auction_id, {imp}" if auctions else "NULL, NULL"}, attempts
+        FROM ours_only ORDER BY created_at, id
     """)
     while batch := cursor.fetchmany(10_000):
-        for event_id, state, _created, hour, auction_id, imp_id, attempts in batch:
+        for event_id, state, hour, auction_id, imp_id, attempts in batch:
             row: dict[str, Any] = {"id": event_id, "state": state, "hour": hour_text(hour)}
             if auctions:
-                row["auction_id"], row["imp_id"] = auction_id, imp_id
+                row["auction_id"] = auction_id
+                if result.their_file.with_imp:
+                    row["imp_id"] = imp_id
             row["attempts"] = _attempts(attempts)
             yield row
 
@@ -581,20 +572,25 @@ def theirs_only_rows(result: Result) -> Iterator[dict[str, Any]]:
     that id (or key) where we have one: its state and attempts."""
     if result.form is Form.COUNTS:
         return
-    cursor = result.db.execute("""
-        SELECT t.rownum, t.their_id, t.auction_id, t.imp_id, t.our_id, t.state, t.hour, e.attempts, e.reason
-        FROM theirs_only t LEFT JOIN evidence e ON e.id = t.our_id ORDER BY t.rownum
+    ids = result.form is Form.IDS
+    with_imp = result.their_file.with_imp
+    cursor = result.db.execute(f"""
+        SELECT rownum, {"id" if ids else "auction_id"}, {"imp_id" if with_imp else "NULL"}, our_id, state, hour,
+               attempts, reason
+        FROM theirs_only ORDER BY rownum
     """)
     while batch := cursor.fetchmany(10_000):
-        for rownum, their_id, auction_id, imp_id, our_id, state, hour, attempts, reason in batch:
+        for rownum, key, imp_id, our_id, state, hour, attempts, reason in batch:
             row: dict[str, Any] = {"line": result.their_file.line_of(rownum)}
-            if result.form is Form.IDS:
-                row["id"] = their_id
+            if ids:
+                row["id"] = key
             else:
-                row["auction_id"], row["imp_id"] = auction_id, imp_id
+                row["auction_id"] = key
+                if with_imp:
+                    row["imp_id"] = imp_id
             row["state"] = state  # None: no record of ours (of this buyer, day and kind)
             if our_id is not None:
-                if result.form is Form.AUCTIONS:
+                if not ids:
                     row["our_id"] = our_id
                 row["hour"] = hour_text(hour)
                 row["attempts"] = _attempts(attempts)
@@ -712,7 +708,6 @@ def run(client: redis.Redis, archive_root: Path, *, file: str, buyer: str, day: 
             raise BadFile(f"{file}: cannot be read: {e.strerror or e}") from None
         sources = gather_ours(client, archive_root, day, buyer, workdir)
         result = reconcile(sources, theirs, day=day, buyer=buyer, kind=kind, workdir=workdir)
-        load_evidence(result, sources, day, buyer)
         head = summary(result, buyer=buyer, day=day, kind=kind, sources=sources, threshold_pct=threshold_pct)
         if output == "json":
             write_json(out, result, head)

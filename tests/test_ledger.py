@@ -212,7 +212,8 @@ def test_a_paused_buyers_parked_events_expire_past_its_maximum_age(ledger: Ledge
 
 
 def test_a_final_record_drops_the_users_data_and_keeps_what_reconciliation_needs(ledger: Ledger) -> None:
-    full = {"kind": "burl", "upstream": "u2s", "buyer": "b1", "user_agent": "Mozilla/5.0 (secret)", "created_at": 1796000000.5,
+    full = {"kind": "burl", "upstream": "u2s", "buyer": "b1", "user_agent": "Mozilla/5.0 (secret)",
+            "created_at": 1796000000.5,
             "forwarded_for": ["77.16.215.3"],
             "macros": {"AUCTION_PRICE": 1.25, "AUCTION_ID": "auc-7", "AUCTION_IMP_ID": 2, "AUCTION_BID_ID": "b9"},
             "url": "https://dsp.example:8443/b?p=${AUCTION_PRICE}&a=${AUCTION_ID}&i=${AUCTION_IMP_ID}"}

@@ -258,7 +258,9 @@ def test_the_buyers_log_less_some_plus_some_gives_exactly_those_back_in_every_fo
     # By auction id alone, both kinds: a win and a billing notice are two notices of one key.
     both_file = tmp_path / "both.csv"
     both_file.write_text(csv_text(["auction_id"], [[r["a"]] for r in kept]))
-    out = json.loads(cli(env, *common, str(both_file), "--json").stdout)
+    result = cli(env, *common, str(both_file), "--json")
+    assert result.returncode == 1, result.stderr  # 5 of 38: above the default 10%
+    out = json.loads(result.stdout)
     assert (out["ours"], out["theirs"], out["matched"]) == (38, 33, 33)
     assert sorted(r["auction_id"] for r in out["ours_only"]) == ["auc-12", "auc-16", "auc-19", "auc-3", "auc-7"]
     assert out["theirs_only"] == []
@@ -267,10 +269,10 @@ def test_the_buyers_log_less_some_plus_some_gives_exactly_those_back_in_every_fo
     counts_file = tmp_path / "counts.csv"
     counts_file.write_text(csv_text(["hour", "count"], [[hour, len(kept) + 2]]))
     result = cli(env, *common, str(counts_file), "--json")
+    assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert (out["ours"], out["theirs"], out["matched"], out["ours_only"], out["theirs_only"]) == (38, 35, None, [], [])
     assert out["hours"] == [{"hour": hour, "ours": 38, "theirs": 35, "discrepancy_pct": round(100 * 3 / 38, 4)}]
-    assert result.returncode == 0
     assert cli(env, *common, str(counts_file), "--threshold", "7").returncode == 1
 
     # --csv: the differing rows; the plain form: the summary and the hours.
@@ -347,14 +349,14 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(redis_url: str, tmp_p
 def test_duckdb_numbers_their_rows_as_the_check_counted_them(tmp_path: Path) -> None:
     """The lines a result names come from DuckDB's row numbers and the check's offsets:
     blank lines, quoted line breaks and a header after blank lines must not shift them."""
-    from ops.reconcile import _connect, _load_their_rows
+    from ops.reconcile import _connect, _their_rows_sql
 
     text = "\n\nauction_id,imp_id,x\n\na1,1,\n\"a\n2\",2,\n\n\na3,,\"q\"\"\"\n  a4 ,4,\n" + "".join(
         f"b{i},1,\n" + ("\n" if i % 7 == 0 else "") for i in range(50))
     theirs = theirs_of(text, tmp_path)
     db = _connect(tmp_path)
-    _load_their_rows(db, theirs)
-    rows = db.execute("SELECT rownum, auction_id, imp_id FROM their_rows ORDER BY rownum").fetchall()
+    db.execute("SET preserve_insertion_order = true")
+    rows = db.execute(f"SELECT rownum, auction_id, imp_id FROM ({_their_rows_sql(theirs)}) ORDER BY rownum").fetchall()
     assert len(rows) == theirs.rows == 54
     lines = text.split("\n")
     for rownum, auction_id, _imp_id in rows:
