@@ -158,6 +158,7 @@ def read_head(out: Path) -> dict[str, Any]:
 
 
 def run(notices: int, diff_pct: float, others: int, forms: list[str], workdir: Path) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "archive"
     made = time.perf_counter()
     archive = make_archive(root, notices, others)

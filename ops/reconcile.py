@@ -362,7 +362,7 @@ def reconcile(sources: Sources, theirs: Theirs, *, day: str, buyer: str, kind: s
     ours_sql = _ours_sql(sources, theirs, day=day, buyer=buyer, kind=kind)
     if theirs.form is Form.COUNTS:
         db.execute(f"CREATE TEMP TABLE recs AS SELECT min(st) AS st, min(hour) AS hour FROM ({ours_sql}) "
-                   "GROUP BY i1, i2")
+                   "GROUP BY k1, k2")
         per_hour = dict(db.execute("SELECT hour, count(*) FROM recs WHERE st = 0 GROUP BY hour").fetchall())
         hours = sorted(set(per_hour) | set(theirs.hour_counts))
         return Result(db, theirs, sum(per_hour.values()), sum(theirs.hour_counts.values()), None,
@@ -411,8 +411,14 @@ def _ours_sql(sources: Sources, theirs: Theirs, *, day: str, buyer: str, kind: s
     keys = ("coalesce(event.macros.\"AUCTION_ID\", '') AS auction_id, "
             "coalesce(event.macros.\"AUCTION_IMP_ID\", '') AS imp_id, " if auctions else "")
     extra = ", id, state, created_at, attempts, reason" + (", auction_id, imp_id" if auctions else "")
+    if evidence:  # only the keys that differ are wanted: the first hash finds them, the texts match them
+        hashes = f"hash({_key_text(theirs)}) AS k1"
+    elif auctions:  # one record per event, then per key
+        hashes = f"{_hash128('id', 'i')}, {_hash128(_key_text(theirs), 'k')}"
+    else:
+        hashes = _hash128("id", "k")
     return f"""
-        SELECT {_hash128("id", "i")}, {_hash128(_key_text(theirs), "k")}, st, hour {extra if evidence else ""}
+        SELECT {hashes}, st, hour {extra if evidence else ""}
         FROM (
             SELECT id, state, {keys} {_STATE_CODE} AS st, event.created_at AS created_at,
                    floor(event.created_at / 3600)::INTEGER AS hour {", attempts, reason" if evidence else ""}
@@ -496,12 +502,12 @@ def _differing_rows(db: duckdb.DuckDBPyConnection, theirs: Theirs, evidence_sql:
         SELECT id, arg_min(state, st) AS state, min(st) AS st, min(hour) AS hour, min(created_at) AS created_at,
                {"".join(f"any_value({c}) AS {c}, " for c in text if c != "id")}
                arg_min(attempts, st) AS attempts, arg_min(reason, st) AS reason
-        FROM ({evidence_sql}) j SEMI JOIN differing USING (k1, k2)
+        FROM ({evidence_sql}) j SEMI JOIN differing USING (k1)
         GROUP BY id
     """)
     db.execute("SET preserve_insertion_order = true")
     db.execute(f"CREATE TEMP TABLE their_diff AS SELECT * FROM ({_their_rows_sql(theirs)}) t "
-               "SEMI JOIN differing USING (k1, k2)")
+               "SEMI JOIN differing USING (k1)")
     db.execute("SET preserve_insertion_order = false")
     on = " AND ".join(f"o.{c} = t.{c}" for c in text)
     db.execute(f"""
