@@ -694,7 +694,8 @@ def main() -> int:
                                         archiver=not args.no_archiver))
         finally:
             server.stop()
-    print_table(results, publish)
+    if results or publish:
+        print_table(results, publish)
     if isolation is not None:
         print_report(isolation)
     if buyers_run is not None:
