@@ -19,6 +19,7 @@ from cgrid.ledger import POISON_LIST_KEY, WAIT_DETAILS, Counter, Ledger, WaitRea
 from cgrid.price_crypto import PriceCryptoError, decrypt
 from cgrid.redis_conn import mask_url, redis_client
 from cgrid.settings import Settings
+from ops.reconcile import DEFAULT_THRESHOLD_PCT
 
 if TYPE_CHECKING:
     from ops.replay import Replayed
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec_output.add_argument("--json", action="store_true", help="one JSON object: the figures, the differing rows "
                             "with their evidence, the hours")
     rec_output.add_argument("--csv", action="store_true", help="the differing rows as CSV")
-    rec.add_argument("--threshold", type=percent_arg, default=10.0, metavar="PCT",
+    rec.add_argument("--threshold", type=percent_arg, default=DEFAULT_THRESHOLD_PCT, metavar="PCT",
                      help="exit 1 when |discrepancy| is above PCT percent (default 10)")
     rec.set_defaults(run=cmd_reconcile)
     dec = sub.add_parser("decrypt", help="check an encrypted price with a buyer's keys (CGRID_BUYERS_FILE)")

@@ -22,8 +22,8 @@ auction (and impression) ids, matched to the ``AUCTION_ID`` (and ``AUCTION_IMP_I
 values that final records keep, or counts per UTC hour.
 
 The matching is DuckDB's (one thread, a bounded memory with spilling to a temporary
-directory): a buyer-day of 10 million notices on each side is read and matched in well
-under a minute (``make bench``, docs/performance.md).
+directory): a buyer-day of 10 million notices on each side took 44–48 s of one core's CPU
+and 1.3 GiB (``make bench``, docs/performance.md#reconcile).
 """
 
 from __future__ import annotations
@@ -55,12 +55,16 @@ DUCKDB_THREADS = 1  # one core: the host may be running workers
 DUCKDB_MEMORY_LIMIT = "1200MB"  # DuckDB's own; it spills to a temporary directory beyond it
 REDIS_CHUNK = 2000  # ids per pipelined HMGET, entries per XRANGE
 _HOUR = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}\Z")
-_FINAL = ("delivered", "failed", "rejected", "expired")
 _RECORD_FIELDS = ("day", "buyer", "kind", "state", "accepted_at", "a1", "a2", "reason", "event")
 
 
 class BadFile(CgridError):
     """The buyer's file cannot be read: the message names the line and what is wrong."""
+
+
+class ReadFailed(CgridError):
+    """The archive or the buyer's file could not be read or matched (a disk full for the
+    spill, an unreadable file): the message says what, never a traceback."""
 
 
 class Form(StrEnum):
@@ -271,8 +275,9 @@ def gather_ours(client: redis.Redis, root: Path, day: str, buyer: str, workdir: 
             while True:
                 entries: Any = client.xrange(key, min=after, max="+", count=REDIS_CHUNK)
                 for entry_id, fields in entries:
-                    if as_text(fields.get(b"day", b"")) == day and as_text(fields.get(b"buyer", b"")) == stored_buyer:
-                        out.write(archive_line(as_text(entry_id), fields)[1])
+                    text = {as_text(k): as_text(v) for k, v in fields.items()}
+                    if text.get("day") == day and text.get("buyer") == stored_buyer:
+                        out.write(archive_line(as_text(entry_id), text)[1])
                         sources.stream_records += 1
                 if len(entries) < REDIS_CHUNK:
                     break
@@ -713,7 +718,10 @@ def run(client: redis.Redis, archive_root: Path, *, file: str, buyer: str, day: 
         except OSError as e:
             raise BadFile(f"{file}: cannot be read: {e.strerror or e}") from None
         sources = gather_ours(client, archive_root, day, buyer, workdir)
-        result = reconcile(sources, theirs, day=day, buyer=buyer, kind=kind, workdir=workdir)
+        try:
+            result = reconcile(sources, theirs, day=day, buyer=buyer, kind=kind, workdir=workdir)
+        except duckdb.Error as e:
+            raise ReadFailed(f"reconcile: reading or matching failed: {str(e).splitlines()[0][:500]}") from None
         head = summary(result, buyer=buyer, day=day, kind=kind, sources=sources, threshold_pct=threshold_pct)
         if output == "json":
             write_json(out, result, head)
