@@ -22,8 +22,8 @@ auction (and impression) ids, matched to the ``AUCTION_ID`` (and ``AUCTION_IMP_I
 values that final records keep, or counts per UTC hour.
 
 The matching is DuckDB's (one thread, a bounded memory with spilling to a temporary
-directory): a buyer-day of 10 million notices on each side took 44–48 s of one core's CPU
-and 1.3 GiB (``make bench``, docs/performance.md#reconcile).
+directory): a buyer-day of 10 million notices on each side took 41–48 s of one core's CPU
+and at most 1.36 GiB (``make bench``, docs/performance.md#reconcile).
 """
 
 from __future__ import annotations
