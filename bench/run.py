@@ -8,8 +8,11 @@ The fleet under test runs as ``make run`` runs it: the workers and an archiver
 (``cgrid-s2s archive``, writing into the bench's temporary directory), so Redis's CPU per
 event includes the archive stream; ``--no-archiver`` measures without it.
 
-    python -m bench.run [--scenario fast|realistic|isolation|all] [--events N] [--pool prefork|threads|solo]
-                        [--no-archiver]
+    python -m bench.run [--scenario fast|realistic|isolation|buyers|reconcile|all] [--events N]
+                        [--pool prefork|threads|solo] [--no-archiver] [--reconcile-notices N]
+
+``reconcile`` (in ``all``): ``cgrid-s2s reconcile`` on a buyer-day of 10 million notices on
+each side (bench/reconcile.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from archive.files import stream_key
 from bench.cluster import print_cluster, run_cluster_bench
 from bench.common import ROOT, Buyer, fleet_env, percentile, wait_until
 from bench.isolation import print_report, run_isolation
+from bench.reconcile import run as run_reconcile_bench
 from cgrid.event import parse_event
 from cgrid.ledger import Ledger
 from cgrid.redis_server import RedisServer
@@ -642,7 +646,10 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=["fast", "realistic", "isolation", "buyers", "all"], default="all")
+    parser.add_argument("--scenario", choices=["fast", "realistic", "isolation", "buyers", "reconcile", "all"],
+                        default="all")
+    parser.add_argument("--reconcile-notices", type=int, default=10_000_000,
+                        help="the buyer's notices of the day in the reconcile scenario")
     parser.add_argument("--buyers", type=int, default=1000, help="buyer ids in the buyers-file scenario")
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--naive-events", type=int, default=5_000)
@@ -672,6 +679,7 @@ def main() -> int:
     publish = None
     isolation = None
     buyers_run = None
+    reconcile_run = None
     with tempfile.TemporaryDirectory(prefix="cgrid-bench-") as tmp:
         workdir = Path(tmp)
         server = RedisServer(workdir / "redis").start()
@@ -680,7 +688,12 @@ def main() -> int:
                 publish_settings = Settings.from_env(fleet_env(server.url, {}))
                 publish = [run_publish(publish_settings, redis.Redis.from_url(server.url), with_ids=with_ids)
                            for with_ids in (True, False)]
-            names = {"all": ["fast", "realistic"], "isolation": [], "buyers": []}.get(args.scenario, [args.scenario])
+            names = {"all": ["fast", "realistic"], "isolation": [], "buyers": [],
+                     "reconcile": []}.get(args.scenario, [args.scenario])
+            if args.scenario in ("reconcile", "all"):
+                print(f"reconcile: a buyer-day of {args.reconcile_notices:,} notices on each side", flush=True)
+                reconcile_run = run_reconcile_bench(args.reconcile_notices, 1.0, args.reconcile_notices // 10,
+                                                    ["ids", "auctions", "counts"], workdir / "reconcile")
             if args.scenario in ("buyers", "all"):
                 buyers_run = buyers_scenario(args.events, args.buyers, args.pool, workdir, server,
                                              archiver=not args.no_archiver)
@@ -695,7 +708,8 @@ def main() -> int:
                                         archiver=not args.no_archiver))
         finally:
             server.stop()
-    print_table(results, publish)
+    if results or publish:
+        print_table(results, publish)
     if isolation is not None:
         print_report(isolation)
     if buyers_run is not None:
@@ -711,7 +725,7 @@ def main() -> int:
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                                "args": sys.argv[1:], "archiver": not args.no_archiver,
                                "publish": publish, "scenarios": results, "isolation": isolation,
-                               "buyers_file": buyers_run}, indent=2))
+                               "buyers_file": buyers_run, "reconcile": reconcile_run}, indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")
     return 0
 

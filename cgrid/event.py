@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 from cgrid.errors import InvalidEvent
-from cgrid.macros import MACRO_NAMES, MacroValue, substitute
+from cgrid.macros import MACRO_NAMES, RECONCILE_MACROS, MacroValue, substitute
 
 ID_MAX_CHARS = 128
 URL_MAX_BYTES = 8 * 1024
@@ -133,7 +133,8 @@ class Event:
     def to_final_json(self, *, keep_call: bool) -> str:
         """The event as its final ledger record keeps it: without the user's data (user
         agent, IP chain); without the URL and macros (the URL's host stays) unless
-        ``keep_call`` (a failed or expired event, which may be replayed)."""
+        ``keep_call`` (a failed or expired event, which may be replayed). The auction and
+        impression ids (:data:`RECONCILE_MACROS`) stay in any case, for reconciliation."""
         out: dict[str, Any] = {"id": self.id, "kind": self.kind.value, "upstream": self.upstream.value,
                                "created_at": self.created_at_s}
         if self.buyer is not None:
@@ -145,6 +146,9 @@ class Event:
         else:
             # The authority of an absolute http(s) URL (credentials are refused at publish).
             out["host"] = self.url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+            ids = {name: self.macros[name] for name in RECONCILE_MACROS if name in self.macros}
+            if ids:
+                out["macros"] = ids
         return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
     def target_url(self) -> str:

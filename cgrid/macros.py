@@ -26,6 +26,11 @@ MACRO_NAMES = frozenset(
 
 MacroValue = str | int | float
 
+# The macros a final record keeps whatever its state: the ids a buyer's own log of the calls
+# holds, which `cgrid-s2s reconcile` matches on (not personal data; docs/scaling.md counts
+# their bytes). cgrid/ledger/scripts/common.lua's slim_event keeps the same two.
+RECONCILE_MACROS = ("AUCTION_ID", "AUCTION_IMP_ID")
+
 _TOKEN = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
 
 

@@ -1,4 +1,5 @@
-"""The ``cgrid-s2s`` command line: publish, status, report, decrypt, replay, mock-dsp (SPEC §10)."""
+"""The ``cgrid-s2s`` command line: publish, status, report, reconcile, decrypt, replay, archive, mock-dsp
+(SPEC §10)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from cgrid.buyers import BuyersFile
 from cgrid.errors import CgridError, InvalidEvent, RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import POISON_LIST_KEY, WAIT_DETAILS, Counter, Ledger, WaitReason
-from cgrid.ledger.partitions import ledger_for
+from cgrid.ledger.partitions import PartitionedLedger, ledger_for
 from cgrid.price_crypto import PriceCryptoError, decrypt
 from cgrid.redis_conn import mask_url, redis_client
 from cgrid.settings import Settings
+from ops.reconcile import DEFAULT_THRESHOLD_PCT
 
 if TYPE_CHECKING:
     from ops.replay import Replayed
@@ -191,6 +193,22 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """Compare a buyer's own export of a day's notices with our delivered ones: exit 1 when
+    the discrepancy is above --threshold (docs/operations.md#reconciling-with-a-buyer)."""
+    from pathlib import Path
+
+    from ops.reconcile import run
+
+    output = "json" if args.json else "csv" if args.csv else "plain"
+    ledger = _ledger(settings)
+    # The ledger's keyspaces: one, or a cluster's partitions (their archive entries carry the tag).
+    keyspaces = ([(part.prefix, f"{part.tag}/") for part in ledger.parts] if isinstance(ledger, PartitionedLedger)
+                 else [(ledger.prefix, "")])
+    return run(ledger.client, Path(settings.archive_path), file=args.file, buyer=args.buyer,
+               day=args.date, kind=args.kind, output=output, threshold_pct=args.threshold, keyspaces=keyspaces)
+
+
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     """Publish the failed events of a buyer and day (or the ids given) again, as new events
     ``<id>:replay<n>``; prints each new id once it is accepted."""
@@ -291,6 +309,16 @@ def day_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
+def percent_arg(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage (a number, 0 or more)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cgrid-s2s", description="cgrid-s2s: s2s win and billing notices")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--date", type=day_arg, default=None, help="only this UTC day, YYYY-MM-DD")
     report.add_argument("--buyer", default=None, help="only this buyer")
     report.set_defaults(run=cmd_report)
+    rec = sub.add_parser("reconcile", help="compare a buyer's own export of a day's notices with our delivered "
+                         "ones: which differ, and the evidence for each")
+    rec.add_argument("file", metavar="FILE", help="the buyer's CSV export, '-' for standard input; its header names "
+                     "the columns: id (our event ids), or auction_id (and imp_id), or hour,count (YYYY-MM-DDTHH, UTC)")
+    rec.add_argument("--buyer", required=True, help="the buyer ('-' for events without one)")
+    rec.add_argument("--date", type=day_arg, required=True, help="the UTC day of the events' created_at, YYYY-MM-DD")
+    rec.add_argument("--kind", choices=["nurl", "burl"], default=None, help="only win (nurl) or billing (burl) notices")
+    rec_output = rec.add_mutually_exclusive_group()
+    rec_output.add_argument("--json", action="store_true", help="one JSON object: the figures, the differing rows "
+                            "with their evidence, the hours")
+    rec_output.add_argument("--csv", action="store_true", help="the differing rows as CSV")
+    rec.add_argument("--threshold", type=percent_arg, default=DEFAULT_THRESHOLD_PCT, metavar="PCT",
+                     help="exit 1 when |discrepancy| is above PCT percent (default 10)")
+    rec.set_defaults(run=cmd_reconcile)
     dec = sub.add_parser("decrypt", help="check an encrypted price with a buyer's keys (CGRID_BUYERS_FILE)")
     dec.add_argument("value", help="the 38-character value the buyer received in place of ${AUCTION_PRICE}")
     dec.add_argument("--buyer", required=True, help="the buyer whose keys encrypted it")

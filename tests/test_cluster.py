@@ -149,6 +149,14 @@ def test_events_flow_over_every_partition(cluster: Cluster, env: dict[str, str],
         assert sorted(r["id"] for r in lines) == sorted(ids + replayed)
         assert len({r["entry"] for r in lines}) == len(lines)  # entries unique across partitions
         assert len(list((archive_dir / day).glob("a1.*.jsonl"))) == CLUSTER_PARTITIONS
+        # reconcile reads every partition's stream and ledger records, and the partitions' files.
+        export = tmp_path / "theirs.csv"
+        export.write_text("id\n" + "".join(f"{i}\n" for i in ok + retried))
+        rec = cli({**env, "CGRID_ARCHIVE_DIR": str(archive_dir)}, "reconcile", "--buyer", buyer, "--date", day,
+                  str(export), "--json")
+        assert rec.returncode == 0, rec.stderr
+        summary = json.loads(rec.stdout)
+        assert (summary["ours"], summary["theirs"], summary["matched"]) == (len(ok + retried),) * 3
         # What the metrics read, over every partition.
         assert wait_for(lambda: ledger.archive_backlog() == (0, 0.0), 30, "the archive streams empty")
         assert ledger.backlog() == (0, {}) and ledger.open_events() == {"nurl": 0, "burl": 0}

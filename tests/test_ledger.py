@@ -212,8 +212,10 @@ def test_a_paused_buyers_parked_events_expire_past_its_maximum_age(ledger: Ledge
 
 def test_a_final_record_drops_the_users_data_and_keeps_what_reconciliation_needs(ledger: Ledger) -> None:
     full = {"kind": "burl", "upstream": "u2s", "buyer": "b1", "user_agent": "Mozilla/5.0 (secret)",
-            "forwarded_for": ["77.16.215.3"], "macros": {"AUCTION_PRICE": 1.25},
-            "url": "https://dsp.example:8443/b?p=${AUCTION_PRICE}"}
+            "created_at": 1796000000.5,
+            "forwarded_for": ["77.16.215.3"],
+            "macros": {"AUCTION_PRICE": 1.25, "AUCTION_ID": "auc-7", "AUCTION_IMP_ID": 2, "AUCTION_BID_ID": "b9"},
+            "url": "https://dsp.example:8443/b?p=${AUCTION_PRICE}&a=${AUCTION_ID}&i=${AUCTION_IMP_ID}"}
     ledger.accept([parse_event({**full, "id": "ok"}), parse_event({**full, "id": "bad"})], redeliver_after_s=30,
                   **TTL)
     assert ledger.record("ok")["event"]["user_agent"] == "Mozilla/5.0 (secret)"  # type: ignore[index]
@@ -224,12 +226,19 @@ def test_a_final_record_drops_the_users_data_and_keeps_what_reconciliation_needs
     finish(ledger, "bad", 2, Outcome.FAIL)
     delivered = ledger.record("ok")["event"]  # type: ignore[index]
     assert "user_agent" not in delivered and "forwarded_for" not in delivered
-    assert "url" not in delivered and "macros" not in delivered and delivered["host"] == "dsp.example:8443"
+    assert "url" not in delivered and delivered["host"] == "dsp.example:8443"
+    # The auction and impression ids stay (not personal data): what a buyer's log is matched on
+    # by cgrid-s2s reconcile; the other macros (the price) go.
+    assert delivered["macros"] == {"AUCTION_ID": "auc-7", "AUCTION_IMP_ID": 2}
     assert (delivered["id"], delivered["kind"], delivered["buyer"]) == ("ok", "burl", "b1")
+    # The worker makes the same final record in Python (Attempt.to_finish), off Redis's CPU.
+    assert json.loads(parse_event({**full, "id": "ok"}).to_final_json(keep_call=False)) == delivered
     failed = ledger.record("bad")["event"]  # type: ignore[index]
     assert "user_agent" not in failed and "forwarded_for" not in failed
-    assert failed["url"] == full["url"] and failed["macros"] == {"AUCTION_PRICE": 1.25}  # kept for replay
-    assert parse_event({**failed, "id": "bad:replay1"}).macros == {"AUCTION_PRICE": 1.25}
+    assert failed["url"] == full["url"] and failed["macros"] == full["macros"]  # kept for replay
+    assert parse_event({**failed, "id": "bad:replay1"}).macros == full["macros"]
+    no_ids = parse_event({**full, "id": "plain", "macros": {"AUCTION_PRICE": 1.25}, "url": "https://d.example/"})
+    assert "macros" not in json.loads(no_ids.to_final_json(keep_call=False))
 
 
 def test_the_backlog_counts_events_accepted_and_not_final_per_kind(ledger: Ledger) -> None:

@@ -25,8 +25,9 @@ local function opened(kind, delta)
   if kind then open_delta[kind] = (open_delta[kind] or 0) + delta end
 end
 -- A final record keeps what reconciliation needs: the user's data (user agent, IP chain)
--- goes at once, and so do the URL and macros (the host stays) unless the event failed or
--- expired uncalled, and may be replayed. An unreadable record is left as it is.
+-- goes at once, and so do the URL and macros (the host stays, and the AUCTION_ID and
+-- AUCTION_IMP_ID macros, cgrid.macros.RECONCILE_MACROS) unless the event failed or expired
+-- uncalled, and may be replayed. An unreadable record is left as it is.
 local function slim_event(text, keep_call)
   if not text then return nil end
   local ok, ev = pcall(cjson.decode, text)
@@ -36,7 +37,11 @@ local function slim_event(text, keep_call)
   if not keep_call and type(ev['url']) == 'string' then
     ev['host'] = string.match(ev['url'], '^%a+://([^/?#]*)')
     ev['url'] = nil
+    local m = ev['macros']
     ev['macros'] = nil
+    if type(m) == 'table' and (m['AUCTION_ID'] ~= nil or m['AUCTION_IMP_ID'] ~= nil) then
+      ev['macros'] = {AUCTION_ID = m['AUCTION_ID'], AUCTION_IMP_ID = m['AUCTION_IMP_ID']}
+    end
   end
   return cjson.encode(ev)
 end
