@@ -72,6 +72,12 @@ def test_full_event_round_trips_through_json() -> None:
         ({"created_at": "yesterday"}, "created_at"),
         ({"created_at": -1}, "created_at"),
         ({"headers": {}}, "headers"),
+        # A lone UTF-16 surrogate cannot be written as UTF-8 (Redis, logs, files): refused.
+        ({"user_agent": "Mozilla \ud800"}, "user_agent"),
+        ({"forwarded_for": ["1.2.3.4\udc80"]}, "forwarded_for[0]"),
+        ({"forwarded_for": "1.2.3.4, \udc80"}, "forwarded_for"),
+        ({"macros": {"AUCTION_ID": "a\udfff"}}, "macros.AUCTION_ID"),
+        ({"url": "https://dsp.example/\ud83d"}, "url"),
     ],
 )
 def test_invalid_fields_are_named(changes: dict[str, object], field: str) -> None:
