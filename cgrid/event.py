@@ -163,6 +163,8 @@ def _label(name: object) -> str:
 _PRINTABLE_ASCII = re.compile(r"[ -~]*")
 _WHITESPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# The ids replays get (ops/replay.py), kept apart from upstream ids: upstream may not use them.
+_REPLAY_ID = re.compile(r":replay[0-9]+$")
 
 
 def _printable_ascii(value: str) -> bool:
@@ -206,6 +208,9 @@ def _parse_id(data: Mapping[str, Any]) -> str:
         raise InvalidEvent("id", f"must be 1 to {ID_MAX_CHARS} characters long")
     if not _printable_ascii(value):
         raise InvalidEvent("id", "must be printable ASCII")
+    if ":replay" in value and _REPLAY_ID.search(value):
+        raise InvalidEvent("id", "must not end in ':replay<n>' (the ids of cgrid-s2s replay: a replay of a "
+                                 "notice is another notice than one published under that id)")
     return value
 
 
@@ -342,6 +347,11 @@ def _parse_buyer(data: Mapping[str, Any]) -> str | None:
     value = _optional_str(data, "buyer", BUYER_MAX_CHARS)
     if value is not None and (not value or not _printable_ascii(value)):
         raise InvalidEvent("buyer", "must be 1 to 128 printable ASCII characters")
+    if value is not None and value.startswith("-"):
+        # '-' is the report's, the lanes' and `replay --buyer -`'s name for events without a
+        # buyer, and '-other' the metrics' for buyers past their label limit (cgrid/metrics.py);
+        # an id starting with '-' would also read as an option on the command line.
+        raise InvalidEvent("buyer", "must not begin with '-' ('-' stands for events without a buyer)")
     return value
 
 

@@ -193,6 +193,15 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting with ``= + - @``, a tab or a CR
+    (a buyer id ``=HYPERLINK(…)``) gets a leading ``'`` (OWASP's advice). ``-``, the row of
+    events without a buyer, is left as it is; numbers are numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") and value != "-":
+        return "'" + value
+    return value
+
+
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     ledger = _ledger(settings)
     rows = ledger.report(days=args.days, day=args.date, buyer=args.buyer)
@@ -203,7 +212,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     if args.csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=REPORT_FIELDS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
         return 0
     print(format_report(rows))
     archive = ledger.archive_backlog()

