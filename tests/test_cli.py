@@ -102,3 +102,11 @@ def test_report_csv_cells_cannot_run_as_spreadsheet_formulas(redis_url: str) -> 
     assert result.returncode == 0, result.stderr
     buyers = [row["buyer"] for row in csv.DictReader(io.StringIO(result.stdout))]
     assert sorted(buyers) == sorted(["'" + formula, "'@SUM(1+1)", "'+1", "dsp-1", "-"])
+
+
+def test_an_unreachable_redis_is_named_without_its_password() -> None:
+    env = fleet_env("redis://127.0.0.1:1/0?password=s3cret", CGRID_PUBLISH_TIMEOUT_S="0.5")
+    result = subprocess.run([sys.executable, "-m", "ops.cli", "report"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode == 2 and "unreachable" in result.stderr, result.stderr
+    assert "s3cret" not in result.stderr and "password=***" in result.stderr
