@@ -131,3 +131,17 @@ def test_an_interim_answer_then_a_timeout_or_reset_is_a_failed_attempt(
     assert record["state"] == "retry_scheduled", record
     assert record["attempts"][0]["status"] is None and record["attempts"][0]["error"] == error
     assert engine.drain(5)
+
+
+def test_idle_lanes_are_forgotten(engine: DeliveryEngine, dsp: MockDspServer) -> None:
+    """A lane per buyer id ever seen would grow without end (40,000 buyer ids took a worker
+    from 72 to 134 MB): once idle, a lane goes."""
+    engine.lane_idle_s = 0.5
+    events = [{"id": f"idle-{i}", "kind": "burl", "upstream": "s2s", "buyer": f"idle-buyer-{i}",
+               "url": f"{dsp.url}/?e=idle-{i}"} for i in range(60)]
+    ids = accept_and_claim(engine, events)
+    wait_for(lambda: all(engine.ledger.record(i)["state"] == "delivered" for i in ids), 20,  # type: ignore[index]
+             "every event delivered")
+    wait_for(lambda: not any(b.startswith("idle-buyer-") for b in list(engine.lanes.lanes)), 10,
+             "the idle lanes to go")
+    assert engine.drain(5)
