@@ -143,6 +143,8 @@ class Publisher:
     def _close_at_exit(self) -> None:
         try:
             self.close()
+        except PublishFailed as e:
+            print(f"cgrid-s2s: at exit: {e}", file=sys.stderr)
         except CgridError as e:
             print(f"cgrid-s2s: {len(self._buffer)} published events were NOT accepted at exit: {e}",
                   file=sys.stderr)

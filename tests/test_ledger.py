@@ -230,7 +230,7 @@ def test_a_final_record_drops_the_users_data_and_keeps_what_reconciliation_needs
     failed = ledger.record("bad")["event"]  # type: ignore[index]
     assert "user_agent" not in failed and "forwarded_for" not in failed
     assert failed["url"] == full["url"] and failed["macros"] == {"AUCTION_PRICE": 1.25}  # kept for replay
-    assert parse_event({**failed, "id": "bad:replay1"}).macros == {"AUCTION_PRICE": 1.25}
+    assert parse_event({k: v for k, v in failed.items() if k != "id"}).macros == {"AUCTION_PRICE": 1.25}  # as replay
 
 
 def test_the_backlog_counts_events_accepted_and_not_final_per_kind(ledger: Ledger) -> None:
@@ -371,6 +371,6 @@ def test_final_records_made_in_lua_keep_the_macros_byte_for_byte(ledger: Ledger)
         else:
             assert macros_text in text, text
             assert final["url"] == TRICKY["url"]
-            replayed = parse_event({**final, "id": f"{event_id}:replay1"})
+            replayed = parse_event({k: v for k, v in final.items() if k != "id"})  # as replay parses it
             assert replayed.macros == TRICKY["macros"]
             assert replayed.target_url().endswith("p=1.2345678901234567&i=123456789012345678901234567")
