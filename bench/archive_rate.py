@@ -69,6 +69,7 @@ def one_run(n: int, run: int) -> dict[str, Any]:
             data = b"".join(path.read_bytes() for path in files)
             lines = data.count(b"\n")
             return {"events": n, "lines": lines, "seconds": round(seconds, 3),
+                    "load_average_1m": round(os.getloadavg()[0], 2),  # the machine is shared
                     "lines_per_s": round(lines / seconds), "bytes_per_line": round(len(data) / lines, 1),
                     "gzip_ratio": round(len(data) / len(gzip.compress(data)), 1)}
         finally:
