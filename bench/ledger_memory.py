@@ -9,13 +9,16 @@ claim, finish as the worker calls them, with the final record the worker builds)
 90-character URL with two macros, an 80-character user agent, two addresses, and an id of
 the ``auction:imp:kind`` shape (37 characters). Prints bytes per event for: pending, the
 final record of a delivered and of a failed event, and the archive stream's entry; and the
-arithmetic for 500 million events a day. Measures, asserts nothing.
+arithmetic for 500 million events a day. Saves ``bench/results/<time>-ledger-memory.json``.
+Measures, asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +32,7 @@ from cgrid.ledger import Finish, Ledger, Outcome
 from cgrid.redis_server import RedisServer
 
 CHUNK = 500
+RESULTS = Path(__file__).resolve().parent / "results"
 TTL = dict(ledger_ttl_s=7200, report_ttl_s=7200)
 
 
@@ -130,6 +134,11 @@ def main() -> None:
     figures = measure(args.events)
     print(json.dumps(figures, indent=2))
     print(arithmetic(figures))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-ledger-memory.json"
+    path.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                                "args": sys.argv[1:], "ledger_memory": figures}, indent=2))
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -722,7 +722,8 @@ def main() -> int:
             print(f"  {label}: {archive_summary(run)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                                           "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
                                "args": sys.argv[1:], "archiver": not args.no_archiver,
                                "publish": publish, "scenarios": results, "isolation": isolation,
                                "buyers_file": buyers_run, "reconcile": reconcile_run}, indent=2))

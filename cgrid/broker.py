@@ -15,12 +15,12 @@ from cgrid.settings import Settings
 
 DELIVER_TASK = "cgrid.deliver"
 ARGSREPR_IDS = 5  # ids a trigger shows in Flower
-# Triggers a worker fetches ahead, per task slot. Measured with the libcurl engine on 2 cores
-# (fast buyer, alternating runs): a solo worker that holds eight runs them one after the
-# other while the other worker may idle: p99 publish->call done 107-161 ms at 6,000/s,
-# against 61-72 ms with one, for 2-5% less top rate. A prefork worker's parent feeds its
-# children from what it holds: with one per child its top rate fell 10% and its tail did
-# not move, so it keeps eight.
+# Triggers a worker fetches ahead, per task slot. In alternating runs with the libcurl
+# engine on 2 cores (fast buyer; their figures were not saved: docs/guarantees.md), a solo
+# worker that held eight ran them one after the other while the other worker could idle,
+# which lengthened its tail at 6,000 events/s for a few percent less top rate. A prefork
+# worker's parent feeds its children from what it holds: with one per child its top rate
+# fell and its tail did not move, so it keeps eight.
 PREFETCH_PREFORK = 8
 PREFETCH_OTHER_POOLS = 1
 

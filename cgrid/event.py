@@ -166,10 +166,28 @@ def _label(name: object) -> str:
 
 _PRINTABLE_ASCII = re.compile(r"[ -~]*")
 _WHITESPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# The ids replays get (ops/replay.py), kept apart from upstream ids: upstream may not use them.
+_REPLAY_ID = re.compile(r":replay[0-9]+$")
 
 
 def _printable_ascii(value: str) -> bool:
     return _PRINTABLE_ASCII.fullmatch(value) is not None
+
+
+def _surrogate_problem(value: str) -> str | None:
+    """A lone UTF-16 surrogate (JSON's ``"\\ud800"``) is a Python string but not Unicode
+    text: it cannot be written as UTF-8 to Redis, a log or a file, so it is refused at
+    publish rather than failing the sender of a whole batch. ``isascii()`` is O(1)."""
+    if not value.isascii() and _SURROGATE.search(value):
+        return "contains a lone UTF-16 surrogate (not valid Unicode text)"
+    return None
+
+
+def _check_text(value: str, name: str) -> None:
+    problem = _surrogate_problem(value)
+    if problem:
+        raise InvalidEvent(name, problem)
 
 
 def _optional_str(data: Mapping[str, Any], name: str, max_chars: int) -> str | None:
@@ -180,6 +198,7 @@ def _optional_str(data: Mapping[str, Any], name: str, max_chars: int) -> str | N
         raise InvalidEvent(name, f"must be a string or null, not {type(value).__name__}")
     if len(value) > max_chars:
         raise InvalidEvent(name, f"longer than {max_chars} characters")
+    _check_text(value, name)
     return value
 
 
@@ -193,6 +212,9 @@ def _parse_id(data: Mapping[str, Any]) -> str:
         raise InvalidEvent("id", f"must be 1 to {ID_MAX_CHARS} characters long")
     if not _printable_ascii(value):
         raise InvalidEvent("id", "must be printable ASCII")
+    if ":replay" in value and _REPLAY_ID.search(value):
+        raise InvalidEvent("id", "must not end in ':replay<n>' (the ids of cgrid-s2s replay: a replay of a "
+                                 "notice is another notice than one published under that id)")
     return value
 
 
@@ -214,6 +236,7 @@ def check_url(url: str, name: str = "url") -> SplitResult:
         raise InvalidEvent(name, f"longer than {URL_MAX_BYTES} bytes")
     if _WHITESPACE_OR_CONTROL.search(url):
         raise InvalidEvent(name, "contains whitespace or control characters")
+    _check_text(url, name)
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -275,6 +298,7 @@ def _parse_forwarded_for(data: Mapping[str, Any]) -> tuple[str, ...] | None:
     if isinstance(value, str):
         if len(value) > FORWARDED_FOR_MAX_CHARS:
             raise InvalidEvent("forwarded_for", f"longer than {FORWARDED_FOR_MAX_CHARS} characters")
+        _check_text(value, "forwarded_for")
         entries = [part.strip() for part in value.split(",")]
     elif isinstance(value, list):
         entries = []
@@ -283,6 +307,7 @@ def _parse_forwarded_for(data: Mapping[str, Any]) -> tuple[str, ...] | None:
                 raise InvalidEvent(f"forwarded_for[{index}]", "must be a string")
             if len(entry) > 64:
                 raise InvalidEvent(f"forwarded_for[{index}]", "longer than 64 characters")
+            _check_text(entry, f"forwarded_for[{index}]")
             entries.append(entry.strip())
     else:
         raise InvalidEvent("forwarded_for", "must be a list of IP strings, a string, or null")
@@ -310,7 +335,9 @@ def _parse_macros(data: Mapping[str, Any]) -> dict[str, MacroValue]:
 
 def _macro_value_problem(item: object) -> str | None:
     if isinstance(item, str):
-        return f"longer than {MACRO_VALUE_MAX_CHARS} characters" if len(item) > MACRO_VALUE_MAX_CHARS else None
+        if len(item) > MACRO_VALUE_MAX_CHARS:
+            return f"longer than {MACRO_VALUE_MAX_CHARS} characters"
+        return _surrogate_problem(item)
     if isinstance(item, bool) or not isinstance(item, int | float):
         return "must be a string or a number"
     if isinstance(item, float) and not math.isfinite(item):
@@ -324,6 +351,11 @@ def _parse_buyer(data: Mapping[str, Any]) -> str | None:
     value = _optional_str(data, "buyer", BUYER_MAX_CHARS)
     if value is not None and (not value or not _printable_ascii(value)):
         raise InvalidEvent("buyer", "must be 1 to 128 printable ASCII characters")
+    if value is not None and value.startswith("-"):
+        # '-' is the report's, the lanes' and `replay --buyer -`'s name for events without a
+        # buyer, and '-other' the metrics' for buyers past their label limit (cgrid/metrics.py);
+        # an id starting with '-' would also read as an option on the command line.
+        raise InvalidEvent("buyer", "must not begin with '-' ('-' stands for events without a buyer)")
     return value
 
 

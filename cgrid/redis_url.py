@@ -14,12 +14,26 @@ SCHEMES = ("redis://", "rediss://", "sentinel://")
 # ';', as the next sentinel): the URL must percent-encode them.
 _RAW_IN_USERINFO = set("@/;?#")
 SENTINEL_PORT = 26379
-_PASSWORD = re.compile(r"(://[^:@/;]*):[^@/;]*@")
+# A password in the query (redis-py reads ?password=...), whatever the parameter's case.
+_QUERY_PASSWORD = re.compile(r"([?&;][^=&;#]*password[^=&;#]*=)[^&;#]*", re.IGNORECASE)
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for messages and logs)."""
-    return _PASSWORD.sub(r"\1:***@", url)
+    """The URL with any password replaced by ``***`` (for messages and logs): the one in the
+    user information — everything between ``user:`` and the part's last ``@``, so that a
+    password with an unencoded ``/`` or ``?`` is hidden whole too — and a ``password=`` in
+    the query. Each ``;``-separated part (sentinels) on its own."""
+    return ";".join(_mask_part(part) for part in url.split(";"))
+
+
+def _mask_part(part: str) -> str:
+    part = _QUERY_PASSWORD.sub(r"\1***", part)
+    scheme, sep, rest = part.partition("://")
+    if not sep or "@" not in rest:
+        return part
+    userinfo, _, address = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{address}" if colon else part
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,11 @@ import ipaddress
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from cgrid.errors import ConfigError
 from cgrid.redis_url import check_url as check_redis_url
+from cgrid.redis_url import mask_url
 from cgrid.routing import DELIVER_QUEUE, RETRY_QUEUE, Routing, check_queue_name, check_routing, parse_buyer_queues
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -147,7 +148,7 @@ class Settings:
             redis_url=env.get("CGRID_REDIS_URL", "").strip() or cls.redis_url,
             broker_url=env.get("CGRID_BROKER_URL", "").strip(),
             redis_cluster=_flag(env, "CGRID_REDIS_CLUSTER", cls.redis_cluster),
-            redis_master_name=env.get("CGRID_REDIS_MASTER_NAME", cls.redis_master_name).strip(),
+            redis_master_name=env.get("CGRID_REDIS_MASTER_NAME", "").strip() or cls.redis_master_name,
             redis_sentinel_password=env.get("CGRID_REDIS_SENTINEL_PASSWORD", ""),
             redis_sentinel_tls=_flag(env, "CGRID_REDIS_SENTINEL_TLS", cls.redis_sentinel_tls),
             redis_ca_file=env.get("CGRID_REDIS_CA_FILE", "").strip(),
@@ -190,6 +191,18 @@ class Settings:
         )
         settings.validate()
         return settings
+
+    def __repr__(self) -> str:
+        """Every field, with the passwords masked (a repr can end up in a log or a traceback)."""
+        shown = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "redis_url":
+                value = mask_url(value)
+            elif item.name == "redis_sentinel_password" and value:
+                value = "***"
+            shown.append(f"{item.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     @property
     def archive_path(self) -> str:

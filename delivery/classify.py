@@ -22,10 +22,11 @@ class ErrorClass(StrEnum):
 
 
 def classify_status(status: int) -> Outcome:
-    """200, 204, 302 and every 3xx: delivered. Other < 400: delivered but flagged.
-    400 and above: failed."""
+    """200, 204, 302 and every 3xx: delivered. Other 2xx: delivered but flagged. 400 and
+    above: failed; so is anything below 200 — a 1xx is interim, not the buyer's answer
+    (the HTTP client waits past it and never returns one; this is the last guard)."""
     if status in (200, 204) or 300 <= status < 400:
         return Outcome.OK
-    if status < 400:
+    if 200 <= status < 400:
         return Outcome.UNEXPECTED
     return Outcome.FAIL

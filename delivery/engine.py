@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +44,13 @@ from delivery.attempt import Attempt, attempt_from, expired
 from delivery.attempt_log import log_attempt
 from delivery.headers import build_headers
 from delivery.http_client import ClientConfig, Transfer, header_lines
-from delivery.lanes import Lane, LaneLimits, Lanes
+from delivery.lanes import LANE_IDLE_S, Lane, LaneLimits, Lanes
 
 PULL_MAX = 100  # events per pull
 IDLE_WAIT_S = 1.0
 BUYERS_FILE_CHECK_S = 1.0  # how often the buyers file's stamp is looked at
 OVERDUE_CHECK_S = 0.05  # how often waiting attempts are checked for parking
+IDLE_LANES_CHECK_S = 10.0  # how often idle lanes are looked for (delivery/lanes.py: LANE_IDLE_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ class DeliveryEngine:
         self.lanes: Lanes[Item] = Lanes(settings.call_concurrency, self.limits_for, wait_s=settings.lane_wait_s)
         # At most this many attempts are claimed by one process at once.
         self.capacity = settings.call_concurrency + settings.batch_size
+        self.lane_idle_s = LANE_IDLE_S  # an idle lane untouched this long is forgotten
         self._cond = threading.Condition()
         self._pending = 0  # reserved, claimed or pulled here, and not yet recorded or parked
         self._draining = False
@@ -115,6 +118,10 @@ class DeliveryEngine:
         settings, own = self.settings, self.buyer(buyer)
         return LaneLimits(max_concurrency=own.max_concurrency or settings.buyer_max_concurrency,
                           timeout_s=own.timeout_s or settings.timeout_s, paused=own.paused)
+
+    def metrics_label(self, buyer: str) -> str:
+        """The buyer's label in the metrics (a bounded set: cgrid/metrics.py)."""
+        return metrics.buyer_label(buyer, named=buyer in self.buyers.config.buyers)
 
     def request_reload(self) -> None:
         """Re-read the buyers file now (SIGHUP); safe from a signal handler."""
@@ -235,7 +242,7 @@ class DeliveryEngine:
             log_redis_error("ledger_write_failed", e, level="error", events=len(batch), kept=True)
             return False
         if metrics.ENABLED:
-            count_finished(batch, states)
+            count_finished(batch, states, self.metrics_label)
         for item, state in zip(batch, states, strict=True):
             if item.event is not None:
                 log_attempt(item.event, item.attempt, state or "superseded")
@@ -269,10 +276,10 @@ class DeliveryEngine:
             self._post("pulled", (buyer, left, parks_at_request, items, stamp[-1] if stamp else ""))
 
 
-def count_finished(batch: list[Handled], states: list[str]) -> None:
+def count_finished(batch: list[Handled], states: list[str], label: Callable[[str], str]) -> None:
     m = metrics.M
     for item, state in zip(batch, states, strict=True):
-        buyer = (item.event.buyer if item.event else None) or NO_BUYER
+        buyer = label((item.event.buyer if item.event else None) or NO_BUYER)
         kind = item.event.kind.value if item.event else "-"
         m.attempts.labels(buyer, kind, item.attempt.outcome.value).inc()
         if item.attempt.called:
@@ -300,6 +307,8 @@ class _CallLoop:
         self.running = 0
         self.next_overdue_check = 0.0
         self.next_buyers_check = time.monotonic() + BUYERS_FILE_CHECK_S
+        self.next_idle_check = 0.0
+        self.gauge_labels: set[str] = set()  # buyer labels whose lane gauges are set
         # Handed to the ledger thread once per loop iteration, not per call.
         self.done: list[Handled] = []
         self.parks: list[Park] = []
@@ -361,6 +370,9 @@ class _CallLoop:
                     self._reload_buyers(force=True)
             self._start_ready()
             now = time.monotonic()
+            if now >= self.next_idle_check:
+                self.next_idle_check = now + min(IDLE_LANES_CHECK_S, engine.lane_idle_s)
+                self.lanes.forget_idle(now, engine.lane_idle_s)
             if now >= self.next_buyers_check:
                 self.next_buyers_check = now + BUYERS_FILE_CHECK_S
                 self._reload_buyers(force=False)
@@ -432,15 +444,28 @@ class _CallLoop:
             reason = WaitReason.PAUSED if paused else WaitReason.LANE_FULL
             self.parks.append(Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer, reason, i.claim_stamp))
             if metrics.ENABLED:
-                metrics.M.parked.labels(i.buyer, reason.value).inc()
+                metrics.M.parked.labels(self.engine.metrics_label(i.buyer), reason.value).inc()
 
     def _lane_gauges(self) -> None:
+        """The lanes' gauges, summed per buyer label (buyers past the label limit share
+        one); a label whose lanes are gone (idle) reads 0."""
         m = metrics.M
+        sums: dict[str, list[int]] = {}  # label -> in flight, waiting, cap, throttled
         for buyer, lane in self.lanes.lanes.items():
-            m.in_flight.labels(buyer).set(lane.in_flight)
-            m.waiting.labels(buyer).set(len(lane.queue))
-            m.cap.labels(buyer).set(int(lane.cap))
-            m.throttled.labels(buyer).set(1 if lane.throttled else 0)
+            row = sums.setdefault(self.engine.metrics_label(buyer), [0, 0, 0, 0])
+            row[0] += lane.in_flight
+            row[1] += len(lane.queue)
+            row[2] += int(lane.cap)
+            row[3] = max(row[3], 1 if lane.throttled else 0)
+        gone = self.gauge_labels - sums.keys()
+        self.gauge_labels = set(sums)
+        for label in gone:
+            sums[label] = [0, 0, 0, 0]
+        for label, (in_flight, waiting, cap, throttled) in sums.items():
+            m.in_flight.labels(label).set(in_flight)
+            m.waiting.labels(label).set(waiting)
+            m.cap.labels(label).set(cap)
+            m.throttled.labels(label).set(throttled)
 
     def _reload_buyers(self, *, force: bool) -> None:
         """A new buyers file (changed on disk, or SIGHUP): new limits for every lane; the

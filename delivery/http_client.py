@@ -97,12 +97,15 @@ def header_lines(headers: dict[str, str]) -> list[str]:
 class Transfer:
     """One reusable libcurl easy handle and the state of its current request."""
 
-    __slots__ = ("allowed", "body_bytes", "connects", "curl", "headers_done", "item", "refusals", "requests")
+    __slots__ = ("allowed", "block_status", "body_bytes", "connects", "curl", "headers_done", "item",
+                 "malformed", "refusals", "requests")
 
     def __init__(self, config: ClientConfig) -> None:
         self.allowed = config.allowed_networks
         self.item: Any = None  # what the engine is delivering with this transfer
-        self.headers_done = False
+        self.headers_done = False  # the final answer's (2xx-5xx) status line and headers arrived
+        self.block_status = -1  # the status of the header block being read; -1 between blocks
+        self.malformed = ""  # a status line whose code is not three digits
         self.body_bytes = 0
         self.connects = 0
         self.requests = 0
@@ -135,6 +138,8 @@ class Transfer:
     def prepare(self, url: str, headers: list[str], timeout_s: float) -> None:
         """Set up the next request (the handle keeps its connections between requests)."""
         self.headers_done = False
+        self.block_status = -1
+        self.malformed = ""
         self.body_bytes = 0
         self.connects = 0
         self.requests = 0
@@ -177,8 +182,23 @@ class Transfer:
         return PREREQ_OK if self.requests == 1 else PREREQ_ABORT
 
     def _on_header(self, line: bytes) -> None:
-        if line == b"\r\n" or line == b"\n":
-            self.headers_done = True
+        """Each header block opens with a status line. A 1xx block (100 Continue, 103 Early
+        Hints) is interim: only the end of a final one (200 and up) is the answer. libcurl
+        reads ``HTTP/1.1 1000`` as 100 and ``2000`` as 200: a code that is not three
+        digits is marked malformed here (a protocol error)."""
+        if self.headers_done:
+            return  # the final answer's headers are in; what follows is trailers
+        if self.block_status < 0:  # the status line
+            parts = line.split(None, 2)
+            code = parts[1] if len(parts) > 1 else b""
+            if len(code) == 3 and code.isdigit():
+                self.block_status = int(code)
+            else:
+                self.block_status = 0
+                self.malformed = self.malformed or line[:80].decode("latin-1").strip()
+        elif line == b"\r\n" or line == b"\n":
+            self.headers_done = self.block_status >= 200
+            self.block_status = -1
 
     def _on_body(self, data: bytes) -> int | None:
         self.body_bytes += len(data)
@@ -188,11 +208,14 @@ class Transfer:
 
     def result(self, errno: int, message: str = "") -> CallResult:
         """Classify the finished transfer (``errno`` 0 is success)."""
-        curl = self.curl
+        status = int(self.curl.getinfo(pycurl.RESPONSE_CODE))
+        if self.malformed:
+            return CallResult(error=ErrorClass.PROTOCOL, detail=f"malformed status line: {self.malformed!r}")
         if errno == 0:
-            return CallResult(status=int(curl.getinfo(pycurl.RESPONSE_CODE)))
-        status = int(curl.getinfo(pycurl.RESPONSE_CODE))
-        if status and self.headers_done and errno in _BODY_ERRORS:
+            if status < 200:  # nothing but interim answers (e.g. 101 without an upgrade)
+                return CallResult(error=ErrorClass.PROTOCOL, detail=f"no final answer after {status}")
+            return CallResult(status=status)
+        if status >= 200 and self.headers_done and errno in _BODY_ERRORS:
             return CallResult(status=status)  # the answer arrived; its body did not matter
         if self.refusals and not self.connects:
             return CallResult(refused="; ".join(dict.fromkeys(self.refusals)))

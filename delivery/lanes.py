@@ -12,6 +12,10 @@ The cap adapts (AIMD, as TCP's window does): a call that times out or cannot con
 it, at most once per ``timeout_s`` (a burst of timeouts from one outage is one signal);
 every HTTP answer widens it by one, up to the lane's maximum. It never closes below
 ``MIN_CAP``: a dead buyer's events still get their calls, at its lane's pace.
+
+A lane with nothing in flight, waiting or parked, untouched for ``LANE_IDLE_S``, goes away
+(:meth:`Lanes.forget_idle`): a process's lanes are those of the buyers it served lately, not
+of every buyer id it ever saw. Its next event opens it again, at full width.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from delivery.classify import ErrorClass
 T = TypeVar("T")
 
 MIN_CAP = 1.0
+LANE_IDLE_S = 60.0  # an idle lane untouched this long is forgotten
 # Failures that say "this buyer is not answering": they narrow its lane. A 5xx is an
 # answer (the buyer is up and quick to say no), so it does not.
 TROUBLE = frozenset({ErrorClass.TIMEOUT, ErrorClass.CONNECT_TIMEOUT, ErrorClass.CONNECT_REFUSED})
@@ -38,7 +43,7 @@ class LaneLimits:
     paused: bool = False  # a paused lane admits nothing and pulls nothing: all of it parks
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lane(Generic[T]):
     buyer: str
     limits: LaneLimits
@@ -52,6 +57,7 @@ class Lane(Generic[T]):
     next_cut_at: float = 0.0
     failures_in_row: int = 0
     ready: bool = False  # in the scheduler's round-robin ring
+    used_at: float = 0.0  # when an attempt last joined or left it (the scheduler's clock)
 
     def __post_init__(self) -> None:
         self.cap = float(self.limits.max_concurrency)
@@ -113,6 +119,7 @@ class Lanes(Generic[T]):
         self._enqueue(self.lane(buyer), item, now_s)
 
     def _enqueue(self, lane: Lane[T], item: T, now_s: float) -> None:
+        lane.used_at = now_s
         lane.queue.append((item, now_s))
         self.waiting += 1
         self._queued[lane.buyer] = lane
@@ -145,6 +152,7 @@ class Lanes(Generic[T]):
         call that was not made)."""
         lane.in_flight -= 1
         self.in_flight -= 1
+        lane.used_at = now_s
         if answered:
             lane.failures_in_row = 0
             lane.cap = min(float(lane.limits.max_concurrency), lane.cap + 1)
@@ -171,6 +179,16 @@ class Lanes(Generic[T]):
             if len(out) > before:
                 self._mark_backlog(lane)
         return out
+
+    def forget_idle(self, now_s: float, idle_s: float = LANE_IDLE_S) -> list[str]:
+        """Drop the lanes with nothing in flight, waiting, parked or being pulled that no
+        attempt joined or left for ``idle_s``; returns their buyers."""
+        gone = [buyer for buyer, lane in self.lanes.items()
+                if not (lane.in_flight or lane.queue or lane.backlog or lane.pulling or lane.ready)
+                and now_s - lane.used_at >= idle_s]
+        for buyer in gone:
+            del self.lanes[buyer]
+        return gone
 
     def note_backlog(self, buyer: str) -> None:
         """Redis holds parked events of this buyer (parked by any process): pull them, and

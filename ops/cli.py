@@ -10,10 +10,10 @@ import datetime
 import json
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cgrid.buyers import BuyersFile
-from cgrid.errors import CgridError, InvalidEvent, RedisUnavailable
+from cgrid.errors import CgridError, InvalidEvent, PublishFailed, RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import POISON_LIST_KEY, WAIT_DETAILS, Counter, Ledger, WaitReason
 from cgrid.ledger.partitions import PartitionedLedger, ledger_for
@@ -48,25 +48,52 @@ def _ledger(settings: Settings) -> Ledger:
     return ledger_for(settings, client)
 
 
+def parse_line(raw: bytes) -> Event:
+    """One line of a JSON-lines file as an event; raises InvalidEvent naming the field (or
+    ``event`` for a line that is not UTF-8 or not JSON), never anything else."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidEvent("event", f"not UTF-8 (byte {e.start + 1} of the line)") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise InvalidEvent("event", "not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise InvalidEvent("event", f"not valid JSON ({e})") from None
+    return parse_event(data)
+
+
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     """Publish JSON-lines events. An id is printed only once its event is accepted (in the
     ledger): lines are sent in batches, each flushed before its ids are printed; from
-    standard input each line is sent as it comes, so a pipe sees its ids at once. If Redis
-    cannot take them, nothing of that batch is printed, the error says how many events were
-    not accepted, and the exit code is 2."""
+    standard input each line is sent as it comes, so a pipe sees its ids at once. Each line
+    is refused or accepted on its own: a refused line is named by its number on stderr,
+    and the exit code is 1. If Redis cannot take them, nothing of that batch is printed,
+    the error says how many events were not accepted, and the exit code is 2."""
     from producer.publisher import Publisher
 
-    source: TextIO = open(args.file, encoding="utf-8") if args.file not in (None, "-") else sys.stdin
+    source: BinaryIO = open(args.file, "rb") if args.file not in (None, "-") else sys.stdin.buffer
     chunk_max = 1 if args.file in (None, "-") or args.sync else settings.batch_size
     errors = 0
-    chunk: list[Event] = []
+    chunk: list[tuple[int, Event]] = []  # (line number, event)
     publisher = Publisher(settings, linger_ms=0 if args.sync else None)
 
     def send_chunk() -> None:
-        publisher.publish_many(chunk)
-        publisher.flush()
-        for event in chunk:
-            print(event.id, flush=chunk_max == 1)
+        nonlocal errors
+        failed: dict[str, BaseException] = {}
+        try:
+            publisher.publish_many([event for _, event in chunk])
+            publisher.flush()
+        except PublishFailed as e:  # the chunk's other events are accepted
+            failed = dict(zip(e.event_ids, e.errors, strict=True))
+        for number, event in chunk:
+            if event.id in failed:
+                error = failed[event.id]
+                print(f"line {number}: not accepted ({type(error).__name__}: {error})", file=sys.stderr)
+                errors += 1
+            else:
+                print(event.id, flush=chunk_max == 1)
         chunk.clear()
 
     try:
@@ -75,10 +102,9 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
                 if not line.strip():
                     continue
                 try:
-                    chunk.append(parse_event(json.loads(line)))
-                except ValueError as e:  # InvalidEvent and JSON errors alike
-                    reason = str(e) if isinstance(e, InvalidEvent) else f"event: not valid JSON ({e})"
-                    print(f"line {number}: {reason}", file=sys.stderr)
+                    chunk.append((number, parse_line(line)))
+                except InvalidEvent as e:
+                    print(f"line {number}: {e}", file=sys.stderr)
                     errors += 1
                     continue
                 if len(chunk) >= chunk_max:
@@ -170,6 +196,15 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting with ``= + - @``, a tab or a CR
+    (a buyer id ``=HYPERLINK(…)``) gets a leading ``'`` (OWASP's advice). ``-``, the row of
+    events without a buyer, is left as it is; numbers are numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") and value != "-":
+        return "'" + value
+    return value
+
+
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     ledger = _ledger(settings)
     rows = ledger.report(days=args.days, day=args.date, buyer=args.buyer)
@@ -180,7 +215,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     if args.csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=REPORT_FIELDS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
         return 0
     print(format_report(rows))
     archive = ledger.archive_backlog()

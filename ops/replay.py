@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cgrid.errors import InvalidEvent
@@ -74,9 +74,11 @@ def replay(publisher: Publisher, event_ids: list[str], *, again: bool = False,
             done.append(Replayed(event_id, None, note))
             continue
         try:
-            original = record["event"]
-            event: Event = parse_event({**original, "id": new_id, "created_at": time.time()})
-        except (InvalidEvent, TypeError) as e:
+            # Validated without its id (which may itself be a replay's), then given the
+            # replay id: upstream may not publish ids of that form (cgrid/event.py).
+            original = {key: value for key, value in record["event"].items() if key != "id"}
+            event: Event = replace(parse_event({**original, "created_at": time.time()}), id=new_id)
+        except (InvalidEvent, TypeError, AttributeError) as e:
             done.append(Replayed(event_id, None, f"its record cannot be replayed: {e}"))
             continue
         publisher.publish(event)

@@ -18,6 +18,10 @@ A full Redis refuses new events (at ``CGRID_PUBLISH_MAX_MEMORY_SHARE`` of its
 Every send that Redis refuses or cannot take is counted, by reason (:data:`REFUSED_REASONS`),
 in ``Publisher.refused`` and in the Prometheus counter ``cgrid_publish_refused_total`` of
 prometheus_client's default registry (an auction process that serves its metrics shows it).
+The sender never dies: an error other than Redis being away (an event Redis cannot be
+given, a bug) fails only the events that meet it — the batch is sent again one event at a
+time — and those are reported to the caller, once, by the next ``publish()`` (which then
+takes nothing) or ``flush()``, as :class:`PublishFailed`.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import redis
 from celery import Celery
 
 from cgrid.broker import make_celery, send_deliver
-from cgrid.errors import RedisUnavailable
+from cgrid.errors import CgridError, PublishFailed, RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import Ledger, NotReplicated
 from cgrid.ledger.partitions import PartitionedLedger, ledger_for
@@ -104,6 +108,8 @@ class Publisher:
         # Sends Redis refused or could not take, by reason (REFUSED_REASONS); each try counts.
         self.refused: Counter[str] = Counter()
         self._refused_metric = refused_metric()
+        self._failures: list[tuple[str, BaseException]] = []  # dropped events, not yet reported
+        self._sender_error: Exception | None = None  # the sender thread's last unexpected error
         self._oldest_at = 0.0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -116,7 +122,8 @@ class Publisher:
 
     def publish(self, event: Mapping[str, Any] | Event) -> str:
         """Validate and buffer one event; returns its id. Raises InvalidEvent naming the
-        field, or RedisUnavailable when Redis is down and the buffer is full."""
+        field, RedisUnavailable when Redis is down and the buffer is full, or PublishFailed
+        reporting earlier events that could not be sent (this event is then not taken)."""
         parsed = event if isinstance(event, Event) else parse_event(event)
         self._enqueue([parsed])
         return parsed.id
@@ -128,12 +135,14 @@ class Publisher:
         return [e.id for e in parsed]
 
     def flush(self, timeout_s: float | None = None) -> None:
-        """Send everything buffered; returns once it is accepted in Redis."""
+        """Send everything buffered; returns once it is accepted in Redis. Raises
+        PublishFailed for events that could not be sent (the others are accepted)."""
         budget_s = self.settings.publish_timeout_s if timeout_s is None else timeout_s
         give_up_at = time.monotonic() + budget_s
         while True:
             try:
                 self._send_buffered()
+                self._report_failures()
                 return
             except RedisUnavailable:
                 if time.monotonic() >= give_up_at:
@@ -142,7 +151,8 @@ class Publisher:
 
     def close(self) -> None:
         """Flush and stop. Raises RedisUnavailable if buffered events could not be sent;
-        they stay buffered, and calling ``close()`` again tries again."""
+        they stay buffered, and calling ``close()`` again tries again (PublishFailed, as
+        for ``flush()``)."""
         if not self._closed:
             self._closed = True
             with self._cond:
@@ -167,7 +177,9 @@ class Publisher:
     def _close_at_exit(self) -> None:
         try:
             self.close()
-        except RedisUnavailable as e:
+        except PublishFailed as e:
+            print(f"cgrid-s2s: at exit: {e}", file=sys.stderr)
+        except CgridError as e:
             print(f"cgrid-s2s: {len(self._buffer)} published events were NOT accepted at exit: {e}",
                   file=sys.stderr)
 
@@ -184,6 +196,10 @@ class Publisher:
             raise RedisUnavailable("publisher is closed")
         if not events:
             return
+        self._report_failures()
+        if self._sender_error is not None:
+            raise CgridError(f"not accepted: the publisher's sender fails ({type(self._sender_error).__name__}: "
+                             f"{self._sender_error}); {len(self._buffer)} events wait in its buffer")
         with self._cond:
             if len(self._buffer) + len(events) > self.max_buffered:
                 error = self._last_error or RedisUnavailable("publish buffer is full")
@@ -200,6 +216,14 @@ class Publisher:
                 self._cond.notify()
         if self._thread is None:
             self._send_buffered()
+            self._report_failures()
+
+    def _report_failures(self) -> None:
+        """Raise PublishFailed for the events dropped since the last report, once."""
+        with self._cond:
+            failures, self._failures = self._failures, []
+        if failures:
+            raise PublishFailed(failures)
 
     def _take(self) -> list[Event]:
         with self._cond:
@@ -233,16 +257,41 @@ class Publisher:
                 for (queue, _), group in groups.items() for start in range(0, len(group), size)]
 
     def _send_buffered(self) -> None:
+        """Send the buffer. Whatever is raised, every event taken is sent, put back in
+        the buffer, or recorded in ``_failures`` for the caller."""
         with self._send_lock:
-            batches = self._batches(self._take())
-            for index, (queue, batch) in enumerate(batches):
-                try:
-                    self._send(batch, queue)
-                except RedisUnavailable as e:
-                    self._put_back([event for _, rest in batches[index:] for event in rest])
+            events = self._take()
+            done: set[int] = set()  # id() of the events sent or recorded as failed
+            try:
+                for queue, batch in self._batches(events):
+                    try:
+                        self._send(batch, queue)
+                    except RedisUnavailable:
+                        raise
+                    except Exception:
+                        # Not Redis being away: something in these events (or a bug). One
+                        # at a time, so that an event that cannot be sent holds back no other.
+                        self._send_one_by_one(batch, queue, done)
+                    done.update(map(id, batch))
+            except BaseException as e:
+                self._put_back([event for event in events if id(event) not in done])
+                if isinstance(e, RedisUnavailable):
                     self._last_error = e
-                    raise
+                raise
             self._last_error = None
+
+    def _send_one_by_one(self, batch: list[Event], queue: str, done: set[int]) -> None:
+        for event in batch:
+            try:
+                self._send([event], queue)
+            except RedisUnavailable:
+                raise
+            except Exception as e:
+                _log.error("cgrid-s2s: published event %s was NOT accepted and is dropped (%s: %s)",
+                           event.id, type(e).__name__, e)
+                with self._cond:
+                    self._failures.append((event.id, e))
+            done.add(id(event))
 
     def _send(self, batch: list[Event], queue: str) -> None:
         settings = self.settings
@@ -297,5 +346,10 @@ class Publisher:
                     continue
             try:
                 self._send_buffered()
+                self._sender_error = None
             except RedisUnavailable:
+                time.sleep(0.2)
+            except Exception as e:  # a bug: the events stay buffered; publish() and flush() say so
+                _log.exception("cgrid-s2s: the publisher's sender failed; its events stay buffered")
+                self._sender_error = e
                 time.sleep(0.2)

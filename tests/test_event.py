@@ -68,10 +68,19 @@ def test_full_event_round_trips_through_json() -> None:
         ({"macros": {"AUCTION_PRICE": float("nan")}}, "macros.AUCTION_PRICE"),
         ({"macros": {"AUCTION_PRICE": None}}, "macros.AUCTION_PRICE"),
         ({"buyer": ""}, "buyer"),
+        ({"buyer": "-"}, "buyer"),  # the report's name for events without a buyer
+        ({"buyer": "-other"}, "buyer"),
+        ({"id": "auction-1:imp-1:burl:replay1"}, "id"),  # the ids of cgrid-s2s replay
         ({"buyer": 3}, "buyer"),
         ({"created_at": "yesterday"}, "created_at"),
         ({"created_at": -1}, "created_at"),
         ({"headers": {}}, "headers"),
+        # A lone UTF-16 surrogate cannot be written as UTF-8 (Redis, logs, files): refused.
+        ({"user_agent": "Mozilla \ud800"}, "user_agent"),
+        ({"forwarded_for": ["1.2.3.4\udc80"]}, "forwarded_for[0]"),
+        ({"forwarded_for": "1.2.3.4, \udc80"}, "forwarded_for"),
+        ({"macros": {"AUCTION_ID": "a\udfff"}}, "macros.AUCTION_ID"),
+        ({"url": "https://dsp.example/\ud83d"}, "url"),
     ],
 )
 def test_invalid_fields_are_named(changes: dict[str, object], field: str) -> None:
@@ -135,3 +144,10 @@ def test_generated_ids_cost_no_system_call_and_stay_unique_across_fork(monkeypat
     os.close(write_end)
     parent_id = new_event_id()
     assert child_id[:24] != parent_id[:24] and len(child_id) == len(parent_id) == 32
+
+
+def test_ids_and_buyers_near_the_reserved_forms_are_fine() -> None:
+    for event_id in ("a:replay", "a:replayed", "a:replay1b", "replay1", "a:Replay1"):
+        assert parse_event({**BASE, "id": event_id}).id == event_id
+    for buyer in ("a-", "a-b", "_", "+1"):
+        assert parse_event({**BASE, "buyer": buyer}).buyer == buyer

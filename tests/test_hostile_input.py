@@ -27,7 +27,8 @@ json_values = st.recursive(
 field_names = st.sampled_from(sorted(FIELDS)) | st.text(max_size=12)
 macro_names = st.sampled_from(sorted(MACRO_NAMES))
 hostile_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from(
-    ["\r\nX-Evil: 1", "\x00", "a\rb\nc", "\u2028", "${AUCTION_PRICE}", "%0d%0a", " ", ""]
+    ["\r\nX-Evil: 1", "\x00", "a\rb\nc", "\u2028", "${AUCTION_PRICE}", "%0d%0a", " ", "",
+     "\ud800", "1.2.3.4\udc80", "a\udfffb"]  # lone surrogates: valid Python text, not UTF-8
 )
 ip_like = st.ip_addresses().map(str) | hostile_text
 macro_values = hostile_text | st.integers() | st.floats() | st.booleans() | st.none()
@@ -36,6 +37,9 @@ VALID = {"kind": "burl", "url": "https://dsp.example/b?p=${AUCTION_PRICE}&a=${AU
 
 
 def assert_valid_call(event: Event) -> None:
+    # What Redis, the archive and the logs get is UTF-8: an accepted event must encode.
+    event.to_json().encode("utf-8")
+    event.to_final_json(keep_call=True).encode("utf-8")
     url = event.target_url()
     assert len(url.encode("utf-8", "surrogatepass")) <= URL_MAX_BYTES
     assert not any(ch <= " " or ch == "\x7f" for ch in url)

@@ -214,3 +214,64 @@ def test_deliver_turns_a_forbidden_host_into_rejected(dsp: MockDspServer) -> Non
     attempt = deliver(event, session, attempt_n=1, timeout_s=1.0)
     assert attempt.outcome.value == "rejected" and "loopback" in attempt.reason
     assert dsp.log.snapshot() == []
+
+
+def raw_answer(answer: bytes, then: str) -> tuple[socket.socket, threading.Event]:
+    """A one-shot server on loopback that sends ``answer`` to the first request, then
+    stalls (``then="stall"``), resets the connection (``"reset"``) or closes it (``"close"``)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.recv(4096)
+        conn.sendall(answer)
+        if then == "stall":
+            done.wait(10)
+        elif then == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, done
+
+
+@pytest.mark.parametrize(("answer", "then", "expected"), [
+    (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n", "stall", ErrorClass.TIMEOUT),
+    (b"HTTP/1.1 100 Continue\r\n\r\n", "reset", ErrorClass.CONNECTION_RESET),
+    (b"HTTP/1.1 100 Continue\r\n\r\n", "close", ErrorClass.CONNECTION_RESET),
+    (b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n", "stall", ErrorClass.TIMEOUT),
+    (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "close", None),
+    (b"HTTP/1.1 199 Whatever\r\n\r\n", "close", None),
+    (b"HTTP/1.1 199 Whatever\r\n\r\n", "stall", None),
+    (b"HTTP/1.1 1000 Nope\r\nContent-Length: 0\r\n\r\n", "close", ErrorClass.PROTOCOL),
+    (b"HTTP/1.1 2000 Nope\r\nContent-Length: 0\r\n\r\n", "close", ErrorClass.PROTOCOL),
+    (b"HTTP/1.1 20 Nope\r\nContent-Length: 0\r\n\r\n", "close", ErrorClass.PROTOCOL),
+])
+def test_an_interim_1xx_answer_is_not_the_answer(session, answer: bytes, then: str,  # type: ignore[no-untyped-def]
+                                                 expected: ErrorClass | None) -> None:
+    """SPEC §4: a timeout or reset is a failed attempt, also after an interim 1xx (100
+    Continue, 103 Early Hints); only a final answer (200 and up) counts, and a malformed
+    status line is a protocol error. (None: whatever error, as long as it is one.)"""
+    server, done = raw_answer(answer, then)
+    try:
+        with pytest.raises(AttemptError) as info:
+            call(session, f"http://127.0.0.1:{server.getsockname()[1]}/", {}, 0.7)
+    finally:
+        done.set()
+        server.close()
+    if expected is not None:
+        assert info.value.error_class is expected, info.value
+
+
+@pytest.mark.parametrize("interim", [b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
+                                     b"HTTP/1.1 100 Continue\r\n\r\n"])
+def test_a_final_answer_after_an_interim_one_counts(session, interim: bytes) -> None:  # type: ignore[no-untyped-def]
+    server, done = raw_answer(interim + b"HTTP/1.1 204 No Content\r\n\r\n", "close")
+    try:
+        assert call(session, f"http://127.0.0.1:{server.getsockname()[1]}/", {}, 2.0) == 204
+    finally:
+        done.set()
+        server.close()

@@ -98,3 +98,22 @@ def test_a_5xx_answer_or_a_reset_does_not_narrow_the_lane() -> None:
     s.finished(lane, answered=False, error=ErrorClass.CONNECTION_RESET, now_s=0)
     s.finished(lane, answered=True, error=None, now_s=0)  # a 500 is an answer
     assert lane.cap == 4 and not lane.throttled
+
+
+def test_idle_lanes_go_away_and_busy_ones_stay() -> None:
+    """A process that saw 40,000 buyer ids must not keep 40,000 lanes: a lane with nothing
+    in flight, waiting or parked goes once it has been idle for the idle time."""
+    s = lanes(cap=1)
+    for i in range(1000):
+        s.admit(f"once-{i}", f"e{i}", now_s=0.0)
+    for lane, _ in iter(s.next_to_start, None):
+        s.finished(lane, answered=True, error=None, now_s=1.0)
+    s.admit("busy", "b0", now_s=50.0)
+    start_all(s)  # in flight
+    s.admit("busy", "b1", now_s=50.0)  # waiting
+    s.note_backlog("parked")  # its events wait in Redis
+    assert s.forget_idle(now_s=30.0, idle_s=60.0) == []  # not idle long enough
+    gone = s.forget_idle(now_s=61.0, idle_s=60.0)
+    assert len(gone) == 1000 and set(s.lanes) == {"busy", "parked"}
+    # An event for a forgotten buyer opens its lane again, at full width.
+    assert s.admit("once-7", "again", now_s=62.0) and s.lanes["once-7"].cap == 1

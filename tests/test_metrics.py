@@ -89,3 +89,47 @@ def test_a_taken_metrics_port_stops_the_worker_with_a_clear_message(redis_url: s
                                 env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "CGRID_METRICS_PORT: cannot serve metrics on port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_buyer_labels_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-buyer series cost memory in every process for good: past the limit, buyers not
+    named in the buyers file share one label."""
+    from cgrid import metrics
+
+    monkeypatch.setattr(metrics, "_buyer_labels", set())
+    monkeypatch.setattr(metrics, "BUYER_LABELS_MAX", 3)
+    assert [metrics.buyer_label(f"b{i}") for i in range(5)] == ["b0", "b1", "b2", "-other", "-other"]
+    assert metrics.buyer_label("b1") == "b1"  # a buyer keeps its label
+    assert metrics.buyer_label("named", named=True) == "named"  # named in the buyers file: always its own
+    assert metrics.buyer_label("b9") == "-other"
+
+
+def test_the_parked_gauge_of_a_buyer_whose_parked_set_drained_reads_0(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from cgrid import metrics
+    from cgrid.event import parse_event
+    from cgrid.ledger import Park
+    from worker.sweeper import backlog_gauges
+
+    registry = CollectorRegistry()
+    gauges = {name: Gauge(name, name, labels, registry=registry) for name, labels in
+              [("due", []), ("parked", ["buyer"]), ("open", ["kind"]), ("backlog", []), ("oldest", []),
+               ("used", []), ("max", [])]}
+    monkeypatch.setattr(metrics, "M", SimpleNamespace(
+        due=gauges["due"], parked_events=gauges["parked"], open_events=gauges["open"],
+        archive_backlog=gauges["backlog"], archive_oldest=gauges["oldest"],
+        redis_memory_used=gauges["used"], redis_memory_max=gauges["max"]))
+    ledger = Ledger(redis.Redis.from_url(redis_url))
+    event = parse_event({"id": "p1", "kind": "burl", "upstream": "s2s", "url": "https://d.example/", "buyer": "gone"})
+    ledger.accept([event], ledger_ttl_s=60, report_ttl_s=60, redeliver_after_s=60)
+    ledger.claim(["p1"], 1, lease_s=10, sent_at_s=0)
+    ledger.park([Park("p1", 1, event.created_at_s, "gone")])
+    shown = backlog_gauges(ledger)
+    assert shown == {"gone"} and registry.get_sample_value("parked", {"buyer": "gone"}) == 1
+    ledger.pull("gone", 10, lease_s=10)  # its parked set drains
+    assert backlog_gauges(ledger, shown) == set()
+    assert registry.get_sample_value("parked", {"buyer": "gone"}) == 0

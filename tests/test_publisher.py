@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from cgrid.event import Event, Kind, Upstream
 from cgrid.ledger import Ledger
 from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
-from producer import InvalidEvent, Publisher, RedisUnavailable
+from producer import CgridError, InvalidEvent, Publisher, PublishFailed, RedisUnavailable
+from tests.helpers import wait_for
 
 EVENT = {"kind": "nurl", "url": "https://dsp.example/w", "upstream": "s2s"}
 
@@ -149,3 +151,67 @@ def test_close_that_failed_can_be_retried_and_loses_nothing(tmp_path: Path) -> N
         assert all(ledger.record(i) is not None for i in ids)
     finally:
         server.stop()
+
+
+def test_an_event_the_sender_cannot_write_is_reported_and_holds_back_no_other(redis_url: str) -> None:
+    """The sender never dies silently: an event it cannot send (here one built as an Event,
+    which skips validation, with a lone surrogate that is not UTF-8) is reported to the
+    caller of flush() and publish(), and the events around it are accepted."""
+    ledger = Ledger(redis.Redis.from_url(redis_url))
+    publisher = Publisher(settings_for(redis_url), linger_ms=20, batch_size=1000)
+    good = [publisher.publish({**EVENT, "id": f"good-{i}"}) for i in range(5)]
+    unsendable = Event(kind=Kind.NURL, url="https://dsp.example/w", upstream=Upstream.S2S, id="unsendable",
+                       forwarded_for=("1.2.3.4\udc80",))
+    publisher.publish(unsendable)
+    good.append(publisher.publish({**EVENT, "id": "good-after"}))
+    with pytest.raises(PublishFailed, match=r"unsendable .*UnicodeEncodeError") as info:
+        publisher.flush()
+    assert info.value.event_ids == ["unsendable"]
+    assert all(ledger.record(i) is not None for i in good)
+    assert ledger.record("unsendable") is None
+    # Reported once; the sender lives on: later events go out by themselves (linger).
+    publisher.publish({**EVENT, "id": "later"})
+    wait_for(lambda: ledger.record("later"), 10, "the sender to send a later event")
+    publisher.close()
+
+
+def test_with_linger_0_an_unsendable_event_raises_at_publish(redis_url: str) -> None:
+    ledger = Ledger(redis.Redis.from_url(redis_url))
+    with Publisher(settings_for(redis_url), linger_ms=0) as publisher:
+        unsendable = Event(kind=Kind.NURL, url="https://dsp.example/w", upstream=Upstream.S2S, id="bad-ua",
+                           user_agent="Mozilla \ud800")
+        with pytest.raises(PublishFailed, match="bad-ua"):
+            publisher.publish_many([{**EVENT, "id": "fine-1"}, unsendable, {**EVENT, "id": "fine-2"}])
+        assert ledger.record("fine-1") is not None and ledger.record("fine-2") is not None
+        publisher.publish({**EVENT, "id": "fine-3"})  # the failure was reported once
+    assert ledger.record("fine-3") is not None
+
+
+def test_a_lone_surrogate_is_refused_at_publish_naming_the_field(redis_url: str) -> None:
+    with Publisher(settings_for(redis_url), linger_ms=20) as publisher:
+        for event, field in [({**EVENT, "forwarded_for": ["1.2.3.4\udc80"]}, "forwarded_for[0]"),
+                             ({**EVENT, "user_agent": "Mozilla \ud800"}, "user_agent"),
+                             ({**EVENT, "macros": {"AUCTION_PRICE": "1\udfff"}}, "macros.AUCTION_PRICE")]:
+            with pytest.raises(InvalidEvent) as info:
+                publisher.publish(event)
+            assert info.value.field == field
+
+
+def test_a_failing_sender_keeps_the_events_and_says_so(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should the sender itself break (a bug outside any one event), its events stay
+    buffered and publish() and flush() raise instead of buffering in silence."""
+    ledger = Ledger(redis.Redis.from_url(redis_url))
+    publisher = Publisher(settings_for(redis_url), linger_ms=10, batch_size=1000)
+
+    def broken(events: list[Event]) -> list[tuple[str, list[Event]]]:
+        raise RuntimeError("a bug in batching")
+
+    monkeypatch.setattr(publisher, "_batches", broken)
+    ids = publisher.publish_many([{**EVENT, "id": f"kept-{i}"} for i in range(3)])
+    with pytest.raises(CgridError, match=r"sender fails .*a bug in batching.*[34] events wait"):
+        wait_for(lambda: publisher.publish(dict(EVENT)) and False, 10, "publish() to raise")
+    with pytest.raises(RuntimeError, match="a bug in batching"):
+        publisher.flush()
+    monkeypatch.undo()
+    publisher.close()
+    assert all(ledger.record(i) is not None for i in ids)

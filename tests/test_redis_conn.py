@@ -18,6 +18,13 @@ from cgrid.settings import Settings
     ("redis://host:6379/0", "redis://host:6379/0"),
     ("redis://cgrid@host/0", "redis://cgrid@host/0"),
     ("sentinel://u:pw@h1:26379;sentinel://h2:26379/0", "sentinel://u:***@h1:26379;sentinel://h2:26379/0"),
+    # An unencoded '/', '?' or '@' in the password does not leave part of it shown.
+    ("http://u:Se/cret@h:6379/0", "http://u:***@h:6379/0"),
+    ("redis://:a?b/c@d@h:6379/0", "redis://:***@h:6379/0"),
+    # A password in the query (redis-py reads it).
+    ("redis://h:1/0?password=s3cret", "redis://h:1/0?password=***"),
+    ("redis://h:1/0?db=1&Password=s3cret&x=1", "redis://h:1/0?db=1&Password=***&x=1"),
+    ("redis://h:1/0?sentinel_password=s3/cr@t", "redis://h:1/0?sentinel_password=***"),
 ])
 def test_mask_url_hides_only_the_password(url: str, shown: str) -> None:
     assert mask_url(url) == shown
@@ -34,7 +41,6 @@ def test_sentinel_url_lists_every_sentinel_and_takes_db_and_credentials() -> Non
     ({"CGRID_REDIS_URL": "sentinel://h1:26379;redis://h2:6379"}, "CGRID_REDIS_URL"),
     ({"CGRID_REDIS_URL": "sentinel://h1:notaport"}, "CGRID_REDIS_URL"),
     ({"CGRID_REDIS_URL": "sentinel://h1:26379/zero"}, "CGRID_REDIS_URL"),
-    ({"CGRID_REDIS_URL": "sentinel://h1:26379", "CGRID_REDIS_MASTER_NAME": " "}, "CGRID_REDIS_MASTER_NAME"),
     ({"CGRID_REDIS_URL": "redis://h:6379", "CGRID_REDIS_CA_FILE": "/etc/hostname"}, "CGRID_REDIS_CA_FILE"),
     ({"CGRID_REDIS_URL": "rediss://h:6379", "CGRID_REDIS_CA_FILE": "/no/such/ca.pem"}, "CGRID_REDIS_CA_FILE"),
     ({"CGRID_REDIS_URL": "rediss://h:6379", "CGRID_REDIS_CERT_FILE": "/etc/hostname"}, "CGRID_REDIS_KEY_FILE"),
@@ -100,3 +106,19 @@ def test_a_sentinel_client_is_the_named_primarys_client() -> None:
     assert pool.service_name == "cgrid"  # type: ignore[attr-defined]
     assert pool.connection_kwargs["db"] == 3
     assert (pool.connection_kwargs["username"], pool.connection_kwargs["password"]) == ("u", "pw")
+
+
+def test_an_empty_master_name_takes_the_default() -> None:
+    for empty in ("", "  "):
+        settings = Settings.from_env({"CGRID_REDIS_URL": "sentinel://h1:26379", "CGRID_REDIS_MASTER_NAME": empty})
+        assert settings.redis_master_name == "mymaster"
+
+
+def test_no_message_and_no_repr_shows_a_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"CGRID_REDIS_URL": "http://u:Se/cret@h:6379/0"})
+    assert "is not a redis://" in str(info.value) and "cret" not in str(info.value)
+    settings = Settings.from_env({"CGRID_REDIS_URL": "redis://u:s3cret@h:6379/0?password=s3cret",
+                                  "CGRID_REDIS_SENTINEL_PASSWORD": "sp-secret"})
+    assert "s3cret" not in repr(settings) and "sp-secret" not in repr(settings)
+    assert "redis://u:***@h:6379/0?password=***" in repr(settings) and "redis_sentinel_password='***'" in repr(settings)

@@ -4,6 +4,7 @@ accident."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -58,6 +59,14 @@ def test_failed_events_are_replayed_once_as_new_events(redis_url: str, dsp: Mock
                  "the second replay decided")
         calls = [c["target"] for c in dsp.log.snapshot() if f"e={run}" in c["target"]]
         assert sorted(calls.count(f"/sequence/500,500,204?e={i}") for i in ids) == [3, 3, 4]
+        # Replay ids are not upstream's: an upstream notice under such an id is refused at
+        # publish, never taken for a duplicate of the replay (printed, exit 0, not called).
+        upstream = subprocess.run([sys.executable, "-m", "ops.cli", "publish"], capture_output=True, text=True,
+                                  env=env, cwd=ROOT, timeout=60, input=json.dumps(
+                                      {"id": f"{ids[1]}:replay1", "kind": "burl", "upstream": "s2s",
+                                       "url": f"{dsp.url}/?e=upstream"}))
+        assert upstream.returncode == 1 and upstream.stdout == ""
+        assert "line 1: id: must not end in ':replay<n>'" in upstream.stderr
     finally:
         worker.stop()
 

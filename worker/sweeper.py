@@ -28,13 +28,21 @@ SWEEP_LIMIT = 2000
 BACKLOG_GAUGES_S = 5.0  # how often the backlog gauges are read from Redis (metrics on)
 
 
-def backlog_gauges(ledger: Ledger) -> None:
+def backlog_gauges(ledger: Ledger, shown: set[str] | None = None) -> set[str]:
     """Events accepted and not yet final: due, parked per buyer, open per kind; final
-    records not yet archived; Redis's memory against its maxmemory."""
+    records not yet archived; Redis's memory against its maxmemory. ``shown``: the buyer
+    labels the last call set, which read 0 once their buyer has nothing parked; returns this
+    call's (buyer labels are bounded: cgrid/metrics.py)."""
     due, parked = ledger.backlog()
     metrics.M.due.set(due)
+    per_label: dict[str, int] = {}
     for buyer, count in parked.items():
-        metrics.M.parked_events.labels(buyer).set(count)
+        label = metrics.buyer_label(buyer)
+        per_label[label] = per_label.get(label, 0) + count
+    for label in (shown or set()) - per_label.keys():
+        per_label[label] = 0
+    for label, count in per_label.items():
+        metrics.M.parked_events.labels(label).set(count)
     for kind, count in ledger.open_events().items():
         metrics.M.open_events.labels(kind).set(count)
     archive = ledger.archive_backlog()
@@ -44,9 +52,11 @@ def backlog_gauges(ledger: Ledger) -> None:
     try:
         used, maximum = ledger.memory()
     except redis.exceptions.NoPermissionError:
-        return  # an ACL user without INFO: no memory gauges
-    metrics.M.redis_memory_used.set(used)
-    metrics.M.redis_memory_max.set(maximum)
+        used = maximum = -1  # an ACL user without INFO: no memory gauges
+    if used >= 0:
+        metrics.M.redis_memory_used.set(used)
+        metrics.M.redis_memory_max.set(maximum)
+    return {label for label, count in per_label.items() if count}
 
 
 def send_triggers(app: Celery, by_queue: dict[str, list[str]], attempt_n: int, batch_size: int,
@@ -116,6 +126,7 @@ class Sweeper:
         self.buyers = BuyersFile.for_settings(settings)
         self._stop = threading.Event()
         self._next_backlog_gauges = 0.0
+        self._parked_labels: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="cgrid-sweeper", daemon=True)
 
     def start(self) -> None:
@@ -140,7 +151,7 @@ class Sweeper:
                 sent = sweep_once(self.app, self.ledger, self.settings, paused, delays, self.broker)
                 if metrics.ENABLED and time.monotonic() >= self._next_backlog_gauges:
                     self._next_backlog_gauges = time.monotonic() + BACKLOG_GAUGES_S
-                    backlog_gauges(self.ledger)
+                    self._parked_labels = backlog_gauges(self.ledger, self._parked_labels)
                 pause_s = 0.0 if sent >= SWEEP_LIMIT else self.settings.sweep_interval_s
             except (redis.RedisError, OSError, OperationalError) as e:
                 # Redis away, or an error reply (full, a replica ...): kombu wraps a failed

@@ -27,23 +27,101 @@ end
 -- A final record keeps what reconciliation needs: the user's data (user agent, IP chain)
 -- goes at once, and so do the URL and macros (the host stays, and the AUCTION_ID and
 -- AUCTION_IMP_ID macros, cgrid.macros.RECONCILE_MACROS) unless the event failed or expired
--- uncalled, and may be replayed. An unreadable record is left as it is.
-local function slim_event(text, keep_call)
-  if not text then return nil end
-  local ok, ev = pcall(cjson.decode, text)
-  if not ok or type(ev) ~= 'table' then return text end
-  ev['user_agent'] = nil
-  ev['forwarded_for'] = nil
-  if not keep_call and type(ev['url']) == 'string' then
-    ev['host'] = string.match(ev['url'], '^%a+://([^/?#]*)')
-    ev['url'] = nil
-    local m = ev['macros']
-    ev['macros'] = nil
-    if type(m) == 'table' and (m['AUCTION_ID'] ~= nil or m['AUCTION_IMP_ID'] ~= nil) then
-      ev['macros'] = {AUCTION_ID = m['AUCTION_ID'], AUCTION_IMP_ID = m['AUCTION_IMP_ID']}
+-- uncalled, and may be replayed. It is cut out of the event's JSON text, never
+-- decoded and encoded again: cjson writes 14 significant digits (1.2345678901234567 became
+-- 1.2345678901235, and a replay sent that), so what is kept stays byte for byte. An
+-- unreadable record is left as it is.
+local function json_string_end(text, i)  -- text[i] is the opening quote
+  local j = i + 1
+  while true do
+    local q = string.find(text, '["\\]', j)
+    if not q then return nil end
+    if string.byte(text, q) == 34 then return q end  -- '"'
+    j = q + 2  -- a backslash escapes the next character
+  end
+end
+local function json_value_end(text, i)
+  local c = string.sub(text, i, i)
+  if c == '"' then return json_string_end(text, i) end
+  if c ~= '[' and c ~= '{' then
+    local q = string.find(text, '[,}%]]', i)  -- a number, true, false or null
+    return q and q - 1
+  end
+  local depth, j = 0, i
+  while true do
+    local q = string.find(text, '[%[%]{}"]', j)
+    if not q then return nil end
+    local d = string.sub(text, q, q)
+    if d == '"' then
+      q = json_string_end(text, q)
+      if not q then return nil end
+    elseif d == '[' or d == '{' then
+      depth = depth + 1
+    else
+      depth = depth - 1
+      if depth == 0 then return q end
+    end
+    j = q + 1
+  end
+end
+-- The members of the JSON object whose '{' is text[i], in order, each as {name, its text
+-- ("name":value), where its value starts}; nil when it is not a JSON object.
+local function object_members(text, i)
+  local _, j = string.find(text, '^{%s*', i)
+  if not j then return nil end
+  j = j + 1
+  local members = {}
+  while string.sub(text, j, j) == '"' do
+    local name_end = json_string_end(text, j)
+    if not name_end then return nil end
+    local _, colon = string.find(text, '^%s*:%s*', name_end + 1)
+    if not colon then return nil end
+    local value_end = json_value_end(text, colon + 1)
+    if not value_end then return nil end
+    members[#members + 1] = {string.sub(text, j + 1, name_end - 1), string.sub(text, j, value_end), colon + 1}
+    local _, sep_at, sep = string.find(text, '^%s*([,}])%s*', value_end + 1)
+    if not sep then return nil end
+    if sep == '}' then return members end
+    j = sep_at + 1
+  end
+  if string.sub(text, j, j) == '}' then return members end
+  return nil
+end
+-- The event's JSON text without the members a final record drops (their names are plain
+-- ASCII: the event's fields); nil when the text is not a JSON object.
+local dropped_always = {user_agent = true, forwarded_for = true}
+local reconcile_macros = {AUCTION_ID = true, AUCTION_IMP_ID = true}
+local function slim_event_text(text, keep_call)
+  local ok, decoded = pcall(cjson.decode, text)
+  if not ok or type(decoded) ~= 'table' then return nil end
+  local _, brace = string.find(text, '^%s*{')
+  if not brace then return nil end
+  local members = object_members(text, brace)
+  if not members then return nil end
+  local kept = {}
+  for _, member in ipairs(members) do
+    local name = member[1]
+    if dropped_always[name] then
+      -- never kept
+    elseif keep_call or (name ~= 'url' and name ~= 'macros') then
+      kept[#kept + 1] = member[2]
+    elseif name == 'macros' and string.sub(text, member[3], member[3]) == '{' then
+      local ids = {}
+      for _, macro in ipairs(object_members(text, member[3]) or {}) do
+        if reconcile_macros[macro[1]] then ids[#ids + 1] = macro[2] end
+      end
+      if #ids > 0 then kept[#kept + 1] = '"macros":{' .. table.concat(ids, ',') .. '}' end
     end
   end
-  return cjson.encode(ev)
+  if not keep_call and type(decoded['url']) == 'string' then
+    local host = string.match(decoded['url'], '^%a+://([^/?#]*)')
+    if host then kept[#kept + 1] = '"host":' .. cjson.encode(host) end
+  end
+  return '{' .. table.concat(kept, ',') .. '}'
+end
+local function slim_event(text, keep_call)
+  if not text then return nil end
+  return slim_event_text(text, keep_call) or text
 end
 -- An event became final: it leaves the backlog, and its claim bookkeeping goes (a final
 -- record needs none of it: 71 bytes of its ~600 in Redis).
