@@ -15,6 +15,7 @@ from cgrid.buyers import BuyersFile
 from cgrid.errors import ConfigError
 from cgrid.settings import Settings
 from worker import poison
+from worker.envelope import message_sample
 from worker.transport import use_hardened_transports
 
 GREEN_POOLS = ("gevent", "eventlet")
@@ -93,6 +94,28 @@ def _prefetch_for_the_pool(sender: Any, **_: Any) -> None:
     pool = sender.pool_cls
     pool_module = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     sender.prefetch_multiplier = settings.prefetch_multiplier or prefetch_multiplier(pool_module)
+
+
+@signals.worker_init.connect
+def _reject_what_the_pool_cannot_take(sender: Any, **_: Any) -> None:
+    """Celery hands a request to its pool unguarded: one that raises on the way (a message
+    worker/envelope.py did not foresee) would stay unacked and, under prefork, hold its pool
+    slot (a semaphore) for good. Such a request gives both back and is recorded as poison.
+    (Set before the pool is built: its semaphore then calls this ``_process_task``.)"""
+    process = sender._process_task
+
+    def process_task(request: Any) -> None:
+        try:
+            process(request)
+        except Exception as e:
+            if getattr(sender, "semaphore", None) is not None and sender.process_task == sender._process_task_sem:
+                sender._quick_release()
+            request.reject(requeue=False)
+            message = request.message
+            poison.record_poison(f"celery could not take the message: {e!r}"[:200],
+                                 message_sample({"headers": message.headers, "body": message.body}))
+
+    sender._process_task = process_task
 
 
 @signals.worker_ready.connect
