@@ -15,7 +15,7 @@ from cgrid.buyers import BuyersFile
 from cgrid.errors import ConfigError
 from cgrid.settings import Settings
 from worker import poison
-from worker.envelope import message_sample
+from worker.screening import message_sample
 from worker.transport import use_hardened_transports
 
 GREEN_POOLS = ("gevent", "eventlet")
@@ -99,7 +99,7 @@ def _prefetch_for_the_pool(sender: Any, **_: Any) -> None:
 @signals.worker_init.connect
 def _reject_what_the_pool_cannot_take(sender: Any, **_: Any) -> None:
     """Celery hands a request to its pool unguarded: one that raises on the way (a message
-    worker/envelope.py did not foresee) would stay unacked and, under prefork, hold its pool
+    worker/screening.py did not foresee) would stay unacked and, under prefork, hold its pool
     slot (a semaphore) for good. Such a request gives both back and is recorded as poison.
     (Set before the pool is built: its semaphore then calls this ``_process_task``.)"""
     process = sender._process_task

@@ -6,33 +6,26 @@ whole worker down ("Unrecoverable error"). Here such a message — already poppe
 never seen again — is logged, counted in the ledger's poison record, and dropped, and the
 worker goes on with the messages behind it. Connection errors still propagate, so the
 normal reconnect logic is untouched.
-
-A message kombu can read but Celery cannot (worker/envelope.py says which and why) is
-refused before delivery in the same way. Whatever still fails once kombu has handed a
-message on is rejected without requeue and recorded (:meth:`_HardenedChannel._guard`): a
-``KeyError`` from the message counts as poison there, not as the lost connection kombu's
-Redis transport takes every ``KeyError`` for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
-from worker.envelope import message_problem, message_sample
 from worker.poison import record_poison
+from worker.screening import message_problem, message_sample
 
 
 class _HardenedChannel:
     """What both channels (one Redis, or Redis behind Sentinel) add to kombu's."""
 
-    _sync_client: Any = None
     connection: Any
-    connection_errors: Any
     qos: Any
+    _sync_client: Any = None
+    connection_errors: Any
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """kombu builds a new redis-py client object for every command it sends (acks,
@@ -62,10 +55,13 @@ class _HardenedChannel:
         callbacks[queue] = self._guard(callbacks[queue])
         return result
 
-    def _guard(self, deliver: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def _guard(self, deliver: Any) -> Any:
         """kombu's per-queue callback (make the Message, register it as unacked, hand it to
-        Celery), made safe: what fails there and is not a real connection error rejects the
-        message without requeue and records it."""
+        Celery), made safe: what fails there and is not a real connection error — a message
+        worker/screening.py did not foresee — rejects the message without requeue and records
+        it. A ``KeyError`` counts as the message's here, not as the lost connection kombu's
+        Redis transport takes every ``KeyError`` for (it would take the message again, first
+        in line, for good)."""
 
         def guarded(raw_message: Any) -> Any:
             try:
@@ -100,6 +96,8 @@ class SentinelChannel(_HardenedChannel, kombu_redis.SentinelChannel):  # type: i
 
 class _HardenedTransport:
     def _deliver(self, message: Any, queue: Any) -> Any:
+        """Every message is checked first (worker/screening.py): one kombu or Celery would
+        fail on is dropped and recorded, like one that is not JSON."""
         problem = message_problem(message, queue if isinstance(queue, str) else "")
         if problem is not None:  # popped, never registered as unacked: dropping it rejects it
             record_poison(problem, message_sample(message))

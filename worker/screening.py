@@ -1,4 +1,4 @@
-"""What a broker message must be before kombu and Celery are handed it.
+"""Screening broker messages: what one must be before kombu and Celery are handed it.
 
 kombu's Redis transport pops a message with BRPOP, registers it as unacked and hands it to
 Celery; both read its fields without checks. A field of the wrong shape then fails in the

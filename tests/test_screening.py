@@ -1,4 +1,4 @@
-"""worker/envelope.py: every trigger the fleet sends passes the check before delivery, and
+"""worker/screening.py: every trigger the fleet sends passes the check before delivery, and
 each field Celery or kombu would fail on is refused with a reason naming it."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from cgrid.broker import DELIVER_TASK, make_celery, send_deliver
 from cgrid.routing import DELIVER_QUEUE, RETRY_QUEUE
 from cgrid.settings import Settings
 from tests.helpers import fleet_env
-from worker.envelope import message_problem, message_sample
+from worker.screening import message_problem, message_sample
 
 pytestmark = pytest.mark.integration
 
