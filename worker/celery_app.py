@@ -57,6 +57,7 @@ poison.configure(settings)  # where poisoned messages are recorded
 # Consume with the hardened transport: a poisoned message is dropped, not fatal.
 use_hardened_transports()
 app = make_celery(settings)
+app.conf.worker_consumer = "worker.consumer:Consumer"  # reconnects every 2 s at most
 
 
 @app.task(name=DELIVER_TASK, bind=True)
@@ -94,6 +95,20 @@ def _prefetch_for_the_pool(sender: Any, **_: Any) -> None:
     pool = sender.pool_cls
     pool_module = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     sender.prefetch_multiplier = settings.prefetch_multiplier or prefetch_multiplier(pool_module)
+    if pool_module.endswith(".solo") or pool == "solo":
+        # A solo worker runs one task at a time, but Celery sizes its prefetch (multiplier x
+        # concurrency) by -c, which defaults to the CPU count even for solo: 16 triggers held
+        # by one worker on a 16-core host. The consumer is built after this signal.
+        sender.concurrency = 1
+
+
+@signals.worker_init.connect
+def _without_gossip_and_mingle(sender: Any, **_: Any) -> None:
+    """As if started with ``--without-gossip --without-mingle`` (docs/deploy.md says why):
+    the worker's options reach the consumer's bootsteps after this signal. Heartbeats stay
+    on: Flower needs them."""
+    sender.options["without_gossip"] = True
+    sender.options["without_mingle"] = True
 
 
 @signals.worker_init.connect
@@ -172,6 +187,6 @@ def _drain_engine(**_: Any) -> None:
 
     runtime = current_runtime()
     if runtime is not None:
-        runtime.drain(settings.attempt_lease_s)
+        runtime.drain()
     if os.getpid() != _main_pid:
         metrics.process_exited(os.getpid())

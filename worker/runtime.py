@@ -28,10 +28,11 @@ class Runtime:
                     self._engine = DeliveryEngine(self.settings, self.ledger)
         return self._engine
 
-    def drain(self, timeout_s: float) -> bool:
-        """Wait until the attempts this process claimed are made and recorded (a process
-        that never delivered has nothing to wait for)."""
-        return self._engine is None or self._engine.drain(timeout_s)
+    def drain(self) -> bool:
+        """Wait until the attempts this process claimed are made and recorded, at most their
+        lease (which covers the longest deadline of any buyer, a buyer's own ``timeout_s``
+        included); a process that never delivered has nothing to wait for."""
+        return self._engine is None or self._engine.drain(self._engine.lease_s)
 
 
 _runtime: Runtime | None = None
