@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass, field
 
 from cgrid.ledger import Ledger
-from cgrid.redis_conn import long_lived_client
+from cgrid.redis_conn import long_lived_client, sentinel_primary
 from cgrid.settings import Settings
 from delivery.engine import DeliveryEngine
 
@@ -44,10 +44,12 @@ def get_runtime(settings: Settings) -> Runtime:
     if _runtime is None or _runtime.pid != os.getpid():
         with _lock:
             if _runtime is None or _runtime.pid != os.getpid():
+                client = long_lived_client(settings)
                 _runtime = Runtime(
                     settings=settings,
-                    ledger=Ledger(long_lived_client(settings), wait_replicas=settings.redis_wait_replicas,
-                                  wait_timeout_ms=settings.redis_wait_timeout_ms),
+                    ledger=Ledger(client, wait_replicas=settings.redis_wait_replicas,
+                                  wait_timeout_ms=settings.redis_wait_timeout_ms,
+                                  primary_check=sentinel_primary(client)),
                     pid=os.getpid(),
                 )
     return _runtime

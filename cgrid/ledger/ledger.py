@@ -18,6 +18,8 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 - ``P archive``        stream: every record that became final, until the archiver has written
                        it to disk (``archive/files.py``); exists once an archiver has started
+- ``P wait-mark``      a time written before WAIT when outcomes are written again
+                       (:meth:`Ledger.confirm`), so that the WAIT covers all this node holds
 
 The one-retry guard is the claim script (``scripts/claim.lua``): attempt ``n`` of an event can be claimed once,
 attempt 2 only after attempt 1 failed, so no event is called more than twice.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -42,7 +44,9 @@ from cgrid.event import Event
 from cgrid.routing import DELIVER_QUEUE, Routing
 
 PREFIX = "cgrid:"
-CLAIM_WAIT_BACKOFF_S = 10.0  # after a claim found too few replicas, claims stop waiting this long
+CLAIM_WAIT_BACKOFF_S = 10.0  # after a WAIT found too few replicas, claims and outcomes stop waiting this long
+PRIMARY_CHECK_S = 0.5  # how long the sentinels' word on the primary is taken as still true
+CONFIRM_CHUNK = 500  # outcomes per finish script when they are written again
 NO_BUYER = "-"
 # Poisoned messages (worker/poison.py): a capped list of the last ones, and a counter.
 POISON_LIST_KEY = PREFIX + "poison"
@@ -52,12 +56,27 @@ POISON_COUNT_KEY = PREFIX + "poison:count"
 class NotReplicated(CgridError, redis.RedisError):
     """The primary took a write that fewer replicas than CGRID_REDIS_WAIT_REPLICAS hold.
     ``result`` is the script's answer; for an accept, ``withdrawn`` says whether its new
-    events were all taken back (else some may still be delivered)."""
+    events were all taken back (else some may still be delivered); for outcomes, ``node`` is
+    the run id of the node that took them."""
 
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
         self.withdrawn = False
+        self.node = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """What :meth:`Ledger.confirm` found: whether a replica holds every outcome kept (and all
+    else the node answering holds), how many it wrote anew, the run id of the node that now
+    has them all ('' if the connection moved meanwhile), and whether to try again soon (the
+    node was not one the sentinels vouch for: the next round asks them for the primary)."""
+
+    held: bool
+    rewritten: int
+    node: str
+    soon: bool = False
 
 
 class State(StrEnum):
@@ -80,6 +99,7 @@ class WaitReason(StrEnum):
     RETRY_DELAY = "retry_delay"  # its first attempt failed; the retry is not due yet
     LANE_FULL = "lane_full"  # its buyer's lane had no room: parked in Redis, called in turn
     PAUSED = "paused"  # its buyer is paused (buyers file): parked in Redis until resumed
+    NO_REPLICA = "no_replica"  # claimed on a node no replica or sentinel vouched for: parked
 
 
 WAIT_DETAILS = {
@@ -90,6 +110,9 @@ WAIT_DETAILS = {
                           "buyer fails): parked in Redis, called in creation order as the lane has room",
     WaitReason.PAUSED: "the buyer is paused in the buyers file: parked in Redis, called in creation order "
                        "once it is resumed (or expired at its maximum age)",
+    WaitReason.NO_REPLICA: "a worker claimed it on a Redis primary that no replica held and the sentinels did "
+                           "not vouch for (a failover under way?): handed back uncalled, parked in Redis, "
+                           "called in turn",
 }
 
 
@@ -165,16 +188,23 @@ class Ledger:
     """Typed access to the ledger scripts; one instance per process is enough."""
 
     def __init__(self, client: redis.Redis, *, prefix: str = PREFIX, wait_replicas: int = 0,
-                 wait_timeout_ms: int = 1000) -> None:
+                 wait_timeout_ms: int = 1000, primary_check: Callable[[], tuple[str, bool]] | None = None) -> None:
+        """``primary_check``: with Sentinel, what the sentinels say of the primary: the run id
+        they agree on ('' if none) and whether a failover may be under way
+        (cgrid.redis_conn.sentinel_primary)."""
         self.client = client
         self.prefix = prefix
         # With replicas (Sentinel), an accept counts only once this many replicas hold it
         # (Redis WAIT), so a failover cannot lose an accepted event; a claim's call waits for
-        # them too, so a failover cannot forget a claim whose call is made (a third call).
+        # them too, so a failover cannot forget a claim whose call is made (a third call); an
+        # outcome counts as written once they hold it (until then its writer keeps it).
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
-        self.replica_shortfalls = 0  # claims and pulls that went ahead short of their replicas
+        self.primary_check = primary_check
+        self.replica_shortfalls = 0  # WAITs for claims, pulls and outcomes that found too few replicas
+        self.claims_refused = 0  # claims and pulls made on a node the sentinels did not vouch for
         self._claims_wait_again_at = 0.0
+        self._sentinels_said: tuple[float, str, bool] = (-PRIMARY_CHECK_S, "", False)  # asked at, run id, failover
         self._accept = client.register_script(load_script("accept"))
         self._claim = client.register_script(load_script("claim"))
         self._finish = client.register_script(load_script("finish"))
@@ -224,53 +254,166 @@ class Ledger:
         if not ids:
             return []
         args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue, *ids]
-        flat = [_text(item) for item in self._replicated(self._claim, args, "claimed", required=False)]
-        split = flat.index("|")
-        if stamp is not None:
-            stamp.append(flat[split + 1])
-        if parked_buyers is not None:
-            parked_buyers += flat[split + 2:]
-        return list(zip(flat[0:split:2], flat[1:split:2], strict=True))
+        try:
+            reply = self._replicated(self._claim, args, "claimed", required=False)
+        except NotReplicated as e:  # claimed on a node not vouched for: the caller hands them back
+            e.result = _claimed(e.result, stamp, parked_buyers)
+            raise
+        return _claimed(reply, stamp, parked_buyers)
 
     def finish(
         self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,
         retry_delay_s: float,
     ) -> list[str]:
-        """Write the outcomes of claimed attempts; returns each event's new state."""
+        """Write the outcomes of claimed attempts; returns each event's new state. With
+        ``wait_replicas``, raises :class:`NotReplicated` (its ``result`` the new states, its
+        ``node`` the run id of the node that took them) when no replica is known to hold
+        them yet: they are written, and the caller keeps them for :meth:`confirm`."""
         if not results:
             return []
+        args = self._finish_args(results, attempt, ledger_ttl_s, report_ttl_s, retry_delay_s)
+        try:
+            return [_text(state) for state in self._replicated(self._finish, args, "finished", kept=True)]
+        except NotReplicated as e:
+            e.result = [_text(state) for state in e.result]
+            raise
+
+    def _finish_args(self, results: list[Finish], attempt: int, ledger_ttl_s: int, report_ttl_s: int,
+                     retry_delay_s: float) -> list[Any]:
         args: list[Any] = [self.prefix, attempt, ledger_ttl_s, report_ttl_s, _num(retry_delay_s)]
         for result in results:
             delay = "" if result.retry_delay_s is None else _num(result.retry_delay_s)
             bucket = "" if result.duration_ms is None else latency_bucket(result.duration_ms)
             args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket,
                      result.final_event]
-        return [_text(state) for state in self._finish(args=args)]
+        return args
 
-    def _replicated(self, script: Script, args: list[Any], what: str, *, required: bool = True) -> Any:
-        """Run ``script``; with ``wait_replicas``, wait (WAIT, on the same connection) until
-        that many replicas hold its writes. Short of them after the timeout: an accept raises
-        :class:`NotReplicated` (the events are not counted as accepted); a claim or a pull
-        goes ahead (its call is made) and is counted in ``replica_shortfalls``: stopping
-        every call while a lone primary runs would hold back billing notices already
-        accepted, and a claim can only be forgotten by a failover to a replica that lacks it."""
-        if not self.wait_replicas or (not required and time.monotonic() < self._claims_wait_again_at):
-            return script(args=args)
+    def confirm(self, outcomes: list[tuple[int, Finish, str]], *, ledger_ttl_s: int, report_ttl_s: int,
+                retry_delay_s: float) -> Confirmation:
+        """Outcomes :meth:`finish` could not see held by a replica, as (attempt n, finish, run
+        id of the node that took it). Those another node took than the one answering now (a
+        failover) are written again here: an outcome this node has is left as it is, one it
+        lacks is written (a success written late cancels the retry the sweeper may have
+        scheduled meanwhile). Then, unless replicas were short within CLAIM_WAIT_BACKOFF_S,
+        WAIT says whether a replica holds all this node holds. A node the sentinels do not
+        vouch for is let go of (the next command asks them for the primary)."""
         pipe = self.client.pipeline(transaction=False)
-        script(args=args, client=pipe)
-        pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-        result, replicas = pipe.execute()
-        if int(replicas) < self.wait_replicas:
-            if required:
-                raise NotReplicated(
-                    f"{what} by the Redis primary but held by {replicas} of the {self.wait_replicas} replica(s) "
-                    f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms", result,
-                )
-            # WAIT does not return early when replicas are missing: claims and pulls stop
-            # waiting for a while rather than each losing the whole timeout.
+        pipe.info("server")
+        node = str(pipe.execute()[0].get("run_id", ""))
+        again = [(n, finish) for n, finish, taken_by in outcomes if taken_by != node]
+        scripts = 0
+        for attempt in (1, 2):
+            results = [finish for n, finish in again if n == attempt]
+            for start in range(0, len(results), CONFIRM_CHUNK):
+                self._finish(args=self._finish_args(results[start:start + CONFIRM_CHUNK], attempt, ledger_ttl_s,
+                                                    report_ttl_s, retry_delay_s), client=pipe)
+                scripts += 1
+        waits = time.monotonic() >= self._claims_wait_again_at
+        if waits:
+            # A write this node replicates, so that WAIT covers all it holds (an outcome
+            # written again that it had already writes nothing).
+            pipe.set(f"{self.prefix}wait-mark", repr(time.time()), ex=3600)
+            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        pipe.info("server")
+        *replies, last = pipe.execute()
+        if str(last.get("run_id", "")) != node:  # the connection moved to another node meanwhile
+            return Confirmation(False, 0, "", soon=True)
+        rewritten = sum(1 for states in replies[:scripts] for state in states if _text(state))
+        replicas = int(replies[-1]) if waits else 0
+        held = replicas >= self.wait_replicas and not self._contradicted(node)
+        if waits and replicas < self.wait_replicas:
             self.replica_shortfalls += 1
             self._claims_wait_again_at = time.monotonic() + CLAIM_WAIT_BACKOFF_S
+        if not held and not self._vouched(node):
+            self.client.connection_pool.disconnect(inuse_connections=False)
+            return Confirmation(False, rewritten, node, soon=True)
+        return Confirmation(held, rewritten, node)
+
+    def _replicated(self, script: Script, args: list[Any], what: str, *, required: bool = True,
+                    kept: bool = False) -> Any:
+        """Run ``script``; with ``wait_replicas``, wait (WAIT, on the same connection) until
+        that many replicas hold its writes. Short of them after the timeout:
+
+        - an accept (``required``) raises :class:`NotReplicated`: the events are not accepted;
+        - an outcome (``kept``) raises :class:`NotReplicated`: it is written on the primary,
+          and the caller keeps it for :meth:`confirm` until a replica holds it;
+        - a claim or a pull goes ahead (its call is made) if the sentinels vouch that the
+          node which took it is the primary: a primary whose replica is away cannot be
+          replaced by a node that lacks its writes, and stopping every call while it runs
+          alone would hold back billing notices already accepted. On a node they do not
+          vouch for — one they have just replaced, which stays writable for seconds and then
+          drops what it took — it raises :class:`NotReplicated` (the caller hands the claims
+          back uncalled) and the client's connections are dropped, so the next command asks
+          the sentinels for the primary. Without Sentinel it goes ahead.
+
+        WAIT does not return early when replicas are missing: after a shortfall, for
+        CLAIM_WAIT_BACKOFF_S, claims, pulls and outcomes do not wait (each would lose the
+        whole timeout): claims and pulls go by the sentinels' word alone and outcomes are kept."""
+        if not self.wait_replicas:
+            return script(args=args)
+        waits = required or time.monotonic() >= self._claims_wait_again_at
+        identify = not required and (kept or self.primary_check is not None)
+        pipe = self.client.pipeline(transaction=False)
+        script(args=args, client=pipe)
+        if waits:
+            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        if identify:
+            pipe.info("server")
+        replies = pipe.execute()
+        result, replicas = replies[0], int(replies[1]) if waits else 0
+        node = str(replies[-1].get("run_id", "")) if identify else ""
+        if replicas >= self.wait_replicas and not self._contradicted(node):
+            return result
+        if required:
+            raise NotReplicated(
+                f"{what} by the Redis primary but held by {replicas} of the {self.wait_replicas} replica(s) "
+                f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms", result,
+            )
+        if waits and replicas < self.wait_replicas:
+            # WAIT does not return early when replicas are missing: stop waiting for a while
+            # rather than each claim, pull and outcome losing the whole timeout.
+            self.replica_shortfalls += 1
+            self._claims_wait_again_at = time.monotonic() + CLAIM_WAIT_BACKOFF_S
+        vouched = self._vouched(node)
+        if not vouched:
+            self.client.connection_pool.disconnect(inuse_connections=False)  # the next command asks the sentinels
+        if kept:
+            error = NotReplicated(f"{what} by the Redis primary, not yet held by a replica", result)
+            error.node = node
+            raise error
+        if not vouched:
+            self.claims_refused += 1
+            raise NotReplicated(f"{what} by a Redis node no replica holds and the sentinels do not vouch for "
+                                "as the primary (a failover under way?)", result)
         return result
+
+    def _sentinels(self) -> tuple[str, bool]:
+        """What the sentinels say of the primary (asked at most every PRIMARY_CHECK_S): the
+        run id they agree on ('' if none), and whether a failover may be under way."""
+        asked_at, run_id, failover = self._sentinels_said
+        if self.primary_check is not None and time.monotonic() - asked_at >= PRIMARY_CHECK_S:
+            try:
+                run_id, failover = self.primary_check()
+            except redis.RedisError:
+                run_id, failover = "", False
+            self._sentinels_said = (time.monotonic(), run_id, failover)
+        return run_id, failover
+
+    def _vouched(self, node: str) -> bool:
+        """The sentinels agree that ``node`` (a run id) is the primary (True without Sentinel)."""
+        if self.primary_check is None:
+            return True
+        run_id, failover = self._sentinels()
+        return not failover and run_id != "" and node == run_id
+
+    def _contradicted(self, node: str) -> bool:
+        """The sentinels see a failover under way, or another node as the primary: what
+        ``node`` took may be dropped even though a replica acknowledged it (a second replica
+        still attached to a primary being replaced)."""
+        if self.primary_check is None or not node:
+            return False
+        run_id, failover = self._sentinels()
+        return failover or (run_id != "" and node != run_id)
 
     def park(self, parks: list[Park]) -> list[bool]:
         """Hand claimed attempts back unstarted, to wait in their buyer's parked set."""
@@ -287,12 +430,12 @@ class Ledger:
         """Claim the next attempt of up to ``k`` parked events of ``buyer``, oldest first.
         Returns how many stay parked and (attempt n, id, event JSON) per claim; ``stamp``
         receives the claims' stamp, as for :meth:`claim`."""
-        left, pull_stamp, *flat = self._replicated(self._pull, [self.prefix, buyer, k, _num(lease_s)], "pulled",
-                                                   required=False)
-        if stamp is not None:
-            stamp.append(_text(pull_stamp))
-        items = [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
-        return int(left), items
+        try:
+            reply = self._replicated(self._pull, [self.prefix, buyer, k, _num(lease_s)], "pulled", required=False)
+        except NotReplicated as e:  # claimed on a node not vouched for: the caller parks them again
+            e.result = _pulled(e.result, stamp)
+            raise
+        return _pulled(reply, stamp)
 
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
@@ -349,7 +492,7 @@ class Ledger:
         waiting = _wait_reason(fields, now_s=time.time())
         if waiting is not None:
             record["waiting"] = {"reason": waiting.value, "detail": WAIT_DETAILS[waiting]}
-            if waiting in (WaitReason.LANE_FULL, WaitReason.PAUSED):
+            if waiting in (WaitReason.LANE_FULL, WaitReason.PAUSED, WaitReason.NO_REPLICA):
                 buyer = fields.get("buyer", NO_BUYER)
                 record["waiting"]["buyer"] = buyer
                 record["waiting"]["since"] = float(fields.get("waiting_since", "0"))
@@ -491,3 +634,23 @@ def json_or_raw(text: str) -> Any:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _claimed(reply: Any, stamp: list[str] | None, parked_buyers: list[str] | None) -> list[tuple[str, str]]:
+    """The claim script's reply: (id, event JSON) of the claims won; ``stamp`` and
+    ``parked_buyers`` receive the claim's stamp and the buyers with parked events."""
+    flat = [_text(item) for item in reply]
+    split = flat.index("|")
+    if stamp is not None:
+        stamp.append(flat[split + 1])
+    if parked_buyers is not None:
+        parked_buyers += flat[split + 2:]
+    return list(zip(flat[0:split:2], flat[1:split:2], strict=True))
+
+
+def _pulled(reply: Any, stamp: list[str] | None) -> tuple[int, list[tuple[int, str, str]]]:
+    """The pull script's reply: how many stay parked, and (attempt n, id, event JSON) per claim."""
+    left, pull_stamp, *flat = reply
+    if stamp is not None:
+        stamp.append(_text(pull_stamp))
+    return int(left), [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
