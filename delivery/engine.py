@@ -101,9 +101,9 @@ class DeliveryEngine:
         self._draining = False
         self._inbox: deque[tuple[str, Any]] = deque()
         self._ledger_work = _LedgerWork()
-        # The ledger thread's: outcomes written but not yet seen held by a replica, as
-        # (attempt n, finish, run id of the node that took it).
-        self._unconfirmed: list[tuple[int, Finish, str]] = []
+        # The ledger thread's: outcomes and parks written but not yet seen held by a replica,
+        # as (attempt n, finish or park, run id of the node that took it), oldest first.
+        self._unconfirmed: list[tuple[int, Finish | Park, str]] = []
         self._confirm_at = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -266,11 +266,11 @@ class DeliveryEngine:
     def _confirm_due(self) -> bool:
         return bool(self._unconfirmed) and time.monotonic() >= self._confirm_at
 
-    def _keep_unconfirmed(self, outcomes: list[tuple[int, Finish, str]]) -> None:
-        """Outcomes written on a primary but not yet seen held by a replica: kept until one
-        is, or until a new primary has them (:meth:`_confirm`). At most UNCONFIRMED_MAX: the
-        oldest go first (one of those lost in a failover counts as a lost attempt after its
-        lease, then its retry: never a third call)."""
+    def _keep_unconfirmed(self, outcomes: list[tuple[int, Finish | Park, str]]) -> None:
+        """Outcomes (and parks) written on a primary but not yet seen held by a replica: kept
+        until one is, or until a new primary has them (:meth:`_confirm`). At most
+        UNCONFIRMED_MAX: the oldest go first (one of those lost in a failover counts as a
+        lost attempt after its lease, then its retry: never a third call)."""
         if not self._unconfirmed:
             self._confirm_at = time.monotonic() + CONFIRM_EVERY_S
             get_logger().warning("outcomes_not_replicated", events=len(outcomes),
@@ -304,8 +304,17 @@ class DeliveryEngine:
         self._confirm_at = time.monotonic() + (CONFIRM_SOON_S if found.soon else CONFIRM_EVERY_S)
 
     def _write_parks(self, parks: list[Park]) -> None:
+        def write() -> str | None:
+            try:
+                self.ledger.park(parks)
+                return None
+            except NotReplicated as e:  # written, but no replica seen to hold it yet
+                return e.node
+
         try:
-            self._ride_out(lambda: self.ledger.park(parks))
+            node = self._ride_out(write)
+            if node is not None:
+                self._keep_unconfirmed([(park.attempt_n, park, node) for park in parks])
         except redis.RedisError as e:
             # Still claimed: when their lease passes the sweeper counts them as lost attempts.
             get_logger().error("ledger_park_failed", events=len(parks), error=str(e)[:200])

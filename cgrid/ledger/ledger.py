@@ -288,22 +288,28 @@ class Ledger:
                      result.final_event]
         return args
 
-    def confirm(self, outcomes: list[tuple[int, Finish, str]], *, ledger_ttl_s: int, report_ttl_s: int,
+    def confirm(self, outcomes: list[tuple[int, Finish | Park, str]], *, ledger_ttl_s: int, report_ttl_s: int,
                 retry_delay_s: float) -> Confirmation:
-        """Outcomes :meth:`finish` could not see held by a replica, as (attempt n, finish, run
-        id of the node that took it). Those another node took than the one answering now (a
-        failover) are written again here: an outcome this node has is left as it is, one it
-        lacks is written (a success written late cancels the retry the sweeper may have
-        scheduled meanwhile). Then, unless replicas were short within CLAIM_WAIT_BACKOFF_S,
-        WAIT says whether a replica holds all this node holds. A node the sentinels do not
-        vouch for is let go of (the next command asks them for the primary)."""
+        """Outcomes and parks :meth:`finish` and :meth:`park` could not see held by a replica,
+        as (attempt n, finish or park, run id of the node that took it), oldest first. Those
+        another node took than the one answering now (a failover) are written again here,
+        parks first: one this node has is left as it is, one it lacks is written (a success
+        written late cancels the retry the sweeper may have scheduled meanwhile; a park only
+        takes back the claim it was made for). Then, unless replicas were short within
+        CLAIM_WAIT_BACKOFF_S, WAIT says whether a replica holds all this node holds. A node
+        the sentinels do not vouch for is let go of (the next command asks them for the
+        primary)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.info("server")
         node = str(pipe.execute()[0].get("run_id", ""))
-        again = [(n, finish) for n, finish, taken_by in outcomes if taken_by != node]
+        again = [(n, kept) for n, kept, taken_by in outcomes if taken_by != node]
+        parks = [kept for _, kept in again if isinstance(kept, Park)]
+        for start in range(0, len(parks), CONFIRM_CHUNK):
+            self._park(args=self._park_args(parks[start:start + CONFIRM_CHUNK]), client=pipe)
+        parked = len(pipe)
         scripts = 0
         for attempt in (1, 2):
-            results = [finish for n, finish in again if n == attempt]
+            results = [kept for n, kept in again if n == attempt and isinstance(kept, Finish)]
             for start in range(0, len(results), CONFIRM_CHUNK):
                 self._finish(args=self._finish_args(results[start:start + CONFIRM_CHUNK], attempt, ledger_ttl_s,
                                                     report_ttl_s, retry_delay_s), client=pipe)
@@ -318,7 +324,8 @@ class Ledger:
         *replies, last = pipe.execute()
         if str(last.get("run_id", "")) != node:  # the connection moved to another node meanwhile
             return Confirmation(False, 0, "", soon=True)
-        rewritten = sum(1 for states in replies[:scripts] for state in states if _text(state))
+        rewritten = sum(1 for flags in replies[:parked] for flag in flags if int(flag)) + sum(
+            1 for states in replies[parked:parked + scripts] for state in states if _text(state))
         replicas = int(replies[-1]) if waits else 0
         held = replicas >= self.wait_replicas and not self._contradicted(node)
         if waits and replicas < self.wait_replicas:
@@ -416,14 +423,22 @@ class Ledger:
         return failover or (run_id != "" and node != run_id)
 
     def park(self, parks: list[Park]) -> list[bool]:
-        """Hand claimed attempts back unstarted, to wait in their buyer's parked set."""
+        """Hand claimed attempts back unstarted, to wait in their buyer's parked set. With
+        ``wait_replicas``, raises :class:`NotReplicated` as :meth:`finish` does."""
         if not parks:
             return []
+        try:
+            return [bool(flag) for flag in self._replicated(self._park, self._park_args(parks), "parked", kept=True)]
+        except NotReplicated as e:  # written, but no replica seen to hold it yet: see finish()
+            e.result = [bool(flag) for flag in e.result]
+            raise
+
+    def _park_args(self, parks: list[Park]) -> list[Any]:
         args: list[Any] = [self.prefix]
         for park in parks:
             args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer, park.reason.value,
                      park.claim_stamp]
-        return [bool(flag) for flag in self._park(args=args)]
+        return args
 
     def pull(self, buyer: str, k: int, *, lease_s: float,
              stamp: list[str] | None = None) -> tuple[int, list[tuple[int, str, str]]]:
