@@ -273,7 +273,8 @@ class Ledger:
             return []
         args = self._finish_args(results, attempt, ledger_ttl_s, report_ttl_s, retry_delay_s)
         try:
-            return [_text(state) for state in self._replicated(self._finish, args, "finished", kept=True)]
+            states = self._replicated(self._finish, args, "finished", required=False, kept=True)
+            return [_text(state) for state in states]
         except NotReplicated as e:
             e.result = [_text(state) for state in e.result]
             raise
@@ -428,7 +429,8 @@ class Ledger:
         if not parks:
             return []
         try:
-            return [bool(flag) for flag in self._replicated(self._park, self._park_args(parks), "parked", kept=True)]
+            flags = self._replicated(self._park, self._park_args(parks), "parked", required=False, kept=True)
+            return [bool(flag) for flag in flags]
         except NotReplicated as e:  # written, but no replica seen to hold it yet: see finish()
             e.result = [bool(flag) for flag in e.result]
             raise
