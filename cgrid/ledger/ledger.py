@@ -203,8 +203,8 @@ class Ledger:
         self.primary_check = primary_check
         self.replica_shortfalls = 0  # WAITs for claims, pulls and outcomes that found too few replicas
         self.claims_refused = 0  # claims and pulls made on a node the sentinels did not vouch for
-        self._claims_wait_again_at = 0.0
         self._sentinels_said: tuple[float, str, bool] = (-PRIMARY_CHECK_S, "", False)  # asked at, run id, failover
+        self._claims_wait_again_at = 0.0
         self._accept = client.register_script(load_script("accept"))
         self._claim = client.register_script(load_script("claim"))
         self._finish = client.register_script(load_script("finish"))
