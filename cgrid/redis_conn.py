@@ -31,7 +31,7 @@ from cgrid.redis_url import mask_url, parse_sentinel_url
 from cgrid.settings import REDIS_SOCKET_TIMEOUT_S, Settings
 
 __all__ = ["broker_client", "celery_connection_conf", "long_lived_client", "mask_url", "redis_client",
-           "ride_out_redis", "script_flags_supported", "tls_files"]
+           "ride_out_redis", "script_flags_supported", "sentinel_primary", "tls_files"]
 T = TypeVar("T")
 
 
@@ -80,6 +80,42 @@ def redis_client(settings: Settings, *, socket_timeout_s: float, socket_connect_
         cluster: redis.Redis = RedisCluster.from_url(url, **options)  # type: ignore[assignment]
         return cluster
     return redis.Redis.from_url(url, **options)
+
+
+def sentinel_primary(client: redis.Redis) -> Callable[[], tuple[str, bool]] | None:
+    """For a client of a primary behind Sentinel: a function that asks every sentinel what
+    it knows of the primary and returns ``(run_id, failover)``: the run id of the node a
+    majority of them agree is the primary ('' unless they all name the same one and know its
+    run id), and whether any sees a failover under way or the primary down, or they name
+    different primaries. None for a client without Sentinel.
+
+    A node the sentinels have just replaced stays a writable primary for seconds (until they
+    make it a replica, when it drops what it took meanwhile): its run id is not theirs. After
+    a failover they know the new primary's run id only once they have asked it (seconds)."""
+    pool = client.connection_pool
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is None:
+        return None
+    name = pool.service_name  # type: ignore[attr-defined]
+
+    def primary() -> tuple[str, bool]:
+        seen: set[tuple[str, int, str]] = set()  # (ip, port, run id) of the primary, per sentinel
+        answers, failover = 0, False
+        for sentinel in manager.sentinels:
+            try:
+                state = sentinel.sentinel_master(name)
+            except redis.RedisError:
+                continue
+            answers += 1
+            flags = set(str(state.get("flags", "")).split(","))
+            failover |= not state.get("is_master") or bool(flags & {"s_down", "o_down", "failover_in_progress"})
+            seen.add((str(state.get("ip")), int(state.get("port") or 0), str(state.get("runid") or "")))
+        failover |= len({(ip, port) for ip, port, _ in seen}) > 1
+        if failover or len(seen) != 1 or 2 * answers <= len(manager.sentinels):
+            return "", failover
+        return next(iter(seen))[2], False
+
+    return primary
 
 
 def _sentinel_kwargs(settings: Settings) -> dict[str, Any]:

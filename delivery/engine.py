@@ -12,7 +12,10 @@ Threads of a worker process:
   free up, and classifies each finished transfer. It never touches Redis.
 - the **ledger thread** (``cgrid-ledger``): writes finished attempts (one Lua script per
   batch), parks what a lane could not admit (handed back to Redis unstarted, not an
-  attempt) and pulls parked events back when their lane has room.
+  attempt) and pulls parked events back when their lane has room. With replicas to wait
+  for (Sentinel), it keeps the outcomes no replica was seen to hold and has the ledger
+  confirm them (:meth:`Ledger.confirm`) until one does — writing them again on a new
+  primary after a failover.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from cgrid import metrics
 from cgrid.buyers import BuyerSettings, BuyersFile
 from cgrid.errors import InvalidEvent
 from cgrid.event import Event
-from cgrid.ledger import NO_BUYER, Ledger, Outcome, Park, WaitReason, new_claim_token
+from cgrid.ledger import NO_BUYER, Finish, Ledger, NotReplicated, Outcome, Park, WaitReason, new_claim_token
 from cgrid.logs import get_logger
 from cgrid.macros import substitute
 from cgrid.price_crypto import PriceCryptoError, encrypt_price
@@ -51,6 +54,9 @@ IDLE_WAIT_S = 1.0
 BUYERS_FILE_CHECK_S = 1.0  # how often the buyers file's stamp is looked at
 OVERDUE_CHECK_S = 0.05  # how often waiting attempts are checked for parking
 IDLE_LANES_CHECK_S = 10.0  # how often idle lanes are looked for (delivery/lanes.py: LANE_IDLE_S)
+UNCONFIRMED_MAX = 20_000  # outcomes kept for a replica to hold, per process (the oldest go first)
+CONFIRM_EVERY_S = 1.0  # how often kept outcomes are confirmed (written again after a failover)
+CONFIRM_SOON_S = 0.2  # ... when the node that answered is not the primary (a failover under way)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,10 @@ class DeliveryEngine:
         self._draining = False
         self._inbox: deque[tuple[str, Any]] = deque()
         self._ledger_work = _LedgerWork()
+        # The ledger thread's: outcomes and parks written but not yet seen held by a replica,
+        # as (attempt n, finish or park, run id of the node that took it), oldest first.
+        self._unconfirmed: list[tuple[int, Finish | Park, str]] = []
+        self._confirm_at = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -137,16 +147,17 @@ class DeliveryEngine:
             self._pending += n
 
     def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int,
-               parked_buyers: list[str] | None = None, claim_stamp: str = "") -> None:
+               parked_buyers: list[str] | None = None, claim_stamp: str = "", *, hold: bool = False) -> None:
         """Hand claimed attempts to the call loop; give back the room of ids not claimed.
         ``parked_buyers``: their buyers that have events parked in Redis (perhaps by a
-        worker that is gone): their lanes pull those first."""
+        worker that is gone): their lanes pull those first. ``hold``: claims no replica holds
+        on a node the sentinels did not vouch for: handed back uncalled (parked)."""
         with self._cond:
             self._pending -= reserved - len(claimed)
             self._cond.notify_all()
         if claimed:
             self._post("claimed", ([(event_id, event_json, attempt_n) for event_id, event_json in claimed],
-                                   parked_buyers or [], claim_stamp))
+                                   parked_buyers or [], claim_stamp, hold))
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every claimed attempt has been made and recorded (warm shutdown)."""
@@ -196,8 +207,8 @@ class DeliveryEngine:
     def _ledger_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._ledger_work:
-                    self._cond.wait()
+                while not self._ledger_work and not self._confirm_due():
+                    self._cond.wait(max(0.0, self._confirm_at - time.monotonic()) if self._unconfirmed else None)
                 work, self._ledger_work = self._ledger_work, _LedgerWork()
             # Each step on its own: a bug in one must not stop the others (a pull that never
             # answers would leave its lane waiting for good). What a bug leaves unwritten is
@@ -213,6 +224,8 @@ class DeliveryEngine:
                                  None if self._record(batch, attempt_n) else kept.extend(batch))
             for buyer, k, parks_at_request in work.pulls:
                 steps.append(lambda b=buyer, k=k, p=parks_at_request: self._pull(b, k, p))
+            if self._confirm_due():
+                steps.append(self._confirm)
             for step in steps:
                 try:
                     step()
@@ -233,14 +246,22 @@ class DeliveryEngine:
         settings = self.settings
         finishes = [h.attempt.to_finish(h.event_id, self.buyer(h.event.buyer if h.event else None).retry_delay_s,
                                         h.event) for h in batch]
+
+        def write() -> tuple[list[str], str | None]:
+            try:
+                states = self.ledger.finish(finishes, attempt_n, ledger_ttl_s=settings.ledger_ttl_s,
+                                            report_ttl_s=settings.report_ttl_s, retry_delay_s=settings.retry_delay_s)
+                return states, None
+            except NotReplicated as e:  # written, but no replica seen to hold it yet
+                return e.result, e.node
+
         try:
-            states = self._ride_out(lambda: self.ledger.finish(
-                finishes, attempt_n, ledger_ttl_s=settings.ledger_ttl_s,
-                report_ttl_s=settings.report_ttl_s, retry_delay_s=settings.retry_delay_s,
-            ))
+            states, node = self._ride_out(write)
         except redis.RedisError as e:
             log_redis_error("ledger_write_failed", e, level="error", events=len(batch), kept=True)
             return False
+        if node is not None:
+            self._keep_unconfirmed([(attempt_n, finish, node) for finish in finishes])
         if metrics.ENABLED:
             count_finished(batch, states, self.metrics_label)
         for item, state in zip(batch, states, strict=True):
@@ -250,9 +271,58 @@ class DeliveryEngine:
                 get_logger().error("poisoned_event", event_id=item.event_id, reason=item.attempt.reason)
         return True
 
-    def _write_parks(self, parks: list[Park]) -> None:
+    def _confirm_due(self) -> bool:
+        return bool(self._unconfirmed) and time.monotonic() >= self._confirm_at
+
+    def _keep_unconfirmed(self, outcomes: list[tuple[int, Finish | Park, str]]) -> None:
+        """Outcomes (and parks) written on a primary but not yet seen held by a replica: kept
+        until one is, or until a new primary has them (:meth:`_confirm`). At most
+        UNCONFIRMED_MAX: the oldest go first (one of those lost in a failover counts as a
+        lost attempt after its lease, then its retry: never a third call)."""
+        if not self._unconfirmed:
+            self._confirm_at = time.monotonic() + CONFIRM_EVERY_S
+            get_logger().warning("outcomes_not_replicated", events=len(outcomes),
+                                 replicas=self.settings.redis_wait_replicas, kept=True)
+        self._unconfirmed += outcomes
+        dropped = len(self._unconfirmed) - UNCONFIRMED_MAX
+        if dropped > 0:
+            del self._unconfirmed[:dropped]
+            get_logger().warning("outcomes_not_replicated", events=dropped, kept=False)
+
+    def _confirm(self) -> None:
+        """Have the ledger confirm the kept outcomes: written again on a new primary, then
+        WAIT. Held by a replica: let go."""
+        kept, settings = self._unconfirmed, self.settings
         try:
-            self._ride_out(lambda: self.ledger.park(parks))
+            found = self._ride_out(lambda: self.ledger.confirm(
+                kept, ledger_ttl_s=settings.ledger_ttl_s, report_ttl_s=settings.report_ttl_s,
+                retry_delay_s=settings.retry_delay_s))
+        except redis.RedisError as e:
+            get_logger().warning("ledger_confirm_failed", events=len(kept), error=str(e)[:200])
+            self._confirm_at = time.monotonic() + CONFIRM_EVERY_S
+            return
+        if found.rewritten:
+            get_logger().warning("outcomes_written_again", events=found.rewritten, node=found.node)
+        if found.held:
+            get_logger().info("outcomes_replicated", events=len(kept))
+            self._unconfirmed = []
+            return
+        if found.node:  # every kept outcome is on the node that answered now
+            self._unconfirmed = [(n, finish, found.node) for n, finish, _ in kept]
+        self._confirm_at = time.monotonic() + (CONFIRM_SOON_S if found.soon else CONFIRM_EVERY_S)
+
+    def _write_parks(self, parks: list[Park]) -> None:
+        def write() -> str | None:
+            try:
+                self.ledger.park(parks)
+                return None
+            except NotReplicated as e:  # written, but no replica seen to hold it yet
+                return e.node
+
+        try:
+            node = self._ride_out(write)
+            if node is not None:
+                self._keep_unconfirmed([(park.attempt_n, park, node) for park in parks])
         except redis.RedisError as e:
             # Still claimed: when their lease passes the sweeper counts them as lost attempts.
             log_redis_error("ledger_park_failed", e, level="error", events=len(parks))
@@ -261,19 +331,27 @@ class DeliveryEngine:
         items: list[tuple[int, str, str]] = []
         stamp: list[str] = []
         left = 1  # on a Redis error, keep the lane's backlog: it is pulled again later
+        hold = False
         with self._cond:
             draining = self._draining
+
+        token = new_claim_token()  # sent again with the pull: a lost reply costs no events
+
+        def pull() -> tuple[tuple[int, list[tuple[int, str, str]]], bool]:
+            try:
+                return self.ledger.pull(buyer, k, lease_s=self.lease_s, stamp=stamp, token=token), False
+            except NotReplicated as e:  # pulled on a node not vouched for: parked again
+                return e.result, True
+
         try:
             if not draining:
-                token = new_claim_token()  # sent again with the pull: a lost reply costs no events
-                left, items = self._ride_out(
-                    lambda: self.ledger.pull(buyer, k, lease_s=self.lease_s, stamp=stamp, token=token))
+                (left, items), hold = self._ride_out(pull)
         except redis.RedisError as e:
             log_redis_error("ledger_pull_failed", e, buyer=buyer)
         finally:  # the lane always hears back, or it would never pull again
             with self._cond:
                 self._pending += len(items)
-            self._post("pulled", (buyer, left, parks_at_request, items, stamp[-1] if stamp else ""))
+            self._post("pulled", (buyer, left, parks_at_request, items, stamp[-1] if stamp else "", hold))
 
 
 def count_finished(batch: list[Handled], states: list[str], label: Callable[[str], str]) -> None:
@@ -404,27 +482,36 @@ class _CallLoop:
             return None
         return Item(event_id, attempt_n, event, event.buyer or NO_BUYER, claim_stamp)
 
-    def _take_claimed(self, claimed: list[tuple[str, str, int]], parked_buyers: list[str], claim_stamp: str) -> None:
+    def _take_claimed(self, claimed: list[tuple[str, str, int]], parked_buyers: list[str], claim_stamp: str,
+                      hold: bool = False) -> None:
         now = time.monotonic()
         for buyer in parked_buyers:  # older events wait in Redis: pull them, park new ones behind
             self.lanes.note_backlog(buyer)
         for event_id, event_json, attempt_n in claimed:
             try:
                 item = self._prepared(event_id, event_json, attempt_n, claim_stamp)
-                if item is not None and not self.lanes.admit(item.buyer, item, now):
+                if item is not None and hold:  # no replica holds the claim: not called, handed back
+                    self.lanes.note_backlog(item.buyer)
+                    self._park([item], WaitReason.NO_REPLICA)
+                elif item is not None and not self.lanes.admit(item.buyer, item, now):
                     self._park([item])
             except Exception as e:
                 self._lost_to_a_bug(event_id, e)
 
     def _take_pulled(self, buyer: str, left: int, parks_at_request: int,
-                     items: list[tuple[int, str, str]], claim_stamp: str) -> None:
+                     items: list[tuple[int, str, str]], claim_stamp: str, hold: bool = False) -> None:
         lane = self.lanes.lane(buyer)
         now = time.monotonic()
-        self.lanes.pulled(lane, left, parks_at_request, got=len(items), now_s=now)
+        if hold:  # pulled on a node no replica or sentinel vouched for: parked again, pulled in a second
+            self.lanes.pulled(lane, left + len(items), parks_at_request, got=0, now_s=now)
+        else:
+            self.lanes.pulled(lane, left, parks_at_request, got=len(items), now_s=now)
         for attempt_n, event_id, event_json in items:
             try:
                 item = self._prepared(event_id, event_json, attempt_n, claim_stamp)
-                if item is not None and lane.limits.paused:  # paused while the pull was on its way
+                if item is not None and hold:
+                    self._park([item], WaitReason.NO_REPLICA)
+                elif item is not None and lane.limits.paused:  # paused while the pull was on its way
                     self.lanes.note_backlog(item.buyer)
                     self._park([item])
                 elif item is not None:
@@ -438,10 +525,10 @@ class _CallLoop:
         get_logger().error("attempt_crashed", event_id=event_id, error=repr(error)[:300])
         self.engine._release(1)
 
-    def _park(self, items: list[Item]) -> None:
+    def _park(self, items: list[Item], why: WaitReason | None = None) -> None:
         for i in items:
             paused = self.lanes.lane(i.buyer).limits.paused
-            reason = WaitReason.PAUSED if paused else WaitReason.LANE_FULL
+            reason = why or (WaitReason.PAUSED if paused else WaitReason.LANE_FULL)
             self.parks.append(Park(i.event_id, i.attempt_n, i.event.created_at_s, i.buyer, reason, i.claim_stamp))
             if metrics.ENABLED:
                 metrics.M.parked.labels(self.engine.metrics_label(i.buyer), reason.value).inc()

@@ -85,13 +85,17 @@ class WorkerProcess:
     """A real ``celery -A worker worker`` subprocess; its output goes to a log file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *, pool: str = "prefork",
-                 concurrency: int = 2, name: str = "w1", queues: str | None = None) -> None:
+                 concurrency: int | None = 2, name: str = "w1", queues: str | None = None,
+                 app: str = "worker", as_deployed: bool = False) -> None:
+        """``as_deployed``: the command line of make run, docker-compose and the systemd unit
+        (no ``--without-mingle --without-gossip``); ``concurrency`` None: no ``-c``."""
         self.log_path = log_path
         self.name = name
         self.args = [
-            sys.executable, "-m", "celery", "-A", "worker", "worker",
-            "-P", pool, "-c", str(concurrency), "-n", name if "@" in name else f"{name}@%h",
-            "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+            sys.executable, "-m", "celery", "-A", app, "worker",
+            "-P", pool, *(["-c", str(concurrency)] if concurrency is not None else []),
+            "-n", name if "@" in name else f"{name}@%h", "--loglevel", "INFO",
+            *([] if as_deployed else ["--without-mingle", "--without-gossip"]),
             *(["-Q", queues] if queues else []),
         ]
         self.env = env

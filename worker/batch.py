@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cgrid.ledger import new_claim_token
+from cgrid.ledger import NotReplicated, new_claim_token
 from cgrid.logs import get_logger
 from cgrid.redis_conn import ride_out_redis
 from cgrid.routing import QUEUE_NAME
@@ -29,21 +29,26 @@ def check_args(ids: Any, attempt: Any, sent_at: Any) -> str | None:
 
 
 def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float,
-          parked_buyers: list[str], queue: str, stamp: list[str]) -> list[tuple[str, str]]:
+          parked_buyers: list[str], queue: str, stamp: list[str]) -> tuple[list[tuple[str, str]], bool]:
     """Claim, riding out a short Redis outage; a longer one leaves the events to the
     sweeper (their trigger is resent), so nothing is lost by giving up. ``stamp`` receives
-    the claim's stamp."""
+    the claim's stamp. Returns the claims and whether they must be handed back uncalled: no
+    replica holds them and the sentinels do not vouch for the node that took them."""
     shortfalls = rt.ledger.replica_shortfalls
     token = new_claim_token()  # one per claim, sent again with it: a lost reply costs no events
-    claimed = ride_out_redis(
-        lambda: rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s,
-                                parked_buyers=parked_buyers, queue=queue, stamp=stamp, token=token),
-        rt.settings.attempt_grace_s / 2,
-    )
-    if rt.ledger.replica_shortfalls != shortfalls:
+
+    def claim_once() -> tuple[list[tuple[str, str]], bool]:
+        try:
+            return rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s,
+                                   parked_buyers=parked_buyers, queue=queue, stamp=stamp, token=token), False
+        except NotReplicated as e:
+            return e.result, True
+
+    claimed, hold = ride_out_redis(claim_once, rt.settings.attempt_grace_s / 2)
+    if rt.ledger.replica_shortfalls != shortfalls or hold:
         get_logger().warning("claim_not_replicated", events=len(claimed), replicas=rt.settings.redis_wait_replicas,
-                             wait_ms=rt.settings.redis_wait_timeout_ms)
-    return claimed
+                             wait_ms=rt.settings.redis_wait_timeout_ms, handed_back=hold)
+    return claimed, hold
 
 
 def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any, queue: Any = None) -> dict[str, int]:
@@ -63,11 +68,11 @@ def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any, queue: Any 
         parked_buyers: list[str] = []
         stamp: list[str] = []
         try:
-            claimed = claim(rt, chunk, attempt_n, float(sent_at_s), parked_buyers, queue, stamp)
+            claimed, hold = claim(rt, chunk, attempt_n, float(sent_at_s), parked_buyers, queue, stamp)
         except BaseException:
             engine.submit([], attempt_n, reserved=len(chunk))
             raise
         engine.submit(claimed, attempt_n, reserved=len(chunk), parked_buyers=parked_buyers,
-                      claim_stamp=stamp[-1] if stamp else "")
+                      claim_stamp=stamp[-1] if stamp else "", hold=hold)
         claimed_total += len(claimed)
     return {"ids": len(ids), "claimed": claimed_total}

@@ -15,6 +15,7 @@ from cgrid.buyers import BuyersFile
 from cgrid.errors import ConfigError
 from cgrid.settings import Settings
 from worker import poison
+from worker.screening import message_sample
 from worker.transport import use_hardened_transports
 
 GREEN_POOLS = ("gevent", "eventlet")
@@ -56,6 +57,7 @@ poison.configure(settings)  # where poisoned messages are recorded
 # Consume with the hardened transport: a poisoned message is dropped, not fatal.
 use_hardened_transports()
 app = make_celery(settings)
+app.conf.worker_consumer = "worker.consumer:Consumer"  # reconnects every 2 s at most
 
 
 @app.task(name=DELIVER_TASK, bind=True)
@@ -93,6 +95,42 @@ def _prefetch_for_the_pool(sender: Any, **_: Any) -> None:
     pool = sender.pool_cls
     pool_module = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     sender.prefetch_multiplier = settings.prefetch_multiplier or prefetch_multiplier(pool_module)
+    if pool_module.endswith(".solo") or pool == "solo":
+        # A solo worker runs one task at a time, but Celery sizes its prefetch (multiplier x
+        # concurrency) by -c, which defaults to the CPU count even for solo: 16 triggers held
+        # by one worker on a 16-core host. The consumer is built after this signal.
+        sender.concurrency = 1
+
+
+@signals.worker_init.connect
+def _without_gossip_and_mingle(sender: Any, **_: Any) -> None:
+    """As if started with ``--without-gossip --without-mingle`` (docs/deploy.md says why):
+    the worker's options reach the consumer's bootsteps after this signal. Heartbeats stay
+    on: Flower needs them."""
+    sender.options["without_gossip"] = True
+    sender.options["without_mingle"] = True
+
+
+@signals.worker_init.connect
+def _reject_what_the_pool_cannot_take(sender: Any, **_: Any) -> None:
+    """Celery hands a request to its pool unguarded: one that raises on the way (a message
+    worker/screening.py did not foresee) would stay unacked and, under prefork, hold its pool
+    slot (a semaphore) for good. Such a request gives both back and is recorded as poison.
+    (Set before the pool is built: its semaphore then calls this ``_process_task``.)"""
+    process = sender._process_task
+
+    def process_task(request: Any) -> None:
+        try:
+            process(request)
+        except Exception as e:
+            if getattr(sender, "semaphore", None) is not None and sender.process_task == sender._process_task_sem:
+                sender._quick_release()
+            request.reject(requeue=False)
+            message = request.message
+            poison.record_poison(f"celery could not take the message: {e!r}"[:200],
+                                 message_sample({"headers": message.headers, "body": message.body}))
+
+    sender._process_task = process_task
 
 
 @signals.worker_ready.connect
@@ -149,6 +187,6 @@ def _drain_engine(**_: Any) -> None:
 
     runtime = current_runtime()
     if runtime is not None:
-        runtime.drain(settings.attempt_lease_s)
+        runtime.drain()
     if os.getpid() != _main_pid:
         metrics.process_exited(os.getpid())

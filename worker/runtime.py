@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from cgrid.ledger import Ledger
 from cgrid.ledger.partitions import ledger_for
-from cgrid.redis_conn import long_lived_client
+from cgrid.redis_conn import long_lived_client, sentinel_primary
 from cgrid.settings import Settings
 from delivery.engine import DeliveryEngine
 
@@ -29,10 +29,11 @@ class Runtime:
                     self._engine = DeliveryEngine(self.settings, self.ledger)
         return self._engine
 
-    def drain(self, timeout_s: float) -> bool:
-        """Wait until the attempts this process claimed are made and recorded (a process
-        that never delivered has nothing to wait for)."""
-        return self._engine is None or self._engine.drain(timeout_s)
+    def drain(self) -> bool:
+        """Wait until the attempts this process claimed are made and recorded, at most their
+        lease (which covers the longest deadline of any buyer, a buyer's own ``timeout_s``
+        included); a process that never delivered has nothing to wait for."""
+        return self._engine is None or self._engine.drain(self._engine.lease_s)
 
 
 _runtime: Runtime | None = None
@@ -44,9 +45,11 @@ def get_runtime(settings: Settings) -> Runtime:
     if _runtime is None or _runtime.pid != os.getpid():
         with _lock:
             if _runtime is None or _runtime.pid != os.getpid():
+                client = long_lived_client(settings)
                 _runtime = Runtime(
                     settings=settings,
-                    ledger=ledger_for(settings, long_lived_client(settings)),
+                    ledger=ledger_for(settings, client, primary_check=sentinel_primary(client)
+                                      if settings.redis_url.startswith("sentinel://") else None),
                     pid=os.getpid(),
                 )
     return _runtime

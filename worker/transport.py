@@ -39,6 +39,7 @@ from kombu.utils.json import dumps
 from cgrid.redis_conn import script_flags_supported
 from cgrid.redis_replies import log_redis_error
 from worker.poison import record_poison
+from worker.screening import message_problem, message_sample
 
 # ZADD + HSET of an unacked message: what kombu's QoS.append does in MULTI.
 APPEND_UNACKED = """#!lua flags=allow-oom
@@ -98,6 +99,8 @@ class QoS(_HardenedQoS, kombu_redis.QoS):  # type: ignore[misc]
 class _HardenedChannel:
     """What both channels (one Redis, or Redis behind Sentinel) add to kombu's."""
 
+    connection: Any
+    qos: Any
     _sync_client: Any = None
     _script_flags: bool | None = None
     connection_errors: Any
@@ -180,23 +183,41 @@ class _HardenedChannel:
             record_poison("broker message is not a valid kombu/Celery envelope", repr(e))
             return True
 
+    def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any) -> Any:
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)  # type: ignore[misc]
+        callbacks = self.connection._callbacks
+        callbacks[queue] = self._guard(callbacks[queue])
+        return result
 
-def envelope_problem(message: Any) -> str | None:
-    """What makes a decoded broker message unusable, or None. kombu raises KeyError for a
-    missing field, and its Redis transport counts KeyError as a *connection* error, so a
-    bad shape must be caught here, before it reaches kombu."""
-    if not isinstance(message, dict):
-        return f"envelope is a {type(message).__name__}, not an object"
-    properties = message.get("properties")
-    if not isinstance(properties, dict) or "delivery_tag" not in properties:
-        return "envelope has no properties.delivery_tag"
-    if not isinstance(properties.get("delivery_info", {}), dict):
-        return "envelope properties.delivery_info is not an object"
-    if not isinstance(message.get("headers") or {}, dict):
-        return "envelope headers is not an object"
-    if not isinstance(message.get("body", ""), str):
-        return "envelope body is not a string"
-    return None
+    def _guard(self, deliver: Any) -> Any:
+        """kombu's per-queue callback (make the Message, register it as unacked, hand it to
+        Celery), made safe: what fails there and is not a real connection error — a message
+        worker/screening.py did not foresee — rejects the message without requeue and records
+        it. A ``KeyError`` counts as the message's here, not as the lost connection kombu's
+        Redis transport takes every ``KeyError`` for (it would take the message again, first
+        in line, for good)."""
+
+        def guarded(raw_message: Any) -> Any:
+            try:
+                return deliver(raw_message)
+            except Exception as e:
+                if isinstance(e, self.connection_errors) and not isinstance(e, KeyError):
+                    raise  # Redis is gone: the message stays unacked and is restored
+                self._reject_poison(raw_message, e)
+                return None
+
+        return guarded
+
+    def _reject_poison(self, raw_message: Any, error: Exception) -> None:
+        properties = raw_message.get("properties") if isinstance(raw_message, dict) else None
+        tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+        qos = self.qos
+        # Registered as unacked and not yet acked or rejected by Celery: reject it (off the
+        # unacked hash, so never restored; its prefetch slot given back). Not registered: BRPOP
+        # has taken it off its list already.
+        if tag is not None and tag in qos._delivered and tag not in qos._dirty:
+            qos.reject(tag, requeue=False)
+        record_poison(f"celery could not take the message: {error!r}"[:200], message_sample(raw_message))
 
 
 class Channel(_HardenedChannel, kombu_redis.Channel):  # type: ignore[misc]
@@ -209,9 +230,11 @@ class SentinelChannel(_HardenedChannel, kombu_redis.SentinelChannel):  # type: i
 
 class _HardenedTransport:
     def _deliver(self, message: Any, queue: Any) -> Any:
-        problem = envelope_problem(message)
-        if problem is not None:
-            record_poison(problem, repr(message))
+        """Every message is checked first (worker/screening.py): one kombu or Celery would
+        fail on is dropped and recorded, like one that is not JSON."""
+        problem = message_problem(message, queue if isinstance(queue, str) else "")
+        if problem is not None:  # popped, never registered as unacked: dropping it rejects it
+            record_poison(problem, message_sample(message))
             return None
         return super()._deliver(message, queue)  # type: ignore[misc]
 

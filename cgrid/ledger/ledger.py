@@ -20,6 +20,8 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 - ``P archive``        stream: every record that became final, until the archiver has written
                        it to disk (``archive/files.py``); exists once an archiver has started
+- ``P wait-mark``      a time written before WAIT when outcomes are written again
+                       (:meth:`Ledger.confirm`), so that the WAIT covers all this node holds
 
 No id can forge a key: each family starts with its own word, ids and buyers come last (a
 day is always YYYY-MM-DD, without ':'), queue names have no ':', and the fixed keys (``due``,
@@ -52,7 +54,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -68,7 +70,9 @@ from cgrid.redis_conn import script_flags_supported
 from cgrid.routing import DELIVER_QUEUE, Routing
 
 PREFIX = "cgrid:"
-CLAIM_WAIT_BACKOFF_S = 10.0  # after a claim found too few replicas, claims stop waiting this long
+CLAIM_WAIT_BACKOFF_S = 10.0  # after a WAIT found too few replicas, claims and outcomes stop waiting this long
+PRIMARY_CHECK_S = 0.5  # how long the sentinels' word on the primary is taken as still true
+CONFIRM_CHUNK = 500  # outcomes per finish script when they are written again
 NO_BUYER = "-"
 # Poisoned messages (worker/poison.py): a capped list of the last ones, and a counter.
 POISON_LIST_KEY = PREFIX + "poison"
@@ -78,12 +82,27 @@ POISON_COUNT_KEY = PREFIX + "poison:count"
 class NotReplicated(CgridError, redis.RedisError):
     """The primary took a write that fewer replicas than CGRID_REDIS_WAIT_REPLICAS hold.
     ``result`` is the script's answer; for an accept, ``withdrawn`` says whether its new
-    events were all taken back (else some may still be delivered)."""
+    events were all taken back (else some may still be delivered); for outcomes, ``node`` is
+    the run id of the node that took them."""
 
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
         self.withdrawn = False
+        self.node = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """What :meth:`Ledger.confirm` found: whether a replica holds every outcome kept (and all
+    else the node answering holds), how many it wrote anew, the run id of the node that now
+    has them all ('' if the connection moved meanwhile), and whether to try again soon (the
+    node was not one the sentinels vouch for: the next round asks them for the primary)."""
+
+    held: bool
+    rewritten: int
+    node: str
+    soon: bool = False
 
 
 class State(StrEnum):
@@ -106,6 +125,7 @@ class WaitReason(StrEnum):
     RETRY_DELAY = "retry_delay"  # its first attempt failed; the retry is not due yet
     LANE_FULL = "lane_full"  # its buyer's lane had no room: parked in Redis, called in turn
     PAUSED = "paused"  # its buyer is paused (buyers file): parked in Redis until resumed
+    NO_REPLICA = "no_replica"  # claimed on a node no replica or sentinel vouched for: parked
 
 
 WAIT_DETAILS = {
@@ -116,6 +136,9 @@ WAIT_DETAILS = {
                           "buyer fails): parked in Redis, called in creation order as the lane has room",
     WaitReason.PAUSED: "the buyer is paused in the buyers file: parked in Redis, called in creation order "
                        "once it is resumed (or expired at its maximum age)",
+    WaitReason.NO_REPLICA: "a worker claimed it on a Redis primary that no replica held and the sentinels did "
+                           "not vouch for (a failover under way?): handed back uncalled, parked in Redis, "
+                           "called in turn",
 }
 
 
@@ -215,7 +238,10 @@ class Ledger:
     """Typed access to the ledger scripts; one instance per process is enough."""
 
     def __init__(self, client: redis.Redis, *, prefix: str = PREFIX, wait_replicas: int = 0,
-                 wait_timeout_ms: int = 1000) -> None:
+                 wait_timeout_ms: int = 1000, primary_check: Callable[[], tuple[str, bool]] | None = None) -> None:
+        """``primary_check``: with Sentinel, what the sentinels say of the primary: the run id
+        they agree on ('' if none) and whether a failover may be under way
+        (cgrid.redis_conn.sentinel_primary)."""
         self.client = client
         self.prefix = prefix
         # Every script declares one key of its keyspace: a Redis Cluster routes the script by
@@ -223,10 +249,14 @@ class Ledger:
         self._keys = [prefix + "due"]
         # With replicas (Sentinel), an accept counts only once this many replicas hold it
         # (Redis WAIT), so a failover cannot lose an accepted event; a claim's call waits for
-        # them too, so a failover cannot forget a claim whose call is made (a third call).
+        # them too, so a failover cannot forget a claim whose call is made (a third call); an
+        # outcome counts as written once they hold it (until then its writer keeps it).
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
-        self.replica_shortfalls = 0  # claims and pulls that went ahead short of their replicas
+        self.primary_check = primary_check
+        self.replica_shortfalls = 0  # WAITs for claims, pulls and outcomes that found too few replicas
+        self.claims_refused = 0  # claims and pulls made on a node the sentinels did not vouch for
+        self._sentinels_said: tuple[float, str, bool] = (-PRIMARY_CHECK_S, "", False)  # asked at, run id, failover
         self._claims_wait_again_at = 0.0
         # Each script with its #!lua flags (Redis 7) and without (6.2); which one runs is
         # asked of Redis at the first call.
@@ -300,71 +330,213 @@ class Ledger:
             return []
         args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue,
                                  _checked_token(token), *ids]
-        flat = [_text(item) for item in self._replicated(self._script("claim"), args, "claimed", required=False)]
-        split = flat.index("|")
-        if stamp is not None:
-            stamp.append(flat[split + 1])
-        if parked_buyers is not None:
-            parked_buyers += flat[split + 2:]
-        return list(zip(flat[0:split:2], flat[1:split:2], strict=True))
+        try:
+            reply = self._replicated(self._script("claim"), args, "claimed", required=False)
+        except NotReplicated as e:  # claimed on a node not vouched for: the caller hands them back
+            e.result = _claimed(e.result, stamp, parked_buyers)
+            raise
+        return _claimed(reply, stamp, parked_buyers)
 
     def finish(
         self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,
         retry_delay_s: float,
     ) -> list[str]:
-        """Write the outcomes of claimed attempts; returns each event's new state."""
+        """Write the outcomes of claimed attempts; returns each event's new state. With
+        ``wait_replicas``, raises :class:`NotReplicated` (its ``result`` the new states, its
+        ``node`` the run id of the node that took them) when no replica is known to hold
+        them yet: they are written, and the caller keeps them for :meth:`confirm`."""
         if not results:
             return []
+        args = self._finish_args(results, attempt, ledger_ttl_s, report_ttl_s, retry_delay_s)
+        try:
+            states = self._replicated(self._script("finish"), args, "finished", required=False, kept=True)
+            return [_text(state) for state in states]
+        except NotReplicated as e:
+            e.result = [_text(state) for state in e.result]
+            raise
+
+    def _finish_args(self, results: list[Finish], attempt: int, ledger_ttl_s: int, report_ttl_s: int,
+                     retry_delay_s: float) -> list[Any]:
         args: list[Any] = [self.prefix, attempt, ledger_ttl_s, report_ttl_s, _num(retry_delay_s)]
         for result in results:
             delay = "" if result.retry_delay_s is None else _num(result.retry_delay_s)
             bucket = "" if result.duration_ms is None else latency_bucket(result.duration_ms)
             args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket,
                      result.final_event]
-        return [_text(state) for state in self._script("finish")(keys=self._keys, args=args)]
+        return args
 
-    def _replicated(self, script: Script, args: list[Any], what: str, *, required: bool = True) -> Any:
-        """Run ``script``; with ``wait_replicas``, wait (WAIT, on the same connection) until
-        that many replicas hold its writes. Short of them after the timeout: an accept raises
-        :class:`NotReplicated` (the events are not counted as accepted); a claim or a pull
-        goes ahead (its call is made) and is counted in ``replica_shortfalls``: stopping
-        every call while a lone primary runs would hold back billing notices already
-        accepted, and a claim can only be forgotten by a failover to a replica that lacks it."""
-        if not self.wait_replicas or (not required and time.monotonic() < self._claims_wait_again_at):
-            return script(keys=self._keys, args=args)
-        pipe = self._node_client().pipeline(transaction=False)  # WAIT must follow on the same connection
-        script(keys=self._keys, args=args, client=pipe)
-        pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-        try:
-            result, replicas = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
-            if isinstance(self.client, RedisCluster) and not isinstance(e, NotReplicated):
-                # The node this went to is gone or no longer serves the slot (a failover):
-                # learn the cluster's layout again, so the caller's next try finds the new one.
-                with contextlib.suppress(redis.RedisError):
-                    self.client.nodes_manager.initialize()
-            raise
-        if int(replicas) < self.wait_replicas:
-            if required:
-                raise NotReplicated(
-                    f"{what} by the Redis primary but held by {replicas} of the {self.wait_replicas} replica(s) "
-                    f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms", result,
-                )
-            # WAIT does not return early when replicas are missing: claims and pulls stop
-            # waiting for a while rather than each losing the whole timeout.
+    def confirm(self, outcomes: list[tuple[int, Finish | Park, str]], *, ledger_ttl_s: int, report_ttl_s: int,
+                retry_delay_s: float) -> Confirmation:
+        """Outcomes and parks :meth:`finish` and :meth:`park` could not see held by a replica,
+        as (attempt n, finish or park, run id of the node that took it), oldest first. Those
+        another node took than the one answering now (a failover) are written again here,
+        parks first: one this node has is left as it is, one it lacks is written (a success
+        written late cancels the retry the sweeper may have scheduled meanwhile; a park only
+        takes back the claim it was made for). Then, unless replicas were short within
+        CLAIM_WAIT_BACKOFF_S, WAIT says whether a replica holds all this node holds. A node
+        the sentinels do not vouch for is let go of (the next command asks them for the
+        primary)."""
+        pipe = self._node_client().pipeline(transaction=False)
+        pipe.info("server")
+        node = str(pipe.execute()[0].get("run_id", ""))
+        again = [(n, kept) for n, kept, taken_by in outcomes if taken_by != node]
+        parks = [kept for _, kept in again if isinstance(kept, Park)]
+        for start in range(0, len(parks), CONFIRM_CHUNK):
+            self._script("park")(keys=self._keys, args=self._park_args(parks[start:start + CONFIRM_CHUNK]),
+                                 client=pipe)
+        parked = len(pipe)
+        scripts = 0
+        for attempt in (1, 2):
+            results = [kept for n, kept in again if n == attempt and isinstance(kept, Finish)]
+            for start in range(0, len(results), CONFIRM_CHUNK):
+                self._script("finish")(keys=self._keys, args=self._finish_args(
+                    results[start:start + CONFIRM_CHUNK], attempt, ledger_ttl_s, report_ttl_s, retry_delay_s),
+                    client=pipe)
+                scripts += 1
+        waits = time.monotonic() >= self._claims_wait_again_at
+        if waits:
+            # A write this node replicates, so that WAIT covers all it holds (an outcome
+            # written again that it had already writes nothing).
+            pipe.set(f"{self.prefix}wait-mark", repr(time.time()), ex=3600)
+            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        pipe.info("server")
+        *replies, last = pipe.execute()
+        if str(last.get("run_id", "")) != node:  # the connection moved to another node meanwhile
+            return Confirmation(False, 0, "", soon=True)
+        rewritten = sum(1 for flags in replies[:parked] for flag in flags if int(flag)) + sum(
+            1 for states in replies[parked:parked + scripts] for state in states if _text(state))
+        replicas = int(replies[-1]) if waits else 0
+        held = replicas >= self.wait_replicas and not self._contradicted(node)
+        if waits and replicas < self.wait_replicas:
             self.replica_shortfalls += 1
             self._claims_wait_again_at = time.monotonic() + CLAIM_WAIT_BACKOFF_S
+        if not held and not self._vouched(node):
+            self._let_go()
+            return Confirmation(False, rewritten, node, soon=True)
+        return Confirmation(held, rewritten, node)
+
+    def _let_go(self) -> None:
+        """Drop the idle connections (the next command asks the sentinels for the primary),
+        or on a cluster learn its layout again."""
+        if isinstance(self.client, RedisCluster):
+            with contextlib.suppress(redis.RedisError):
+                self.client.nodes_manager.initialize()
+        else:
+            self.client.connection_pool.disconnect(inuse_connections=False)
+
+    def _replicated(self, script: Script, args: list[Any], what: str, *, required: bool = True,
+                    kept: bool = False) -> Any:
+        """Run ``script``; with ``wait_replicas``, wait (WAIT, on the same connection) until
+        that many replicas hold its writes. Short of them after the timeout:
+
+        - an accept (``required``) raises :class:`NotReplicated`: the events are not accepted;
+        - an outcome (``kept``) raises :class:`NotReplicated`: it is written on the primary,
+          and the caller keeps it for :meth:`confirm` until a replica holds it;
+        - a claim or a pull goes ahead (its call is made) if the sentinels vouch that the
+          node which took it is the primary: a primary whose replica is away cannot be
+          replaced by a node that lacks its writes, and stopping every call while it runs
+          alone would hold back billing notices already accepted. On a node they do not
+          vouch for — one they have just replaced, which stays writable for seconds and then
+          drops what it took — it raises :class:`NotReplicated` (the caller hands the claims
+          back uncalled) and the client's connections are dropped, so the next command asks
+          the sentinels for the primary. Without Sentinel it goes ahead.
+
+        WAIT does not return early when replicas are missing: after a shortfall, for
+        CLAIM_WAIT_BACKOFF_S, claims, pulls and outcomes do not wait (each would lose the
+        whole timeout): claims and pulls go by the sentinels' word alone and outcomes are kept.
+        On a cluster the WAIT goes on the connection to the node of this keyspace."""
+        if not self.wait_replicas:
+            return script(keys=self._keys, args=args)
+        waits = required or time.monotonic() >= self._claims_wait_again_at
+        identify = not required and (kept or self.primary_check is not None)
+        pipe = self._node_client().pipeline(transaction=False)  # WAIT must follow on the same connection
+        script(keys=self._keys, args=args, client=pipe)
+        if waits:
+            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        if identify:
+            pipe.info("server")
+        try:
+            replies = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            if isinstance(self.client, RedisCluster):
+                # The node this went to is gone or no longer serves the slot (a failover):
+                # learn the cluster's layout again, so the caller's next try finds the new one.
+                self._let_go()
+            raise
+        result, replicas = replies[0], int(replies[1]) if waits else 0
+        node = str(replies[-1].get("run_id", "")) if identify else ""
+        if replicas >= self.wait_replicas and not self._contradicted(node):
+            return result
+        if required:
+            raise NotReplicated(
+                f"{what} by the Redis primary but held by {replicas} of the {self.wait_replicas} replica(s) "
+                f"CGRID_REDIS_WAIT_REPLICAS asks for, after {self.wait_timeout_ms} ms", result,
+            )
+        if waits and replicas < self.wait_replicas:
+            # WAIT does not return early when replicas are missing: stop waiting for a while
+            # rather than each claim, pull and outcome losing the whole timeout.
+            self.replica_shortfalls += 1
+            self._claims_wait_again_at = time.monotonic() + CLAIM_WAIT_BACKOFF_S
+        vouched = self._vouched(node)
+        if not vouched:
+            self._let_go()  # the next command asks the sentinels
+        if kept:
+            error = NotReplicated(f"{what} by the Redis primary, not yet held by a replica", result)
+            error.node = node
+            raise error
+        if not vouched:
+            self.claims_refused += 1
+            raise NotReplicated(f"{what} by a Redis node no replica holds and the sentinels do not vouch for "
+                                "as the primary (a failover under way?)", result)
         return result
 
+    def _sentinels(self) -> tuple[str, bool]:
+        """What the sentinels say of the primary (asked at most every PRIMARY_CHECK_S): the
+        run id they agree on ('' if none), and whether a failover may be under way."""
+        asked_at, run_id, failover = self._sentinels_said
+        if self.primary_check is not None and time.monotonic() - asked_at >= PRIMARY_CHECK_S:
+            try:
+                run_id, failover = self.primary_check()
+            except redis.RedisError:
+                run_id, failover = "", False
+            self._sentinels_said = (time.monotonic(), run_id, failover)
+        return run_id, failover
+
+    def _vouched(self, node: str) -> bool:
+        """The sentinels agree that ``node`` (a run id) is the primary (True without Sentinel)."""
+        if self.primary_check is None:
+            return True
+        run_id, failover = self._sentinels()
+        return not failover and run_id != "" and node == run_id
+
+    def _contradicted(self, node: str) -> bool:
+        """The sentinels see a failover under way, or another node as the primary: what
+        ``node`` took may be dropped even though a replica acknowledged it (a second replica
+        still attached to a primary being replaced)."""
+        if self.primary_check is None or not node:
+            return False
+        run_id, failover = self._sentinels()
+        return failover or (run_id != "" and node != run_id)
+
     def park(self, parks: list[Park]) -> list[bool]:
-        """Hand claimed attempts back unstarted, to wait in their buyer's parked set."""
+        """Hand claimed attempts back unstarted, to wait in their buyer's parked set. With
+        ``wait_replicas``, raises :class:`NotReplicated` as :meth:`finish` does."""
         if not parks:
             return []
+        try:
+            flags = self._replicated(self._script("park"), self._park_args(parks), "parked", required=False,
+                                     kept=True)
+            return [bool(flag) for flag in flags]
+        except NotReplicated as e:  # written, but no replica seen to hold it yet: see finish()
+            e.result = [bool(flag) for flag in e.result]
+            raise
+
+    def _park_args(self, parks: list[Park]) -> list[Any]:
         args: list[Any] = [self.prefix]
         for park in parks:
             args += [park.event_id, park.attempt_n, _num(park.created_at_s), park.buyer, park.reason.value,
                      park.claim_stamp]
-        return [bool(flag) for flag in self._script("park")(keys=self._keys, args=args)]
+        return args
 
     def pull(self, buyer: str, k: int, *, lease_s: float, stamp: list[str] | None = None,
              token: str = "") -> tuple[int, list[tuple[int, str, str]]]:
@@ -372,11 +544,12 @@ class Ledger:
         Returns how many stay parked and (attempt n, id, event JSON) per claim; ``stamp``
         receives the claims' stamp and ``token`` works as for :meth:`claim`."""
         args = [self.prefix, buyer, k, _num(lease_s), _checked_token(token)]
-        left, pull_stamp, *flat = self._replicated(self._script("pull"), args, "pulled", required=False)
-        if stamp is not None:
-            stamp.append(_text(pull_stamp))
-        items = [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]
-        return int(left), items
+        try:
+            reply = self._replicated(self._script("pull"), args, "pulled", required=False)
+        except NotReplicated as e:  # claimed on a node not vouched for: the caller parks them again
+            e.result = _pulled(e.result, stamp)
+            raise
+        return _pulled(reply, stamp)
 
     def sweep(
         self, *, limit: int, redeliver_after_s: float, retry_delay_s: float, report_ttl_s: int,
@@ -437,7 +610,7 @@ class Ledger:
         waiting = _wait_reason(fields, now_s=time.time())
         if waiting is not None:
             record["waiting"] = {"reason": waiting.value, "detail": WAIT_DETAILS[waiting]}
-            if waiting in (WaitReason.LANE_FULL, WaitReason.PAUSED):
+            if waiting in (WaitReason.LANE_FULL, WaitReason.PAUSED, WaitReason.NO_REPLICA):
                 buyer = fields.get("buyer", NO_BUYER)
                 record["waiting"]["buyer"] = buyer
                 record["waiting"]["since"] = float(fields.get("waiting_since", "0"))
@@ -587,3 +760,23 @@ def json_or_raw(text: str) -> Any:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _claimed(reply: Any, stamp: list[str] | None, parked_buyers: list[str] | None) -> list[tuple[str, str]]:
+    """The claim script's reply: (id, event JSON) of the claims won; ``stamp`` and
+    ``parked_buyers`` receive the claim's stamp and the buyers with parked events."""
+    flat = [_text(item) for item in reply]
+    split = flat.index("|")
+    if stamp is not None:
+        stamp.append(flat[split + 1])
+    if parked_buyers is not None:
+        parked_buyers += flat[split + 2:]
+    return list(zip(flat[0:split:2], flat[1:split:2], strict=True))
+
+
+def _pulled(reply: Any, stamp: list[str] | None) -> tuple[int, list[tuple[int, str, str]]]:
+    """The pull script's reply: how many stay parked, and (attempt n, id, event JSON) per claim."""
+    left, pull_stamp, *flat = reply
+    if stamp is not None:
+        stamp.append(_text(pull_stamp))
+    return int(left), [(int(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)]

@@ -15,14 +15,24 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, TypeVar
 
 import redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from cgrid.event import Event
-from cgrid.ledger.ledger import PREFIX, Counter, Finish, Ledger, Park, bucket_percentile, new_claim_token
+from cgrid.ledger.ledger import (
+    PREFIX,
+    Confirmation,
+    Counter,
+    Finish,
+    Ledger,
+    NotReplicated,
+    Park,
+    bucket_percentile,
+    new_claim_token,
+)
 from cgrid.routing import DELIVER_QUEUE, Routing
 from cgrid.settings import Settings
 
@@ -123,20 +133,49 @@ class PartitionedLedger(Ledger):
 
     def finish(self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,
                retry_delay_s: float) -> list[str]:
+        """As :meth:`Ledger.finish`, per partition; if any partition's replica did not hold
+        its outcomes, raises :class:`NotReplicated` with all the states (and no one node:
+        :meth:`confirm` writes them again wherever they belong, which changes nothing where
+        they are)."""
         states = [""] * len(results)
+        unreplicated: NotReplicated | None = None
         for index, group in self._split(results, lambda r: r.event_id).items():
-            part_states = self.parts[index].finish([r for _, r in group], attempt, ledger_ttl_s=ledger_ttl_s,
-                                                   report_ttl_s=report_ttl_s, retry_delay_s=retry_delay_s)
+            try:
+                part_states = self.parts[index].finish([r for _, r in group], attempt, ledger_ttl_s=ledger_ttl_s,
+                                                       report_ttl_s=report_ttl_s, retry_delay_s=retry_delay_s)
+            except NotReplicated as e:
+                part_states, unreplicated = e.result, e
             for (position, _), state in zip(group, part_states, strict=True):
                 states[position] = state
+        if unreplicated is not None:
+            error = NotReplicated(str(unreplicated), states)
+            raise error
         return states
 
     def park(self, parks: list[Park]) -> list[bool]:
+        """As :meth:`Ledger.park`, per partition; raises as :meth:`finish` does."""
         done = [False] * len(parks)
+        unreplicated: NotReplicated | None = None
         for index, group in self._split(parks, lambda p: p.event_id).items():
-            for (position, _), flag in zip(group, self.parts[index].park([p for _, p in group]), strict=True):
+            try:
+                flags = self.parts[index].park([p for _, p in group])
+            except NotReplicated as e:
+                flags, unreplicated = e.result, e
+            for (position, _), flag in zip(group, flags, strict=True):
                 done[position] = flag
+        if unreplicated is not None:
+            raise NotReplicated(str(unreplicated), done)
         return done
+
+    def confirm(self, outcomes: list[tuple[int, Finish | Park, str]], *, ledger_ttl_s: int, report_ttl_s: int,
+                retry_delay_s: float) -> Confirmation:
+        """As :meth:`Ledger.confirm`, each partition's outcomes on its own node; held when
+        every partition's are."""
+        found = [self.parts[index].confirm([o for _, o in group], ledger_ttl_s=ledger_ttl_s,
+                                           report_ttl_s=report_ttl_s, retry_delay_s=retry_delay_s)
+                 for index, group in self._split(outcomes, lambda o: o[1].event_id).items()]
+        return Confirmation(all(c.held for c in found), sum(c.rewritten for c in found), "",
+                            soon=any(c.soon for c in found))
 
     def parked_counts(self, buyer: str) -> list[int]:
         """How many of the buyer's events each partition holds parked."""
@@ -264,10 +303,13 @@ def _day_number(day: str) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
-def ledger_for(settings: Settings, client: redis.Redis) -> Ledger:
+def ledger_for(settings: Settings, client: redis.Redis,
+               primary_check: Callable[[], tuple[str, bool]] | None = None) -> Ledger:
     """The ledger these settings name, on ``client``: one keyspace, or with
-    ``CGRID_REDIS_CLUSTER`` the partitions spread over the cluster's primaries."""
+    ``CGRID_REDIS_CLUSTER`` the partitions spread over the cluster's primaries.
+    ``primary_check``: with Sentinel, what the sentinels say of the primary (Ledger)."""
     if settings.redis_cluster:
         return PartitionedLedger(client, wait_replicas=settings.redis_wait_replicas,
                                  wait_timeout_ms=settings.redis_wait_timeout_ms)
-    return Ledger(client, wait_replicas=settings.redis_wait_replicas, wait_timeout_ms=settings.redis_wait_timeout_ms)
+    return Ledger(client, wait_replicas=settings.redis_wait_replicas, wait_timeout_ms=settings.redis_wait_timeout_ms,
+                  primary_check=primary_check)
