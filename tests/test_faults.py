@@ -40,6 +40,9 @@ def test_worker_killed_mid_call_counts_as_a_failed_attempt_and_retries_once(
             publisher.publish({"id": event_id, "kind": "burl", "upstream": "s2s",
                                "url": f"{dsp.url}/sleep/2000?e={event_id}"})
         wait_for(lambda: (ledger.record(event_id) or {}).get("in_flight_attempt") == 1, 20, "attempt 1 in flight")
+        # Killed mid-call: once the buyer has the request (on a loaded machine the claim can
+        # come well before the call).
+        wait_for(lambda: calls_for(dsp, event_id), 20, "the buyer to receive the call")
         first.signal(signal.SIGKILL)
     finally:
         first.stop()
