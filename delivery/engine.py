@@ -274,7 +274,9 @@ def count_finished(batch: list[Handled], states: list[str]) -> None:
         kind = item.event.kind.value if item.event else "-"
         m.attempts.labels(buyer, kind, item.attempt.outcome.value).inc()
         if item.attempt.called:
-            m.latency.labels(kind).observe(item.attempt.duration_ms / 1000)
+            m.latency.labels(buyer, kind).observe(item.attempt.duration_ms / 1000)
+            if item.attempt.n == 1 and item.event is not None:  # publish -> first call (0 if clocks disagree)
+                m.first_delay.labels(kind).observe(max(0.0, item.attempt.started_at_s - item.event.created_at_s))
         if state == "retry_scheduled":
             m.retries.labels(buyer, kind).inc()
         elif state:

@@ -52,19 +52,40 @@ def send_triggers(app: Celery, by_queue: dict[str, list[str]], attempt_n: int, b
     return sent
 
 
-def queue_depths(ledger: Ledger, routing: Routing) -> dict[str, int]:
-    """Triggers waiting on each queue of the routing."""
+def queue_depths(ledger: Ledger, routing: Routing) -> dict[str, tuple[int, float]]:
+    """Per queue of the routing: the triggers waiting on it, and its watermark (the newest
+    ``sent_at`` of a trigger a worker started from it; 0 if none ever was)."""
     pipe = ledger.client.pipeline(transaction=False)
     for queue in routing.queues:
         pipe.llen(queue)
-    return dict(zip(routing.queues, map(int, pipe.execute()), strict=True))
+        pipe.get(f"{ledger.prefix}watermark:{queue}")
+    replies = pipe.execute()
+    return {queue: (int(replies[2 * i]), float(replies[2 * i + 1] or 0))
+            for i, queue in enumerate(routing.queues)}
+
+
+class QueueStalls:
+    """Per queue, since when triggers have waited on it while no worker took any: the clock
+    restarts whenever the queue is empty, shrinks, or its watermark moves."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, float, float]] = {}  # queue -> depth, watermark, since
+
+    def stalled_s(self, queue: str, depth: int, watermark: float, now_s: float) -> float:
+        last = self._seen.get(queue)
+        since = now_s
+        if last is not None and depth and depth >= last[0] and watermark == last[1]:
+            since = last[2]
+        self._seen[queue] = (depth, watermark, since)
+        return now_s - since
 
 
 def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str, float] | None = None,
-               retry_delays: dict[str, float] | None = None) -> int:
+               retry_delays: dict[str, float] | None = None, stalls: QueueStalls | None = None) -> int:
     """One pass; returns how many triggers it sent. The parked events of ``paused`` buyers
     (id -> maximum event age) are left where they are, or expire past that age; a lost first
-    attempt's retry waits its buyer's ``retry_delays`` (id -> seconds), else the fleet's."""
+    attempt's retry waits its buyer's ``retry_delays`` (id -> seconds), else the fleet's.
+    With metrics on, the queues' gauges are set (``stalls`` keeps what the last pass saw)."""
     routing = settings.routing
     now_s, first, second = ledger.sweep(
         limit=SWEEP_LIMIT,
@@ -83,8 +104,10 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str
     if metrics.ENABLED:
         metrics.M.sweeper.labels("retry_triggers_sent").inc(retries)
         metrics.M.sweeper.labels("attempt1_triggers_resent").inc(resent)
-        for queue, depth in queue_depths(ledger, routing).items():
+        stalls = stalls or QueueStalls()
+        for queue, (depth, watermark) in queue_depths(ledger, routing).items():
             metrics.M.queue_depth.labels(queue).set(depth)
+            metrics.M.queue_stalled.labels(queue).set(stalls.stalled_s(queue, depth, watermark, now_s))
     if resent:
         get_logger().warning("resent_lost_triggers", attempt=1, events=resent, queues=sorted(first))
     return resent + retries
@@ -98,6 +121,7 @@ class Sweeper:
         self.buyers = BuyersFile.for_settings(settings)
         self._stop = threading.Event()
         self._next_backlog_gauges = 0.0
+        self._stalls = QueueStalls()
         self._thread = threading.Thread(target=self._run, name="cgrid-sweeper", daemon=True)
 
     def start(self) -> None:
@@ -119,7 +143,7 @@ class Sweeper:
                 buyers = self.buyers.config.buyers
                 paused = {b: own.max_age_s or self.settings.event_max_age_s for b, own in buyers.items() if own.paused}
                 delays = {b: own.retry_delay_s for b, own in buyers.items() if own.retry_delay_s is not None}
-                sent = sweep_once(self.app, self.ledger, self.settings, paused, delays)
+                sent = sweep_once(self.app, self.ledger, self.settings, paused, delays, self._stalls)
                 if metrics.ENABLED and time.monotonic() >= self._next_backlog_gauges:
                     self._next_backlog_gauges = time.monotonic() + BACKLOG_GAUGES_S
                     backlog_gauges(self.ledger)
