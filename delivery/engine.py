@@ -286,7 +286,7 @@ def count_finished(batch: list[Handled], states: list[str]) -> None:
         kind = item.event.kind.value if item.event else "-"
         _child(m.attempts, buyer, kind, item.attempt.outcome.value).inc()
         if item.attempt.called:
-            _child(m.latency, buyer, kind).observe(item.attempt.duration_ms / 1000)
+            _child(m.latency, buyer).observe(item.attempt.duration_ms / 1000)
             if item.attempt.n == 1 and item.event is not None:  # publish -> first call (0 if clocks disagree)
                 _child(m.first_delay, kind).observe(max(0.0, item.attempt.started_at_s - item.event.created_at_s))
         if state == "retry_scheduled":

@@ -55,8 +55,8 @@ def test_a_worker_serves_delivery_metrics(pool: str, redis_url: str, dsp: MockDs
         assert values['cgrid_attempts_total{buyer="m-bad",kind="nurl",outcome="fail"}'] == 2
         assert values['cgrid_retries_scheduled_total{buyer="m-bad",kind="nurl"}'] == 1
         assert values['cgrid_events_finished_total{buyer="m-bad",kind="nurl",state="failed"}'] == 1
-        assert values['cgrid_attempt_duration_seconds_count{buyer="m-ok",kind="burl"}'] == 20
-        assert values['cgrid_attempt_duration_seconds_count{buyer="m-bad",kind="nurl"}'] == 2
+        assert values['cgrid_attempt_duration_seconds_count{buyer="m-ok"}'] == 20
+        assert values['cgrid_attempt_duration_seconds_count{buyer="m-bad"}'] == 2
         # publish -> first call: one per event, its retry not counted
         assert values['cgrid_first_attempt_delay_seconds_count{kind="burl"}'] == 20
         assert values['cgrid_first_attempt_delay_seconds_count{kind="nurl"}'] == 1
