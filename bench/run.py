@@ -9,10 +9,12 @@ The fleet under test runs as ``make run`` runs it: the workers and an archiver
 event includes the archive stream; ``--no-archiver`` measures without it.
 
     python -m bench.run [--scenario fast|realistic|isolation|buyers|reconcile|all] [--events N]
-                        [--pool prefork|threads|solo] [--no-archiver] [--reconcile-notices N]
+                        [--pool prefork|threads|solo] [--no-archiver] [--metrics] [--reconcile-notices N]
+    python -m bench.run --cluster [--events N] [--rounds N]
 
 ``reconcile`` (in ``all``): ``cgrid-s2s reconcile`` on a buyer-day of 10 million notices on
-each side (bench/reconcile.py).
+each side (bench/reconcile.py). ``--cluster``: Redis CPU per event with the ledger on a Redis
+Cluster against one Redis (bench/cluster.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from bench.isolation import print_report, run_isolation
 from bench.reconcile import run as run_reconcile_bench
 from cgrid.event import parse_event
 from cgrid.ledger import Ledger
-from cgrid.redis_server import RedisServer
+from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from producer import Publisher
 from tests.helpers import process_tree
@@ -172,7 +174,8 @@ class Fleet:
     """The worker fleet under test: one prefork worker with a process per core (Celery's
     default -c), or, for the threads and solo pools (one core each), one worker per core."""
 
-    def __init__(self, env: dict[str, str], pool: str, processes: int, workdir: Path, slots: int | None = None):
+    def __init__(self, env: dict[str, str], pool: str, processes: int, workdir: Path, slots: int | None = None,
+                 metrics: bool = False):
         instances = 1 if pool == "prefork" else processes
         self.logs = [open(workdir / f"cgrid-worker-{time.time():.0f}-{i}.log", "wb") for i in range(instances)]
         self.processes = []
@@ -183,8 +186,10 @@ class Fleet:
                     "--without-mingle", "--without-gossip", "-n", f"bench{index}@%h"]
             if slots:
                 args += ["-c", str(slots)]
-            self.processes.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True))
+            # --metrics: Prometheus metrics on, each worker on a port of its own (nobody scrapes them)
+            own_env = {**env, "CGRID_METRICS_PORT": str(free_port())} if metrics else env
+            self.processes.append(subprocess.Popen(args, cwd=ROOT, env=own_env, stdout=log,
+                                                   stderr=subprocess.STDOUT, start_new_session=True))
         for log in self.logs:
             log_path = Path(log.name)
             if not wait_until(lambda p=log_path: b" ready." in p.read_bytes(), 60):
@@ -293,7 +298,7 @@ def attempt_end_s(attempt: dict[str, Any]) -> float:
 
 def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: str, processes: int,
               workdir: Path, client: redis.Redis, buyer: Buyer, latency: bool = True,
-              archiver: bool = True) -> dict[str, Any]:
+              archiver: bool = True, metrics: bool = False) -> dict[str, Any]:
     """Publish ``events``, then deliver them with a fleet as ``make run`` starts it: one worker
     per core and, unless ``archiver`` is false, an archiver (started first: the stream must
     exist before the first record becomes final, or that record is not archived)."""
@@ -313,7 +318,7 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
         redis_cpu0 = redis_cpu_s(client)
         redis_cpu_publish = redis_cpu0 - redis_cpu_publish0
         archiver_cpu0 = archive.cpu() if archive else 0.0
-        fleet = Fleet(settings_env, pool, processes, workdir)
+        fleet = Fleet(settings_env, pool, processes, workdir, metrics=metrics)
         try:
             result = measure_fleet(events, settings, fleet, client, buyer, archive, used0, redis_cpu0,
                                    archiver_cpu0, latency)
@@ -491,7 +496,7 @@ def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000, with_
 
 
 def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: RedisServer,
-             settings_extra: dict[str, str], archiver: bool = True) -> dict[str, Any]:
+             settings_extra: dict[str, str], archiver: bool = True, metrics: bool = False) -> dict[str, Any]:
     processes = os.cpu_count() or 2
     timeout_s = 2.0
     extra = {"CGRID_TIMEOUT_S": str(timeout_s), **settings_extra}
@@ -513,7 +518,7 @@ def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: 
         naive = run_naive(make_events(n_naive, buyer.port, f"naive{time.time():.0f}"), processes, server.url,
                           workdir)
         print(f"[{name}] naive {naive['rate']}/s; cgrid-s2s...", flush=True)
-        cgrid = run_cgrid(events, env, pool, processes, workdir, client, buyer, archiver=archiver)
+        cgrid = run_cgrid(events, env, pool, processes, workdir, client, buyer, archiver=archiver, metrics=metrics)
         print(f"[{name}] cgrid-s2s {cgrid['rate']}/s", flush=True)
     finally:
         buyer.stop()
@@ -665,6 +670,8 @@ def main() -> int:
     parser.add_argument("--no-archiver", action="store_true",
                         help="run the fleet without its archiver (make run starts one): the archive stream is not "
                              "made, so the ledger scripts add nothing to it")
+    parser.add_argument("--metrics", action="store_true",
+                        help="the fleet's workers record Prometheus metrics (CGRID_METRICS_PORT, a free port each)")
     args = parser.parse_args()
     if args.cluster:
         cluster_result = run_cluster_bench(args.events, args.rounds, dict(item.split("=", 1) for item in args.set))
@@ -705,7 +712,7 @@ def main() -> int:
                 n_naive = args.naive_events if name == "fast" else max(args.naive_events // 10, 200)
                 results.append(scenario(name, n, n_naive, args.pool, workdir, server,
                                         dict(item.split("=", 1) for item in args.set),
-                                        archiver=not args.no_archiver))
+                                        archiver=not args.no_archiver, metrics=args.metrics))
         finally:
             server.stop()
     if results or publish:
@@ -724,7 +731,7 @@ def main() -> int:
     out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                            "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
-                               "args": sys.argv[1:], "archiver": not args.no_archiver,
+                               "args": sys.argv[1:], "archiver": not args.no_archiver, "metrics": args.metrics,
                                "publish": publish, "scenarios": results, "isolation": isolation,
                                "buyers_file": buyers_run, "reconcile": reconcile_run}, indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")

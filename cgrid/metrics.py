@@ -58,8 +58,13 @@ class _Metrics:
                                 ["buyer", "kind", "state"])
         self.retries = Counter("cgrid_retries_scheduled", "First attempts that failed and scheduled the one retry",
                                ["buyer", "kind"])
+        # Per buyer, not per kind too: 16 series per buyer (docs/operations.md#metrics).
         self.latency = Histogram("cgrid_attempt_duration_seconds", "Duration of the calls (attempts that were made)",
-                                 ["kind"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+                                 ["buyer"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.first_delay = Histogram("cgrid_first_attempt_delay_seconds", "From an event's created_at (set by "
+                                     "publish() unless given) to the start of its first call", ["kind"],
+                                     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
+                                              1800, 3600))
         self.in_flight = Gauge("cgrid_lane_in_flight", "Calls in flight per buyer lane", ["buyer"],
                                multiprocess_mode="livesum")
         self.waiting = Gauge("cgrid_lane_waiting", "Attempts waiting in a buyer lane of a worker process", ["buyer"],
@@ -72,6 +77,9 @@ class _Metrics:
                               ["buyer", "reason"])
         self.queue_depth = Gauge("cgrid_queue_depth", "Triggers waiting on each broker queue", ["queue"],
                                  multiprocess_mode="livemax")
+        self.queue_stalled = Gauge("cgrid_queue_stalled_seconds", "How long triggers have waited on a queue "
+                                   "with no worker taking any (0 while it is empty or consumed)", ["queue"],
+                                   multiprocess_mode="livemax")
         self.due = Gauge("cgrid_due_events", "Events accepted and not final, not parked: queued, in flight, "
                          "or waiting for their retry", multiprocess_mode="livemax")
         self.open_events = Gauge("cgrid_open_events", "Events accepted and not yet final, by kind: the backlog "
@@ -87,6 +95,8 @@ class _Metrics:
         self.redis_memory_max = Gauge("cgrid_redis_memory_max_bytes", "Redis's maxmemory (0: no limit); new events "
                                       "are refused past CGRID_PUBLISH_MAX_MEMORY_SHARE of it",
                                       multiprocess_mode="livemax")
+        self.poisoned = Counter("cgrid_poisoned_messages", "Broker messages dropped as poisoned (not valid "
+                                "triggers)")
         self.sweeper = Counter("cgrid_sweeper_actions", "Triggers the sweeper sent: retries due, or attempt-1 "
                                "triggers sent again (lost, or parked events revived)", ["action"])
 

@@ -354,18 +354,32 @@ class DeliveryEngine:
             self._post("pulled", (buyer, left, parks_at_request, items, stamp[-1] if stamp else "", hold))
 
 
+_children: dict[tuple[Any, ...], Any] = {}  # (metric, labels...) -> its child (the ledger thread's own)
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, kept: labels() takes a lock and costs more than the count."""
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def count_finished(batch: list[Handled], states: list[str], label: Callable[[str], str]) -> None:
     m = metrics.M
     for item, state in zip(batch, states, strict=True):
         buyer = label((item.event.buyer if item.event else None) or NO_BUYER)
         kind = item.event.kind.value if item.event else "-"
-        m.attempts.labels(buyer, kind, item.attempt.outcome.value).inc()
+        _child(m.attempts, buyer, kind, item.attempt.outcome.value).inc()
         if item.attempt.called:
-            m.latency.labels(kind).observe(item.attempt.duration_ms / 1000)
+            _child(m.latency, buyer).observe(item.attempt.duration_ms / 1000)
+            if item.attempt.n == 1 and item.event is not None:  # publish -> first call (0 if clocks disagree)
+                _child(m.first_delay, kind).observe(max(0.0, item.attempt.started_at_s - item.event.created_at_s))
         if state == "retry_scheduled":
-            m.retries.labels(buyer, kind).inc()
+            _child(m.retries, buyer, kind).inc()
         elif state:
-            m.finished.labels(buyer, kind, state).inc()
+            _child(m.finished, buyer, kind, state).inc()
 
 
 class _CallLoop:

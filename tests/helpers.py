@@ -62,6 +62,18 @@ def get_json(url: str) -> Any:
         return None
 
 
+def scrape(port: int) -> dict[str, float]:
+    """A worker's metrics (CGRID_METRICS_PORT on loopback): each sample's name and labels, as
+    written, to its value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
 def fleet_env(redis_url: str, **overrides: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CGRID_")}
     env.update(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -19,19 +18,9 @@ from cgrid.redis_server import free_port
 from cgrid.settings import Settings
 from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
+from tests.helpers import ROOT, WorkerProcess, fleet_env, scrape, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 @pytest.mark.parametrize("pool", ["solo", "prefork"])
@@ -66,10 +55,17 @@ def test_a_worker_serves_delivery_metrics(pool: str, redis_url: str, dsp: MockDs
         assert values['cgrid_attempts_total{buyer="m-bad",kind="nurl",outcome="fail"}'] == 2
         assert values['cgrid_retries_scheduled_total{buyer="m-bad",kind="nurl"}'] == 1
         assert values['cgrid_events_finished_total{buyer="m-bad",kind="nurl",state="failed"}'] == 1
-        assert values['cgrid_attempt_duration_seconds_count{kind="burl"}'] == 20
+        assert values['cgrid_attempt_duration_seconds_count{buyer="m-ok"}'] == 20
+        assert values['cgrid_attempt_duration_seconds_count{buyer="m-bad"}'] == 2
+        # publish -> first call: one per event, its retry not counted
+        assert values['cgrid_first_attempt_delay_seconds_count{kind="burl"}'] == 20
+        assert values['cgrid_first_attempt_delay_seconds_count{kind="nurl"}'] == 1
+        assert 0 < values['cgrid_first_attempt_delay_seconds_sum{kind="burl"}'] < 20 * 20
+        assert values["cgrid_poisoned_messages_total"] == 0  # exported before the first one
         assert 'cgrid_lane_cap{buyer="m-ok"}' in values  # the lanes' gauges, once a second
         assert 'cgrid_queue_depth{queue="cgrid.deliver"}' in values  # every queue of the routing
         assert 'cgrid_queue_depth{queue="cgrid.retry"}' in values
+        assert values['cgrid_queue_stalled_seconds{queue="cgrid.deliver"}'] == 0  # consumed
         wait_for(lambda: scrape(port).get("cgrid_due_events") == 0 and scrape(port).get(
             'cgrid_open_events{kind="burl"}') == 0, 15, "the backlog gauges at 0: nothing waits")
         wait_for(lambda: scrape(port).get("cgrid_archive_backlog") == 21, 15, "21 final records not yet archived")

@@ -15,12 +15,12 @@ import redis
 
 from cgrid.broker import DELIVER_TASK, make_celery, send_deliver
 from cgrid.ledger import POISON_COUNT_KEY, POISON_LIST_KEY, Ledger
-from cgrid.redis_server import RedisServer
+from cgrid.redis_server import RedisServer, free_port
 from cgrid.routing import DELIVER_QUEUE
 from cgrid.settings import Settings
 from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from tests.helpers import WorkerProcess, fleet_env, wait_for
+from tests.helpers import WorkerProcess, fleet_env, scrape, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,8 @@ RAW_POISONS = [
 def test_poisoned_messages_do_not_wedge_the_worker(
     pool: str, redis_server: RedisServer, dsp: MockDspServer, tmp_path: Path
 ) -> None:
-    env = fleet_env(redis_server.url)
+    metrics_port = free_port()
+    env = fleet_env(redis_server.url, CGRID_METRICS_PORT=metrics_port)
     client = redis.Redis.from_url(redis_server.url)
     client.delete(POISON_COUNT_KEY, POISON_LIST_KEY)
     worker = WorkerProcess(env, tmp_path / "worker.log", pool=pool, name=f"poison-{pool}").start()
@@ -73,6 +74,9 @@ def test_poisoned_messages_do_not_wedge_the_worker(
         reasons = [json.loads(e)["reason"] for e in client.lrange(POISON_LIST_KEY, 0, -1)]
         assert any(r.startswith("task arguments: ids") for r in reasons)
         assert "Unrecoverable error" not in worker.log_text()
+        # The metric counts each one, from whichever process dropped it (prefork: the task's child too).
+        wait_for(lambda: scrape(metrics_port)["cgrid_poisoned_messages_total"] == ledger.poisoned() >= 7, 10,
+                 "cgrid_poisoned_messages_total to match the poison recorded in Redis")
     finally:
         worker.stop()
 

@@ -7,6 +7,7 @@ import time
 
 import redis
 
+from cgrid import metrics
 from cgrid.ledger import POISON_COUNT_KEY, POISON_LIST_KEY
 from cgrid.logs import get_logger
 from cgrid.redis_conn import long_lived_client
@@ -28,6 +29,8 @@ def record_poison(reason: str, sample: str) -> None:
     """Never raises: a poisoned message must not take anything else down with it."""
     global _client
     get_logger().error("poisoned_message", reason=reason, sample=sample[:300])
+    if metrics.ENABLED:
+        metrics.M.poisoned.inc()
     try:
         if _client is None:
             if _settings is None:

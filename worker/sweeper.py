@@ -19,6 +19,7 @@ from cgrid import metrics
 from cgrid.broker import send_deliver
 from cgrid.buyers import BuyersFile
 from cgrid.ledger import Ledger
+from cgrid.ledger.partitions import PartitionedLedger
 from cgrid.logs import get_logger
 from cgrid.redis_replies import log_redis_error
 from cgrid.routing import Routing
@@ -83,13 +84,44 @@ def queue_depths(broker: redis.Redis, routing: Routing) -> dict[str, int]:
     return dict(zip(routing.queues, map(int, pipe.execute()), strict=True))
 
 
+def watermarks(ledger: Ledger, queues: tuple[str, ...]) -> dict[str, float]:
+    """Per queue, its watermark: the newest ``sent_at`` of a trigger a worker started from it
+    (0 if none ever was), over every keyspace of the ledger (a cluster's partitions)."""
+    prefixes = [part.prefix for part in ledger.parts] if isinstance(ledger, PartitionedLedger) else [ledger.prefix]
+    pipe = ledger.client.pipeline(transaction=False)
+    for prefix in prefixes:
+        for queue in queues:
+            pipe.get(f"{prefix}watermark:{queue}")
+    replies = pipe.execute()
+    return {queue: max(float(replies[p * len(queues) + q] or 0) for p in range(len(prefixes)))
+            for q, queue in enumerate(queues)}
+
+
+class QueueStalls:
+    """Per queue, since when triggers have waited on it while no worker took any: the clock
+    restarts whenever the queue is empty, shrinks, or its watermark moves."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, float, float]] = {}  # queue -> depth, watermark, since
+
+    def stalled_s(self, queue: str, depth: int, watermark: float, now_s: float) -> float:
+        last = self._seen.get(queue)
+        since = now_s
+        if last is not None and depth and depth >= last[0] and watermark == last[1]:
+            since = last[2]
+        self._seen[queue] = (depth, watermark, since)
+        return now_s - since
+
+
 def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str, float] | None = None,
-               retry_delays: dict[str, float] | None = None, broker: redis.Redis | None = None) -> int:
+               retry_delays: dict[str, float] | None = None, broker: redis.Redis | None = None,
+               stalls: QueueStalls | None = None) -> int:
     """One pass; returns how many triggers it sent. The parked events of ``paused`` buyers
     (id -> maximum event age) are left where they are, or expire past that age; a lost first
     attempt's retry waits its buyer's ``retry_delays`` (id -> seconds), else the fleet's.
     ``broker``: a client of the broker's Redis (default: the ledger's), whose queues' lengths
-    tell a lost trigger (an event waiting on an empty queue)."""
+    tell a lost trigger (an event waiting on an empty queue). With metrics on, the queues'
+    gauges are set (``stalls`` keeps what the last pass saw)."""
     routing = settings.routing
     depths = queue_depths(ledger.client if broker is None else broker, routing)
     now_s, first, second = ledger.sweep(
@@ -110,8 +142,11 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str
     if metrics.ENABLED:
         metrics.M.sweeper.labels("retry_triggers_sent").inc(retries)
         metrics.M.sweeper.labels("attempt1_triggers_resent").inc(resent)
+        stalls = stalls or QueueStalls()
+        marks = watermarks(ledger, routing.queues)
         for queue, depth in depths.items():
             metrics.M.queue_depth.labels(queue).set(depth)
+            metrics.M.queue_stalled.labels(queue).set(stalls.stalled_s(queue, depth, marks[queue], now_s))
     if resent:
         get_logger().warning("resent_lost_triggers", attempt=1, events=resent, queues=sorted(first))
     return resent + retries
@@ -127,6 +162,7 @@ class Sweeper:
         self._stop = threading.Event()
         self._next_backlog_gauges = 0.0
         self._parked_labels: set[str] = set()
+        self._stalls = QueueStalls()
         self._thread = threading.Thread(target=self._run, name="cgrid-sweeper", daemon=True)
 
     def start(self) -> None:
@@ -148,7 +184,7 @@ class Sweeper:
                 buyers = self.buyers.config.buyers
                 paused = {b: own.max_age_s or self.settings.event_max_age_s for b, own in buyers.items() if own.paused}
                 delays = {b: own.retry_delay_s for b, own in buyers.items() if own.retry_delay_s is not None}
-                sent = sweep_once(self.app, self.ledger, self.settings, paused, delays, self.broker)
+                sent = sweep_once(self.app, self.ledger, self.settings, paused, delays, self.broker, self._stalls)
                 if metrics.ENABLED and time.monotonic() >= self._next_backlog_gauges:
                     self._next_backlog_gauges = time.monotonic() + BACKLOG_GAUGES_S
                     self._parked_labels = backlog_gauges(self.ledger, self._parked_labels)
