@@ -1,9 +1,10 @@
 """``make bench BENCH_ARGS=--cluster``: Redis CPU per event with the ledger on a Redis Cluster
 (three primaries with a replica each, the broker on a Redis of its own) against one Redis
-(broker and ledger), in the same session, alternating. Each run: a fresh Redis (or cluster),
-an archiver and two solo workers as ``make run`` starts them; the events are published while
-the workers run; Redis CPU (``INFO cpu``, system + user) is read before publishing and once
-every event is final and archived. Measures and prints; asserts nothing."""
+(broker and ledger), alone and with a replica it waits for, in the same session, alternating.
+Each run: a fresh Redis (or cluster), an archiver and two solo workers as ``make run`` starts
+them; the events are published while the workers run; Redis CPU (``INFO cpu``, system + user)
+is read before publishing and once every event is final and archived. Measures and prints;
+asserts nothing."""
 
 from __future__ import annotations
 
@@ -41,13 +42,21 @@ def events(n: int, port: int, run: str) -> list[dict[str, Any]]:
              "macros": {"AUCTION_PRICE": 1.25 + i % 7}} for i in range(n)]
 
 
+MODES = ("single", "replica", "cluster")
+
+
 def one_run(mode: str, n: int, buyer: Buyer, workdir: Path, extra: dict[str, str]) -> dict[str, Any]:
-    """One fleet over a fresh single Redis or cluster; Redis CPU per 1,000 events."""
+    """One fleet over a fresh single Redis (``single``), one Redis with a replica the accepts
+    and claims wait for (``replica``: a Sentinel deployment's primary, as the cluster's
+    primaries are), or a cluster; Redis CPU per 1,000 events, of the primaries only."""
     broker = RedisServer(workdir / f"{mode}-broker").start()
+    replica = (RedisServer(workdir / f"{mode}-replica", extra_args=["--replicaof", "127.0.0.1", str(broker.port)])
+               .start() if mode == "replica" else None)
     cluster = Cluster(workdir / f"{mode}-cluster", start_port=38000).start() if mode == "cluster" else None
+    waits = {"CGRID_REDIS_WAIT_REPLICAS": "1", "CGRID_REDIS_WAIT_TIMEOUT_MS": "200"} if replica else {}
     env = fleet_env(cluster.url if cluster else broker.url,
                     {**({"CGRID_REDIS_CLUSTER": "1", "CGRID_BROKER_URL": broker.url,
-                         "CGRID_REDIS_WAIT_TIMEOUT_MS": "200"} if cluster else {}), **extra})
+                         "CGRID_REDIS_WAIT_TIMEOUT_MS": "200"} if cluster else waits), **extra})
     settings = Settings.from_env(env)
     ledger = ledger_for(settings, long_lived_client(settings))
     primaries = cluster.primaries() if cluster else [broker.port]
@@ -95,6 +104,8 @@ def one_run(mode: str, n: int, buyer: Buyer, workdir: Path, extra: dict[str, str
             log.close()
         if cluster:
             cluster.stop()
+        if replica:
+            replica.stop()
         broker.stop()
 
 
@@ -104,15 +115,18 @@ def run_cluster_bench(n: int, rounds: int, extra: dict[str, str]) -> dict[str, A
     try:
         with tempfile.TemporaryDirectory(prefix="cgrid-bench-cluster-") as tmp:
             for index in range(rounds):
-                for mode in ("single", "cluster"):
+                for mode in MODES:
                     result = one_run(mode, n, buyer, Path(tmp) / f"r{index}", extra)
                     print(f"  {mode:8} {result}", flush=True)
                     runs.append(result)
     finally:
         buyer.stop()
-    pairs = [(runs[i], runs[i + 1]) for i in range(0, len(runs), 2)]
-    ratios = [round(c["redis_cpu_s_per_1000"] / s["redis_cpu_s_per_1000"], 2) for s, c in pairs]
-    return {"buyer": buyer.kind, "runs": runs, "cluster_to_single": ratios}
+    rounds_ = [runs[i:i + len(MODES)] for i in range(0, len(runs), len(MODES))]
+    return {"buyer": buyer.kind, "runs": runs,
+            "cluster_to_single": [round(c["redis_cpu_s_per_1000"] / s["redis_cpu_s_per_1000"], 2)
+                                  for s, _, c in rounds_],
+            "cluster_to_replicated": [round(c["redis_cpu_s_per_1000"] / r["redis_cpu_s_per_1000"], 2)
+                                      for _, r, c in rounds_]}
 
 
 def print_cluster(result: dict[str, Any]) -> None:
@@ -121,4 +135,5 @@ def print_cluster(result: dict[str, Any]) -> None:
         extra = f", + broker {run['broker_cpu_s_per_1000']}" if run["broker_cpu_s_per_1000"] is not None else ""
         print(f"  {run['mode']:8} {run['redis_cpu_s_per_1000']} over {run['primaries']} primar"
               f"{'y' if run['primaries'] == 1 else 'ies'}{extra}; {run['rate']}/s")
-    print(f"  cluster (primaries' sum) / one Redis, per pair: {result['cluster_to_single']}")
+    print(f"  cluster (primaries' sum) / one Redis, per round: {result['cluster_to_single']}")
+    print(f"  cluster (primaries' sum) / one Redis with a replica it waits for: {result['cluster_to_replicated']}")
