@@ -40,7 +40,7 @@ import redis
 from archive.files import GROUP, archive_line, as_text, ensure_group, file_for, recover_tail, stream_key
 from cgrid.errors import ArchiveError
 from cgrid.ledger import PREFIX, Ledger
-from cgrid.ledger.partitions import PartitionedLedger, ledger_for
+from cgrid.ledger.partitions import ledger_for
 from cgrid.logs import get_logger
 from cgrid.redis_conn import long_lived_client
 from cgrid.redis_replies import log_redis_error
@@ -324,12 +324,12 @@ def run_archiver(settings: Settings, root: Path, name: str) -> int:
         raise ArchiveError(f"--name: {name!r} is not a usable file name")
     client = long_lived_client(settings)
     ledger = ledger_for(settings, client)
-    if isinstance(ledger, PartitionedLedger):
+    if len(ledger.keyspaces) > 1:
         # One stream per partition: an archiver each, taking turns, each with files of its own
         # (<day>/<name>.<tag>.jsonl) and its entries marked with the partition's tag.
-        archivers = [Archiver(client, root, f"{name}.{part.tag}", claim_idle_s=settings.archive_claim_idle_s,
-                              prefix=part.prefix, block_ms=None, entry_prefix=f"{part.tag}/")
-                     for part in ledger.parts]
+        archivers = [Archiver(client, root, f"{name}.{tag}", claim_idle_s=settings.archive_claim_idle_s,
+                              prefix=prefix, block_ms=None, entry_prefix=f"{tag}/")
+                     for prefix, tag in ledger.keyspaces]
     else:
         archivers = [Archiver(client, root, name, claim_idle_s=settings.archive_claim_idle_s)]
     opened: list[Archiver] = []

@@ -16,7 +16,7 @@ from cgrid.buyers import BuyersFile
 from cgrid.errors import CgridError, InvalidEvent, PublishFailed, RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import POISON_LIST_KEY, WAIT_DETAILS, Counter, Ledger, WaitReason
-from cgrid.ledger.partitions import PartitionedLedger, ledger_for
+from cgrid.ledger.partitions import ledger_for
 from cgrid.price_crypto import PriceCryptoError, decrypt
 from cgrid.redis_conn import mask_url, redis_client
 from cgrid.settings import Settings
@@ -238,8 +238,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     output = "json" if args.json else "csv" if args.csv else "plain"
     ledger = _ledger(settings)
     # The ledger's keyspaces: one, or a cluster's partitions (their archive entries carry the tag).
-    keyspaces = ([(part.prefix, f"{part.tag}/") for part in ledger.parts] if isinstance(ledger, PartitionedLedger)
-                 else [(ledger.prefix, "")])
+    keyspaces = [(prefix, f"{tag}/" if tag else "") for prefix, tag in ledger.keyspaces]
     return run(ledger.client, Path(settings.archive_path), file=args.file, buyer=args.buyer,
                day=args.date, kind=args.kind, output=output, threshold_pct=args.threshold, keyspaces=keyspaces)
 

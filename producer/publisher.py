@@ -43,7 +43,7 @@ from cgrid.broker import make_celery, send_deliver
 from cgrid.errors import CgridError, PublishFailed, RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import Ledger, NotReplicated
-from cgrid.ledger.partitions import PartitionedLedger, ledger_for
+from cgrid.ledger.partitions import ledger_for
 from cgrid.redis_conn import mask_url, redis_client
 from cgrid.redis_replies import is_full
 from cgrid.settings import Settings
@@ -239,7 +239,7 @@ class Publisher:
         attempts of a group of buyers have a queue of their own: cgrid/routing.py) and, on a
         Redis Cluster, one partition of the ledger (one accept script, one claim per trigger)."""
         size = self.batch_size
-        partitioned = isinstance(self._ledger, PartitionedLedger)
+        partitioned = len(self._ledger.keyspaces) > 1
         if not self._routing.grouped and not partitioned:
             queue = self._routing.deliver_queue
             return [(queue, events[start:start + size]) for start in range(0, len(events), size)]

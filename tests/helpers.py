@@ -53,6 +53,21 @@ def wait_for(condition: Callable[[], T], timeout_s: float = 20.0, what: str = "c
         time.sleep(0.05)
 
 
+TERMINAL_STATES = frozenset({"delivered", "failed", "rejected", "expired"})
+
+
+def wait_final(ledger: Any, ids: list[str], timeout_s: float = 30.0,
+               what: str = "every event to reach a terminal state") -> dict[str, dict[str, Any]]:
+    """Poll the ledger until every id's record is final; returns the records."""
+    def done() -> dict[str, dict[str, Any]] | None:
+        records = {i: ledger.record(i) for i in ids}
+        if all(r is not None and r["state"] in TERMINAL_STATES for r in records.values()):
+            return records  # type: ignore[return-value]
+        return None
+
+    return wait_for(done, timeout_s, what)
+
+
 def get_json(url: str) -> Any:
     """GET a JSON document from a loopback URL (Flower's API); None while it does not answer."""
     try:

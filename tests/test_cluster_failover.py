@@ -25,7 +25,7 @@ from cgrid.settings import Settings
 from ops.mock_dsp import MockDspServer
 from producer import Publisher
 from tests.cluster import Cluster
-from tests.helpers import WorkerProcess, fleet_env, wait_for
+from tests.helpers import WorkerProcess, fleet_env, wait_final, wait_for
 
 pytestmark = pytest.mark.integration
 TERMINAL = {"delivered", "failed", "rejected", "expired"}
@@ -110,9 +110,4 @@ def fail_over_while_publishing(cluster: Cluster, settings: Settings, dsp: MockDs
         stop.set()
         thread.join(timeout=60)
     ledger = PartitionedLedger(long_lived_client(settings))
-
-    def all_ended() -> dict[str, dict[str, Any]] | None:
-        records = {i: ledger.record(i) for i in accepted}
-        return records if all(r and r["state"] in TERMINAL for r in records.values()) else None  # type: ignore[return-value]
-
-    return accepted, refused, victim, wait_for(all_ended, 120, "every accepted event to end")
+    return accepted, refused, victim, wait_final(ledger, accepted, 120, "every accepted event to end")

@@ -29,7 +29,7 @@ from cgrid.redis_server import RedisServer, find_redis_server, free_port
 from cgrid.settings import Settings
 from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from tests.helpers import WorkerProcess, fleet_env, wait_for
+from tests.helpers import WorkerProcess, fleet_env, wait_final, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -185,11 +185,7 @@ def test_failover_while_events_flow_loses_no_accepted_event_and_never_calls_thre
     try:
         ledger = Ledger(redis_client(settings, socket_timeout_s=2, socket_connect_timeout_s=2))
 
-        def all_ended() -> dict[str, dict[str, Any]] | None:
-            records = {i: ledger.record(i) for i in accepted}
-            return records if all(r and r["state"] in TERMINAL for r in records.values()) else None  # type: ignore[return-value]
-
-        records = wait_for(all_ended, 90, "every accepted event to end")
+        records = wait_final(ledger, accepted, 90, "every accepted event to end")
     finally:
         worker.stop()
     calls = Counter(call["target"].split("e=", 1)[1] for call in dsp.log.snapshot() if "e=" in call["target"])
@@ -263,11 +259,7 @@ def test_a_planned_failover_loses_no_outcome_and_repeats_no_successful_call(
     try:
         ledger = Ledger(redis_client(settings, socket_timeout_s=2, socket_connect_timeout_s=2))
 
-        def all_ended() -> dict[str, dict[str, Any]] | None:
-            records = {i: ledger.record(i) for i in accepted}
-            return records if all(r and r["state"] in TERMINAL for r in records.values()) else None  # type: ignore[return-value]
-
-        records = wait_for(all_ended, 90, "every accepted event to end")
+        records = wait_final(ledger, accepted, 90, "every accepted event to end")
         time.sleep(3)  # a retry the ledger wrongly scheduled would be called by now
         # What the worker kept is let go once a replica of the new primary holds it.
         kept = "outcomes_not_replicated" in worker.log_text()

@@ -19,7 +19,7 @@ from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
 from ops.mock_dsp import MockDspServer
 from producer import Publisher
-from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_for
+from tests.helpers import ROOT, WorkerProcess, fleet_env, wait_final, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,14 +65,6 @@ def calls_by_event(dsp: MockDspServer) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def wait_terminal(ledger: Ledger, ids: list[str], timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
-    def done() -> dict[str, dict[str, Any]] | None:
-        records = {i: ledger.record(i) for i in ids}
-        if all(r is not None and r["state"] in TERMINAL for r in records.values()):
-            return records  # type: ignore[return-value]
-        return None
-
-    return wait_for(done, timeout_s, "every event to reach a terminal state")
 
 
 def test_every_status_class_over_real_http(fleet: dict[str, Any], dsp: MockDspServer) -> None:
@@ -92,7 +84,7 @@ def test_every_status_class_over_real_http(fleet: dict[str, Any], dsp: MockDspSe
         # The same ids again (a replayed upstream batch): delivered once.
         assert publisher.publish_many(list(events.values())[:3]) == ids[:3]
     ledger = Ledger(redis.Redis.from_url(fleet["settings"].redis_url))
-    records = wait_terminal(ledger, ids)
+    records = wait_final(ledger, ids)
     calls = calls_by_event(dsp)
 
     for event_id, path in paths.items():
@@ -132,7 +124,7 @@ def test_headers_reach_the_buyer(fleet: dict[str, Any], dsp: MockDspServer) -> N
     ]
     with Publisher(fleet["settings"]) as publisher:
         ids = publisher.publish_many(events)
-    wait_terminal(Ledger(redis.Redis.from_url(fleet["settings"].redis_url)), ids)
+    wait_final(Ledger(redis.Redis.from_url(fleet["settings"].redis_url)), ids)
     calls = calls_by_event(dsp)
     for event_id in ids:
         [call] = calls[event_id]

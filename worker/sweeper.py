@@ -19,7 +19,6 @@ from cgrid import metrics
 from cgrid.broker import send_deliver
 from cgrid.buyers import BuyersFile
 from cgrid.ledger import Ledger
-from cgrid.ledger.partitions import PartitionedLedger
 from cgrid.logs import get_logger
 from cgrid.redis_replies import log_redis_error
 from cgrid.routing import Routing
@@ -87,7 +86,7 @@ def queue_depths(broker: redis.Redis, routing: Routing) -> dict[str, int]:
 def watermarks(ledger: Ledger, queues: tuple[str, ...]) -> dict[str, float]:
     """Per queue, its watermark: the newest ``sent_at`` of a trigger a worker started from it
     (0 if none ever was), over every keyspace of the ledger (a cluster's partitions)."""
-    prefixes = [part.prefix for part in ledger.parts] if isinstance(ledger, PartitionedLedger) else [ledger.prefix]
+    prefixes = [prefix for prefix, _ in ledger.keyspaces]
     pipe = ledger.client.pipeline(transaction=False)
     for prefix in prefixes:
         for queue in queues:

@@ -270,6 +270,12 @@ class Ledger:
         with_flags, without = self._scripts[name]
         return with_flags if self._with_flags else without
 
+    @property
+    def keyspaces(self) -> list[tuple[str, str]]:
+        """(key prefix, partition tag) of each keyspace: one, untagged (a cluster's ledger has
+        one per partition: cgrid/ledger/partitions.py)."""
+        return [(self.prefix, "")]
+
     def partition_of(self, event_id: str) -> int:
         """The partition an event's keys live in: one keyspace, partition 0 (a cluster's
         ledger has several: cgrid/ledger/partitions.py)."""

@@ -88,6 +88,10 @@ class PartitionedLedger(Ledger):
     def replica_shortfalls(self, value: int) -> None:
         pass  # counted per partition
 
+    @property
+    def keyspaces(self) -> list[tuple[str, str]]:
+        return [(part.prefix, part.tag) for part in self.parts]
+
     def partition_of(self, event_id: str) -> int:
         return partition_of(event_id, len(self.parts))
 
@@ -148,8 +152,7 @@ class PartitionedLedger(Ledger):
             for (position, _), state in zip(group, part_states, strict=True):
                 states[position] = state
         if unreplicated is not None:
-            error = NotReplicated(str(unreplicated), states)
-            raise error
+            raise NotReplicated(str(unreplicated), states)
         return states
 
     def park(self, parks: list[Park]) -> list[bool]:
