@@ -1,11 +1,14 @@
 """Bare loops: the s2s calls of a list of events, no queue, no ledger. One process of the
 benchmark's loops; ``bench.run`` starts one per core.
 
-    python -m bench.ceiling --mode urllib3|pycurl --concurrency N --events FILE
+    python -m bench.ceiling --mode urllib3|pycurl|bare --concurrency N --events FILE
 
 ``urllib3`` is a blocking loop over urllib3 (the previous engine's client), N OS threads
 (N=1 is a plain loop). ``pycurl`` is the worker's own call (``delivery.http_client.Transfer``:
-guard, headers, deadline) on a bare libcurl multi loop with N transfers in flight. Prints
+guard, headers, deadline) on a bare libcurl multi loop with N transfers in flight. ``bare``
+is a bare libcurl call: plain ``pycurl.Curl`` handles given the URL, the headers and a
+deadline, on the same multi loop, URLs and headers made before the clock starts: what one
+call costs libcurl and the interpreter at the least, the unit of issue 17's ratio. Prints
 one JSON line: calls answered, loop seconds and CPU seconds.
 """
 
@@ -19,6 +22,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import pycurl
 import urllib3
@@ -54,9 +58,31 @@ def urllib3_loop(events: list[Event], concurrency: int, timeout_s: float) -> int
     return answered
 
 
-def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:
+class BareTransfer:
+    """A plain easy handle: the URL, the headers, a deadline; the answer's body discarded."""
+
+    def __init__(self) -> None:
+        curl = self.curl = pycurl.Curl()
+        curl.transfer = self
+        curl.setopt(pycurl.NOSIGNAL, 1)
+        curl.setopt(pycurl.WRITEFUNCTION, len)
+        self.call: tuple[str, list[str]] = ("", [])
+
+    def prepare(self, url: str, headers: list[str], timeout_s: float) -> None:
+        self.curl.setopt(pycurl.URL, url)
+        self.curl.setopt(pycurl.HTTPHEADER, headers)
+        self.curl.setopt(pycurl.TIMEOUT_MS, int(timeout_s * 1000))
+
+    def answered(self, errno: int) -> bool:
+        return errno == 0 and self.curl.getinfo(pycurl.RESPONSE_CODE) > 0
+
+
+def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float,
+                bare_calls: list[tuple[str, list[str]]] | None = None) -> int:
     """The bare multi loop: ``socket_action`` over epoll, as the engine drives it (select()
-    would break past 1,024 sockets)."""
+    would break past 1,024 sockets). ``bare_calls``: these (URL, header lines) instead of
+    ``events``, on plain handles (:class:`BareTransfer`)."""
+    bare = bare_calls is not None
     client = make_client(parse_networks("127.0.0.0/8"))
     multi = pycurl.CurlMulti()
     selector = selectors.DefaultSelector()
@@ -79,13 +105,16 @@ def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:
 
     multi.setopt(pycurl.M_SOCKETFUNCTION, on_socket)
     multi.setopt(pycurl.M_TIMERFUNCTION, on_timer)
-    free = [Transfer(client) for _ in range(concurrency)]
-    todo = deque(events)
+    free: list[Any] = [BareTransfer() if bare else Transfer(client) for _ in range(concurrency)]
+    todo: deque[Any] = deque(bare_calls) if bare_calls is not None else deque(events)
     running = answered = 0
     while todo or running:
         while todo and free:
-            event, transfer = todo.popleft(), free.pop()
-            transfer.prepare(event.target_url(), header_lines(build_headers(event)), timeout_s)
+            item, transfer = todo.popleft(), free.pop()
+            if bare:
+                transfer.prepare(item[0], item[1], timeout_s)
+            else:
+                transfer.prepare(item.target_url(), header_lines(build_headers(item)), timeout_s)
             multi.add_handle(transfer.curl)
             running += 1
         at = timer_at[0]
@@ -105,7 +134,7 @@ def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:
         while True:
             queued, ok, failed = multi.info_read()
             for curl, errno in [(c, 0) for c in ok] + [(c, e) for c, e, _ in failed]:
-                if curl.transfer.result(errno).status is not None:
+                if curl.transfer.answered(errno) if bare else curl.transfer.result(errno).status is not None:
                     answered += 1
                 multi.remove_handle(curl)
                 free.append(curl.transfer)
@@ -117,15 +146,18 @@ def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ceiling")
-    parser.add_argument("--mode", choices=["urllib3", "pycurl"], required=True)
+    parser.add_argument("--mode", choices=["urllib3", "pycurl", "bare"], required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--events", type=Path, required=True, help="file of event JSON lines")
     parser.add_argument("--timeout-s", type=float, default=2.0)
     args = parser.parse_args()
     events = [Event.from_json(line) for line in args.events.read_text().splitlines() if line]
-    loop = urllib3_loop if args.mode == "urllib3" else pycurl_loop
+    bare_calls = [(e.target_url(), header_lines(build_headers(e))) for e in events] if args.mode == "bare" else None
     started, cpu0 = time.perf_counter(), time.process_time()
-    answered = loop(events, args.concurrency, args.timeout_s)
+    if args.mode == "urllib3":
+        answered = urllib3_loop(events, args.concurrency, args.timeout_s)
+    else:
+        answered = pycurl_loop(events, args.concurrency, args.timeout_s, bare_calls)
     print(json.dumps({"calls": len(events), "answered": answered, "seconds": time.perf_counter() - started,
                       "cpu_s": time.process_time() - cpu0}))
 

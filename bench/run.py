@@ -53,6 +53,18 @@ ARCHIVE_CATCH_UP_S = 60.0  # how long the bench waits for the archiver to write 
 # -- processes and their costs ----------------------------------------------------------------
 
 
+def code_commit(code: Path) -> str:
+    """The short commit of the checkout ``code`` (the results file's name shows it)."""
+    return subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+
+
+def code_env(env: dict[str, str], code: Path) -> dict[str, str]:
+    """``env`` for a fleet process run from the checkout ``code`` (``--code``: an older commit's
+    worktree, to compare it with this one in the same run): its packages come first."""
+    return env if code == ROOT else {**env, "PYTHONPATH": str(code)}
+
+
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -175,7 +187,7 @@ class Fleet:
     default -c), or, for the threads and solo pools (one core each), one worker per core."""
 
     def __init__(self, env: dict[str, str], pool: str, processes: int, workdir: Path, slots: int | None = None,
-                 metrics: bool = False):
+                 metrics: bool = False, code: Path = ROOT):
         instances = 1 if pool == "prefork" else processes
         self.logs = [open(workdir / f"cgrid-worker-{time.time():.0f}-{i}.log", "wb") for i in range(instances)]
         self.processes = []
@@ -188,7 +200,7 @@ class Fleet:
                 args += ["-c", str(slots)]
             # --metrics: Prometheus metrics on, each worker on a port of its own (nobody scrapes them)
             own_env = {**env, "CGRID_METRICS_PORT": str(free_port())} if metrics else env
-            self.processes.append(subprocess.Popen(args, cwd=ROOT, env=own_env, stdout=log,
+            self.processes.append(subprocess.Popen(args, cwd=code, env=code_env(own_env, code), stdout=log,
                                                    stderr=subprocess.STDOUT, start_new_session=True))
         for log in self.logs:
             log_path = Path(log.name)
@@ -217,14 +229,14 @@ class Archiver:
 
     NAME = "bench"
 
-    def __init__(self, env: dict[str, str], root: Path, client: redis.Redis):
+    def __init__(self, env: dict[str, str], root: Path, client: redis.Redis, code: Path = ROOT):
         self.root = root
         self.client = client
         self.log = open(root.with_name(root.name + ".log"), "wb")
         # INFO: its start, its minute's progress and its stop (with the lines written) in the log.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ops.cli", "archive", "--dir", str(root), "--name", self.NAME],
-            cwd=ROOT, env={**env, "CGRID_LOG_LEVEL": "INFO"}, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=code, env=code_env({**env, "CGRID_LOG_LEVEL": "INFO"}, code), stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
         key = stream_key()
         if not wait_until(lambda: self.process.poll() is not None or client.exists(key) == 1, 60):
@@ -298,14 +310,25 @@ def attempt_end_s(attempt: dict[str, Any]) -> float:
 
 def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: str, processes: int,
               workdir: Path, client: redis.Redis, buyer: Buyer, latency: bool = True,
-              archiver: bool = True, metrics: bool = False) -> dict[str, Any]:
+              archiver: bool = True, metrics: bool = False, arrival_rate: float = 0.0,
+              code: Path = ROOT) -> dict[str, Any]:
     """Publish ``events``, then deliver them with a fleet as ``make run`` starts it: one worker
     per core and, unless ``archiver`` is false, an archiver (started first: the stream must
-    exist before the first record becomes final, or that record is not archived)."""
+    exist before the first record becomes final, or that record is not archived).
+    ``arrival_rate``: the fleet runs first and the events arrive while it does, published by
+    another process at that rate (:func:`run_arriving`). ``code``: the checkout the fleet's
+    processes run from."""
     settings = Settings.from_env(settings_env)
     client.flushall()
     used0 = int(client.info("memory")["used_memory"])
-    archive = Archiver(settings_env, workdir / f"archive-{time.time():.0f}", client) if archiver else None
+    archive = Archiver(settings_env, workdir / f"archive-{time.time():.0f}", client, code) if archiver else None
+    if arrival_rate:
+        try:
+            return run_arriving(events, settings, settings_env, pool, processes, workdir, client, buyer, archive,
+                                used0, arrival_rate, code, metrics)
+        finally:
+            if archive:
+                archive.stop()
     try:
         redis_cpu_publish0 = redis_cpu_s(client)
         with Publisher(settings) as publisher:
@@ -318,7 +341,7 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
         redis_cpu0 = redis_cpu_s(client)
         redis_cpu_publish = redis_cpu0 - redis_cpu_publish0
         archiver_cpu0 = archive.cpu() if archive else 0.0
-        fleet = Fleet(settings_env, pool, processes, workdir, metrics=metrics)
+        fleet = Fleet(settings_env, pool, processes, workdir, metrics=metrics, code=code)
         try:
             result = measure_fleet(events, settings, fleet, client, buyer, archive, used0, redis_cpu0,
                                    archiver_cpu0, latency)
@@ -344,6 +367,45 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
     finally:
         if archive:
             archive.stop()
+
+
+def run_arriving(events: list[dict[str, Any]], settings: Settings, settings_env: dict[str, str], pool: str,
+                 processes: int, workdir: Path, client: redis.Redis, buyer: Buyer, archive: Archiver | None,
+                 used0: int, arrival_rate: float, code: Path, metrics: bool) -> dict[str, Any]:
+    """The fleet as it runs in production: workers (and archiver) up first, the events
+    published while they run, by another process (``bench/arrivals.py``, from ``code``) at
+    ``arrival_rate`` per second. Redis's CPU then includes publishing (the accept script,
+    the triggers); the publisher's own CPU is reported apart (it is the auction server's)."""
+    path = workdir / f"arrivals-{time.time():.0f}.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in events))
+    fleet = Fleet(settings_env, pool, processes, workdir, metrics=metrics, code=code)
+    try:
+        redis_cpu0 = redis_cpu_s(client)
+        archiver_cpu0 = archive.cpu() if archive else 0.0
+        publisher = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "arrivals.py"), "--events", str(path), "--rate", str(arrival_rate)],
+            cwd=code, env={**settings_env, "PYTHONPATH": str(code)}, stdout=subprocess.PIPE)
+        result = measure_fleet(events, settings, fleet, client, buyer, archive, used0, redis_cpu0, archiver_cpu0,
+                               latency=False)
+        published = json.loads(publisher.communicate(timeout=600)[0])
+        result.update(arrivals=published, arrival_rate=arrival_rate, pool=pool, processes=processes,
+                      redis_includes_publishing=True,
+                      publisher_cpu_s_per_1000=round(published["cpu_s"] / len(events) * 1000, 3))
+        if archive:
+            wait_until(archive.caught_up, ARCHIVE_CATCH_UP_S, 0.1)
+    finally:
+        fleet.stop()
+    if archive:
+        finished = terminal_count(client)
+        backlog = archive.backlog()
+        exit_code = archive.stop()
+        lines, distinct = archive.lines()
+        result["archive"].update(
+            finished=finished, lines=lines, distinct_ids=distinct, exit_code=exit_code,
+            backlog_at_stop=backlog[0] if backlog else None,
+            oldest_unwritten_s=round(backlog[1], 1) if backlog else None,
+            caught_up=bool(backlog and backlog[0] == 0 and lines == finished == distinct))
+    return result
 
 
 def measure_fleet(events: list[dict[str, Any]], settings: Settings, fleet: Fleet, client: redis.Redis,
@@ -495,9 +557,24 @@ def run_publish(settings: Settings, client: redis.Redis, n: int = 100_000, with_
 # -- the whole benchmark -----------------------------------------------------------------------
 
 
+def fleet_cost(g: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
+    """The fleet's CPU per event in CPU ms (= CPU s per 1,000): workers, Redis (delivering,
+    archiving and publishing) and archiver; and that over a bare libcurl call's."""
+    redis_ms = g["redis_cpu_s_per_1000"] + (0.0 if g.get("redis_includes_publishing")
+                                            else g["redis_cpu_s_per_1000_publish"])
+    archiver_ms = g["archive"]["cpu_s_per_1000"] if g.get("archive") else 0.0
+    total = g["cpu_s_per_1000"] + redis_ms + archiver_ms
+    return {"workers_ms": g["cpu_s_per_1000"], "redis_ms": round(redis_ms, 3), "archiver_ms": archiver_ms,
+            "fleet_ms": round(total, 3), "rate": g["rate"],
+            "x_bare_call": round(total / bare["cpu_s_per_1000"], 2) if bare["cpu_s_per_1000"] else None}
+
+
 def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: RedisServer,
-             settings_extra: dict[str, str], archiver: bool = True, metrics: bool = False) -> dict[str, Any]:
+             settings_extra: dict[str, str], archiver: bool = True, metrics: bool = False,
+             arrival_rate: float = 0.0, code: Path = ROOT) -> dict[str, Any]:
     processes = os.cpu_count() or 2
+    arriving: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = None
     timeout_s = 2.0
     extra = {"CGRID_TIMEOUT_S": str(timeout_s), **settings_extra}
     env = fleet_env(server.url, extra)
@@ -518,14 +595,27 @@ def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: 
         naive = run_naive(make_events(n_naive, buyer.port, f"naive{time.time():.0f}"), processes, server.url,
                           workdir)
         print(f"[{name}] naive {naive['rate']}/s; cgrid-s2s...", flush=True)
-        cgrid = run_cgrid(events, env, pool, processes, workdir, client, buyer, archiver=archiver, metrics=metrics)
+        cgrid = run_cgrid(events, env, pool, processes, workdir, client, buyer, archiver=archiver, metrics=metrics,
+                          code=code)
         print(f"[{name}] cgrid-s2s {cgrid['rate']}/s", flush=True)
+        if name == "fast":
+            # Issue 17's unit: a bare libcurl call, one process, 100 in flight; and the fleet
+            # with the events arriving while it runs (publishing's Redis CPU included).
+            bare = run_ceiling_loop(events, 1, "bare", 100, workdir, buyer)
+            print(f"[{name}] bare libcurl call {bare['cpu_s_per_1000']} CPU ms; events arriving at "
+                  f"{arrival_rate}/s...", flush=True)
+            arriving = run_cgrid(make_events(n, buyer.port, f"arr{time.time():.0f}"), env, pool, processes, workdir,
+                                 client, buyer, latency=False, archiver=archiver, metrics=metrics,
+                                 arrival_rate=arrival_rate, code=code)
+            cost = {"bare_call_cpu_ms": bare["cpu_s_per_1000"], "bare_loop": bare,
+                    "events_published_first": fleet_cost(cgrid, bare), "events_arriving": fleet_cost(arriving, bare)}
     finally:
         buyer.stop()
     # The bound holds where CPU limits the rate: the fast buyer.
     bound = cpu_bound(ceiling, cgrid, processes) if name == "fast" else None
     urllib3_loop = next(t for t in ceiling["tried"] if t["mode"] == "urllib3")
     return {"scenario": name, "buyer": buyer.kind, "ceiling": ceiling, "naive": naive, "cgrid": cgrid,
+            "cgrid_arriving": arriving, "cost_per_event": cost, "code": str(code),
             "cpu_bound": bound, "ratio_to_ceiling": round(cgrid["rate"] / ceiling["rate"], 2),
             "ratio_to_urllib3_loop": round(cgrid["rate"] / urllib3_loop["rate"], 2),
             "ratio_to_naive": round(cgrid["rate"] / naive["rate"], 1)}
@@ -629,6 +719,18 @@ def print_table(results: list[dict[str, Any]], publish: list[dict[str, Any]] | N
             print(f"{'':10} {'':10} a fleet adding no CPU to its libcurl calls: at most {b['rate']}/s "
                   f"({b['ratio_to_ceiling']}x ceiling) = {b['cores']} cores / "
                   f"{b['cpu_s_per_1000']} CPU s/1k (pycurl loop + its buyer + Redis)")
+        if r.get("cost_per_event"):
+            k = r["cost_per_event"]
+            for label, key in (("published first", "events_published_first"), ("arriving", "events_arriving")):
+                f = k[key]
+                print(f"{'':10} {'':10} CPU ms per event, {label}: workers {f['workers_ms']} + Redis {f['redis_ms']} "
+                      f"(publishing included) + archiver {f['archiver_ms']} = {f['fleet_ms']} = "
+                      f"{f['x_bare_call']}x a bare libcurl call ({k['bare_call_cpu_ms']} CPU ms; 1 proc x 100 in "
+                      f"flight); {f['rate']}/s")
+            a = r["cgrid_arriving"]
+            print(f"{'':10} {'':10} arriving: {a['arrivals']['rate']}/s published (asked {a['arrival_rate']:.0f}/s; "
+                  f"publisher CPU {a['publisher_cpu_s_per_1000']} ms/event, not in the fleet's), states {a['states']}, "
+                  f"{archive_summary(a)}")
         lat = g["latency"]
         print(f"{'':10} {'':10} publish->first attempt done at {lat['rate']}/s: p50 {lat['p50_ms']} ms, "
               f"p99 {lat['p99_ms']} ms; calls with an answer: p99 {lat['p99_answered_ms'] or '-'} ms "
@@ -670,6 +772,12 @@ def main() -> int:
     parser.add_argument("--no-archiver", action="store_true",
                         help="run the fleet without its archiver (make run starts one): the archive stream is not "
                              "made, so the ledger scripts add nothing to it")
+    parser.add_argument("--arrival-rate", type=float, default=6000.0,
+                        help="fast scenario: events per second published while the fleet runs, for the CPU per event "
+                             "with events arriving (one publisher process, bench/arrivals.py)")
+    parser.add_argument("--code", type=Path, default=ROOT,
+                        help="run the fleet (workers, archiver, publisher) from this checkout: an older commit's "
+                             "worktree, to compare it with this one in one sitting")
     parser.add_argument("--metrics", action="store_true",
                         help="the fleet's workers record Prometheus metrics (CGRID_METRICS_PORT, a free port each)")
     args = parser.parse_args()
@@ -712,7 +820,8 @@ def main() -> int:
                 n_naive = args.naive_events if name == "fast" else max(args.naive_events // 10, 200)
                 results.append(scenario(name, n, n_naive, args.pool, workdir, server,
                                         dict(item.split("=", 1) for item in args.set),
-                                        archiver=not args.no_archiver, metrics=args.metrics))
+                                        archiver=not args.no_archiver, metrics=args.metrics,
+                                        arrival_rate=args.arrival_rate, code=args.code.resolve()))
         finally:
             server.stop()
     if results or publish:
@@ -728,7 +837,8 @@ def main() -> int:
         for label, run in b["runs"].items():
             print(f"  {label}: {archive_summary(run)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    tag = "" if args.code.resolve() == ROOT else "-" + code_commit(args.code.resolve())
+    out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}{tag}.json"
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                            "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
                                "args": sys.argv[1:], "archiver": not args.no_archiver, "metrics": args.metrics,
