@@ -1,7 +1,7 @@
 """Bare loops: the s2s calls of a list of events, no queue, no ledger. One process of the
 benchmark's loops; ``bench.run`` starts one per core.
 
-    python -m bench.ceiling --mode urllib3|pycurl --concurrency N --events FILE
+    python -m bench.ceiling --mode urllib3|pycurl --concurrency N --events FILE [--ca-file PEM]
 
 ``urllib3`` is a blocking loop over urllib3 (the previous engine's client), N OS threads
 (N=1 is a plain loop). ``pycurl`` is the worker's own call (``delivery.http_client.Transfer``:
@@ -29,8 +29,14 @@ from delivery.headers import build_headers
 from delivery.http_client import Transfer, header_lines, make_client
 
 
-def urllib3_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:
-    pool = urllib3.PoolManager(maxsize=max(concurrency, 1), retries=False)
+# Pools the urllib3 loop keeps (one per origin): enough for every buyer of the HTTPS
+# scenario, so it keeps a connection per buyer (urllib3's default is 10 pools).
+URLLIB3_POOLS = 1024
+
+
+def urllib3_loop(events: list[Event], concurrency: int, timeout_s: float, ca_file: str = "") -> int:
+    pool = urllib3.PoolManager(num_pools=URLLIB3_POOLS, maxsize=max(concurrency, 1), retries=False,
+                               ca_certs=ca_file or None)
     answered = 0
     lock = threading.Lock()
 
@@ -54,10 +60,10 @@ def urllib3_loop(events: list[Event], concurrency: int, timeout_s: float) -> int
     return answered
 
 
-def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:
+def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float, ca_file: str = "") -> int:
     """The bare multi loop: ``socket_action`` over epoll, as the engine drives it (select()
     would break past 1,024 sockets)."""
-    client = make_client(parse_networks("127.0.0.0/8"))
+    client = make_client(parse_networks("127.0.0.0/8"), ca_file=ca_file)
     multi = pycurl.CurlMulti()
     selector = selectors.DefaultSelector()
     timer_at: list[float | None] = [None]
@@ -121,11 +127,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--events", type=Path, required=True, help="file of event JSON lines")
     parser.add_argument("--timeout-s", type=float, default=2.0)
+    parser.add_argument("--ca-file", default="", help="CA bundle to verify https buyers with (default: "
+                        "urllib3's and libcurl's own)")
     args = parser.parse_args()
     events = [Event.from_json(line) for line in args.events.read_text().splitlines() if line]
     loop = urllib3_loop if args.mode == "urllib3" else pycurl_loop
     started, cpu0 = time.perf_counter(), time.process_time()
-    answered = loop(events, args.concurrency, args.timeout_s)
+    answered = loop(events, args.concurrency, args.timeout_s, args.ca_file)
     print(json.dumps({"calls": len(events), "answered": answered, "seconds": time.perf_counter() - started,
                       "cpu_s": time.process_time() - cpu0}))
 
