@@ -13,9 +13,24 @@ it, at most once per ``timeout_s`` (a burst of timeouts from one outage is one s
 every HTTP answer widens it by one, up to the lane's maximum. It never closes below
 ``MIN_CAP``: a dead buyer's events still get their calls, at its lane's pace.
 
+Below the cap, a lane's *width* follows what its calls need, not what it may take: every
+call in flight holds a connection (HTTP/1.1), so a lane that ran its whole cap at once
+would open a connection per call (with a deep backlog, a TLS handshake storm; the https
+scenario of ``make bench`` measured 580 new connections per 1,000 calls). A lane opens at
+``INITIAL_WIDTH`` calls and widens by one per answer only while it is the limit (its calls
+all busy and attempts of its own waiting) and more calls still pay: its calls' latency
+(Little's law: calls in flight / calls ended per second) is within
+``LATENCY_GROWTH_RATIO`` of the lowest measured lately. Slow start, doubling
+per round trip, up to the cap; it stops where latency grows instead of the rate (the
+buyer, or this process's own loop, is the bottleneck: more calls in flight would only wait
+longer, each on a connection of its own, and time out). A lane no longer pressed gives width back, down to what its calls used in the last
+``WIDTH_WINDOW_S`` with ``WIDTH_HEADROOM`` to spare (Little's law: rate x latency is the
+calls in flight), never below ``INITIAL_WIDTH``; so the next burst opens few new
+connections at once, and the connections a buyer gets follow its traffic.
+
 A lane with nothing in flight, waiting or parked, untouched for ``LANE_IDLE_S``, goes away
 (:meth:`Lanes.forget_idle`): a process's lanes are those of the buyers it served lately, not
-of every buyer id it ever saw. Its next event opens it again, at full width.
+of every buyer id it ever saw. Its next event opens it again, at ``INITIAL_WIDTH``.
 """
 
 from __future__ import annotations
@@ -30,6 +45,13 @@ from delivery.classify import ErrorClass
 T = TypeVar("T")
 
 MIN_CAP = 1.0
+INITIAL_WIDTH = 16  # calls a lane may have in flight before answers show it needs more
+WIDTH_WINDOW_S = 1.0  # a lane not pressed for this long narrows to what it used in it
+WIDTH_HEADROOM = 1.25  # ... times this, plus one
+LATENCY_GROWTH_RATIO = 2.0  # widen only while answers take at most this times the quickest lately
+LATENCY_SAMPLE_S = 0.2  # a lane's latency is measured over this long at least ...
+LATENCY_SAMPLE_CALLS = 8  # ... and this many calls
+BASE_LATENCY_WINDOW_S = 10.0  # "lately": the quickest answer of the last one or two windows
 LANE_IDLE_S = 60.0  # an idle lane untouched this long is forgotten
 # Failures that say "this buyer is not answering": they narrow its lane. A 5xx is an
 # answer (the buyer is up and quick to say no), so it does not.
@@ -56,20 +78,37 @@ class Lane(Generic[T]):
     next_pull_at: float = 0.0  # after a pull that found nothing callable, wait a little
     next_cut_at: float = 0.0
     failures_in_row: int = 0
+    width: float = 0.0  # calls in flight its traffic needs (slow start, then what it uses)
+    pressed: bool = False  # it was the limit (full, attempts waiting) within this window
+    peak_in_flight: int = 0  # most calls in flight within this window
+    window_ends_at: float = 0.0
+    ended: int = 0  # calls ended since measured_at ...
+    in_flight_at_ends: int = 0  # ... and the sum of its calls in flight at each end
+    measured_at: float = 0.0
+    latency_s: float = 0.0  # its calls' latency in the last measure
+    base_latency_s: float = float("inf")  # the quickest answer lately ...
+    base_latency_now_s: float = float("inf")  # ... of this window (the previous one's in base_latency_s)
+    base_window_ends_at: float = 0.0
     ready: bool = False  # in the scheduler's round-robin ring
     used_at: float = 0.0  # when an attempt last joined or left it (the scheduler's clock)
 
     def __post_init__(self) -> None:
         self.cap = float(self.limits.max_concurrency)
+        self.width = float(INITIAL_WIDTH)
+
+    @property
+    def limit(self) -> int:
+        """Calls it may have in flight now: its width, within its cap."""
+        return int(min(self.cap, self.width))
 
     @property
     def full(self) -> bool:
-        return self.in_flight >= int(self.cap)
+        return self.in_flight >= self.limit
 
     @property
     def room(self) -> int:
         """How many more attempts the lane could start now."""
-        return max(0, int(self.cap) - self.in_flight - len(self.queue))
+        return max(0, self.limit - self.in_flight - len(self.queue))
 
     @property
     def throttled(self) -> bool:
@@ -143,6 +182,7 @@ class Lanes(Generic[T]):
                 self._queued.pop(lane.buyer, None)
             lane.in_flight += 1
             self.in_flight += 1
+            lane.peak_in_flight = max(lane.peak_in_flight, lane.in_flight)
             self._make_ready(lane)
             return lane, item
         return None
@@ -150,18 +190,55 @@ class Lanes(Generic[T]):
     def finished(self, lane: Lane[T], *, answered: bool, error: ErrorClass | None, now_s: float) -> None:
         """A call of ``lane`` ended: with an HTTP answer, or a failure ``error`` (None for a
         call that was not made)."""
+        pressed = lane.full and bool(lane.queue)  # its own limit held back its waiting attempts
+        lane.ended += 1
+        lane.in_flight_at_ends += lane.in_flight
         lane.in_flight -= 1
         self.in_flight -= 1
         lane.used_at = now_s
+        if pressed:
+            lane.pressed = True
         if answered:
             lane.failures_in_row = 0
             lane.cap = min(float(lane.limits.max_concurrency), lane.cap + 1)
+            if pressed and lane.latency_s <= LATENCY_GROWTH_RATIO * lane.base_latency_s:
+                # slow start: one more per answer, up to the cap
+                lane.width = min(max(lane.cap, float(INITIAL_WIDTH)), lane.width + 1)
         elif error in TROUBLE:
             lane.failures_in_row += 1
             if now_s >= lane.next_cut_at:
                 lane.cap = max(MIN_CAP, lane.cap / 2)
                 lane.next_cut_at = now_s + lane.limits.timeout_s
+        self._measure_latency(lane, now_s)
+        if now_s >= lane.window_ends_at:
+            self._end_window(lane, now_s)
         self._make_ready(lane)
+
+    @staticmethod
+    def _measure_latency(lane: Lane[T], now_s: float) -> None:
+        """Little's law over the calls that ended since the last measure: latency = calls in
+        flight / calls ended per second."""
+        if lane.ended >= LATENCY_SAMPLE_CALLS and now_s - lane.measured_at >= LATENCY_SAMPLE_S:
+            rate = lane.ended / (now_s - lane.measured_at)
+            latency_s = lane.in_flight_at_ends / lane.ended / rate
+            if now_s >= lane.base_window_ends_at:
+                lane.base_latency_s, lane.base_latency_now_s = lane.base_latency_now_s, latency_s
+                lane.base_window_ends_at = now_s + BASE_LATENCY_WINDOW_S
+            lane.base_latency_now_s = min(lane.base_latency_now_s, latency_s)
+            lane.base_latency_s = min(lane.base_latency_s, latency_s)
+            lane.latency_s = latency_s
+        if now_s - lane.measured_at >= LATENCY_SAMPLE_S:
+            lane.measured_at, lane.ended, lane.in_flight_at_ends = now_s, 0, 0
+
+    @staticmethod
+    def _end_window(lane: Lane[T], now_s: float) -> None:
+        """A lane not pressed in the window narrows to what it used, with headroom."""
+        if not lane.pressed:
+            used = lane.peak_in_flight * WIDTH_HEADROOM + 1
+            lane.width = max(float(INITIAL_WIDTH), min(lane.width, used))
+        lane.pressed = False
+        lane.peak_in_flight = lane.in_flight
+        lane.window_ends_at = now_s + WIDTH_WINDOW_S
 
     def overdue(self, now_s: float) -> list[T]:
         """Waiting attempts that cannot start soon: their lane is full and they have waited
