@@ -28,7 +28,6 @@ from cgrid.settings import parse_networks
 from delivery.headers import build_headers
 from delivery.http_client import Transfer, header_lines, make_client
 
-
 # Pools the urllib3 loop keeps (one per origin): enough for every buyer of the HTTPS
 # scenario, so it keeps a connection per buyer (urllib3's default is 10 pools).
 URLLIB3_POOLS = 1024

@@ -86,7 +86,8 @@ class TlsBuyers:
             self.status_port = free_port()
             process, nginx_dir = start_https_nginx(self.ports, self.status_port, str(cert_file), str(key_file))
             self.buyer = Buyer("nginx https", self.status_port, process, nginx_dir)
-            if wait_until(lambda p=process: p.poll() is not None or self._listening(), 30, 0.1) and process.poll() is None:
+            started = wait_until(lambda p=process: p.poll() is not None or self._listening(), 30, 0.1)
+            if started and process.poll() is None:
                 return
             log = Path(nginx_dir) / "error.log"
             error = log.read_text()[-1000:] if log.exists() else f"exit code {process.poll()}"

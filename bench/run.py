@@ -14,8 +14,8 @@ event includes the archive stream; ``--no-archiver`` measures without it.
 
 ``reconcile`` (in ``all``): ``cgrid-s2s reconcile`` on a buyer-day of 10 million notices on
 each side (bench/reconcile.py). ``https`` (in ``all``): buyers over TLS, each its own origin,
-Zipf traffic, new connections per 1,000 calls (bench/https.py). ``--cluster``: Redis CPU per event with the ledger on a Redis
-Cluster against one Redis (bench/cluster.py).
+Zipf traffic, new connections per 1,000 calls (bench/https.py). ``--cluster``: Redis CPU per
+event with the ledger on a Redis Cluster against one Redis (bench/cluster.py).
 """
 
 from __future__ import annotations

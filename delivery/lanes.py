@@ -15,18 +15,17 @@ every HTTP answer widens it by one, up to the lane's maximum. It never closes be
 
 Below the cap, a lane's *width* follows what its calls need, not what it may take: every
 call in flight holds a connection (HTTP/1.1), so a lane that ran its whole cap at once
-would open a connection per call (with a deep backlog, a TLS handshake storm; the https
-scenario of ``make bench`` measured 580 new connections per 1,000 calls). A lane opens at
-``INITIAL_WIDTH`` calls and widens by one per answer only while it is the limit (its calls
-all busy and attempts of its own waiting) and more calls still pay: its calls' latency
-(Little's law: calls in flight / calls ended per second) is within
-``LATENCY_GROWTH_RATIO`` of the lowest measured lately. Slow start, doubling
-per round trip, up to the cap; it stops where latency grows instead of the rate (the
-buyer, or this process's own loop, is the bottleneck: more calls in flight would only wait
-longer, each on a connection of its own, and time out). A lane no longer pressed gives width back, down to what its calls used in the last
-``WIDTH_WINDOW_S`` with ``WIDTH_HEADROOM`` to spare (Little's law: rate x latency is the
-calls in flight), never below ``INITIAL_WIDTH``; so the next burst opens few new
-connections at once, and the connections a buyer gets follow its traffic.
+would open a connection per call (with a deep backlog, a TLS handshake storm: the https
+scenario of ``make bench`` measured hundreds of new connections per 1,000 calls). A lane
+opens at ``INITIAL_WIDTH`` calls and widens by one per answer only while it is the limit
+(its calls all busy and attempts of its own waiting) and more calls still pay: its
+latency (Little's law: calls in flight / calls ended per second) is within
+``LATENCY_GROWTH_RATIO`` of the lowest measured lately. Slow start, up to the cap; past
+that latency it narrows: the buyer, or this process's own loop, is the bottleneck, and
+more calls in flight would only wait longer, each on a connection of its own, and time
+out. A lane no longer pressed gives width back, down to what its calls used in the last
+``WIDTH_WINDOW_S`` with ``WIDTH_HEADROOM`` to spare, never below ``INITIAL_WIDTH``: the
+next burst opens few new connections at once.
 
 A lane with nothing in flight, waiting or parked, untouched for ``LANE_IDLE_S``, goes away
 (:meth:`Lanes.forget_idle`): a process's lanes are those of the buyers it served lately, not
@@ -45,7 +44,7 @@ from delivery.classify import ErrorClass
 T = TypeVar("T")
 
 MIN_CAP = 1.0
-INITIAL_WIDTH = 16  # calls a lane may have in flight before answers show it needs more
+INITIAL_WIDTH = 4  # calls a lane may have in flight before answers show it needs more
 WIDTH_WINDOW_S = 1.0  # a lane not pressed for this long narrows to what it used in it
 WIDTH_HEADROOM = 1.25  # ... times this, plus one
 LATENCY_GROWTH_RATIO = 2.0  # widen only while answers take at most this times the quickest lately
@@ -85,16 +84,16 @@ class Lane(Generic[T]):
     ended: int = 0  # calls ended since measured_at ...
     in_flight_at_ends: int = 0  # ... and the sum of its calls in flight at each end
     measured_at: float = 0.0
-    latency_s: float = 0.0  # its calls' latency in the last measure
+    latency_s: float = 0.0  # its calls' latency in the last measure (0: none yet)
+    width_measured: float = 0.0  # its width then
     base_latency_s: float = float("inf")  # the quickest answer lately ...
-    base_latency_now_s: float = float("inf")  # ... of this window (the previous one's in base_latency_s)
+    base_latency_now_s: float = float("inf")  # ... of this window, measured narrow
     base_window_ends_at: float = 0.0
     ready: bool = False  # in the scheduler's round-robin ring
     used_at: float = 0.0  # when an attempt last joined or left it (the scheduler's clock)
 
     def __post_init__(self) -> None:
         self.cap = float(self.limits.max_concurrency)
-        self.width = float(INITIAL_WIDTH)
 
     @property
     def limit(self) -> int:
@@ -118,8 +117,10 @@ class Lane(Generic[T]):
 class Lanes(Generic[T]):
     """The lanes of one process and its call slots."""
 
-    def __init__(self, call_slots: int, limits_for: Callable[[str], LaneLimits], wait_s: float = 0.25) -> None:
+    def __init__(self, call_slots: int, limits_for: Callable[[str], LaneLimits], wait_s: float = 0.25,
+                 initial_width: int = INITIAL_WIDTH) -> None:
         self.call_slots = call_slots
+        self.initial_width = initial_width
         self.limits_for = limits_for
         self.wait_s = wait_s
         self.lanes: dict[str, Lane[T]] = {}
@@ -135,7 +136,7 @@ class Lanes(Generic[T]):
     def lane(self, buyer: str) -> Lane[T]:
         lane = self.lanes.get(buyer)
         if lane is None:
-            lane = self.lanes[buyer] = Lane(buyer, self.limits_for(buyer))
+            lane = self.lanes[buyer] = Lane(buyer, self.limits_for(buyer), width=float(self.initial_width))
         return lane
 
     @property
@@ -201,9 +202,11 @@ class Lanes(Generic[T]):
         if answered:
             lane.failures_in_row = 0
             lane.cap = min(float(lane.limits.max_concurrency), lane.cap + 1)
-            if pressed and lane.latency_s <= LATENCY_GROWTH_RATIO * lane.base_latency_s:
-                # slow start: one more per answer, up to the cap
-                lane.width = min(max(lane.cap, float(INITIAL_WIDTH)), lane.width + 1)
+            if pressed and 0 < lane.latency_s <= LATENCY_GROWTH_RATIO * lane.base_latency_s:
+                # slow start: one more per answer, up to the cap, at most doubling between
+                # two measures of its latency (so each step is seen before the next)
+                top = min(max(lane.cap, float(self.initial_width)), 2 * lane.width_measured)
+                lane.width = max(lane.width, min(top, lane.width + 1))
         elif error in TROUBLE:
             lane.failures_in_row += 1
             if now_s >= lane.next_cut_at:
@@ -214,28 +217,36 @@ class Lanes(Generic[T]):
             self._end_window(lane, now_s)
         self._make_ready(lane)
 
-    @staticmethod
-    def _measure_latency(lane: Lane[T], now_s: float) -> None:
+    def _measure_latency(self, lane: Lane[T], now_s: float) -> None:
         """Little's law over the calls that ended since the last measure: latency = calls in
-        flight / calls ended per second."""
+        flight / calls ended per second. Past ``LATENCY_GROWTH_RATIO`` x the lowest lately,
+        the lane narrows in proportion (at most by half a measure)."""
         if lane.ended >= LATENCY_SAMPLE_CALLS and now_s - lane.measured_at >= LATENCY_SAMPLE_S:
             rate = lane.ended / (now_s - lane.measured_at)
             latency_s = lane.in_flight_at_ends / lane.ended / rate
+            # The lowest lately is re-learnt only from measures taken narrow: measured wide,
+            # a lane's latency holds its own queueing, and the reference would creep up.
             if now_s >= lane.base_window_ends_at:
-                lane.base_latency_s, lane.base_latency_now_s = lane.base_latency_now_s, latency_s
+                if lane.base_latency_now_s < float("inf"):
+                    lane.base_latency_s = lane.base_latency_now_s
+                lane.base_latency_now_s = float("inf")
                 lane.base_window_ends_at = now_s + BASE_LATENCY_WINDOW_S
-            lane.base_latency_now_s = min(lane.base_latency_now_s, latency_s)
+            if lane.width <= 2 * self.initial_width:
+                lane.base_latency_now_s = min(lane.base_latency_now_s, latency_s)
             lane.base_latency_s = min(lane.base_latency_s, latency_s)
             lane.latency_s = latency_s
+            lane.width_measured = lane.width
+            if latency_s > LATENCY_GROWTH_RATIO * lane.base_latency_s:
+                shrink = max(0.5, LATENCY_GROWTH_RATIO * lane.base_latency_s / latency_s)
+                lane.width = max(float(self.initial_width), lane.width * shrink)
         if now_s - lane.measured_at >= LATENCY_SAMPLE_S:
             lane.measured_at, lane.ended, lane.in_flight_at_ends = now_s, 0, 0
 
-    @staticmethod
-    def _end_window(lane: Lane[T], now_s: float) -> None:
+    def _end_window(self, lane: Lane[T], now_s: float) -> None:
         """A lane not pressed in the window narrows to what it used, with headroom."""
         if not lane.pressed:
             used = lane.peak_in_flight * WIDTH_HEADROOM + 1
-            lane.width = max(float(INITIAL_WIDTH), min(lane.width, used))
+            lane.width = max(float(self.initial_width), min(lane.width, used))
         lane.pressed = False
         lane.peak_in_flight = lane.in_flight
         lane.window_ends_at = now_s + WIDTH_WINDOW_S
