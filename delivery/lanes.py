@@ -209,8 +209,8 @@ class Lanes(Generic[T]):
                 lane.width = max(lane.width, min(top, lane.width + 1))
         elif error in TROUBLE:
             lane.failures_in_row += 1
-            if now_s >= lane.next_cut_at:
-                lane.cap = max(MIN_CAP, lane.cap / 2)
+            if now_s >= lane.next_cut_at:  # half of what it runs (its width may be below its cap)
+                lane.cap = max(MIN_CAP, min(lane.cap, lane.width) / 2)
                 lane.next_cut_at = now_s + lane.limits.timeout_s
         self._measure_latency(lane, now_s)
         if now_s >= lane.window_ends_at:
@@ -252,11 +252,13 @@ class Lanes(Generic[T]):
         lane.window_ends_at = now_s + WIDTH_WINDOW_S
 
     def overdue(self, now_s: float) -> list[T]:
-        """Waiting attempts that cannot start soon: their lane is full and they have waited
-        ``wait_s``. They are taken out of their lanes: park them."""
+        """Waiting attempts that cannot start soon: their lane is at its cap and they have
+        waited ``wait_s``. They are taken out of their lanes: park them. A lane held back
+        by its width only (below its cap) keeps them: its calls are answering, it widens
+        while that pays, and parking would only send them through Redis and back."""
         out: list[T] = []
         for buyer, lane in list(self._queued.items()):
-            if not lane.full:
+            if lane.in_flight < int(lane.cap):
                 continue
             before = len(out)
             while lane.queue and now_s - lane.queue[0][1] >= self.wait_s:
