@@ -27,6 +27,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ import trustme
 
 from bench.buyers import start_https_nginx
 from bench.common import Buyer, fleet_env, wait_until
-from bench.run import archive_summary, run_ceiling_loop, run_cgrid
 from cgrid.redis_server import RedisServer, free_port
 
 ZIPF_S = 1.0  # P(buyer of rank k) is proportional to 1 / k ** ZIPF_S
@@ -135,7 +135,10 @@ def connections(before: Status, after: Status, calls_planned: int) -> dict[str, 
             "per_1000_events": round(accepted / calls_planned * 1000, 2)}
 
 
-def run_https(n: int, buyers: int, workdir: Path, server: RedisServer, archiver: bool = True) -> dict[str, Any]:
+def run_https(n: int, buyers: int, workdir: Path, server: RedisServer, run_ceiling_loop: Callable[..., dict[str, Any]],
+              run_cgrid: Callable[..., dict[str, Any]], archiver: bool = True) -> dict[str, Any]:
+    """``run_ceiling_loop`` and ``run_cgrid``: bench/run.py's (passed in: bench.run imports this
+    module, so this one cannot import it)."""
     processes = os.cpu_count() or 2
     client = redis.Redis.from_url(server.url)
     tls = TlsBuyers(buyers, workdir)
@@ -164,7 +167,7 @@ def run_https(n: int, buyers: int, workdir: Path, server: RedisServer, archiver:
             "ratio_to_urllib3_loop": round(cgrid["rate"] / loop["rate"], 2)}
 
 
-def print_https(r: dict[str, Any]) -> None:
+def print_https(r: dict[str, Any], archive_summary: Callable[[dict[str, Any]], str]) -> None:
     loop, g = r["urllib3_loop"], r["cgrid"]
     redis_s, archiver = g["redis_cpu_s_per_1000"], (g["archive"] or {}).get("cpu_s_per_1000")
     print(f"\nhttps: {r['events']} calls over {r['buyers']} TLS buyers (Zipf s={r['zipf_s']}, the busiest "

@@ -37,6 +37,7 @@ import redis
 from archive.files import stream_key
 from bench.cluster import print_cluster, run_cluster_bench
 from bench.common import ROOT, Buyer, fleet_env, percentile, wait_until
+from bench.https import print_https, run_https
 from bench.isolation import print_report, run_isolation
 from bench.reconcile import run as run_reconcile_bench
 from cgrid.event import parse_event
@@ -714,9 +715,8 @@ def main() -> int:
                 buyers_run = buyers_scenario(args.events, args.buyers, args.pool, workdir, server,
                                              archiver=not args.no_archiver)
             if args.scenario in ("https", "all"):
-                from bench.https import run_https
-
-                https_run = run_https(https_events, https_buyers, workdir, server, archiver=not args.no_archiver)
+                https_run = run_https(https_events, https_buyers, workdir, server, run_ceiling_loop, run_cgrid,
+                                      archiver=not args.no_archiver)
             if args.scenario in ("isolation", "all"):
                 redis.Redis.from_url(server.url).flushall()
                 isolation = run_isolation(server.url, workdir, progress=True)
@@ -741,9 +741,7 @@ def main() -> int:
         for label, run in b["runs"].items():
             print(f"  {label}: {archive_summary(run)}")
     if https_run is not None:
-        from bench.https import print_https
-
-        print_https(https_run)
+        print_https(https_run, archive_summary)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
