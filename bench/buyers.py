@@ -45,6 +45,57 @@ http {{
 }}
 """
 
+# The HTTPS scenario (bench/https.py): one nginx, one TLS origin per buyer (a server block
+# on a loopback port of its own, one certificate for 127.0.0.1), keep-alive as nginx ships
+# it (keepalive_requests 1000, keepalive_timeout 75s: not set here). stub_status on a plain
+# HTTP port of its own counts the connections nginx accepted.
+HTTPS_NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    server {{
+        listen 127.0.0.1:{status_port};
+        location = /status {{ stub_status; }}
+    }}
+{servers}
+}}
+"""
+
+HTTPS_SERVER = """    server {{
+        listen 127.0.0.1:{port} ssl backlog=4096;
+        location / {{ return 204; }}
+    }}
+"""
+
+
+def https_nginx_conf(workdir: str, ports: list[int], status_port: int, cert: str, key: str) -> str:
+    """nginx's configuration for the HTTPS scenario: a TLS server on each of ``ports``."""
+    servers = "".join(HTTPS_SERVER.format(port=port) for port in ports)
+    return HTTPS_NGINX_CONF.format(dir=workdir, status_port=status_port, cert=cert, key=key, servers=servers)
+
+
+def start_https_nginx(ports: list[int], status_port: int, cert: str, key: str) -> tuple[subprocess.Popen[bytes], str]:
+    nginx = find_nginx()
+    if nginx is None:
+        raise RuntimeError("the HTTPS scenario needs nginx (Debian: apt-get install nginx-light)")
+    workdir = tempfile.mkdtemp(prefix="bench-nginx-https-")
+    conf = Path(workdir) / "nginx.conf"
+    conf.write_text(https_nginx_conf(workdir, ports, status_port, cert, key))
+    process = subprocess.Popen([nginx, "-c", str(conf), "-p", workdir], stderr=subprocess.DEVNULL)
+    return process, workdir
+
+
 RESPONSES = {
     204: b"HTTP/1.1 204 No Content\r\nServer: bench\r\n\r\n",
     500: b"HTTP/1.1 500 Internal Server Error\r\nServer: bench\r\nContent-Length: 0\r\n\r\n",

@@ -1,7 +1,7 @@
 """Bare loops: the s2s calls of a list of events, no queue, no ledger. One process of the
 benchmark's loops; ``bench.run`` starts one per core.
 
-    python -m bench.ceiling --mode urllib3|pycurl|bare --concurrency N --events FILE
+    python -m bench.ceiling --mode urllib3|pycurl|bare --concurrency N --events FILE [--ca-file PEM]
 
 ``urllib3`` is a blocking loop over urllib3 (the previous engine's client), N OS threads
 (N=1 is a plain loop). ``pycurl`` is the worker's own call (``delivery.http_client.Transfer``:
@@ -32,9 +32,14 @@ from cgrid.settings import parse_networks
 from delivery.headers import build_headers
 from delivery.http_client import Transfer, header_lines, make_client
 
+# Pools the urllib3 loop keeps (one per origin): enough for every buyer of the HTTPS
+# scenario, so it keeps a connection per buyer (urllib3's default is 10 pools).
+URLLIB3_POOLS = 1024
 
-def urllib3_loop(events: list[Event], concurrency: int, timeout_s: float) -> int:
-    pool = urllib3.PoolManager(maxsize=max(concurrency, 1), retries=False)
+
+def urllib3_loop(events: list[Event], concurrency: int, timeout_s: float, ca_file: str = "") -> int:
+    pool = urllib3.PoolManager(num_pools=URLLIB3_POOLS, maxsize=max(concurrency, 1), retries=False,
+                               ca_certs=ca_file or None)
     answered = 0
     lock = threading.Lock()
 
@@ -77,13 +82,13 @@ class BareTransfer:
         return errno == 0 and self.curl.getinfo(pycurl.RESPONSE_CODE) > 0
 
 
-def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float,
+def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float, ca_file: str = "",
                 bare_calls: list[tuple[str, list[str]]] | None = None) -> int:
     """The bare multi loop: ``socket_action`` over epoll, as the engine drives it (select()
     would break past 1,024 sockets). ``bare_calls``: these (URL, header lines) instead of
     ``events``, on plain handles (:class:`BareTransfer`)."""
     bare = bare_calls is not None
-    client = make_client(parse_networks("127.0.0.0/8"))
+    client = make_client(parse_networks("127.0.0.0/8"), ca_file=ca_file)
     multi = pycurl.CurlMulti()
     selector = selectors.DefaultSelector()
     timer_at: list[float | None] = [None]
@@ -150,14 +155,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--events", type=Path, required=True, help="file of event JSON lines")
     parser.add_argument("--timeout-s", type=float, default=2.0)
+    parser.add_argument("--ca-file", default="", help="CA bundle to verify https buyers with (default: "
+                        "urllib3's and libcurl's own)")
     args = parser.parse_args()
     events = [Event.from_json(line) for line in args.events.read_text().splitlines() if line]
     bare_calls = [(e.target_url(), header_lines(build_headers(e))) for e in events] if args.mode == "bare" else None
     started, cpu0 = time.perf_counter(), time.process_time()
     if args.mode == "urllib3":
-        answered = urllib3_loop(events, args.concurrency, args.timeout_s)
+        answered = urllib3_loop(events, args.concurrency, args.timeout_s, args.ca_file)
     else:
-        answered = pycurl_loop(events, args.concurrency, args.timeout_s, bare_calls)
+        answered = pycurl_loop(events, args.concurrency, args.timeout_s, args.ca_file, bare_calls)
     print(json.dumps({"calls": len(events), "answered": answered, "seconds": time.perf_counter() - started,
                       "cpu_s": time.process_time() - cpu0}))
 

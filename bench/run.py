@@ -8,13 +8,14 @@ The fleet under test runs as ``make run`` runs it: the workers and an archiver
 (``cgrid-s2s archive``, writing into the bench's temporary directory), so Redis's CPU per
 event includes the archive stream; ``--no-archiver`` measures without it.
 
-    python -m bench.run [--scenario fast|realistic|isolation|buyers|reconcile|all] [--events N]
+    python -m bench.run [--scenario fast|realistic|isolation|buyers|reconcile|https|all] [--events N]
                         [--pool prefork|threads|solo] [--no-archiver] [--metrics] [--reconcile-notices N]
     python -m bench.run --cluster [--events N] [--rounds N]
 
 ``reconcile`` (in ``all``): ``cgrid-s2s reconcile`` on a buyer-day of 10 million notices on
-each side (bench/reconcile.py). ``--cluster``: Redis CPU per event with the ledger on a Redis
-Cluster against one Redis (bench/cluster.py).
+each side (bench/reconcile.py). ``https`` (in ``all``): buyers over TLS, each its own origin,
+Zipf traffic, new connections per 1,000 calls (bench/https.py). ``--cluster``: Redis CPU per
+event with the ledger on a Redis Cluster against one Redis (bench/cluster.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import redis
 from archive.files import stream_key
 from bench.cluster import print_cluster, run_cluster_bench
 from bench.common import ROOT, Buyer, fleet_env, percentile, wait_until
+from bench.https import print_https, run_https
 from bench.isolation import print_report, run_isolation
 from bench.reconcile import run as run_reconcile_bench
 from cgrid.event import parse_event
@@ -113,7 +115,7 @@ def make_events(n: int, port: int, run: str, buyers: int = 4) -> list[dict[str, 
 
 
 def run_ceiling_loop(events: list[dict[str, Any]], processes: int, mode: str, concurrency: int,
-                     workdir: Path, buyer: Buyer) -> dict[str, Any]:
+                     workdir: Path, buyer: Buyer, ca_file: str = "") -> dict[str, Any]:
     """``processes`` bare-loop processes (bench/ceiling.py), each with its share of the calls."""
     as_json = [parse_event(e).to_json() for e in events]
     children = []
@@ -123,7 +125,7 @@ def run_ceiling_loop(events: list[dict[str, Any]], processes: int, mode: str, co
         share.write_text("\n".join(as_json[index::processes]))
         children.append(subprocess.Popen(
             [sys.executable, "-m", "bench.ceiling", "--mode", mode, "--concurrency", str(concurrency),
-             "--events", str(share)], cwd=ROOT, stdout=subprocess.PIPE))
+             "--events", str(share), "--ca-file", ca_file], cwd=ROOT, stdout=subprocess.PIPE))
     results = [json.loads(child.communicate(timeout=900)[0]) for child in children]
     buyer_cpu = cpu_seconds(buyer.pids()) - buyer_cpu0
     slowest = max(r["seconds"] for r in results)
@@ -753,12 +755,13 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=["fast", "realistic", "isolation", "buyers", "reconcile", "all"],
+    parser.add_argument("--scenario", choices=["fast", "realistic", "isolation", "buyers", "reconcile", "https", "all"],
                         default="all")
     parser.add_argument("--reconcile-notices", type=int, default=10_000_000,
                         help="the buyer's notices of the day in the reconcile scenario")
-    parser.add_argument("--buyers", type=int, default=1000, help="buyer ids in the buyers-file scenario")
-    parser.add_argument("--events", type=int, default=40_000)
+    parser.add_argument("--buyers", type=int, default=None,
+                        help="buyer ids in the buyers-file scenario (default 1000); TLS buyers in https (100)")
+    parser.add_argument("--events", type=int, default=None, help="events per run (default 40,000; https: 60,000)")
     parser.add_argument("--naive-events", type=int, default=5_000)
     parser.add_argument("--pool", choices=["solo", "prefork", "threads"], default="solo",
                         help="the fleet's pool: solo and threads run one worker per core, prefork one worker")
@@ -781,6 +784,8 @@ def main() -> int:
     parser.add_argument("--metrics", action="store_true",
                         help="the fleet's workers record Prometheus metrics (CGRID_METRICS_PORT, a free port each)")
     args = parser.parse_args()
+    https_buyers, https_events = args.buyers or 100, args.events or 60_000
+    args.buyers, args.events = args.buyers or 1000, args.events or 40_000
     if args.cluster:
         cluster_result = run_cluster_bench(args.events, args.rounds, dict(item.split("=", 1) for item in args.set))
         print_cluster(cluster_result)
@@ -795,6 +800,7 @@ def main() -> int:
     isolation = None
     buyers_run = None
     reconcile_run = None
+    https_run = None
     with tempfile.TemporaryDirectory(prefix="cgrid-bench-") as tmp:
         workdir = Path(tmp)
         server = RedisServer(workdir / "redis").start()
@@ -804,7 +810,7 @@ def main() -> int:
                 publish = [run_publish(publish_settings, redis.Redis.from_url(server.url), with_ids=with_ids)
                            for with_ids in (True, False)]
             names = {"all": ["fast", "realistic"], "isolation": [], "buyers": [],
-                     "reconcile": []}.get(args.scenario, [args.scenario])
+                     "reconcile": [], "https": []}.get(args.scenario, [args.scenario])
             if args.scenario in ("reconcile", "all"):
                 print(f"reconcile: a buyer-day of {args.reconcile_notices:,} notices on each side", flush=True)
                 reconcile_run = run_reconcile_bench(args.reconcile_notices, 1.0, args.reconcile_notices // 10,
@@ -812,6 +818,9 @@ def main() -> int:
             if args.scenario in ("buyers", "all"):
                 buyers_run = buyers_scenario(args.events, args.buyers, args.pool, workdir, server,
                                              archiver=not args.no_archiver)
+            if args.scenario in ("https", "all"):
+                https_run = run_https(https_events, https_buyers, workdir, server, run_ceiling_loop, run_cgrid,
+                                      archiver=not args.no_archiver, code=args.code.resolve())
             if args.scenario in ("isolation", "all"):
                 redis.Redis.from_url(server.url).flushall()
                 isolation = run_isolation(server.url, workdir, progress=True)
@@ -836,6 +845,8 @@ def main() -> int:
               + f"; with/without {b['ratio']}")
         for label, run in b["runs"].items():
             print(f"  {label}: {archive_summary(run)}")
+    if https_run is not None:
+        print_https(https_run, archive_summary)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "" if args.code.resolve() == ROOT else "-" + code_commit(args.code.resolve())
     out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}{tag}.json"
@@ -843,7 +854,8 @@ def main() -> int:
                                            "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
                                "args": sys.argv[1:], "archiver": not args.no_archiver, "metrics": args.metrics,
                                "publish": publish, "scenarios": results, "isolation": isolation,
-                               "buyers_file": buyers_run, "reconcile": reconcile_run}, indent=2))
+                               "buyers_file": buyers_run, "reconcile": reconcile_run,
+                               "https": https_run}, indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")
     return 0
 

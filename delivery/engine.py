@@ -392,6 +392,9 @@ class _CallLoop:
         self.multi = pycurl.CurlMulti()
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        # Idle connections kept for reuse. libcurl's default, 4 x the transfers in the multi,
+        # shrinks whenever few calls run and closes the idle connections of quieter buyers.
+        self.multi.setopt(pycurl.M_MAXCONNECTS, max(self.settings.call_concurrency, 1))
         self.selector = selectors.DefaultSelector()
         self.selector.register(engine._wake_r, selectors.EVENT_READ, None)
         self.timer_at: float | None = None

@@ -13,9 +13,23 @@ it, at most once per ``timeout_s`` (a burst of timeouts from one outage is one s
 every HTTP answer widens it by one, up to the lane's maximum. It never closes below
 ``MIN_CAP``: a dead buyer's events still get their calls, at its lane's pace.
 
+Below the cap, a lane's *width* follows what its calls need, not what it may take: every
+call in flight holds a connection (HTTP/1.1), so a lane that ran its whole cap at once
+would open a connection per call (with a deep backlog, a TLS handshake storm: the https
+scenario of ``make bench`` measured hundreds of new connections per 1,000 calls). A lane
+opens at ``INITIAL_WIDTH`` calls and widens by one per answer only while it is the limit
+(its calls all busy and attempts of its own waiting) and more calls still pay: its
+latency (Little's law: calls in flight / calls ended per second) is within
+``LATENCY_GROWTH_RATIO`` of the lowest measured lately. Slow start, up to the cap; past
+that latency it narrows: the buyer, or this process's own loop, is the bottleneck, and
+more calls in flight would only wait longer, each on a connection of its own, and time
+out. A lane no longer pressed gives width back, down to what its calls used in the last
+``WIDTH_WINDOW_S`` with ``WIDTH_HEADROOM`` to spare, never below ``INITIAL_WIDTH``: the
+next burst opens few new connections at once.
+
 A lane with nothing in flight, waiting or parked, untouched for ``LANE_IDLE_S``, goes away
 (:meth:`Lanes.forget_idle`): a process's lanes are those of the buyers it served lately, not
-of every buyer id it ever saw. Its next event opens it again, at full width.
+of every buyer id it ever saw. Its next event opens it again, at ``INITIAL_WIDTH``.
 """
 
 from __future__ import annotations
@@ -30,6 +44,13 @@ from delivery.classify import ErrorClass
 T = TypeVar("T")
 
 MIN_CAP = 1.0
+INITIAL_WIDTH = 4  # calls a lane may have in flight before answers show it needs more
+WIDTH_WINDOW_S = 1.0  # a lane not pressed for this long narrows to what it used in it
+WIDTH_HEADROOM = 1.25  # ... times this, plus one
+LATENCY_GROWTH_RATIO = 2.0  # widen only while answers take at most this times the quickest lately
+LATENCY_SAMPLE_S = 0.2  # a lane's latency is measured over this long at least ...
+LATENCY_SAMPLE_CALLS = 8  # ... and this many calls
+BASE_LATENCY_WINDOW_S = 10.0  # "lately": the quickest answer of the last one or two windows
 LANE_IDLE_S = 60.0  # an idle lane untouched this long is forgotten
 # Failures that say "this buyer is not answering": they narrow its lane. A 5xx is an
 # answer (the buyer is up and quick to say no), so it does not.
@@ -56,6 +77,18 @@ class Lane(Generic[T]):
     next_pull_at: float = 0.0  # after a pull that found nothing callable, wait a little
     next_cut_at: float = 0.0
     failures_in_row: int = 0
+    width: float = 0.0  # calls in flight its traffic needs (slow start, then what it uses)
+    pressed: bool = False  # it was the limit (full, attempts waiting) within this window
+    peak_in_flight: int = 0  # most calls in flight within this window
+    window_ends_at: float = 0.0
+    ended: int = 0  # calls ended since measured_at ...
+    in_flight_at_ends: int = 0  # ... and the sum of its calls in flight at each end
+    measured_at: float = 0.0
+    latency_s: float = 0.0  # its calls' latency in the last measure (0: none yet)
+    width_measured: float = 0.0  # its width then
+    base_latency_s: float = float("inf")  # the quickest answer lately ...
+    base_latency_now_s: float = float("inf")  # ... of this window, measured narrow
+    base_window_ends_at: float = 0.0
     ready: bool = False  # in the scheduler's round-robin ring
     used_at: float = 0.0  # when an attempt last joined or left it (the scheduler's clock)
 
@@ -63,13 +96,18 @@ class Lane(Generic[T]):
         self.cap = float(self.limits.max_concurrency)
 
     @property
+    def limit(self) -> int:
+        """Calls it may have in flight now: its width, within its cap."""
+        return int(min(self.cap, self.width))
+
+    @property
     def full(self) -> bool:
-        return self.in_flight >= int(self.cap)
+        return self.in_flight >= self.limit
 
     @property
     def room(self) -> int:
         """How many more attempts the lane could start now."""
-        return max(0, int(self.cap) - self.in_flight - len(self.queue))
+        return max(0, self.limit - self.in_flight - len(self.queue))
 
     @property
     def throttled(self) -> bool:
@@ -79,8 +117,10 @@ class Lane(Generic[T]):
 class Lanes(Generic[T]):
     """The lanes of one process and its call slots."""
 
-    def __init__(self, call_slots: int, limits_for: Callable[[str], LaneLimits], wait_s: float = 0.25) -> None:
+    def __init__(self, call_slots: int, limits_for: Callable[[str], LaneLimits], wait_s: float = 0.25,
+                 initial_width: int = INITIAL_WIDTH) -> None:
         self.call_slots = call_slots
+        self.initial_width = initial_width
         self.limits_for = limits_for
         self.wait_s = wait_s
         self.lanes: dict[str, Lane[T]] = {}
@@ -96,7 +136,7 @@ class Lanes(Generic[T]):
     def lane(self, buyer: str) -> Lane[T]:
         lane = self.lanes.get(buyer)
         if lane is None:
-            lane = self.lanes[buyer] = Lane(buyer, self.limits_for(buyer))
+            lane = self.lanes[buyer] = Lane(buyer, self.limits_for(buyer), width=float(self.initial_width))
         return lane
 
     @property
@@ -143,6 +183,7 @@ class Lanes(Generic[T]):
                 self._queued.pop(lane.buyer, None)
             lane.in_flight += 1
             self.in_flight += 1
+            lane.peak_in_flight = max(lane.peak_in_flight, lane.in_flight)
             self._make_ready(lane)
             return lane, item
         return None
@@ -150,25 +191,74 @@ class Lanes(Generic[T]):
     def finished(self, lane: Lane[T], *, answered: bool, error: ErrorClass | None, now_s: float) -> None:
         """A call of ``lane`` ended: with an HTTP answer, or a failure ``error`` (None for a
         call that was not made)."""
+        pressed = lane.full and bool(lane.queue)  # its own limit held back its waiting attempts
+        lane.ended += 1
+        lane.in_flight_at_ends += lane.in_flight
         lane.in_flight -= 1
         self.in_flight -= 1
         lane.used_at = now_s
+        if pressed:
+            lane.pressed = True
         if answered:
             lane.failures_in_row = 0
             lane.cap = min(float(lane.limits.max_concurrency), lane.cap + 1)
+            if pressed and 0 < lane.latency_s <= LATENCY_GROWTH_RATIO * lane.base_latency_s:
+                # slow start: one more per answer, up to the cap, at most doubling between
+                # two measures of its latency (so each step is seen before the next)
+                top = min(max(lane.cap, float(self.initial_width)), 2 * lane.width_measured)
+                lane.width = max(lane.width, min(top, lane.width + 1))
         elif error in TROUBLE:
             lane.failures_in_row += 1
-            if now_s >= lane.next_cut_at:
-                lane.cap = max(MIN_CAP, lane.cap / 2)
+            if now_s >= lane.next_cut_at:  # half of what it runs (its width may be below its cap)
+                lane.cap = max(MIN_CAP, min(lane.cap, lane.width) / 2)
                 lane.next_cut_at = now_s + lane.limits.timeout_s
+        self._measure_latency(lane, now_s)
+        if now_s >= lane.window_ends_at:
+            self._end_window(lane, now_s)
         self._make_ready(lane)
 
+    def _measure_latency(self, lane: Lane[T], now_s: float) -> None:
+        """Little's law over the calls that ended since the last measure: latency = calls in
+        flight / calls ended per second. Past ``LATENCY_GROWTH_RATIO`` x the lowest lately,
+        the lane narrows in proportion (at most by half a measure)."""
+        if lane.ended >= LATENCY_SAMPLE_CALLS and now_s - lane.measured_at >= LATENCY_SAMPLE_S:
+            rate = lane.ended / (now_s - lane.measured_at)
+            latency_s = lane.in_flight_at_ends / lane.ended / rate
+            # The lowest lately is re-learnt only from measures taken narrow: measured wide,
+            # a lane's latency holds its own queueing, and the reference would creep up.
+            if now_s >= lane.base_window_ends_at:
+                if lane.base_latency_now_s < float("inf"):
+                    lane.base_latency_s = lane.base_latency_now_s
+                lane.base_latency_now_s = float("inf")
+                lane.base_window_ends_at = now_s + BASE_LATENCY_WINDOW_S
+            if lane.width <= 2 * self.initial_width:
+                lane.base_latency_now_s = min(lane.base_latency_now_s, latency_s)
+            lane.base_latency_s = min(lane.base_latency_s, latency_s)
+            lane.latency_s = latency_s
+            lane.width_measured = lane.width
+            if latency_s > LATENCY_GROWTH_RATIO * lane.base_latency_s:
+                shrink = max(0.5, LATENCY_GROWTH_RATIO * lane.base_latency_s / latency_s)
+                lane.width = max(float(self.initial_width), lane.width * shrink)
+        if now_s - lane.measured_at >= LATENCY_SAMPLE_S:
+            lane.measured_at, lane.ended, lane.in_flight_at_ends = now_s, 0, 0
+
+    def _end_window(self, lane: Lane[T], now_s: float) -> None:
+        """A lane not pressed in the window narrows to what it used, with headroom."""
+        if not lane.pressed:
+            used = lane.peak_in_flight * WIDTH_HEADROOM + 1
+            lane.width = max(float(self.initial_width), min(lane.width, used))
+        lane.pressed = False
+        lane.peak_in_flight = lane.in_flight
+        lane.window_ends_at = now_s + WIDTH_WINDOW_S
+
     def overdue(self, now_s: float) -> list[T]:
-        """Waiting attempts that cannot start soon: their lane is full and they have waited
-        ``wait_s``. They are taken out of their lanes: park them."""
+        """Waiting attempts that cannot start soon: their lane is at its cap and they have
+        waited ``wait_s``. They are taken out of their lanes: park them. A lane held back
+        by its width only (below its cap) keeps them: its calls are answering, it widens
+        while that pays, and parking would only send them through Redis and back."""
         out: list[T] = []
         for buyer, lane in list(self._queued.items()):
-            if not lane.full:
+            if lane.in_flight < int(lane.cap):
                 continue
             before = len(out)
             while lane.queue and now_s - lane.queue[0][1] >= self.wait_s:

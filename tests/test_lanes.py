@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable
+
 from delivery.classify import ErrorClass
-from delivery.lanes import MIN_CAP, LaneLimits, Lanes
+from delivery.lanes import INITIAL_WIDTH, MIN_CAP, LaneLimits, Lanes
 
 
-def lanes(call_slots: int = 100, cap: int = 4, timeout_s: float = 2.0, wait_s: float = 0.25) -> Lanes[str]:
-    return Lanes(call_slots, lambda buyer: LaneLimits(max_concurrency=cap, timeout_s=timeout_s), wait_s=wait_s)
+def lanes(call_slots: int = 100, cap: int = 4, timeout_s: float = 2.0, wait_s: float = 0.25,
+          initial_width: int = INITIAL_WIDTH) -> Lanes[str]:
+    return Lanes(call_slots, lambda buyer: LaneLimits(max_concurrency=cap, timeout_s=timeout_s), wait_s=wait_s,
+                 initial_width=initial_width)
 
 
 def start_all(scheduler: Lanes[str]) -> list[str]:
@@ -68,7 +73,7 @@ def test_call_slots_are_shared_fairly_between_lanes() -> None:
 
 
 def test_timeouts_halve_the_cap_once_per_deadline_and_answers_widen_it() -> None:
-    s = lanes(cap=16, timeout_s=2.0)
+    s = lanes(cap=16, timeout_s=2.0, initial_width=16)  # a lane that has widened to its cap
     for i in range(16):
         s.admit("dead", f"d{i}", now_s=0.0)
     lane = s.lanes["dead"]
@@ -117,3 +122,77 @@ def test_idle_lanes_go_away_and_busy_ones_stay() -> None:
     assert len(gone) == 1000 and set(s.lanes) == {"busy", "parked"}
     # An event for a forgotten buyer opens its lane again, at full width.
     assert s.admit("once-7", "again", now_s=62.0) and s.lanes["once-7"].cap == 1
+
+
+def simulate(s: Lanes[str], latency_s: Callable[[int], float], seconds: float, buyer: str = "a") -> int:
+    """Drive one buyer's lane with a backlog that never runs dry: every started call ends
+    ``latency_s(calls in flight)`` later. Returns the most calls it ever had in flight."""
+    ends: list[tuple[float, int]] = []
+    now, n, peak = 0.0, 0, 0
+    lane = s.lane(buyer)
+    while now < seconds:
+        while len(lane.queue) < 50:
+            s.admit(buyer, f"e{n}", now_s=now)
+            n += 1
+        while s.next_to_start() is not None:
+            heapq.heappush(ends, (now + latency_s(lane.in_flight), n))
+            n += 1
+        peak = max(peak, lane.in_flight)
+        now, _ = heapq.heappop(ends)
+        s.finished(lane, answered=True, error=None, now_s=now)
+    return peak
+
+
+def test_a_lane_opens_narrow_and_widens_while_more_calls_pay() -> None:
+    """A buyer answering in 20 ms whatever the load, with a backlog: the lane opens at
+    INITIAL_WIDTH calls and slow-starts up to its cap (more calls, more answers per second)."""
+    s = lanes(cap=100)
+    lane = s.lane("a")
+    for i in range(50):
+        s.admit("a", f"a{i}", now_s=0.0)
+    assert len(start_all(s)) == INITIAL_WIDTH  # a burst opens a few connections, not the cap
+    s.finished(lane, answered=True, error=None, now_s=0.02)
+    peak = simulate(s, lambda in_flight: 0.020, seconds=5.0)
+    assert peak == 100 and lane.limit == 100
+
+
+def test_a_lane_stops_widening_where_only_latency_grows() -> None:
+    """A buyer (or a loop) that answers 1,000 calls a second however many are in flight:
+    more calls only wait longer, each on a connection of its own. The lane stays a few
+    times the calls that keep it busy instead of running its cap of 100."""
+    s = lanes(cap=100)
+    peak = simulate(s, lambda in_flight: max(0.002, in_flight / 1000), seconds=120.0)
+    assert peak <= 32, peak  # measured: 28 (it probes, narrows, probes again), not 100
+    assert s.lanes["a"].limit <= 32
+
+
+def test_a_lane_no_longer_pressed_narrows_to_what_it_uses() -> None:
+    s = lanes(cap=100)
+    simulate(s, lambda in_flight: 0.020, seconds=5.0)
+    lane = s.lanes["a"]
+    assert lane.limit == 100
+    lane.queue.clear()  # the burst is over: 3 calls at a time from now on
+    s.waiting = 0
+    now = 6.0
+    while lane.in_flight:
+        s.finished(lane, answered=True, error=None, now_s=now)
+    for step in range(200):
+        now += 0.02
+        for i in range(3):
+            s.admit("a", f"q{step}-{i}", now_s=now)
+        start_all(s)
+        for _ in range(3):
+            s.finished(lane, answered=True, error=None, now_s=now + 0.01)
+    assert lane.limit <= max(INITIAL_WIDTH, 3 * 1.25 + 1)  # what 3 calls at a time need, with headroom
+
+
+def test_a_dead_buyer_narrows_below_its_width() -> None:
+    """The AIMD cut on timeouts still isolates a dead buyer, whatever its width."""
+    s = lanes(cap=100, timeout_s=2.0)
+    simulate(s, lambda in_flight: 0.020, seconds=5.0)
+    lane = s.lanes["a"]
+    t = 10.0
+    while lane.in_flight:
+        s.finished(lane, answered=False, error=ErrorClass.TIMEOUT, now_s=t)
+        t += 2.0
+    assert lane.cap <= 100 / 2 ** 6 + 1 and lane.limit == int(lane.cap)
