@@ -56,6 +56,12 @@ class Upstream(StrEnum):
     U2S = "u2s"
 
 
+_KINDS = {kind.value: kind for kind in Kind}
+_UPSTREAMS = {upstream.value: upstream for upstream in Upstream}
+# Made once: json.dumps with options builds an encoder per call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_decode_json = json.JSONDecoder().decode
+
 FIELDS = frozenset(
     {"id", "kind", "url", "upstream", "user_agent", "forwarded_for", "macros", "buyer", "created_at"}
 )
@@ -90,22 +96,26 @@ class Event:
     def from_ledger_json(cls, text: str | bytes) -> Event:
         """Decode an event the ledger holds. It was validated when it was published, so
         this checks only what could make the delivery code fail (types), not the rules:
-        a corrupt record still raises :class:`InvalidEvent`, never anything else."""
+        a corrupt record still raises :class:`InvalidEvent`, never anything else. (On every
+        call's path: enum members by dict, checks inline.)"""
+        typed = True
         try:
-            data = json.loads(text)
+            data = _decode_json(text if isinstance(text, str) else text.decode())
             forwarded_for = data.get("forwarded_for")
+            if forwarded_for is not None:
+                forwarded_for = tuple(forwarded_for)
+                for ip in forwarded_for:
+                    typed = typed and isinstance(ip, str)
             event = cls(
-                id=data["id"], kind=Kind(data["kind"]), url=data["url"], upstream=Upstream(data["upstream"]),
-                user_agent=data.get("user_agent"),
-                forwarded_for=None if forwarded_for is None else tuple(forwarded_for),
+                id=data["id"], kind=_KINDS[data["kind"]], url=data["url"], upstream=_UPSTREAMS[data["upstream"]],
+                user_agent=data.get("user_agent"), forwarded_for=forwarded_for,
                 macros=data.get("macros") or {}, buyer=data.get("buyer"),
                 created_at_s=float(data["created_at"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise InvalidEvent("event", f"unreadable ledger record ({e.__class__.__name__})") from None
-        if not (isinstance(event.id, str) and isinstance(event.url, str) and isinstance(event.macros, dict)
-                and isinstance(event.user_agent, str | None) and isinstance(event.buyer, str | None)
-                and all(isinstance(ip, str) for ip in event.forwarded_for or ())):
+        if not (typed and isinstance(event.id, str) and isinstance(event.url, str) and isinstance(event.macros, dict)
+                and isinstance(event.user_agent, str | None) and isinstance(event.buyer, str | None)):
             raise InvalidEvent("event", "unreadable ledger record (wrong types)")
         return event
 
@@ -128,7 +138,7 @@ class Event:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        return _encode_json(self.to_dict())
 
     def to_final_json(self, *, keep_call: bool) -> str:
         """The event as its final ledger record keeps it: without the user's data (user
@@ -142,14 +152,14 @@ class Event:
         if keep_call:
             out["url"] = self.url
             if self.macros:
-                out["macros"] = dict(self.macros)
+                out["macros"] = self.macros if isinstance(self.macros, dict) else dict(self.macros)
         else:
             # The authority of an absolute http(s) URL (credentials are refused at publish).
             out["host"] = self.url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
             ids = {name: self.macros[name] for name in RECONCILE_MACROS if name in self.macros}
             if ids:
                 out["macros"] = ids
-        return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+        return _encode_json(out)
 
     def target_url(self) -> str:
         """The URL to call: macros substituted."""

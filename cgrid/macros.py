@@ -49,6 +49,8 @@ def format_value(value: MacroValue) -> str:
 def substitute(url: str, macros: Mapping[str, MacroValue]) -> str:
     """Replace the known macros by their URL-encoded values; a known one with no value
     becomes empty, any other ``${...}`` token is left as it is."""
+    if "${" not in url:
+        return url
 
     def replace(match: re.Match[str]) -> str:
         name = match.group(1)
@@ -57,6 +59,11 @@ def substitute(url: str, macros: Mapping[str, MacroValue]) -> str:
         value = macros.get(name)
         if value is None:
             return ""
-        return quote(format_value(value), safe="")
+        text = format_value(value)
+        return text if _UNRESERVED.fullmatch(text) else quote(text, safe="")
 
     return _TOKEN.sub(replace, url)
+
+
+# What quote(text, safe="") leaves as it is (RFC 3986 unreserved): such a value needs no quoting.
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")

@@ -8,7 +8,7 @@ Threads of a worker process:
   after waiting for room (:meth:`reserve`: a process holds at most ``capacity`` claimed
   attempts, so memory is bounded and a claimed attempt starts within one wave of calls).
 - the **call loop** (``cgrid-curl-loop``): one ``CurlMulti`` driven with ``socket_action``
-  over an epoll selector; it admits claimed attempts to their lanes, starts calls as slots
+  over epoll; it admits claimed attempts to their lanes, starts calls as slots
   free up, and classifies each finished transfer. It never touches Redis.
 - the **ledger thread** (``cgrid-ledger``): writes finished attempts (one Lua script per
   batch), parks what a lane could not admit (handed back to Redis unstarted, not an
@@ -20,7 +20,8 @@ Threads of a worker process:
 
 from __future__ import annotations
 
-import selectors
+import os
+import select
 import socket
 import threading
 import time
@@ -109,6 +110,7 @@ class DeliveryEngine:
         # as (attempt n, finish or park, run id of the node that took it), oldest first.
         self._unconfirmed: list[tuple[int, Finish | Park, str]] = []
         self._confirm_at = 0.0
+        self.call_loop: _CallLoop | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -186,7 +188,7 @@ class DeliveryEngine:
     # -- the call loop -------------------------------------------------------------------
 
     def _call_loop(self) -> None:
-        loop = _CallLoop(self)
+        loop = self.call_loop = _CallLoop(self)  # the loop thread's state (tests look at it)
         while True:
             try:
                 loop.run()
@@ -382,6 +384,11 @@ def count_finished(batch: list[Handled], states: list[str], label: Callable[[str
             _child(m.finished, buyer, kind, state).inc()
 
 
+# libcurl's wish (POLL_IN, POLL_OUT, POLL_INOUT) as an epoll mask.
+_EPOLL_MASKS = {pycurl.POLL_IN: select.EPOLLIN, pycurl.POLL_OUT: select.EPOLLOUT,
+                pycurl.POLL_INOUT: select.EPOLLIN | select.EPOLLOUT}
+
+
 class _CallLoop:
     """State owned by the call-loop thread: the multi handle, its sockets, the lanes."""
 
@@ -395,8 +402,12 @@ class _CallLoop:
         # Idle connections kept for reuse. libcurl's default, 4 x the transfers in the multi,
         # shrinks whenever few calls run and closes the idle connections of quieter buyers.
         self.multi.setopt(pycurl.M_MAXCONNECTS, max(self.settings.call_concurrency, 1))
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(engine._wake_r, selectors.EVENT_READ, None)
+        # libcurl's sockets and the wake socket, on one epoll (select() breaks past 1,024 sockets).
+        self.epoll = select.epoll()
+        self.wake_fd = engine._wake_r.fileno()
+        self.epoll.register(self.wake_fd, select.EPOLLIN)
+        self.registered: dict[int, int] = {}  # fd -> the epoll mask it is registered with
+        self.wanted: set[int] = set()  # the fds libcurl watches now (a subset of registered)
         self.timer_at: float | None = None
         self.free: list[Transfer] = []
         self.running = 0
@@ -408,23 +419,51 @@ class _CallLoop:
         self.done: list[Handled] = []
         self.parks: list[Park] = []
 
-    # libcurl tells us which sockets to watch and when to call it back.
+    # libcurl tells us which sockets to watch and when to call it back. A keep-alive
+    # connection is unwatched (POLL_REMOVE) after each call and watched again by the next one
+    # on it: it stays registered in between, so a reused connection costs no epoll_ctl. One
+    # that stirs while unwatched (the buyer closed it) is unregistered then (:meth:`run`);
+    # one libcurl closes is forgotten in :meth:`_on_close_socket` (closing drops it from epoll).
     def _on_socket(self, what: int, fd: int, multi: Any, socketp: Any) -> None:
-        if what == pycurl.POLL_REMOVE:
-            try:
-                self.selector.unregister(fd)
-            except (KeyError, ValueError):
-                pass
+        mask = _EPOLL_MASKS.get(what, 0)
+        if not mask:  # POLL_REMOVE
+            self.wanted.discard(fd)
             return
-        events = 0
-        if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
-            events |= selectors.EVENT_READ
-        if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
-            events |= selectors.EVENT_WRITE
+        self.wanted.add(fd)
+        registered = self.registered.get(fd)
+        if registered == mask:
+            return
+        if registered is None:
+            try:
+                self.epoll.register(fd, mask)
+            except FileExistsError:
+                self.epoll.modify(fd, mask)
+        else:
+            try:
+                self.epoll.modify(fd, mask)
+            except FileNotFoundError:
+                self.epoll.register(fd, mask)
+        self.registered[fd] = mask
+
+    def _on_close_socket(self, fd: int) -> int:
+        """libcurl closes one of its sockets (CLOSESOCKETFUNCTION): closing drops it from
+        epoll; its number may come back as a new socket."""
+        self.registered.pop(fd, None)
+        self.wanted.discard(fd)
         try:
-            self.selector.modify(fd, events, fd)
-        except KeyError:
-            self.selector.register(fd, events, fd)
+            os.close(fd)
+        except OSError:
+            return 1
+        return 0
+
+    def _unwatch(self, fd: int) -> None:
+        """An fd libcurl does not watch stirred (an idle keep-alive connection the buyer
+        closed): stop watching it; libcurl finds it dead if it tries to reuse it."""
+        if self.registered.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except OSError:
+                pass
 
     def _on_timer(self, timeout_ms: int) -> None:
         self.timer_at = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
@@ -440,17 +479,26 @@ class _CallLoop:
                 if self.timer_at is not None:
                     wait_until = min(wait_until, self.timer_at)
                 wait_s = max(0.0, wait_until - time.monotonic())
-            for key, mask in self.selector.select(wait_s):
-                if key.data is None:
+            try:
+                ready = self.epoll.poll(wait_s)
+            except InterruptedError:
+                ready = []
+            for fd, events in ready:
+                if fd == self.wake_fd:
                     try:
                         while engine._wake_r.recv(4096):
                             pass
                     except (BlockingIOError, InterruptedError):
                         pass
                     continue
-                flags = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
-                    pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0)
-                self.multi.socket_action(key.data, flags)
+                if fd not in self.wanted:
+                    self._unwatch(fd)
+                    continue
+                # As selectors reads epoll: anything but "writable" wakes a reader (a hang-up,
+                # an error), anything but "readable" a writer.
+                flags = (pycurl.CSELECT_IN if events & ~select.EPOLLOUT else 0) | (
+                    pycurl.CSELECT_OUT if events & ~select.EPOLLIN else 0)
+                self.multi.socket_action(fd, flags)
             if self.timer_at is not None and time.monotonic() >= self.timer_at:
                 self.timer_at = None
                 self.multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
@@ -604,7 +652,7 @@ class _CallLoop:
             reason = str(e) if str(e).startswith("macros.") else f"url: {e}"
             self._done(item, Attempt(item.attempt_n, Outcome.REJECTED, item.started_at_s, 0.0, reason=reason))
             return
-        transfer = self.free.pop() if self.free else Transfer(self.engine.client)
+        transfer = self.free.pop() if self.free else self._new_transfer()
         try:
             transfer.prepare(url, headers, timeout_s)
         except Exception as e:  # libcurl refuses the URL (e.g. an embedded NUL): nothing sent
@@ -623,6 +671,11 @@ class _CallLoop:
             self._lost_to_a_bug(item.event_id, e)
             return
         self.running += 1
+
+    def _new_transfer(self) -> Transfer:
+        transfer = Transfer(self.engine.client)
+        transfer.curl.setopt(pycurl.CLOSESOCKETFUNCTION, self._on_close_socket)
+        return transfer
 
     def _target_url(self, event: Event) -> str:
         """The URL to call; for a buyer with price keys, ``${AUCTION_PRICE}`` carries the

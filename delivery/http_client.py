@@ -91,14 +91,14 @@ class ClientConfig:
 
 def header_lines(headers: dict[str, str]) -> list[str]:
     """The request headers as libcurl takes them, with its default ``Accept`` removed."""
-    return ["Accept:", *(f"{name}: {value}" for name, value in headers.items())]
+    return ["Accept:", *[f"{name}: {value}" for name, value in headers.items()]]
 
 
 class Transfer:
     """One reusable libcurl easy handle and the state of its current request."""
 
-    __slots__ = ("allowed", "block_status", "body_bytes", "connects", "curl", "headers_done", "item",
-                 "malformed", "refusals", "requests")
+    __slots__ = ("allowed", "block_status", "body_bytes", "connects", "curl", "headers", "headers_done", "item",
+                 "malformed", "refusals", "requests", "timeout_ms")
 
     def __init__(self, config: ClientConfig) -> None:
         self.allowed = config.allowed_networks
@@ -110,6 +110,8 @@ class Transfer:
         self.connects = 0
         self.requests = 0
         self.refusals: list[str] = []
+        self.headers: list[str] | None = None  # as last set on the handle (set again only when they change)
+        self.timeout_ms = 0  # likewise
         curl = self.curl = pycurl.Curl()
         curl.transfer = self  # the multi hands back Curl objects; this finds their Transfer
         for option, value in (
@@ -146,10 +148,16 @@ class Transfer:
         self.refusals = []
         curl = self.curl
         curl.setopt(pycurl.URL, url)
-        curl.setopt(pycurl.HTTPHEADER, headers)
+        # The handle keeps its options from one request to the next: what did not change
+        # is not set again (libcurl copies a header list into a new slist on every set).
+        if headers != self.headers:
+            curl.setopt(pycurl.HTTPHEADER, headers)
+            self.headers = headers
         timeout_ms = max(1, int(timeout_s * 1000))
-        curl.setopt(pycurl.TIMEOUT_MS, timeout_ms)
-        curl.setopt(pycurl.CONNECTTIMEOUT_MS, timeout_ms)
+        if timeout_ms != self.timeout_ms:
+            curl.setopt(pycurl.TIMEOUT_MS, timeout_ms)
+            curl.setopt(pycurl.CONNECTTIMEOUT_MS, timeout_ms)
+            self.timeout_ms = timeout_ms
 
     # -- libcurl callbacks (they must never raise) -------------------------------------
 

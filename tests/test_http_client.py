@@ -200,6 +200,25 @@ def test_keep_alive_connection_is_reused_after_a_small_body(session, dsp: MockDs
     assert len(calls) == 3 and len({c["client_port"] for c in calls}) == 1  # one connection
 
 
+def test_a_reused_transfer_sends_each_requests_own_headers_and_deadline(session, dsp: MockDspServer) -> None:  # type: ignore[no-untyped-def]
+    """prepare() sets the headers and deadline again only when they change: each request
+    still goes out with its own."""
+    transfer = Transfer(session)
+    sent = []
+    for ua, timeout_s, path in (("a", 2.0, "/status/204"), ("a", 2.0, "/status/204"), ("b", 2.0, "/status/204"),
+                                ("b", 0.3, "/sleep/2000"), ("b", 2.0, "/sleep/500")):
+        transfer.prepare(dsp.url + path, header_lines({"X-User-Agent": ua}), timeout_s)
+        errno = 0
+        try:
+            transfer.curl.perform()
+        except pycurl.error as e:
+            errno = e.args[0]
+        sent.append(transfer.result(errno).status or transfer.result(errno).error)
+    transfer.curl.close()
+    assert sent == [204, 204, 204, ErrorClass.TIMEOUT, 204]
+    assert [c["headers"].get("X-User-Agent") for c in dsp.log.snapshot()] == ["a", "a", "b", "b", "b"]
+
+
 def test_guard_refuses_loopback_outside_the_allow_list(dsp: MockDspServer) -> None:
     # Allow only 127.0.0.1; 127.0.0.2 is loopback too, so nothing leaves the machine.
     session = make_client((ipaddress.ip_network("127.0.0.1/32"),))
