@@ -91,6 +91,7 @@ class Lane(Generic[T]):
     base_window_ends_at: float = 0.0
     ready: bool = False  # in the scheduler's round-robin ring
     used_at: float = 0.0  # when an attempt last joined or left it (the scheduler's clock)
+    answered_at: float = float("-inf")  # when a call of it last had an HTTP answer
 
     def __post_init__(self) -> None:
         self.cap = float(self.limits.max_concurrency)
@@ -148,7 +149,8 @@ class Lanes(Generic[T]):
         parked events, new ones park behind them, in creation order."""
         lane = self.lane(buyer)
         if lane.backlog or lane.limits.paused or (
-                lane.full and len(lane.queue) >= self.queue_max_per_cap * max(1, int(lane.cap))):
+                lane.full and len(lane.queue) >= self.queue_max_per_cap * max(1, int(lane.cap))
+                and not self._answering_below_cap(lane, now_s)):
             self._mark_backlog(lane)
             return False
         self._enqueue(lane, item, now_s)
@@ -157,6 +159,15 @@ class Lanes(Generic[T]):
     def admit_pulled(self, buyer: str, item: T, now_s: float) -> None:
         """Queue an item pulled from the lane's parked set (room was checked at the pull)."""
         self._enqueue(self.lane(buyer), item, now_s)
+
+    def _answering_below_cap(self, lane: Lane[T], now_s: float) -> bool:
+        """The lane is held back by its width only (below its cap) and its calls answer
+        (one did within ``wait_s``): its waiting attempts start at its pace, as soon as its
+        width allows. They stay (the process's claims bound how many): parking them would
+        only send them through Redis and back, and with its backlog set every new one
+        would follow (measured: under a saturated loop, thousands of parks and pulls per
+        40,000 events)."""
+        return lane.in_flight < int(lane.cap) and now_s - lane.answered_at <= self.wait_s
 
     def _enqueue(self, lane: Lane[T], item: T, now_s: float) -> None:
         lane.used_at = now_s
@@ -201,6 +212,7 @@ class Lanes(Generic[T]):
             lane.pressed = True
         if answered:
             lane.failures_in_row = 0
+            lane.answered_at = now_s
             lane.cap = min(float(lane.limits.max_concurrency), lane.cap + 1)
             if pressed and 0 < lane.latency_s <= LATENCY_GROWTH_RATIO * lane.base_latency_s:
                 # slow start: one more per answer, up to the cap, at most doubling between
