@@ -109,7 +109,7 @@ class Settings:
     # Ours, beyond SPEC §9:
     report_ttl_s: int = 90 * DAY_S
     event_max_age_s: float = 1800.0  # below CGRID_LEDGER_TTL_S: a record must outlive the wait
-    batch_size: int = 100
+    batch_size: int = 500
     linger_ms: float = 20.0
     call_concurrency: int = 1000
     buyer_max_concurrency: int = 100
