@@ -76,8 +76,47 @@ def _float_or_none(text: str) -> float | None:
         return None
 
 
+LINE_FIELD = b"line"  # an entry's one field: its line without the entry id (the ledger scripts make it)
+_LINE_DAY = re.compile(rb',"day":"(\d{4}-\d{2}-\d{2})"')
+
+
 def archive_line(entry_id: str, fields: Mapping[Any, Any]) -> tuple[str, bytes]:
-    """The day (the file it goes to) and the JSON line of one stream entry."""
+    """The day (the file it goes to) and the JSON line of one stream entry: the line the
+    ledger script made (one field, ``line``), or made here from an entry of the previous
+    format (a field per value, still read: entries left in the stream by an older fleet)."""
+    if len(fields) == 1:
+        body = fields.get(LINE_FIELD)
+        if body is None:
+            body = fields.get("line")
+            body = body.encode() if isinstance(body, str) else body
+        if isinstance(body, bytes):
+            return _made_line(entry_id, body)
+    return _line_of_fields(entry_id, fields)
+
+
+def _made_line(entry_id: str, body: bytes) -> tuple[str, bytes]:
+    """The line of a ``line`` entry: the entry id put in front; checked to be JSON (a record
+    whose attempt was corrupt in Redis is written as {"entry", "day", "unreadable"}) and
+    written with non-ASCII escaped, as every line is."""
+    line = b'{"entry":' + json.dumps(entry_id).encode() + b"," + body + b"\n"
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        found = _LINE_DAY.search(body)
+        day = found.group(1).decode() if found else UNKNOWN_DAY
+        broken = {"entry": entry_id, "day": day, "unreadable": body[:2000].decode("utf-8", "replace")}
+        return day, (json.dumps(broken, separators=(",", ":")) + "\n").encode()
+    day = record.get("day")
+    if not isinstance(day, str) or not _DAY.match(day):
+        day = UNKNOWN_DAY
+    if not line.isascii():
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    return day, line
+
+
+def _line_of_fields(entry_id: str, fields: Mapping[Any, Any]) -> tuple[str, bytes]:
     text = {as_text(k): as_text(v) for k, v in fields.items()}
     day = text.get("day", "")
     if not _DAY.match(day):

@@ -114,6 +114,59 @@ def test_every_final_state_is_archived_with_its_fields(client: redis.Redis, tmp_
     assert Ledger(client).archive_backlog() == (0, 0.0)
 
 
+def test_entries_of_the_previous_format_left_in_the_stream_are_still_archived(
+        client: redis.Redis, tmp_path: Path) -> None:
+    """An upgrade: entries a previous fleet added (a field per value) wait in the stream
+    beside the new one-field entries; the archiver writes both, the same way."""
+    day = day_of(time.time())
+    event = make_event("old-format").to_final_json(keep_call=False)
+    client.xadd(stream_key(), {"id": "old-format", "state": "delivered", "day": day, "buyer": "b1", "kind": "burl",
+                               "accepted_at": "1764099999.910000", "finished_at": "1764100000.120000",
+                               "a1": attempt(1), "a2": "", "reason": "", "event": event})
+    deliver_all(Ledger(client), ["new-format"])
+    assert [list(f) for _, f in client.xrange(stream_key())] == [
+        [b"id", b"state", b"day", b"buyer", b"kind", b"accepted_at", b"finished_at", b"a1", b"a2", b"reason",
+         b"event"], [b"line"]]
+    root = tmp_path / "archive"
+    archiver = Archiver(client, root, "a1", claim_idle_s=600)
+    archiver.open()
+    drain(archiver, client)
+    old, new = archived(root)
+    assert list(old) == list(new) == ["entry", "id", "state", "day", "buyer", "kind", "accepted_at",
+                                      "finished_at", "attempts", "event"]
+    assert (old["id"], old["accepted_at"], old["event"]["host"]) == ("old-format", 1764099999.91, "d.example")
+    assert (new["id"], new["state"], new["day"], new["buyer"]) == ("new-format", "delivered", day, "b1")
+    assert [a["status"] for a in new["attempts"]] == [204] and new["event"]["host"] == "d.example"
+
+
+def test_a_corrupt_record_still_gets_a_line_of_json(client: redis.Redis, tmp_path: Path) -> None:
+    """The line is made in the ledger script; what Redis held corrupt is shown, never a line
+    that is not JSON: an unreadable event as {"unreadable": its text}, as `status` shows it; a
+    corrupt attempt makes the whole line {"entry", "day", "unreadable"}. Non-ASCII text is
+    escaped, as in every line."""
+    ledger = Ledger(client)
+    ids = ["bad-event", "bad-attempt", "quo\"te\\\\d/"]
+    ledger.accept([make_event(i) for i in ids], redeliver_after_s=30, **TTL)
+    client.hset("cgrid:ev:bad-event", "event", "{broken")
+    ledger.claim(ids, 1, lease_s=30, sent_at_s=0)
+    ledger.finish([Finish("bad-event", Outcome.REJECTED, "", reason="event: unreadable"),
+                   Finish("bad-attempt", Outcome.OK, '{"n":1,'),
+                   Finish(ids[2], Outcome.REJECTED, "", reason="r\u00e9ason \"quoted\"\n")], 1,
+                  retry_delay_s=1, **TTL)
+    root = tmp_path / "archive"
+    archiver = Archiver(client, root, "a1", claim_idle_s=600)
+    archiver.open()
+    drain(archiver, client)
+    lines = [line for path in sorted(root.glob("*/*.jsonl")) for line in path.read_bytes().splitlines()]
+    assert len(lines) == 3 and all(line.isascii() for line in lines)
+    records = [json.loads(line) for line in lines]
+    assert records[0]["id"] == "bad-event" and records[0]["event"] == {"unreadable": "{broken"}
+    assert set(records[1]) == {"entry", "day", "unreadable"} and records[1]["day"] == day_of(time.time())
+    assert '"id":"bad-attempt"' in records[1]["unreadable"]
+    assert records[2]["id"] == ids[2] and records[2]["reason"] == "r\u00e9ason \"quoted\"\n"
+    assert records[2]["event"]["id"] == ids[2]
+
+
 def test_without_an_archiver_nothing_is_kept_for_one(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     ledger = Ledger(client)
