@@ -21,6 +21,7 @@ never write the same file. One line per final record (``docs/archive.md``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,6 +34,8 @@ import redis
 from cgrid.ledger import PREFIX, json_or_raw
 
 STREAM = "archive"  # the stream's key is the ledger prefix + this
+FORMAT_KEY = "archive:format"  # ledger prefix + this: the entries' format the archivers read
+LINE_FORMAT = "line"  # one field, `line` (the previous format, a field per value, has no mark)
 GROUP = "archivers"  # the archivers' consumer group
 UNKNOWN_DAY = "unknown-day"  # a record without a readable day (a corrupt one) goes here
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
@@ -44,16 +47,19 @@ def stream_key(prefix: str = PREFIX) -> str:
 
 
 def ensure_group(client: redis.Redis, prefix: str = PREFIX) -> None:
-    """Make the stream and the archivers' group (from the stream's start) if missing. From
-    then on the ledger scripts add every final record to the stream."""
+    """Make the stream and the archivers' group (from the stream's start) if missing, and
+    say that this archiver reads one-field ``line`` entries (``P archive:format``). From
+    then on the ledger scripts add every final record to the stream, in that format (until
+    an archiver has said so, in the previous one: a field per value)."""
     try:
         client.xgroup_create(stream_key(prefix), GROUP, id="0", mkstream=True)
     except redis.ResponseError as e:
-        if "BUSYGROUP" in str(e):
-            return
-        if isinstance(e, redis.exceptions.OutOfMemoryError) and _group_exists(client, prefix):
-            return  # a full Redis refuses XGROUP CREATE even when there is nothing to make
-        raise
+        if "BUSYGROUP" not in str(e):
+            if not (isinstance(e, redis.exceptions.OutOfMemoryError) and _group_exists(client, prefix)):
+                raise
+            # (a full Redis refuses XGROUP CREATE even when there is nothing to make)
+    with contextlib.suppress(redis.exceptions.OutOfMemoryError):  # full: the entries keep the previous format
+        client.set(prefix + FORMAT_KEY, LINE_FORMAT)
 
 
 def _group_exists(client: redis.Redis, prefix: str) -> bool:

@@ -40,7 +40,8 @@ FAMILIES = {
     "pulled:<token>": r"pulled:[0-9a-f]{16,64}",
 }
 # ... and the fixed keys, which none of those patterns may reach.
-FIXED = ("due", "report:days", "idx:parked-activity", "poison", "poison:count", "archive", "wait-mark")
+FIXED = ("due", "report:days", "idx:parked-activity", "poison", "poison:count", "archive", "archive:format",
+         "wait-mark")
 LEGACY = ("parked:activity",)  # the index's former name: the sweep only moves entries out of it
 
 

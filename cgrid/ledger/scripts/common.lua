@@ -154,9 +154,18 @@ end
 -- without an archiver must not fill Redis). An entry is one field, `line`: its archive
 -- line's JSON without the leading `{"entry":...,` (the archiver puts that in front), made
 -- here from what the script already holds; the archiver checks it is JSON before writing.
--- (Entries of the previous format, a field per value, are still read: archive/files.py.)
+-- Archivers that read such entries say so in P archive:format ('line'); until one has, the
+-- entries keep the previous format, a field per value (which every archiver reads), so a
+-- fleet upgraded before its archivers loses no record.
 local archive_key = prefix .. 'archive'
-local archive_on = nil
+local archive_on, archive_lines = nil, false
+local function archive_enabled()
+  if archive_on == nil then
+    archive_on = redis.call('EXISTS', archive_key) == 1
+    if archive_on then archive_lines = redis.call('GET', prefix .. 'archive:format') == 'line' end
+  end
+  return archive_on
+end
 local function json_string(text)
   if not string.find(text, '[%c"\\\128-\255]') then return '"' .. text .. '"' end
   return cjson.encode(text)
@@ -168,8 +177,13 @@ end
 -- ``event_readable`` false: the event's text is not JSON; the line shows it as
 -- {"unreadable": its first 1000 bytes}, as `cgrid-s2s status` does.
 local function archive_line(id, state, day, buyer, kind, accepted_at, a1, a2, reason, event, event_readable)
-  if archive_on == nil then archive_on = redis.call('EXISTS', archive_key) == 1 end
-  if not archive_on then return end
+  if not archive_enabled() then return end
+  if not archive_lines then
+    redis.call('XADD', archive_key, '*', 'id', id, 'state', state, 'day', day or '', 'buyer', buyer or '',
+      'kind', kind or '', 'accepted_at', accepted_at or '', 'finished_at', now_text, 'a1', a1 or '', 'a2', a2 or '',
+      'reason', reason or '', 'event', event or '')
+    return
+  end
   local attempts
   if a1 and a1 ~= '' and a2 and a2 ~= '' then attempts = a1 .. ',' .. a2
   elseif a1 and a1 ~= '' then attempts = a1
@@ -189,8 +203,7 @@ local function archive_line(id, state, day, buyer, kind, accepted_at, a1, a2, re
 end
 -- The archive line of a record read back from its hash (the sweep's final records).
 local function archive(key, id, state, event_readable)
-  if archive_on == nil then archive_on = redis.call('EXISTS', archive_key) == 1 end
-  if not archive_on then return end
+  if not archive_enabled() then return end
   local r = redis.call('HMGET', key, 'day', 'buyer', 'kind', 'accepted_at', 'a1', 'a2', 'reason', 'event')
   archive_line(id, state, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], event_readable ~= false)
 end
