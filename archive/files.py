@@ -54,10 +54,10 @@ def ensure_group(client: redis.Redis, prefix: str = PREFIX) -> None:
     try:
         client.xgroup_create(stream_key(prefix), GROUP, id="0", mkstream=True)
     except redis.ResponseError as e:
-        if "BUSYGROUP" not in str(e):
-            if not (isinstance(e, redis.exceptions.OutOfMemoryError) and _group_exists(client, prefix)):
-                raise
-            # (a full Redis refuses XGROUP CREATE even when there is nothing to make)
+        # (a full Redis refuses XGROUP CREATE even when there is nothing to make)
+        full_with_group = isinstance(e, redis.exceptions.OutOfMemoryError) and _group_exists(client, prefix)
+        if "BUSYGROUP" not in str(e) and not full_with_group:
+            raise
     with contextlib.suppress(redis.exceptions.OutOfMemoryError):  # full: the entries keep the previous format
         client.set(prefix + FORMAT_KEY, LINE_FORMAT)
 
