@@ -30,7 +30,7 @@ from archive.archiver import Archiver
 from archive.files import ensure_group
 from cgrid.event import Event, parse_event
 from cgrid.ledger import Finish, Ledger, Outcome
-from cgrid.redis_server import RedisServer
+from cgrid.redis_server import RedisServer, find_redis_server
 from delivery.attempt import Attempt
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -57,8 +57,30 @@ def commandstats(client: redis.Redis) -> dict[str, tuple[int, int]]:
     return {name.removeprefix("cmdstat_"): (int(f["calls"]), int(f["usec"])) for name, f in stats.items()}
 
 
+def callgrind_instructions(pid: int, out_dir: Path) -> int:
+    """Dump the running callgrind's counts since the last dump (or zeroing) and return the
+    instructions executed (``--callgrind``: counts that do not depend on the machine's load)."""
+    before = set(out_dir.glob("callgrind.out.*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    for _ in range(200):
+        new = set(out_dir.glob("callgrind.out.*")) - before
+        if new:
+            break
+        time.sleep(0.05)
+    [dump] = new
+    keep = os.environ.get("LEDGER_OPS_KEEP_DUMPS")  # a folder to copy each phase's dump to
+    for _ in range(200):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("totals:", "summary:")):
+                if keep:
+                    Path(keep, dump.name).write_bytes(dump.read_bytes())
+                return int(line.split()[1])
+        time.sleep(0.05)
+    raise RuntimeError(f"no totals in {dump}")
+
+
 def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf: str = "",
-              perf_phase: str = "") -> dict[str, Any]:
+              perf_phase: str = "", callgrind_dir: Path | None = None) -> dict[str, Any]:
     ledger = Ledger(client)
     events = make_events(n, run)
     by_id = {e.id: e for e in events}
@@ -71,8 +93,11 @@ def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf:
             recorder = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-p", str(pid), "-o", perf],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
+        if callgrind_dir is not None:
+            callgrind_instructions(pid, callgrind_dir)  # the counts so far: not this phase's
         cpu0, own0, wall0 = process_cpu_s(pid), time.process_time(), time.perf_counter()
         work()
+        instructions = callgrind_instructions(pid, callgrind_dir) if callgrind_dir is not None else None
         if recorder is not None:
             recorder.send_signal(2)
             recorder.wait()
@@ -82,6 +107,7 @@ def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf:
         stats.pop("info", None)
         phases[name] = {
             "redis_cpu_us_per_event": round(cpu / n * 1e6, 2),
+            "redis_instructions_per_event": round(instructions / n) if instructions is not None else None,
             "client_cpu_us_per_event": round(own / n * 1e6, 2),
             "wall_s": round(time.perf_counter() - wall0, 3),
             "usec_per_event": round(sum(u for _, u in stats.values()) / n, 2),
@@ -139,10 +165,22 @@ def main() -> int:
     parser.add_argument("--perf", default="", help="perf record Redis into this file")
     parser.add_argument("--perf-phase", default="", help="perf record only this phase (accept, claim, finish, archive)")
     parser.add_argument("--json", default="", help="write the figures to this file")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="run Redis under valgrind's callgrind and count its instructions per phase")
     args = parser.parse_args()
     rounds = []
     with tempfile.TemporaryDirectory(prefix="cgrid-ops-") as tmp:
-        server = RedisServer(Path(tmp) / "redis").start()
+        callgrind_dir = None
+        binary = None
+        if args.callgrind:
+            callgrind_dir = Path(tmp) / "callgrind"
+            callgrind_dir.mkdir()
+            wrapper = Path(tmp) / "redis-under-callgrind"
+            wrapper.write_text(f"#!/bin/sh\nexec valgrind --tool=callgrind --dump-instr=no "
+                               f"--callgrind-out-file={callgrind_dir}/callgrind.out.%p {find_redis_server()} \"$@\"\n")
+            wrapper.chmod(0o755)
+            binary = str(wrapper)
+        server = RedisServer(Path(tmp) / "redis", binary=binary).start(timeout_s=60)
         perf = None
         try:
             assert server.process is not None
@@ -155,7 +193,7 @@ def main() -> int:
                 time.sleep(0.5)
             for index in range(args.rounds):
                 rounds.append(one_round(client, pid, args.events, f"r{index}", Path(tmp) / f"archive-{index}",
-                                        args.perf if index == 0 else "", args.perf_phase))
+                                        args.perf if index == 0 else "", args.perf_phase, callgrind_dir))
         finally:
             if perf is not None:
                 perf.send_signal(2)
@@ -166,15 +204,18 @@ def main() -> int:
         values = sorted(r[phase]["redis_cpu_us_per_event"] for r in rounds)
         usec = sorted(r[phase]["usec_per_event"] for r in rounds)
         own = sorted(r[phase]["client_cpu_us_per_event"] for r in rounds)
-        summary[phase] = {"redis_cpu_us_per_event_median": values[len(values) // 2],
+        instructions = sorted(r[phase]["redis_instructions_per_event"] or 0 for r in rounds)
+        summary[phase] = {"redis_instructions_per_event_median": instructions[len(instructions) // 2],"redis_cpu_us_per_event_median": values[len(values) // 2],
                           "commandstats_usec_per_event_median": usec[len(usec) // 2],
                           "client_cpu_us_per_event_median": own[len(own) // 2]}
     total = sum(s["redis_cpu_us_per_event_median"] for s in summary.values())
     for phase, figures in summary.items():
         print(f"{phase:8} Redis CPU {figures['redis_cpu_us_per_event_median']:6.2f} µs/event  "
               f"commandstats {figures['commandstats_usec_per_event_median']:6.2f} µs/event  "
-              f"client CPU {figures['client_cpu_us_per_event_median']:6.2f} µs/event")
-    print(f"total    Redis CPU {total:6.2f} µs/event")
+              f"client CPU {figures['client_cpu_us_per_event_median']:6.2f} µs/event  "
+              f"Redis instructions {figures['redis_instructions_per_event_median']}/event")
+    print(f"total    Redis CPU {total:6.2f} µs/event, Redis instructions "
+          f"{sum(s['redis_instructions_per_event_median'] for s in summary.values())}/event")
     last = rounds[-1]
     for phase, figures in last.items():
         top = ", ".join(f"{name} {c['calls_per_event']}x {c['usec_per_event']}µs"

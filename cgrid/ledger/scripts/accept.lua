@@ -29,7 +29,7 @@ for i = 6, #ARGV, 5 do
     out[#out + 1] = 0
   else
     redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
-      'buyer', buyer, 'kind', kind, 'accepted_at', now_text, 'sent_at', now_text, 'claim', 0)
+      'buyer', buyer, 'kind', kind, 'accepted_at', now_text, 'sent_at', now_text)
     opened(kind, 1)
     -- No expiry while the event is open: its record must outlive any wait (a fleet down for
     -- longer than the ledger TTL must still find it, end it and archive it). It expires

@@ -166,12 +166,21 @@ local function archive_enabled()
   end
   return archive_on
 end
+-- Ids and buyers are printable ASCII (cgrid/event.py): only a quote or a backslash needs
+-- escaping (plain finds, cheaper than a pattern); reasons may hold anything. Days, kinds
+-- and times are the ledger's own (a corrupt one makes the line fail the archiver's check).
+local function json_id(text)
+  if not string.find(text, '"', 1, true) and not string.find(text, '\\', 1, true) then
+    return '"' .. text .. '"'
+  end
+  return cjson.encode(text)
+end
 local function json_string(text)
   if not string.find(text, '[%c"\\\128-\255]') then return '"' .. text .. '"' end
   return cjson.encode(text)
 end
 local function json_number(text)
-  if text and string.find(text, '^%-?%d+%.?%d*$') then return text end
+  if text and tonumber(text) then return text end
   return 'null'
 end
 -- ``event_readable`` false: the event's text is not JSON; the line shows it as
@@ -196,9 +205,9 @@ local function archive_line(id, state, day, buyer, kind, accepted_at, a1, a2, re
     if event_readable then event_part = event
     else event_part = '{"unreadable":' .. cjson.encode(string.sub(event, 1, 1000)) .. '}' end
   end
-  redis.call('XADD', archive_key, '*', 'line', '"id":' .. json_string(id) .. ',"state":"' .. state ..
-    '","day":' .. json_string(day or '') .. ',"buyer":' .. json_string(buyer or '') .. ',"kind":' ..
-    json_string(kind or '') .. ',"accepted_at":' .. json_number(accepted_at) .. ',"finished_at":' .. now_text ..
+  redis.call('XADD', archive_key, '*', 'line', '"id":' .. json_id(id) .. ',"state":"' .. state ..
+    '","day":"' .. (day or '') .. '","buyer":' .. json_id(buyer or '') .. ',"kind":"' .. (kind or '') ..
+    '","accepted_at":' .. json_number(accepted_at) .. ',"finished_at":' .. now_text ..
     ',"attempts":[' .. attempts .. ']' .. reason_part .. ',"event":' .. event_part .. '}')
 end
 -- The archive line of a record read back from its hash (the sweep's final records).
