@@ -205,7 +205,8 @@ def main() -> int:
         usec = sorted(r[phase]["usec_per_event"] for r in rounds)
         own = sorted(r[phase]["client_cpu_us_per_event"] for r in rounds)
         instructions = sorted(r[phase]["redis_instructions_per_event"] or 0 for r in rounds)
-        summary[phase] = {"redis_instructions_per_event_median": instructions[len(instructions) // 2],"redis_cpu_us_per_event_median": values[len(values) // 2],
+        summary[phase] = {"redis_instructions_per_event_median": instructions[len(instructions) // 2],
+                          "redis_cpu_us_per_event_median": values[len(values) // 2],
                           "commandstats_usec_per_event_median": usec[len(usec) // 2],
                           "client_cpu_us_per_event_median": own[len(own) // 2]}
     total = sum(s["redis_cpu_us_per_event_median"] for s in summary.values())
