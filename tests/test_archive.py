@@ -170,6 +170,22 @@ def test_a_corrupt_record_still_gets_a_line_of_json(client: redis.Redis, tmp_pat
     assert records[2]["event"]["id"] == ids[2]
 
 
+def test_after_a_short_batch_the_archiver_waits_for_more(client: redis.Redis, tmp_path: Path) -> None:
+    """A batch short of the archiver's batch size: the next read waits LINGER_S, so that
+    batches gather (fewer reads, acknowledgements and fsyncs per record); a full batch is
+    followed at once by the next read."""
+    from archive.archiver import IDLE_POLL_S, LINGER_S
+
+    deliver_all(Ledger(client), [f"l{i}" for i in range(7)])
+    archiver = Archiver(client, tmp_path / "archive", "a1", claim_idle_s=600, batch=5, block_ms=None)
+    archiver.open()
+    log = type("Log", (), {"info": lambda *a, **k: None})()
+    assert archiver.turn(log) == IDLE_POLL_S and archiver.recovering is False  # nothing pending on this name
+    assert archiver.turn(log) == 0.0 and archiver.written == 5  # a full batch: read again at once
+    assert archiver.turn(log) == LINGER_S > 0 and archiver.written == 7  # 2 of 5: wait for more
+    assert len(archived(tmp_path / "archive")) == 7
+
+
 def test_without_an_archiver_nothing_is_kept_for_one(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     ledger = Ledger(client)
