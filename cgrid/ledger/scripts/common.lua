@@ -10,6 +10,9 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local function stamp(t) return string.format('%.6f', t) end
 local now_text = stamp(now)
+-- A number given to redis.call is formatted with %.17g at each call: a value used for many
+-- events is formatted once, as that same text.
+local function num_text(x) return string.format('%.17g', x) end
 -- Report counters are summed in the script and written once per day and counter.
 local bumps, bump_ttl = {}, 0
 local function bump(day, buyer, counter, report_ttl, delta)

@@ -10,6 +10,7 @@
 -- Reply: the new state per event ('' if the attempt was not ours)
 local n, ttl, report_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local default_delay = tonumber(ARGV[5])
+local ttl_text = num_text(ttl)
 local due = prefix .. 'due'
 local out = {}
 -- Per event: one HMGET reads all the script needs (the archive line too), one HSET writes
@@ -99,7 +100,7 @@ for i = 6, #ARGV, 7 do
       redis.call('HSET', key, unpack(fields))
       redis.call('ZREM', due, id)
       if not was_final then closed(key, rec[7]) end
-      redis.call('EXPIRE', key, ttl)
+      redis.call('EXPIRE', key, ttl_text)
       archive_line(id, new, day, buyer, rec[7], rec[8], attempts[1], attempts[2], new_reason or rec[9], event,
         readable)
     end
