@@ -52,6 +52,9 @@ CLAIM_EVERY_S = 30.0  # how often entries idle on other names are looked for
 IDLE_FILE_S = 300.0  # a day's file not written for this long is closed
 PROGRESS_EVERY_S = 60.0  # how often the archiver logs what it wrote
 IDLE_POLL_S = 0.2  # an archiver of a cluster's partitions looks at each stream this often when idle
+# After a batch short of BATCH entries, the next read waits this long: entries gather, and
+# the reads, acknowledgements and fsyncs per record (Redis's CPU and the archiver's) fall.
+LINGER_S = 0.2
 
 
 @dataclass(eq=False)
@@ -104,6 +107,8 @@ class Archiver:
         self._pause_s = 0.0
         self.block_ms = block_ms
         self.entry_prefix = entry_prefix
+        self.linger_s = LINGER_S
+        self._last_read = 0  # entries the last batch read
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -150,7 +155,11 @@ class Archiver:
             if was_recovering and self.skipped > skipped:
                 log.info("archive_recovered", already_written=self.skipped - skipped)
             self._pause_s = 0.0
-            return IDLE_POLL_S if self.block_ms is None and not written and not self.recovering else 0.0
+            if self.recovering:
+                return 0.0
+            if 0 < self._last_read < self.batch:
+                return self.linger_s
+            return IDLE_POLL_S if self.block_ms is None and not written else 0.0
         except redis.ResponseError as e:
             if "NOGROUP" in str(e):  # the stream was deleted (or Redis emptied): make it again
                 log.warning("archive_stream_missing", action="recreated", key=self.key)
@@ -177,6 +186,7 @@ class Archiver:
 
     def step(self) -> int:
         """One batch: read, write and sync, acknowledge. Returns the lines written."""
+        self._last_read = 0
         if self._group_missing:
             self._ensure_group()
             self._group_missing = False
@@ -212,6 +222,7 @@ class Archiver:
         return [(as_text(entry_id), fields or None) for entry_id, fields in items]
 
     def _archive(self, entries: list[tuple[str, dict[Any, Any] | None]], *, skip_written: bool) -> int:
+        self._last_read = len(entries)
         lines: dict[str, list[bytes]] = {}
         for entry_id, fields in entries:
             if fields is None:

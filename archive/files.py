@@ -21,6 +21,7 @@ never write the same file. One line per final record (``docs/archive.md``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,6 +34,8 @@ import redis
 from cgrid.ledger import PREFIX, json_or_raw
 
 STREAM = "archive"  # the stream's key is the ledger prefix + this
+FORMAT_KEY = "archive:format"  # ledger prefix + this: the entries' format the archivers read
+LINE_FORMAT = "line"  # one field, `line` (the previous format, a field per value, has no mark)
 GROUP = "archivers"  # the archivers' consumer group
 UNKNOWN_DAY = "unknown-day"  # a record without a readable day (a corrupt one) goes here
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
@@ -44,16 +47,19 @@ def stream_key(prefix: str = PREFIX) -> str:
 
 
 def ensure_group(client: redis.Redis, prefix: str = PREFIX) -> None:
-    """Make the stream and the archivers' group (from the stream's start) if missing. From
-    then on the ledger scripts add every final record to the stream."""
+    """Make the stream and the archivers' group (from the stream's start) if missing, and
+    say that this archiver reads one-field ``line`` entries (``P archive:format``). From
+    then on the ledger scripts add every final record to the stream, in that format (until
+    an archiver has said so, in the previous one: a field per value)."""
     try:
         client.xgroup_create(stream_key(prefix), GROUP, id="0", mkstream=True)
     except redis.ResponseError as e:
-        if "BUSYGROUP" in str(e):
-            return
-        if isinstance(e, redis.exceptions.OutOfMemoryError) and _group_exists(client, prefix):
-            return  # a full Redis refuses XGROUP CREATE even when there is nothing to make
-        raise
+        # (a full Redis refuses XGROUP CREATE even when there is nothing to make)
+        full_with_group = isinstance(e, redis.exceptions.OutOfMemoryError) and _group_exists(client, prefix)
+        if "BUSYGROUP" not in str(e) and not full_with_group:
+            raise
+    with contextlib.suppress(redis.exceptions.OutOfMemoryError):  # full: the entries keep the previous format
+        client.set(prefix + FORMAT_KEY, LINE_FORMAT)
 
 
 def _group_exists(client: redis.Redis, prefix: str) -> bool:
@@ -76,8 +82,47 @@ def _float_or_none(text: str) -> float | None:
         return None
 
 
+LINE_FIELD = b"line"  # an entry's one field: its line without the entry id (the ledger scripts make it)
+_LINE_DAY = re.compile(rb',"day":"(\d{4}-\d{2}-\d{2})"')
+
+
 def archive_line(entry_id: str, fields: Mapping[Any, Any]) -> tuple[str, bytes]:
-    """The day (the file it goes to) and the JSON line of one stream entry."""
+    """The day (the file it goes to) and the JSON line of one stream entry: the line the
+    ledger script made (one field, ``line``), or made here from an entry of the previous
+    format (a field per value, still read: entries left in the stream by an older fleet)."""
+    if len(fields) == 1:
+        body = fields.get(LINE_FIELD)
+        if body is None:
+            body = fields.get("line")
+            body = body.encode() if isinstance(body, str) else body
+        if isinstance(body, bytes):
+            return _made_line(entry_id, body)
+    return _line_of_fields(entry_id, fields)
+
+
+def _made_line(entry_id: str, body: bytes) -> tuple[str, bytes]:
+    """The line of a ``line`` entry: the entry id put in front; checked to be JSON (a record
+    whose attempt was corrupt in Redis is written as {"entry", "day", "unreadable"}) and
+    written with non-ASCII escaped, as every line is."""
+    line = b'{"entry":' + json.dumps(entry_id).encode() + b"," + body + b"\n"
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        found = _LINE_DAY.search(body)
+        day = found.group(1).decode() if found else UNKNOWN_DAY
+        broken = {"entry": entry_id, "day": day, "unreadable": body[:2000].decode("utf-8", "replace")}
+        return day, (json.dumps(broken, separators=(",", ":")) + "\n").encode()
+    day = record.get("day")
+    if not isinstance(day, str) or not _DAY.match(day):
+        day = UNKNOWN_DAY
+    if not line.isascii():
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    return day, line
+
+
+def _line_of_fields(entry_id: str, fields: Mapping[Any, Any]) -> tuple[str, bytes]:
     text = {as_text(k): as_text(v) for k, v in fields.items()}
     day = text.get("day", "")
     if not _DAY.match(day):

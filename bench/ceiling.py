@@ -7,8 +7,8 @@ benchmark's loops; ``bench.run`` starts one per core.
 (N=1 is a plain loop). ``pycurl`` is the worker's own call (``delivery.http_client.Transfer``:
 guard, headers, deadline) on a bare libcurl multi loop with N transfers in flight. ``bare``
 is a bare libcurl call: plain ``pycurl.Curl`` handles given the URL, the headers and a
-deadline, on the same multi loop, URLs and headers made before the clock starts: what one
-call costs libcurl and the interpreter at the least, the unit of issue 17's ratio. Prints
+deadline, N in flight, driven by libcurl's ``perform``/``select``, URLs and headers made
+before the clock starts: what one call costs at the least, the unit of issue 17's ratio. Prints
 one JSON line: calls answered, loop seconds and CPU seconds.
 """
 
@@ -22,7 +22,6 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
 
 import pycurl
 import urllib3
@@ -63,31 +62,47 @@ def urllib3_loop(events: list[Event], concurrency: int, timeout_s: float, ca_fil
     return answered
 
 
-class BareTransfer:
-    """A plain easy handle: the URL, the headers, a deadline; the answer's body discarded."""
-
-    def __init__(self) -> None:
-        curl = self.curl = pycurl.Curl()
-        curl.transfer = self
+def bare_loop(calls: list[tuple[str, list[str]]], concurrency: int, timeout_s: float) -> int:
+    """A bare libcurl call: plain handles given the URL, the headers and a deadline, the
+    answer's body discarded, ``concurrency`` in flight, driven by libcurl's own
+    ``perform``/``select`` (no Python callback per socket or timer): the least one call costs
+    libcurl and the interpreter, the unit of issue 17's ratio."""
+    multi = pycurl.CurlMulti()
+    free = []
+    for _ in range(concurrency):
+        curl = pycurl.Curl()
         curl.setopt(pycurl.NOSIGNAL, 1)
         curl.setopt(pycurl.WRITEFUNCTION, len)
-        self.call: tuple[str, list[str]] = ("", [])
+        free.append(curl)
+    todo = deque(calls)
+    running = answered = 0
+    timeout_ms = int(timeout_s * 1000)
+    while todo or running:
+        while todo and free:
+            (url, headers), curl = todo.popleft(), free.pop()
+            curl.setopt(pycurl.URL, url)
+            curl.setopt(pycurl.HTTPHEADER, headers)
+            curl.setopt(pycurl.TIMEOUT_MS, timeout_ms)
+            multi.add_handle(curl)
+            running += 1
+        multi.select(1.0)
+        while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+            pass
+        while True:
+            queued, ok, failed = multi.info_read()
+            answered += len(ok)
+            for curl in [*ok, *(c for c, _, _ in failed)]:
+                multi.remove_handle(curl)
+                free.append(curl)
+                running -= 1
+            if not queued:
+                break
+    return answered
 
-    def prepare(self, url: str, headers: list[str], timeout_s: float) -> None:
-        self.curl.setopt(pycurl.URL, url)
-        self.curl.setopt(pycurl.HTTPHEADER, headers)
-        self.curl.setopt(pycurl.TIMEOUT_MS, int(timeout_s * 1000))
 
-    def answered(self, errno: int) -> bool:
-        return errno == 0 and self.curl.getinfo(pycurl.RESPONSE_CODE) > 0
-
-
-def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float, ca_file: str = "",
-                bare_calls: list[tuple[str, list[str]]] | None = None) -> int:
+def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float, ca_file: str = "") -> int:
     """The bare multi loop: ``socket_action`` over epoll, as the engine drives it (select()
-    would break past 1,024 sockets). ``bare_calls``: these (URL, header lines) instead of
-    ``events``, on plain handles (:class:`BareTransfer`)."""
-    bare = bare_calls is not None
+    would break past 1,024 sockets)."""
     client = make_client(parse_networks("127.0.0.0/8"), ca_file=ca_file)
     multi = pycurl.CurlMulti()
     selector = selectors.DefaultSelector()
@@ -110,16 +125,13 @@ def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float, ca_file
 
     multi.setopt(pycurl.M_SOCKETFUNCTION, on_socket)
     multi.setopt(pycurl.M_TIMERFUNCTION, on_timer)
-    free: list[Any] = [BareTransfer() if bare else Transfer(client) for _ in range(concurrency)]
-    todo: deque[Any] = deque(bare_calls) if bare_calls is not None else deque(events)
+    free = [Transfer(client) for _ in range(concurrency)]
+    todo = deque(events)
     running = answered = 0
     while todo or running:
         while todo and free:
-            item, transfer = todo.popleft(), free.pop()
-            if bare:
-                transfer.prepare(item[0], item[1], timeout_s)
-            else:
-                transfer.prepare(item.target_url(), header_lines(build_headers(item)), timeout_s)
+            event, transfer = todo.popleft(), free.pop()
+            transfer.prepare(event.target_url(), header_lines(build_headers(event)), timeout_s)
             multi.add_handle(transfer.curl)
             running += 1
         at = timer_at[0]
@@ -139,7 +151,7 @@ def pycurl_loop(events: list[Event], concurrency: int, timeout_s: float, ca_file
         while True:
             queued, ok, failed = multi.info_read()
             for curl, errno in [(c, 0) for c in ok] + [(c, e) for c, e, _ in failed]:
-                if curl.transfer.answered(errno) if bare else curl.transfer.result(errno).status is not None:
+                if curl.transfer.result(errno).status is not None:
                     answered += 1
                 multi.remove_handle(curl)
                 free.append(curl.transfer)
@@ -161,10 +173,12 @@ def main() -> None:
     events = [Event.from_json(line) for line in args.events.read_text().splitlines() if line]
     bare_calls = [(e.target_url(), header_lines(build_headers(e))) for e in events] if args.mode == "bare" else None
     started, cpu0 = time.perf_counter(), time.process_time()
-    if args.mode == "urllib3":
+    if bare_calls is not None:
+        answered = bare_loop(bare_calls, args.concurrency, args.timeout_s)
+    elif args.mode == "urllib3":
         answered = urllib3_loop(events, args.concurrency, args.timeout_s, args.ca_file)
     else:
-        answered = pycurl_loop(events, args.concurrency, args.timeout_s, args.ca_file, bare_calls)
+        answered = pycurl_loop(events, args.concurrency, args.timeout_s, args.ca_file)
     print(json.dumps({"calls": len(events), "answered": answered, "seconds": time.perf_counter() - started,
                       "cpu_s": time.process_time() - cpu0}))
 

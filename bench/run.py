@@ -95,6 +95,18 @@ def redis_cpu_s(client: redis.Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
+def command_stats(client: redis.Redis, events: int) -> dict[str, dict[str, float]]:
+    """Redis's INFO commandstats since the last CONFIG RESETSTAT, per 1,000 events: calls and
+    usec per command (a script's commands are counted under their own names and again in its
+    EVALSHA's usec), most usec first."""
+    stats: dict[str, Any] = client.info("commandstats")
+    per: dict[str, dict[str, float]] = {}
+    for name, figures in sorted(stats.items(), key=lambda item: -int(item[1]["usec"])):
+        per[name.removeprefix("cmdstat_")] = {"calls": round(int(figures["calls"]) / events * 1000, 2),
+                                              "usec": round(int(figures["usec"]) / events * 1000, 1)}
+    return per
+
+
 
 
 # -- the buyer ---------------------------------------------------------------------------------
@@ -333,6 +345,7 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
                 archive.stop()
     try:
         redis_cpu_publish0 = redis_cpu_s(client)
+        client.config_resetstat()
         with Publisher(settings) as publisher:
             published = time.perf_counter()
             for start in range(0, len(events), 1000):
@@ -342,6 +355,8 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
         in_flight_bytes = (int(client.info("memory")["used_memory"]) - used0) / len(events)
         redis_cpu0 = redis_cpu_s(client)
         redis_cpu_publish = redis_cpu0 - redis_cpu_publish0
+        publish_commands = command_stats(client, len(events))
+        client.config_resetstat()  # the delivery phase's commands (measure_fleet)
         archiver_cpu0 = archive.cpu() if archive else 0.0
         fleet = Fleet(settings_env, pool, processes, workdir, metrics=metrics, code=code)
         try:
@@ -350,7 +365,8 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
             result.update(redis_bytes_per_in_flight_event=round(in_flight_bytes),
                           # Publishing's share (accept script, triggers), not in redis_cpu_s_per_1000:
                           redis_cpu_s_per_1000_publish=round(redis_cpu_publish / len(events) * 1000, 3),
-                          publish_preload_rate=round(len(events) / publish_s), pool=pool, processes=processes)
+                          publish_preload_rate=round(len(events) / publish_s), pool=pool, processes=processes,
+                          redis_commands_per_1000_publish=publish_commands)
             if archive:  # everything published must be written before it is stopped
                 wait_until(archive.caught_up, ARCHIVE_CATCH_UP_S, 0.1)
         finally:
@@ -435,6 +451,9 @@ def measure_fleet(events: list[dict[str, Any]], settings: Settings, fleet: Fleet
             "backlog_at_delivered": backlog[0] if backlog else None,
             "caught_up_after_delivered_s": round(time.monotonic() - delivered_at, 2) if caught_up else None,
             "dir": str(archive.root)}
+    # Calls and usec per command per 1,000 events, from the fleet's start until the archive
+    # caught up (with an archiver) or the events were final.
+    commands = command_stats(client, len(events))
     rss = peak_rss_mib(tree)
     records = read_records(client, [e["id"] for e in events])
     first_attempt_starts = [float(r["attempts"][0]["started_at"]) for r in records if r["attempts"]]
@@ -464,6 +483,7 @@ def measure_fleet(events: list[dict[str, Any]], settings: Settings, fleet: Fleet
         "states": states, "first_attempt_failed": failed_first, "retried": retried,
         "retried_exactly_once": failed_first == retried,
         "latency": latency_figures, "archiver": archive is not None, "archive": archive_figures,
+        "redis_commands_per_1000": commands,
     }
 
 

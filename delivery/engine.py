@@ -714,5 +714,5 @@ class _CallLoop:
     def _done(self, item: Item, attempt: Attempt) -> None:
         assert item.lane is not None
         self.lanes.finished(item.lane, answered=attempt.status is not None, error=attempt.error,
-                            now_s=time.monotonic())
+                            now_s=time.monotonic(), duration_s=attempt.duration_ms / 1000)
         self.done.append(Handled(item.event_id, item.event, attempt))

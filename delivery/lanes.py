@@ -19,7 +19,8 @@ would open a connection per call (with a deep backlog, a TLS handshake storm: th
 scenario of ``make bench`` measured hundreds of new connections per 1,000 calls). A lane
 opens at ``INITIAL_WIDTH`` calls and widens by one per answer only while it is the limit
 (its calls all busy and attempts of its own waiting) and more calls still pay: its
-latency (Little's law: calls in flight / calls ended per second) is within
+latency (the mean time its answered calls took: a call that hangs to its deadline is no
+answer and does not count, so a buyer with a few hangs still widens) is within
 ``LATENCY_GROWTH_RATIO`` of the lowest measured lately. Slow start, up to the cap; past
 that latency it narrows: the buyer, or this process's own loop, is the bottleneck, and
 more calls in flight would only wait longer, each on a connection of its own, and time
@@ -81,8 +82,8 @@ class Lane(Generic[T]):
     pressed: bool = False  # it was the limit (full, attempts waiting) within this window
     peak_in_flight: int = 0  # most calls in flight within this window
     window_ends_at: float = 0.0
-    ended: int = 0  # calls ended since measured_at ...
-    in_flight_at_ends: int = 0  # ... and the sum of its calls in flight at each end
+    ended: int = 0  # calls answered since measured_at ...
+    answered_s: float = 0.0  # ... and the seconds they took, summed
     measured_at: float = 0.0
     latency_s: float = 0.0  # its calls' latency in the last measure (0: none yet)
     width_measured: float = 0.0  # its width then
@@ -107,8 +108,11 @@ class Lane(Generic[T]):
 
     @property
     def room(self) -> int:
-        """How many more attempts the lane could start now."""
-        return max(0, self.limit - self.in_flight - len(self.queue))
+        """How many more attempts the lane may hold (pull from its parked set): its cap, less
+        its calls in flight and waiting. Its cap, not its width: a lane held back by its
+        width keeps its waiting attempts (they are not parked, see :meth:`Lanes.overdue`), so
+        pulling by its width would send its backlog through Redis a few at a time."""
+        return max(0, int(self.cap) - self.in_flight - len(self.queue))
 
     @property
     def throttled(self) -> bool:
@@ -199,12 +203,14 @@ class Lanes(Generic[T]):
             return lane, item
         return None
 
-    def finished(self, lane: Lane[T], *, answered: bool, error: ErrorClass | None, now_s: float) -> None:
-        """A call of ``lane`` ended: with an HTTP answer, or a failure ``error`` (None for a
-        call that was not made)."""
+    def finished(self, lane: Lane[T], *, answered: bool, error: ErrorClass | None, now_s: float,
+                 duration_s: float = 0.0) -> None:
+        """A call of ``lane`` ended after ``duration_s``: with an HTTP answer, or a failure
+        ``error`` (None for a call that was not made)."""
         pressed = lane.full and bool(lane.queue)  # its own limit held back its waiting attempts
-        lane.ended += 1
-        lane.in_flight_at_ends += lane.in_flight
+        if answered:
+            lane.ended += 1
+            lane.answered_s += duration_s
         lane.in_flight -= 1
         self.in_flight -= 1
         lane.used_at = now_s
@@ -221,8 +227,8 @@ class Lanes(Generic[T]):
                 lane.width = max(lane.width, min(top, lane.width + 1))
         elif error in TROUBLE:
             lane.failures_in_row += 1
-            if now_s >= lane.next_cut_at:  # half of what it runs (its width may be below its cap)
-                lane.cap = max(MIN_CAP, min(lane.cap, lane.width) / 2)
+            if now_s >= lane.next_cut_at:  # AIMD: half its cap, once per deadline
+                lane.cap = max(MIN_CAP, lane.cap / 2)
                 lane.next_cut_at = now_s + lane.limits.timeout_s
         self._measure_latency(lane, now_s)
         if now_s >= lane.window_ends_at:
@@ -230,12 +236,11 @@ class Lanes(Generic[T]):
         self._make_ready(lane)
 
     def _measure_latency(self, lane: Lane[T], now_s: float) -> None:
-        """Little's law over the calls that ended since the last measure: latency = calls in
-        flight / calls ended per second. Past ``LATENCY_GROWTH_RATIO`` x the lowest lately,
-        the lane narrows in proportion (at most by half a measure)."""
+        """The mean time of the calls answered since the last measure. Past
+        ``LATENCY_GROWTH_RATIO`` x the lowest lately, the lane narrows in proportion (at most
+        by half a measure)."""
         if lane.ended >= LATENCY_SAMPLE_CALLS and now_s - lane.measured_at >= LATENCY_SAMPLE_S:
-            rate = lane.ended / (now_s - lane.measured_at)
-            latency_s = lane.in_flight_at_ends / lane.ended / rate
+            latency_s = lane.answered_s / lane.ended
             # The lowest lately is re-learnt only from measures taken narrow: measured wide,
             # a lane's latency holds its own queueing, and the reference would creep up.
             if now_s >= lane.base_window_ends_at:
@@ -252,7 +257,7 @@ class Lanes(Generic[T]):
                 shrink = max(0.5, LATENCY_GROWTH_RATIO * lane.base_latency_s / latency_s)
                 lane.width = max(float(self.initial_width), lane.width * shrink)
         if now_s - lane.measured_at >= LATENCY_SAMPLE_S:
-            lane.measured_at, lane.ended, lane.in_flight_at_ends = now_s, 0, 0
+            lane.measured_at, lane.ended, lane.answered_s = now_s, 0, 0.0
 
     def _end_window(self, lane: Lane[T], now_s: float) -> None:
         """A lane not pressed in the window narrows to what it used, with headroom."""

@@ -287,9 +287,10 @@ def _gather_keyspace(client: redis.Redis, prefix: str, entry_prefix: str, day: s
         while True:
             entries: Any = client.xrange(key, min=after, max="+", count=REDIS_CHUNK)
             for entry_id, fields in entries:
-                text = {as_text(k): as_text(v) for k, v in fields.items()}
-                if text.get("day") == day and text.get("buyer") == stored_buyer:
-                    out.write(archive_line(entry_prefix + as_text(entry_id), text)[1])
+                _, line = archive_line(entry_prefix + as_text(entry_id), fields)
+                record = json.loads(line)
+                if record.get("day") == day and record.get("buyer") == stored_buyer:
+                    out.write(line)
                     sources.stream_records += 1
             if len(entries) < REDIS_CHUNK:
                 break

@@ -114,6 +114,78 @@ def test_every_final_state_is_archived_with_its_fields(client: redis.Redis, tmp_
     assert Ledger(client).archive_backlog() == (0, 0.0)
 
 
+def test_entries_of_the_previous_format_left_in_the_stream_are_still_archived(
+        client: redis.Redis, tmp_path: Path) -> None:
+    """An upgrade: until an archiver that reads one-field entries has started (P
+    archive:format), the scripts add a field per value, as the previous version did (a fleet
+    upgraded before its archivers loses nothing); entries of both formats wait in the
+    stream, and the archiver writes both the same way."""
+    client.delete("cgrid:archive:format")  # the stream as an archiver of the previous version made it
+    day = day_of(time.time())
+    deliver_all(Ledger(client), ["old-format"])
+    ensure_group(client)  # an archiver of this version starts
+    assert client.get("cgrid:archive:format") == b"line"
+    deliver_all(Ledger(client), ["new-format"])
+    assert [list(f) for _, f in client.xrange(stream_key())] == [
+        [b"id", b"state", b"day", b"buyer", b"kind", b"accepted_at", b"finished_at", b"a1", b"a2", b"reason",
+         b"event"], [b"line"]]
+    root = tmp_path / "archive"
+    archiver = Archiver(client, root, "a1", claim_idle_s=600)
+    archiver.open()
+    drain(archiver, client)
+    old, new = archived(root)
+    assert list(old) == list(new) == ["entry", "id", "state", "day", "buyer", "kind", "accepted_at",
+                                      "finished_at", "attempts", "event"]
+    for record, event_id in ((old, "old-format"), (new, "new-format")):
+        assert (record["id"], record["state"], record["day"], record["buyer"]) == (event_id, "delivered", day, "b1")
+        assert [a["status"] for a in record["attempts"]] == [204] and record["event"]["host"] == "d.example"
+        assert record["finished_at"] >= record["accepted_at"] > 0
+
+
+def test_a_corrupt_record_still_gets_a_line_of_json(client: redis.Redis, tmp_path: Path) -> None:
+    """The line is made in the ledger script; what Redis held corrupt is shown, never a line
+    that is not JSON: an unreadable event as {"unreadable": its text}, as `status` shows it; a
+    corrupt attempt makes the whole line {"entry", "day", "unreadable"}. Non-ASCII text is
+    escaped, as in every line."""
+    ledger = Ledger(client)
+    ids = ["bad-event", "bad-attempt", "quo\"te\\\\d/"]
+    ledger.accept([make_event(i) for i in ids], redeliver_after_s=30, **TTL)
+    client.hset("cgrid:ev:bad-event", "event", "{broken")
+    ledger.claim(ids, 1, lease_s=30, sent_at_s=0)
+    ledger.finish([Finish("bad-event", Outcome.REJECTED, "", reason="event: unreadable"),
+                   Finish("bad-attempt", Outcome.OK, '{"n":1,'),
+                   Finish(ids[2], Outcome.REJECTED, "", reason="r\u00e9ason \"quoted\"\n")], 1,
+                  retry_delay_s=1, **TTL)
+    root = tmp_path / "archive"
+    archiver = Archiver(client, root, "a1", claim_idle_s=600)
+    archiver.open()
+    drain(archiver, client)
+    lines = [line for path in sorted(root.glob("*/*.jsonl")) for line in path.read_bytes().splitlines()]
+    assert len(lines) == 3 and all(line.isascii() for line in lines)
+    records = [json.loads(line) for line in lines]
+    assert records[0]["id"] == "bad-event" and records[0]["event"] == {"unreadable": "{broken"}
+    assert set(records[1]) == {"entry", "day", "unreadable"} and records[1]["day"] == day_of(time.time())
+    assert '"id":"bad-attempt"' in records[1]["unreadable"]
+    assert records[2]["id"] == ids[2] and records[2]["reason"] == "r\u00e9ason \"quoted\"\n"
+    assert records[2]["event"]["id"] == ids[2]
+
+
+def test_after_a_short_batch_the_archiver_waits_for_more(client: redis.Redis, tmp_path: Path) -> None:
+    """A batch short of the archiver's batch size: the next read waits LINGER_S, so that
+    batches gather (fewer reads, acknowledgements and fsyncs per record); a full batch is
+    followed at once by the next read."""
+    from archive.archiver import IDLE_POLL_S, LINGER_S
+
+    deliver_all(Ledger(client), [f"l{i}" for i in range(7)])
+    archiver = Archiver(client, tmp_path / "archive", "a1", claim_idle_s=600, batch=5, block_ms=None)
+    archiver.open()
+    log = type("Log", (), {"info": lambda *a, **k: None})()
+    assert archiver.turn(log) == IDLE_POLL_S and archiver.recovering is False  # nothing pending on this name
+    assert archiver.turn(log) == 0.0 and archiver.written == 5  # a full batch: read again at once
+    assert archiver.turn(log) == LINGER_S > 0 and archiver.written == 7  # 2 of 5: wait for more
+    assert len(archived(tmp_path / "archive")) == 7
+
+
 def test_without_an_archiver_nothing_is_kept_for_one(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     ledger = Ledger(client)

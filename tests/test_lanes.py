@@ -124,10 +124,12 @@ def test_idle_lanes_go_away_and_busy_ones_stay() -> None:
     assert s.admit("once-7", "again", now_s=62.0) and s.lanes["once-7"].cap == 1
 
 
-def simulate(s: Lanes[str], latency_s: Callable[[int], float], seconds: float, buyer: str = "a") -> int:
+def simulate(s: Lanes[str], latency_s: Callable[[int], float], seconds: float, buyer: str = "a",
+             hang_every: int = 0, hang_s: float = 2.0) -> int:
     """Drive one buyer's lane with a backlog that never runs dry: every started call ends
-    ``latency_s(calls in flight)`` later. Returns the most calls it ever had in flight."""
-    ends: list[tuple[float, int]] = []
+    ``latency_s(calls in flight)`` later with an answer, except every ``hang_every``-th,
+    which hangs ``hang_s`` and times out. Returns the most calls it ever had in flight."""
+    ends: list[tuple[float, int, float, bool]] = []
     now, n, peak = 0.0, 0, 0
     lane = s.lane(buyer)
     while now < seconds:
@@ -135,11 +137,14 @@ def simulate(s: Lanes[str], latency_s: Callable[[int], float], seconds: float, b
             s.admit(buyer, f"e{n}", now_s=now)
             n += 1
         while s.next_to_start() is not None:
-            heapq.heappush(ends, (now + latency_s(lane.in_flight), n))
+            hangs = bool(hang_every) and n % hang_every == 0
+            took_s = hang_s if hangs else latency_s(lane.in_flight)
+            heapq.heappush(ends, (now + took_s, n, took_s, hangs))
             n += 1
         peak = max(peak, lane.in_flight)
-        now, _ = heapq.heappop(ends)
-        s.finished(lane, answered=True, error=None, now_s=now)
+        now, _, took_s, hung = heapq.heappop(ends)
+        s.finished(lane, answered=not hung, error=ErrorClass.TIMEOUT if hung else None, now_s=now,
+                   duration_s=took_s)
     return peak
 
 
@@ -154,6 +159,32 @@ def test_a_lane_opens_narrow_and_widens_while_more_calls_pay() -> None:
     s.finished(lane, answered=True, error=None, now_s=0.02)
     peak = simulate(s, lambda in_flight: 0.020, seconds=5.0)
     assert peak == 100 and lane.limit == 100
+
+
+def test_a_buyer_with_a_few_hangs_still_gets_the_width_it_needs() -> None:
+    """The realistic buyer of make bench: 50 ms answers, 1 call in 100 hanging to the 2 s
+    deadline. A hang is no answer: it does not count as the lane's latency (it would look
+    like a slow buyer, and the lane would narrow and queue), only as a timeout (the cap's
+    AIMD cut, once per deadline)."""
+    s = lanes(cap=100)
+    peak = simulate(s, lambda in_flight: 0.050, seconds=10.0, hang_every=100)
+    assert peak >= 64, peak
+
+
+def test_a_timeout_halves_the_cap_not_the_width() -> None:
+    """A timeout halves a lane's cap, once per deadline, not what its width runs: a buyer
+    with a few hangs among quick answers (make bench's realistic buyer, 1 in 100) stays
+    below its cap, so its waiting attempts wait in memory instead of being parked and pulled
+    back through Redis. Halving the width instead put such lanes at their cap every 2 s:
+    measured 652-2,173 deliveries/s against 2,806 (bench/results/20261130-164307-14dbc2b,
+    -164551, -164746)."""
+    s = lanes(cap=100)
+    lane = s.lane("a")
+    simulate(s, lambda in_flight: 0.050, seconds=0.5)
+    width = lane.width
+    assert INITIAL_WIDTH < width < 50
+    s.finished(lane, answered=False, error=ErrorClass.TIMEOUT, now_s=1.0)
+    assert lane.cap == 50 and lane.limit == int(width)
 
 
 def test_a_lane_stops_widening_where_only_latency_grows() -> None:
@@ -196,3 +227,17 @@ def test_a_dead_buyer_narrows_below_its_width() -> None:
         s.finished(lane, answered=False, error=ErrorClass.TIMEOUT, now_s=t)
         t += 2.0
     assert lane.cap <= 100 / 2 ** 6 + 1 and lane.limit == int(lane.cap)
+
+
+def test_a_lane_held_back_by_its_width_pulls_by_its_cap() -> None:
+    """A lane's room for parked events is its cap less what it holds, not its width: it
+    keeps waiting attempts in memory while it widens, so pulling only what its width runs
+    sent its backlog through Redis a few at a time (the realistic scenario fell to 652
+    deliveries/s: bench/results/20261130-164307-14dbc2b.json)."""
+    s = lanes(cap=100)
+    for i in range(10 + INITIAL_WIDTH):
+        s.admit("a", f"a{i}", now_s=0.0)
+    assert len(start_all(s)) == INITIAL_WIDTH
+    lane = s.lanes["a"]
+    assert lane.full and len(lane.queue) == 10
+    assert lane.room == 100 - INITIAL_WIDTH - 10

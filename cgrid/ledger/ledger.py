@@ -20,13 +20,15 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 - ``P archive``        stream: every record that became final, until the archiver has written
                        it to disk (``archive/files.py``); exists once an archiver has started
+- ``P archive:format`` ``line`` once an archiver that reads one-field entries has started (the
+                       scripts add entries in that format; before, a field per value)
 - ``P wait-mark``      a time written before WAIT when outcomes are written again
                        (:meth:`Ledger.confirm`), so that the WAIT covers all this node holds
 
 No id can forge a key: each family starts with its own word, ids and buyers come last (a
 day is always YYYY-MM-DD, without ':'), queue names have no ':', and the fixed keys (``due``,
-``report:days``, ``idx:parked-activity``, ``poison``, ``poison:count``, ``archive``) are out
-of every family's reach (``tests/test_ledger_keys.py``). The index of parked sets was
+``report:days``, ``idx:parked-activity``, ``poison``, ``poison:count``, ``archive``,
+``archive:format``) are out of every family's reach (``tests/test_ledger_keys.py``). The index of parked sets was
 ``parked:activity`` before, the parked set of a buyer named ``activity``: the sweep moves
 what it finds there (docs/operations.md).
 

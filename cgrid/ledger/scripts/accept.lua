@@ -9,6 +9,7 @@
 -- events already accepted have room to end.
 local ttl, report_ttl, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local share = tonumber(ARGV[5])
+local due_at = num_text(now + redeliver)
 if share < 1 then
   local info = redis.pcall('INFO', 'memory')  -- an error (an ACL without INFO): no headroom check
   if type(info) == 'string' then
@@ -29,12 +30,12 @@ for i = 6, #ARGV, 5 do
     out[#out + 1] = 0
   else
     redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
-      'buyer', buyer, 'kind', kind, 'accepted_at', now_text, 'sent_at', now_text, 'claim', 0)
+      'buyer', buyer, 'kind', kind, 'accepted_at', now_text, 'sent_at', now_text)
     opened(kind, 1)
     -- No expiry while the event is open: its record must outlive any wait (a fleet down for
     -- longer than the ledger TTL must still find it, end it and archive it). It expires
     -- CGRID_LEDGER_TTL_S after it becomes final.
-    redis.call('ZADD', prefix .. 'due', now + redeliver, id)
+    redis.call('ZADD', prefix .. 'due', due_at, id)
     bump(day, buyer, 'events', report_ttl)
     out[#out + 1] = 1
   end

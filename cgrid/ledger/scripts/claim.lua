@@ -11,6 +11,7 @@
 -- sent it again) gets the events it had claimed again, with those it can claim now.
 local n, lease, sent_at, token = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
 local wm_key = prefix .. 'watermark:' .. ARGV[5]
+local n_text, lease_end = num_text(n), num_text(now + lease)
 local wm = tonumber(redis.call('GET', wm_key) or '0')
 -- (never past this script's own time: a trigger stamped in the future must not make every
 -- older trigger of its queue look lost)
@@ -38,8 +39,8 @@ for i = 7, #ARGV do
     ok, again = true, true  -- this claim's own, sent again: its lease starts now
   end
   if ok then
-    if not again then redis.call('HSET', key, 'claim', n, 'claimed_at', now_text, 'claim_id', token) end
-    redis.call('ZADD', prefix .. 'due', now + lease, id)
+    if not again then redis.call('HSET', key, 'claim', n_text, 'claimed_at', now_text, 'claim_id', token) end
+    redis.call('ZADD', prefix .. 'due', lease_end, id)
     out[#out + 1] = id
     out[#out + 1] = rec[6]
     local buyer = rec[8]

@@ -10,6 +10,9 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local function stamp(t) return string.format('%.6f', t) end
 local now_text = stamp(now)
+-- A number given to redis.call is formatted with %.17g at each call: a value used for many
+-- events is formatted once, as that same text.
+local function num_text(x) return string.format('%.17g', x) end
 -- Report counters are summed in the script and written once per day and counter.
 local bumps, bump_ttl = {}, 0
 local function bump(day, buyer, counter, report_ttl, delta)
@@ -125,13 +128,22 @@ local function slim_event(text, keep_call)
 end
 -- An event became final: it leaves the backlog, and its claim bookkeeping goes (a final
 -- record needs none of it: 71 bytes of its ~600 in Redis).
-local function closed(key)
-  opened(redis.call('HGET', key, 'kind'), -1)
+local function closed(key, kind)
+  opened(kind, -1)
   redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id', 'sent_at', 'retry_at')
 end
+-- The final record's event made from the event's text (nil: none), and whether that text
+-- is readable JSON (an unreadable one is kept as it is).
+local function final_event_of(event_text, state)
+  if not event_text then return nil, true end
+  local slim = slim_event_text(event_text, state == 'failed' or state == 'expired')
+  if slim then return slim, true end
+  return event_text, false
+end
 local function finalize(key, event_text, state)
-  local slim = slim_event(event_text, state == 'failed' or state == 'expired')
+  local slim, readable = final_event_of(event_text, state)
   if slim then redis.call('HSET', key, 'event', slim) end
+  return slim, readable
 end
 -- Failed and expired events by day and buyer, for replay (cgrid-s2s replay --buyer B --day D).
 local function note_failed(day, buyer, id, ttl)
@@ -142,17 +154,70 @@ end
 -- The archive (archive/files.py): every record that becomes final is also added to the
 -- stream P archive, in the same script, so no final state can miss it. The stream exists
 -- once an archiver has made its consumer group; before that nothing is added (a fleet
--- without an archiver must not fill Redis). Every entry has the same fields in the same
--- order, so Redis stores their names once per stream node.
+-- without an archiver must not fill Redis). An entry is one field, `line`: its archive
+-- line's JSON without the leading `{"entry":...,` (the archiver puts that in front), made
+-- here from what the script already holds; the archiver checks it is JSON before writing.
+-- Archivers that read such entries say so in P archive:format ('line'); until one has, the
+-- entries keep the previous format, a field per value (which every archiver reads), so a
+-- fleet upgraded before its archivers loses no record.
 local archive_key = prefix .. 'archive'
-local archive_on = nil
-local function archive(key, id, state)
-  if archive_on == nil then archive_on = redis.call('EXISTS', archive_key) == 1 end
-  if not archive_on then return end
+local archive_on, archive_lines = nil, false
+local function archive_enabled()
+  if archive_on == nil then
+    archive_on = redis.call('EXISTS', archive_key) == 1
+    if archive_on then archive_lines = redis.call('GET', prefix .. 'archive:format') == 'line' end
+  end
+  return archive_on
+end
+-- Ids and buyers are printable ASCII (cgrid/event.py): only a quote or a backslash needs
+-- escaping (plain finds, cheaper than a pattern); reasons may hold anything. Days, kinds
+-- and times are the ledger's own (a corrupt one makes the line fail the archiver's check).
+local function json_id(text)
+  if not string.find(text, '"', 1, true) and not string.find(text, '\\', 1, true) then
+    return '"' .. text .. '"'
+  end
+  return cjson.encode(text)
+end
+local function json_string(text)
+  if not string.find(text, '[%c"\\\128-\255]') then return '"' .. text .. '"' end
+  return cjson.encode(text)
+end
+local function json_number(text)
+  if text and tonumber(text) then return text end
+  return 'null'
+end
+-- ``event_readable`` false: the event's text is not JSON; the line shows it as
+-- {"unreadable": its first 1000 bytes}, as `cgrid-s2s status` does.
+local function archive_line(id, state, day, buyer, kind, accepted_at, a1, a2, reason, event, event_readable)
+  if not archive_enabled() then return end
+  if not archive_lines then
+    redis.call('XADD', archive_key, '*', 'id', id, 'state', state, 'day', day or '', 'buyer', buyer or '',
+      'kind', kind or '', 'accepted_at', accepted_at or '', 'finished_at', now_text, 'a1', a1 or '', 'a2', a2 or '',
+      'reason', reason or '', 'event', event or '')
+    return
+  end
+  local attempts
+  if a1 and a1 ~= '' and a2 and a2 ~= '' then attempts = a1 .. ',' .. a2
+  elseif a1 and a1 ~= '' then attempts = a1
+  elseif a2 and a2 ~= '' then attempts = a2
+  else attempts = '' end
+  local reason_part = ''
+  if reason and reason ~= '' then reason_part = ',"reason":' .. json_string(reason) end
+  local event_part = 'null'
+  if event and event ~= '' then
+    if event_readable then event_part = event
+    else event_part = '{"unreadable":' .. cjson.encode(string.sub(event, 1, 1000)) .. '}' end
+  end
+  redis.call('XADD', archive_key, '*', 'line', '"id":' .. json_id(id) .. ',"state":"' .. state ..
+    '","day":"' .. (day or '') .. '","buyer":' .. json_id(buyer or '') .. ',"kind":"' .. (kind or '') ..
+    '","accepted_at":' .. json_number(accepted_at) .. ',"finished_at":' .. now_text ..
+    ',"attempts":[' .. attempts .. ']' .. reason_part .. ',"event":' .. event_part .. '}')
+end
+-- The archive line of a record read back from its hash (the sweep's final records).
+local function archive(key, id, state, event_readable)
+  if not archive_enabled() then return end
   local r = redis.call('HMGET', key, 'day', 'buyer', 'kind', 'accepted_at', 'a1', 'a2', 'reason', 'event')
-  redis.call('XADD', archive_key, '*', 'id', id, 'state', state, 'day', r[1] or '', 'buyer', r[2] or '',
-    'kind', r[3] or '', 'accepted_at', r[4] or '', 'finished_at', now_text, 'a1', r[5] or '', 'a2', r[6] or '',
-    'reason', r[7] or '', 'event', r[8] or '')
+  archive_line(id, state, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], event_readable ~= false)
 end
 local function write_bumps()
   for kind, delta in pairs(open_delta) do redis.call('INCRBY', prefix .. 'open:' .. kind, delta) end

@@ -10,27 +10,37 @@
 -- Reply: the new state per event ('' if the attempt was not ours)
 local n, ttl, report_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local default_delay = tonumber(ARGV[5])
+local ttl_text = num_text(ttl)
 local due = prefix .. 'due'
 local out = {}
+-- Per event: one HMGET reads all the script needs (the archive line too), one HSET writes
+-- the new fields.
 for i = 6, #ARGV, 7 do
   local id, outcome, attempt, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local delay = tonumber(ARGV[i + 4]) or default_delay
   local bucket, final_event = ARGV[i + 5], ARGV[i + 6]
   local key = prefix .. 'ev:' .. id
-  local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2')
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2', 'kind', 'accepted_at',
+    'reason')
   local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
   local new, was_final = '', false
   local akey = 'a' .. n
+  local attempts = {rec[5], rec[6]}  -- as the record holds them once this is written
+  local written = nil  -- the attempt this writes, if any
+  local new_reason = nil  -- the reason this writes, if any
   if claim == n then
-    redis.call('HSET', key, 'claim', 0)
-    if attempt ~= '' then redis.call('HSET', key, akey, attempt) end
+    if attempt ~= '' then written = attempt end
     if outcome == 'ok' or outcome == 'unexpected' then
       new = 'delivered'
       bump(day, buyer, n == 1 and 'delivered_first' or 'delivered_retry', report_ttl)
       if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
     elseif outcome == 'fail' and n == 1 then
       new = 'retry_scheduled'
-      redis.call('HSET', key, 'retry_at', stamp(now + delay))
+      if written then
+        redis.call('HSET', key, 'claim', 0, akey, written, 'retry_at', stamp(now + delay), 'state', new)
+      else
+        redis.call('HSET', key, 'claim', 0, 'retry_at', stamp(now + delay), 'state', new)
+      end
       redis.call('HDEL', key, 'sent_at')
       redis.call('ZADD', due, now + delay, id)
     elseif outcome == 'fail' then
@@ -39,7 +49,7 @@ for i = 6, #ARGV, 7 do
       note_failed(day, buyer, id, ttl)
     else
       new = outcome
-      redis.call('HSET', key, 'reason', reason)
+      new_reason = reason
       bump(day, buyer, outcome, report_ttl)
       if outcome == 'expired' then note_failed(day, buyer, id, ttl) end
     end
@@ -48,7 +58,7 @@ for i = 6, #ARGV, 7 do
     -- The sweeper gave this attempt up for lost, but it did succeed: keep the truth and
     -- cancel the retry, so a success is never followed by a second call.
     new = 'delivered'
-    redis.call('HSET', key, akey, attempt)
+    written = attempt
     bump(day, buyer, 'delivered_first', report_ttl)
     if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
   elseif n == 2 and (outcome == 'ok' or outcome == 'unexpected') and state == 'failed'
@@ -58,8 +68,8 @@ for i = 6, #ARGV, 7 do
     -- set are taken back, and the archive gets a second line for it, `delivered`, after its
     -- `failed` one (docs/archive.md). It was final already: it stays off the backlog.
     new, was_final = 'delivered', true
-    redis.call('HSET', key, akey, attempt, 'reason',
-      'attempt 2 was given up as lost, then its success arrived: delivered, not failed')
+    written = attempt
+    new_reason = 'attempt 2 was given up as lost, then its success arrived: delivered, not failed'
     bump(day, buyer, 'delivered_retry', report_ttl)
     bump(day, buyer, 'failed', report_ttl, -1)
     if outcome == 'unexpected' then bump(day, buyer, 'unexpected', report_ttl) end
@@ -67,18 +77,32 @@ for i = 6, #ARGV, 7 do
   end
   if new ~= '' then
     if bucket ~= '' then bump(day, buyer, 'lat_' .. bucket, report_ttl) end
-    redis.call('HSET', key, 'state', new)
     if new ~= 'retry_scheduled' then
-      redis.call('ZREM', due, id)
-      if not was_final then closed(key) end
       -- (the worker made it keeping the URL for a failed or an expired event)
-      if final_event ~= '' and (new == 'failed' or new == 'expired') == (outcome == 'fail' or outcome == 'expired') then
-        redis.call('HSET', key, 'event', final_event)
-      else
-        finalize(key, redis.call('HGET', key, 'event'), new)
+      local event, readable = final_event, true
+      if final_event == '' or (new == 'failed' or new == 'expired') ~= (outcome == 'fail' or outcome == 'expired') then
+        event, readable = final_event_of(redis.call('HGET', key, 'event'), new)
       end
-      redis.call('EXPIRE', key, ttl)
-      archive(key, id, new)
+      local fields = {'state', new}
+      if written then
+        attempts[n] = written
+        fields[#fields + 1] = akey
+        fields[#fields + 1] = written
+      end
+      if new_reason then
+        fields[#fields + 1] = 'reason'
+        fields[#fields + 1] = new_reason
+      end
+      if event then
+        fields[#fields + 1] = 'event'
+        fields[#fields + 1] = event
+      end
+      redis.call('HSET', key, unpack(fields))
+      redis.call('ZREM', due, id)
+      if not was_final then closed(key, rec[7]) end
+      redis.call('EXPIRE', key, ttl_text)
+      archive_line(id, new, day, buyer, rec[7], rec[8], attempts[1], attempts[2], new_reason or rec[9], event,
+        readable)
     end
   end
   out[#out + 1] = new

@@ -7,6 +7,7 @@
 --        (its token, from claim.lua or pull.lua; '' = any claim of attempt n)
 -- Reply: per event, 1 (parked) or 0 (not ours)
 local out = {}
+local touched = {}  -- the buyers whose parked sets this touched: indexed once each, at the end
 for i = 2, #ARGV, 6 do
   local id, n, buyer, reason, stamp = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local key = prefix .. 'ev:' .. id
@@ -18,10 +19,11 @@ for i = 2, #ARGV, 6 do
     redis.call('HDEL', key, 'claim_id')
     redis.call('ZREM', prefix .. 'due', id)
     redis.call('ZADD', prefix .. 'parked:' .. buyer, tonumber(ARGV[i + 2]), id)
-    redis.call('ZADD', prefix .. 'idx:parked-activity', now, buyer)
+    touched[buyer] = true
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
 end
+for buyer in pairs(touched) do redis.call('ZADD', prefix .. 'idx:parked-activity', now, buyer) end
 return out

@@ -10,6 +10,7 @@
 local buyer, k, lease, token = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local pkey = prefix .. 'parked:' .. buyer
 local mine = prefix .. 'pulled:' .. token
+local lease_end = num_text(now + lease)
 local out = {0, token}  -- how many stay parked, this pull's stamp (its token), then claims
 local got = 0
 local later = {}
@@ -17,7 +18,7 @@ for _, id in ipairs(redis.call('SMEMBERS', mine)) do
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'claim', 'claim_id', 'event')
   if tonumber(rec[1] or '0') ~= 0 and rec[2] == token then
-    redis.call('ZADD', prefix .. 'due', now + lease, id)
+    redis.call('ZADD', prefix .. 'due', lease_end, id)
     out[#out + 1] = tonumber(rec[1])
     out[#out + 1] = id
     out[#out + 1] = rec[3]
@@ -45,7 +46,7 @@ while got < k do
       redis.call('HSET', key, 'claim', n, 'claimed_at', now_text, 'claim_id', token)
       redis.call('HDEL', key, 'wait', 'waiting_since')
       redis.call('SADD', mine, id)
-      redis.call('ZADD', prefix .. 'due', now + lease, id)
+      redis.call('ZADD', prefix .. 'due', lease_end, id)
       out[#out + 1] = n
       out[#out + 1] = id
       out[#out + 1] = rec[5]

@@ -64,18 +64,18 @@ for i = delays_at + 1 + 2 * n_delays, #ARGV, 2 do
   local pkey = prefix .. 'parked:' .. buyer
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', pkey, '-inf', now - max_age, 'LIMIT', 0, limit)) do
     local key = prefix .. 'ev:' .. id
-    local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'event')
+    local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'event', 'kind')
     if tonumber(rec[2] or '0') == 0 and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
       redis.call('HSET', key, 'state', 'expired',
         'reason', 'past its maximum age of ' .. max_age .. 's while its buyer was paused')
       redis.call('HDEL', key, 'wait', 'waiting_since')
-      closed(key)
-      finalize(key, rec[4], 'expired')
+      closed(key, rec[5])
+      local _, readable = finalize(key, rec[4], 'expired')
       redis.call('ZREM', prefix .. 'due', id)
       redis.call('EXPIRE', key, ledger_ttl)
       bump(rec[3], buyer, 'expired', report_ttl)
       note_failed(rec[3], buyer, id, ledger_ttl)
-      archive(key, id, 'expired')
+      archive(key, id, 'expired', readable)
     end
     redis.call('ZREM', pkey, id)
   end
@@ -84,7 +84,7 @@ local due = prefix .. 'due'
 local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do
   local key = prefix .. 'ev:' .. id
-  local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event')
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event', 'kind')
   local state, claim = rec[1], tonumber(rec[2] or '0')
   if not state or (state ~= 'pending' and state ~= 'retry_scheduled') then
     redis.call('ZREM', due, id)
@@ -102,12 +102,12 @@ for _, id in ipairs(ids) do
     else
       redis.call('HSET', key, 'state', 'failed')
       redis.call('ZREM', due, id)
-      closed(key)
-      finalize(key, rec[7], 'failed')
+      closed(key, rec[8])
+      local _, readable = finalize(key, rec[7], 'failed')
       redis.call('EXPIRE', key, ledger_ttl)
       bump(rec[5], rec[6], 'failed', report_ttl)
       note_failed(rec[5], rec[6], id, ledger_ttl)
-      archive(key, id, 'failed')
+      archive(key, id, 'failed', readable)
     end
   else
     local sent_at = tonumber(rec[4] or '-1')
