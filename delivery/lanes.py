@@ -269,13 +269,15 @@ class Lanes(Generic[T]):
         lane.window_ends_at = now_s + WIDTH_WINDOW_S
 
     def overdue(self, now_s: float) -> list[T]:
-        """Waiting attempts that cannot start soon: their lane is at its cap and they have
-        waited ``wait_s``. They are taken out of their lanes: park them. A lane held back
-        by its width only (below its cap) keeps them: its calls are answering, it widens
-        while that pays, and parking would only send them through Redis and back."""
+        """Waiting attempts that cannot start soon: their lane is at its cap, or has had no
+        answer for ``wait_s`` (a buyer that just died: its cap is cut only at its calls'
+        deadline), and they have waited ``wait_s``. They are taken out of their lanes: park
+        them. A lane held back by its width only (below its cap) whose calls answer keeps
+        them: it widens while that pays, and parking would only send them through Redis
+        and back."""
         out: list[T] = []
         for buyer, lane in list(self._queued.items()):
-            if lane.in_flight < int(lane.cap):
+            if not lane.full or self._answering_below_cap(lane, now_s):  # (not full: waiting for the process)
                 continue
             before = len(out)
             while lane.queue and now_s - lane.queue[0][1] >= self.wait_s:

@@ -241,3 +241,22 @@ def test_a_lane_held_back_by_its_width_pulls_by_its_cap() -> None:
     lane = s.lanes["a"]
     assert lane.full and len(lane.queue) == 10
     assert lane.room == 100 - INITIAL_WIDTH - 10
+
+
+def test_a_buyer_that_stops_answering_has_its_waiting_attempts_parked() -> None:
+    """A lane below its cap keeps its waiting attempts only while its calls answer: a buyer
+    that dies mid-stream holds its width's calls until their deadline, and what waits
+    behind them is parked after wait_s, not held (it would take the process's room for
+    claims from the other buyers until the first timeout cut its cap)."""
+    s = lanes(cap=100)
+    lane = s.lane("a")
+    simulate(s, lambda in_flight: 0.010, seconds=1.0)  # answering: width grows, nothing parks
+    assert s.overdue(now_s=1.0) == []
+    last_answer_s = lane.answered_at
+    for i in range(300):
+        s.admit("a", f"late{i}", now_s=last_answer_s + 0.01)
+    start_all(s)
+    assert lane.in_flight < lane.cap and lane.queue
+    assert s.overdue(now_s=last_answer_s + 0.2) == []  # not yet wait_s without an answer
+    parked = s.overdue(now_s=last_answer_s + 0.3)
+    assert parked and not lane.queue and lane.backlog
