@@ -372,19 +372,25 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
         finally:
             fleet.stop()
         if archive:
-            finished = terminal_count(client)
-            backlog = archive.backlog()
-            exit_code = archive.stop()
-            lines, distinct = archive.lines()
-            result["archive"].update(
-                finished=finished, lines=lines, distinct_ids=distinct, exit_code=exit_code,
-                backlog_at_stop=backlog[0] if backlog else None,
-                oldest_unwritten_s=round(backlog[1], 1) if backlog else None,
-                caught_up=bool(backlog and backlog[0] == 0 and lines == finished == distinct))
+            stop_archiver(archive, client, result)
         return result
     finally:
         if archive:
             archive.stop()
+
+
+def stop_archiver(archive: Archiver, client: redis.Redis, result: dict[str, Any]) -> None:
+    """Stop the archiver after a fleet run and add to ``result["archive"]`` whether its files
+    hold every finished event, once."""
+    finished = terminal_count(client)
+    backlog = archive.backlog()
+    exit_code = archive.stop()
+    lines, distinct = archive.lines()
+    result["archive"].update(
+        finished=finished, lines=lines, distinct_ids=distinct, exit_code=exit_code,
+        backlog_at_stop=backlog[0] if backlog else None,
+        oldest_unwritten_s=round(backlog[1], 1) if backlog else None,
+        caught_up=bool(backlog and backlog[0] == 0 and lines == finished == distinct))
 
 
 def run_arriving(events: list[dict[str, Any]], settings: Settings, settings_env: dict[str, str], pool: str,
@@ -414,15 +420,7 @@ def run_arriving(events: list[dict[str, Any]], settings: Settings, settings_env:
     finally:
         fleet.stop()
     if archive:
-        finished = terminal_count(client)
-        backlog = archive.backlog()
-        exit_code = archive.stop()
-        lines, distinct = archive.lines()
-        result["archive"].update(
-            finished=finished, lines=lines, distinct_ids=distinct, exit_code=exit_code,
-            backlog_at_stop=backlog[0] if backlog else None,
-            oldest_unwritten_s=round(backlog[1], 1) if backlog else None,
-            caught_up=bool(backlog and backlog[0] == 0 and lines == finished == distinct))
+        stop_archiver(archive, client, result)
     return result
 
 
