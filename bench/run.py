@@ -367,8 +367,6 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
                           redis_cpu_s_per_1000_publish=round(redis_cpu_publish / len(events) * 1000, 3),
                           publish_preload_rate=round(len(events) / publish_s), pool=pool, processes=processes,
                           redis_commands_per_1000_publish=publish_commands)
-            if archive:  # everything published must be written before it is stopped
-                wait_until(archive.caught_up, ARCHIVE_CATCH_UP_S, 0.1)
         finally:
             fleet.stop()
         if archive:
@@ -380,8 +378,9 @@ def run_cgrid(events: list[dict[str, Any]], settings_env: dict[str, str], pool: 
 
 
 def stop_archiver(archive: Archiver, client: redis.Redis, result: dict[str, Any]) -> None:
-    """Stop the archiver after a fleet run and add to ``result["archive"]`` whether its files
-    hold every finished event, once."""
+    """Stop the archiver after a fleet run, once it has written everything published (60 s at
+    most), and add to ``result["archive"]`` whether its files hold every finished event, once."""
+    wait_until(archive.caught_up, ARCHIVE_CATCH_UP_S, 0.1)
     finished = terminal_count(client)
     backlog = archive.backlog()
     exit_code = archive.stop()
@@ -415,8 +414,6 @@ def run_arriving(events: list[dict[str, Any]], settings: Settings, settings_env:
         result.update(arrivals=published, arrival_rate=arrival_rate, pool=pool, processes=processes,
                       redis_includes_publishing=True,
                       publisher_cpu_s_per_1000=round(published["cpu_s"] / len(events) * 1000, 3))
-        if archive:
-            wait_until(archive.caught_up, ARCHIVE_CATCH_UP_S, 0.1)
     finally:
         fleet.stop()
     if archive:
