@@ -64,6 +64,16 @@ class Buyer:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def bench_event(run: str, i: int, buyer: str, origin: str) -> dict[str, Any]:
+    """Event ``i`` of a bench run: a billing notice to ``origin`` (scheme://host:port) with the
+    macros and the user's data a real one carries."""
+    return {"id": f"{run}-{i}", "kind": "burl", "upstream": "u2s", "buyer": buyer,
+            "url": f"{origin}/win?e={run}-{i}&p=${{AUCTION_PRICE}}&a=${{AUCTION_ID}}",
+            "macros": {"AUCTION_PRICE": 1.25 + i % 7, "AUCTION_ID": f"auction-{i}"},
+            "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15",
+            "forwarded_for": ["77.16.215.3", "18.196.6.164"]}
+
+
 def fleet_env(redis_url: str, extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CGRID_")}
     env.update({"CGRID_REDIS_URL": redis_url, "CGRID_ALLOWED_NETWORKS": "127.0.0.0/8",

@@ -36,7 +36,7 @@ import redis
 import trustme
 
 from bench.buyers import start_https_nginx
-from bench.common import Buyer, fleet_env, wait_until
+from bench.common import Buyer, bench_event, fleet_env, wait_until
 from cgrid.redis_server import RedisServer, free_port
 
 ZIPF_S = 1.0  # P(buyer of rank k) is proportional to 1 / k ** ZIPF_S
@@ -115,14 +115,8 @@ def zipf_buyers(n: int, buyers: int, seed: int = SEED) -> list[int]:
 
 
 def https_events(n: int, ports: list[int], run: str) -> list[dict[str, Any]]:
-    return [
-        {"id": f"{run}-{i}", "kind": "burl", "upstream": "u2s", "buyer": f"dsp{b}",
-         "url": f"https://127.0.0.1:{ports[b]}/win?e={run}-{i}&p=${{AUCTION_PRICE}}&a=${{AUCTION_ID}}",
-         "macros": {"AUCTION_PRICE": 1.25 + i % 7, "AUCTION_ID": f"auction-{i}"},
-         "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15",
-         "forwarded_for": ["77.16.215.3", "18.196.6.164"]}
-        for i, b in enumerate(zipf_buyers(n, len(ports)))
-    ]
+    return [bench_event(run, i, f"dsp{b}", f"https://127.0.0.1:{ports[b]}")
+            for i, b in enumerate(zipf_buyers(n, len(ports)))]
 
 
 def connections(before: Status, after: Status, calls_planned: int) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import redis
 
 from archive.files import stream_key
 from bench.cluster import print_cluster, run_cluster_bench
-from bench.common import ROOT, Buyer, fleet_env, percentile, wait_until
+from bench.common import ROOT, Buyer, bench_event, fleet_env, percentile, wait_until
 from bench.https import print_https, run_https
 from bench.isolation import print_report, run_isolation
 from bench.reconcile import run as run_reconcile_bench
@@ -113,14 +113,7 @@ def command_stats(client: redis.Redis, events: int) -> dict[str, dict[str, float
 
 
 def make_events(n: int, port: int, run: str, buyers: int = 4) -> list[dict[str, Any]]:
-    return [
-        {"id": f"{run}-{i}", "kind": "burl", "upstream": "u2s", "buyer": f"dsp{i % buyers}",
-         "url": f"http://127.0.0.1:{port}/win?e={run}-{i}&p=${{AUCTION_PRICE}}&a=${{AUCTION_ID}}",
-         "macros": {"AUCTION_PRICE": 1.25 + i % 7, "AUCTION_ID": f"auction-{i}"},
-         "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15",
-         "forwarded_for": ["77.16.215.3", "18.196.6.164"]}
-        for i in range(n)
-    ]
+    return [bench_event(run, i, f"dsp{i % buyers}", f"http://127.0.0.1:{port}") for i in range(n)]
 
 
 # -- 1. the ceiling: the same client, the same calls, a bare loop ------------------------------
