@@ -5,7 +5,7 @@ archiver's read, write and acknowledge), one phase after the other on a fresh Re
 user + system time) and the INFO commandstats calls and usec per event, and the archiver's
 own CPU in its phase.
 
-    python -m bench.ledger_ops [--events N] [--rounds R]
+    python -m bench.ledger_ops [--events N] [--rounds R] [--finish-batch K] [--callgrind]
 
 It drives the ledger's Python API only, so it runs against an older checkout too:
 ``PYTHONPATH=/path/to/other/checkout python bench/ledger_ops.py`` (the figures then are that
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from delivery.attempt import Attempt
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BATCH = 100  # ids per trigger (CGRID_BATCH_SIZE)
-FINISH_BATCH = 50  # outcomes per finish script (a worker's ledger thread writes what has ended)
+FINISH_BATCH = 50  # outcomes per finish script (a worker's ledger thread writes what has ended): --finish-batch
 
 
 def process_cpu_s(pid: int) -> float:
@@ -57,9 +58,36 @@ def commandstats(client: redis.Redis) -> dict[str, tuple[int, int]]:
     return {name.removeprefix("cmdstat_"): (int(f["calls"]), int(f["usec"])) for name, f in stats.items()}
 
 
-def callgrind_instructions(pid: int, out_dir: Path) -> int:
+def instruction_split(dump: Path) -> dict[str, int]:
+    """Where a phase's instructions went (``callgrind_annotate``, inclusive counts): the
+    commands the scripts called (or, outside scripts, the commands themselves), their
+    propagation to the append-only file, the Lua interpreter and its bridge (the scripts'
+    time less the commands they called), and the rest (reading and parsing requests,
+    replies, the event loop). The floor of the ledger as it is: its commands and their
+    AOF writes, with no Lua at all."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(dump)], check=True, capture_output=True,
+                         text=True).stdout
+    inclusive: dict[str, int] = {}
+    for line in out.splitlines():
+        match = re.match(r"\s*([\d,]+) \([\s\d.]+%\)\s+(?:\*\s+)?\S*?:(\S+) ", line)
+        if match:
+            inclusive.setdefault(match.group(2), int(match.group(1).replace(",", "")))
+    total_match = re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", out)
+    total = int(total_match.group(1).replace(",", "")) if total_match else 0
+    aof = inclusive.get("propagatePendingCommands", 0)
+    if "lua_pcall" in inclusive:
+        commands = inclusive.get("call'2", 0)
+        lua = inclusive["lua_pcall"] - inclusive.get("scriptCall", 0)
+    else:
+        commands = inclusive.get("call", 0) - aof
+        lua = 0
+    return {"total": total, "commands": commands, "aof": aof, "lua": lua, "rest": total - commands - aof - lua}
+
+
+def callgrind_instructions(pid: int, out_dir: Path, split: dict[str, int] | None = None) -> int:
     """Dump the running callgrind's counts since the last dump (or zeroing) and return the
-    instructions executed (``--callgrind``: counts that do not depend on the machine's load)."""
+    instructions executed (``--callgrind``: counts that do not depend on the machine's load);
+    ``split`` receives :func:`instruction_split` of them."""
     before = set(out_dir.glob("callgrind.out.*"))
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     for _ in range(200):
@@ -74,13 +102,16 @@ def callgrind_instructions(pid: int, out_dir: Path) -> int:
             if line.startswith(("totals:", "summary:")):
                 if keep:
                     Path(keep, dump.name).write_bytes(dump.read_bytes())
+                if split is not None:
+                    split.update(instruction_split(dump))
                 return int(line.split()[1])
         time.sleep(0.05)
     raise RuntimeError(f"no totals in {dump}")
 
 
 def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf: str = "",
-              perf_phase: str = "", callgrind_dir: Path | None = None) -> dict[str, Any]:
+              perf_phase: str = "", callgrind_dir: Path | None = None, finish_batch: int = FINISH_BATCH
+              ) -> dict[str, Any]:
     ledger = Ledger(client)
     events = make_events(n, run)
     by_id = {e.id: e for e in events}
@@ -97,7 +128,8 @@ def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf:
             callgrind_instructions(pid, callgrind_dir)  # the counts so far: not this phase's
         cpu0, own0, wall0 = process_cpu_s(pid), time.process_time(), time.perf_counter()
         work()
-        instructions = callgrind_instructions(pid, callgrind_dir) if callgrind_dir is not None else None
+        split: dict[str, int] = {}
+        instructions = callgrind_instructions(pid, callgrind_dir, split) if callgrind_dir is not None else None
         if recorder is not None:
             recorder.send_signal(2)
             recorder.wait()
@@ -108,6 +140,7 @@ def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf:
         phases[name] = {
             "redis_cpu_us_per_event": round(cpu / n * 1e6, 2),
             "redis_instructions_per_event": round(instructions / n) if instructions is not None else None,
+            "redis_instructions_split_per_event": {part: round(count / n) for part, count in split.items()},
             "client_cpu_us_per_event": round(own / n * 1e6, 2),
             "wall_s": round(time.perf_counter() - wall0, 3),
             "usec_per_event": round(sum(u for _, u in stats.values()) / n, 2),
@@ -133,8 +166,8 @@ def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf:
         for event_id, _text in claimed:
             attempt = Attempt(1, Outcome.OK, now_s, 12.5, status=204)
             results.append(attempt.to_finish(event_id, event=by_id[event_id]))
-        for start in range(0, len(results), FINISH_BATCH):
-            ledger.finish(results[start:start + FINISH_BATCH], 1, ledger_ttl_s=2700, report_ttl_s=86400 * 40,
+        for start in range(0, len(results), finish_batch):
+            ledger.finish(results[start:start + finish_batch], 1, ledger_ttl_s=2700, report_ttl_s=86400 * 40,
                           retry_delay_s=60.0)
 
     archiver = Archiver(client, root, "ops", claim_idle_s=60.0, block_ms=None)
@@ -162,6 +195,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--finish-batch", type=int, default=FINISH_BATCH, help="outcomes per finish script")
     parser.add_argument("--perf", default="", help="perf record Redis into this file")
     parser.add_argument("--perf-phase", default="", help="perf record only this phase (accept, claim, finish, archive)")
     parser.add_argument("--json", default="", help="write the figures to this file")
@@ -193,7 +227,8 @@ def main() -> int:
                 time.sleep(0.5)
             for index in range(args.rounds):
                 rounds.append(one_round(client, pid, args.events, f"r{index}", Path(tmp) / f"archive-{index}",
-                                        args.perf if index == 0 else "", args.perf_phase, callgrind_dir))
+                                        args.perf if index == 0 else "", args.perf_phase, callgrind_dir,
+                                        args.finish_batch))
         finally:
             if perf is not None:
                 perf.send_signal(2)
@@ -205,7 +240,12 @@ def main() -> int:
         usec = sorted(r[phase]["usec_per_event"] for r in rounds)
         own = sorted(r[phase]["client_cpu_us_per_event"] for r in rounds)
         instructions = sorted(r[phase]["redis_instructions_per_event"] or 0 for r in rounds)
+        parts = rounds[0][phase]["redis_instructions_split_per_event"]
+        split_medians = {
+            part: sorted(r[phase]["redis_instructions_split_per_event"][part] for r in rounds)[len(rounds) // 2]
+            for part in parts}
         summary[phase] = {"redis_instructions_per_event_median": instructions[len(instructions) // 2],
+                          "redis_instructions_split_median": split_medians,
                           "redis_cpu_us_per_event_median": values[len(values) // 2],
                           "commandstats_usec_per_event_median": usec[len(usec) // 2],
                           "client_cpu_us_per_event_median": own[len(own) // 2]}
@@ -217,6 +257,14 @@ def main() -> int:
               f"Redis instructions {figures['redis_instructions_per_event_median']}/event")
     print(f"total    Redis CPU {total:6.2f} µs/event, Redis instructions "
           f"{sum(s['redis_instructions_per_event_median'] for s in summary.values())}/event")
+    if args.callgrind:
+        # The floor of these commands: what is left with no Lua interpreter at all.
+        for phase, figures in summary.items():
+            print(f"  {phase:8} instructions/event: " + ", ".join(
+                f"{part} {count}" for part, count in figures["redis_instructions_split_median"].items()))
+        sums = {part: sum(f["redis_instructions_split_median"][part] for f in summary.values())
+                for part in ("total", "commands", "aof", "lua", "rest")}
+        print("  all      instructions/event: " + ", ".join(f"{part} {count}" for part, count in sums.items()))
     last = rounds[-1]
     for phase, figures in last.items():
         top = ", ".join(f"{name} {c['calls_per_event']}x {c['usec_per_event']}µs"

@@ -145,3 +145,43 @@ def test_idle_lanes_are_forgotten(engine: DeliveryEngine, dsp: MockDspServer) ->
     wait_for(lambda: not any(b.startswith("idle-buyer-") for b in list(engine.lanes.lanes)), 10,
              "the idle lanes to go")
     assert engine.drain(5)
+
+
+def test_outcomes_ending_close_together_are_written_by_one_finish_script(
+    engine: DeliveryEngine, dsp: MockDspServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import delivery.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "RECORD_LINGER_S", 1.0)  # wide enough for a loaded machine
+    writes: list[int] = []
+    finish = engine.ledger.finish
+
+    def counted(results: Any, *args: Any, **kwargs: Any) -> list[str]:
+        writes.append(len(results))
+        return finish(results, *args, **kwargs)
+
+    monkeypatch.setattr(engine.ledger, "finish", counted)
+    # Ending 0.1 s apart (a lane each): without the linger, written as they end.
+    events = [{"id": f"together-{i}", "kind": "burl", "upstream": "s2s", "buyer": f"b{i}",
+               "url": f"{dsp.url}/sleep/{100 * i}?e=together-{i}"} for i in range(6)]
+    ids = accept_and_claim(engine, events)
+    assert wait_for(lambda: all(engine.ledger.record(i)["state"] == "delivered" for i in ids),  # type: ignore[index]
+                    10, "every event delivered")
+    assert writes == [6]
+
+
+def test_a_warm_shutdown_writes_waiting_outcomes_at_once(
+    engine: DeliveryEngine, dsp: MockDspServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import delivery.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "RECORD_LINGER_S", 60.0)
+    ids = accept_and_claim(engine, [{"id": "drained-1", "kind": "burl", "upstream": "s2s",
+                                     "url": f"{dsp.url}/?e=drained-1"}])
+    wait_for(lambda: dsp.log.snapshot(), 5, "the call")
+    started = time.monotonic()
+    assert engine.drain(30)
+    assert time.monotonic() - started < 10  # not the linger's 60 s
+    assert engine.ledger.record(ids[0])["state"] == "delivered"  # type: ignore[index]
