@@ -226,7 +226,7 @@ class DeliveryEngine:
                 self._cond.notify_all()
 
     def _ledger_work_due(self) -> float:
-        """How long the ledger thread waits before it takes its work (0: now; None: until
+        """How long the ledger thread waits before it takes its work (0: now; infinity: until
         woken). Called with ``_cond`` held."""
         work = self._ledger_work
         if work.parks or work.pulls or self._confirm_due():
