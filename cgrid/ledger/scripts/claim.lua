@@ -23,27 +23,32 @@ local seen, parked = {}, {}
 for i = 7, #ARGV do
   local id = ARGV[i]
   local key = prefix .. 'ev:' .. id
-  local rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'a2', 'retry_at', 'event', 'wait', 'buyer',
-    'claim_id')
+  -- (a retry's claim also reads a2 and retry_at; the claim's token is read only when needed)
+  local rec
+  if n == 1 then
+    rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'event', 'wait', 'buyer')
+  else
+    rec = redis.call('HMGET', key, 'state', 'claim', 'a1', 'event', 'wait', 'buyer', 'a2', 'retry_at')
+  end
   local state, claim = rec[1], tonumber(rec[2] or '0')
   local ok, again = false, false
   -- A parked event (wait set) is claimed by its lane's pull, never by a stray trigger.
-  if claim == 0 and not rec[7] then
+  if claim == 0 and not rec[5] then
     if n == 1 then
       ok = state == 'pending' and not rec[3]
     else
-      ok = state == 'retry_scheduled' and rec[3] and not rec[4]
-        and now >= tonumber(rec[5] or '0') - 1
+      ok = state == 'retry_scheduled' and rec[3] and not rec[7]
+        and now >= tonumber(rec[8] or '0') - 1
     end
-  elseif claim == n and rec[9] == token then
+  elseif claim == n and redis.call('HGET', key, 'claim_id') == token then
     ok, again = true, true  -- this claim's own, sent again: its lease starts now
   end
   if ok then
     if not again then redis.call('HSET', key, 'claim', n_text, 'claimed_at', now_text, 'claim_id', token) end
     redis.call('ZADD', prefix .. 'due', lease_end, id)
     out[#out + 1] = id
-    out[#out + 1] = rec[6]
-    local buyer = rec[8]
+    out[#out + 1] = rec[4]
+    local buyer = rec[6]
     if buyer and not seen[buyer] then
       seen[buyer] = true
       if redis.call('EXISTS', prefix .. 'parked:' .. buyer) == 1 then parked[#parked + 1] = buyer end
