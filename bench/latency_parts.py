@@ -1,0 +1,127 @@
+"""Where the time from publish() to the first attempt goes, at one steady rate: the
+publisher's wait and its accept script (publish -> accepted, Redis's time in the record),
+the trigger's way to a worker, its claim and the lane (accepted -> the call started), and
+the call; with the workers' and Redis's CPU per event over the run.
+
+    python -m bench.latency_parts [--rate 4000] [--seconds 10] [--code CHECKOUT] [--set CGRID_NAME=VALUE ...]
+
+Two ``-P solo`` workers and an archiver run from CHECKOUT (as ``make bench --code``), the fast
+buyer (nginx) answers. ``--set CGRID_LINGER_MS=10`` shows what the publisher's wait costs and
+buys. It measures and prints; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from bench.common import ROOT, Buyer, fleet_env
+from bench.run import Archiver, Fleet, make_events, percentile, wait_until
+from cgrid.redis_server import RedisServer
+from cgrid.settings import Settings
+from producer.publisher import Publisher
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def worker_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "celery -A worker worker"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in found.split()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.latency_parts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=int, default=4000, help="events per second")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--code", default=str(ROOT), help="the checkout the fleet runs from")
+    parser.add_argument("--set", action="append", default=[], metavar="CGRID_NAME=VALUE")
+    args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.set)
+    code = Path(args.code).resolve()
+    rows: list[tuple[float, float, float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="cgrid-latency-parts-") as tmp:
+        work = Path(tmp)
+        server = RedisServer(work / "redis").start()
+        buyer = Buyer.start("fast", 3.0)
+        client = redis.Redis.from_url(server.url)
+        env = fleet_env(server.url, {"CGRID_TIMEOUT_S": "2", **extra})
+        archive = Archiver(env, work / "archive", client, code)
+        fleet = Fleet(env, "solo", 2, work, code=code)
+        try:
+            time.sleep(1.0)
+            n = int(args.rate * args.seconds)
+            events = make_events(n, buyer.port, f"parts{time.time():.0f}")
+            published_at: dict[str, float] = {}
+            assert server.process is not None
+            workers = worker_pids()
+            gc.collect()
+            gc.freeze()
+            redis0, workers0 = cpu_ticks([server.process.pid]), cpu_ticks(workers)
+            with Publisher(Settings.from_env(env)) as publisher:
+                started = time.perf_counter()
+                for i, event in enumerate(events):
+                    pause = started + i / args.rate - time.perf_counter()
+                    if pause > 0:
+                        time.sleep(pause)
+                    published_at[event["id"]] = time.time()
+                    publisher.publish(event)
+            ids = list(published_at)
+
+            def last_ones_called() -> bool:
+                pipe = client.pipeline(transaction=False)
+                for event_id in ids[-200:]:
+                    pipe.hget(f"cgrid:ev:{event_id}", "a1")
+                return all(pipe.execute())
+
+            wait_until(last_ones_called, 60, 0.2)
+            time.sleep(0.5)
+            redis_cpu = (cpu_ticks([server.process.pid]) - redis0) / CLOCK_TICKS
+            workers_cpu = (cpu_ticks(workers) - workers0) / CLOCK_TICKS
+            gc.unfreeze()
+            for start in range(0, n, 1000):
+                pipe = client.pipeline(transaction=False)
+                for event_id in ids[start:start + 1000]:
+                    pipe.hmget(f"cgrid:ev:{event_id}", "accepted_at", "a1")
+                for event_id, (accepted, a1) in zip(ids[start:start + 1000], pipe.execute(), strict=True):
+                    if not accepted or not a1:
+                        continue
+                    attempt = json.loads(a1)
+                    call_started, call_s = float(attempt["started_at"]), float(attempt["ms"] or 0) / 1000
+                    rows.append((float(accepted) - published_at[event_id], call_started - float(accepted), call_s,
+                                 call_started + call_s - published_at[event_id]))
+        finally:
+            fleet.stop()
+            archive.stop()
+            buyer.stop()
+            server.stop()
+    print(f"{args.rate}/s for {args.seconds:g} s, {len(rows)} first attempts; CPU per event: workers "
+          f"{workers_cpu / n * 1e3:.3f} ms, Redis {redis_cpu / n * 1e3:.3f} ms")
+    for index, name in enumerate(["publish -> accepted", "accepted -> call started", "call", "publish -> call done"]):
+        values = sorted(row[index] * 1000 for row in rows)
+        print(f"  {name:26} p50 {statistics.median(values):7.1f} ms  p90 {percentile(values, 0.9):7.1f} ms  "
+              f"p99 {percentile(values, 0.99):7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
