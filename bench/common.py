@@ -84,3 +84,17 @@ def fleet_env(redis_url: str, extra: dict[str, str]) -> dict[str, str]:
 def percentile(sorted_values: list[float], q: float) -> float:
     """The nearest-rank percentile of already sorted values."""
     return sorted_values[max(0, math.ceil(len(sorted_values) * q) - 1)]
+
+
+def publish_paced(publisher: Any, events: list[dict[str, Any]], rate: int) -> dict[str, float]:
+    """Publish at ``rate`` events/s to a schedule; returns when each was handed to publish()."""
+    published_at: dict[str, float] = {}
+    started = time.perf_counter()
+    for i, event in enumerate(events):
+        pause = started + i / rate - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        published_at[event["id"]] = time.time()
+        publisher.publish(event)
+    publisher.flush()
+    return published_at

@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from bench.common import Buyer, fleet_env, percentile
+from bench.common import Buyer, fleet_env, percentile, publish_paced
 from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from producer import Publisher
@@ -191,20 +191,6 @@ def tasks_per_child(log_path: Path) -> dict[str, int]:
 
 
 # -- one phase ---------------------------------------------------------------------------------
-
-
-def publish_paced(publisher: Publisher, events: list[dict[str, Any]], rate: int) -> dict[str, float]:
-    """Publish at ``rate`` events/s to a schedule; returns when each was handed to publish()."""
-    published_at: dict[str, float] = {}
-    started = time.perf_counter()
-    for i, event in enumerate(events):
-        pause = started + i / rate - time.perf_counter()
-        if pause > 0:
-            time.sleep(pause)
-        published_at[event["id"]] = time.time()
-        publisher.publish(event)
-    publisher.flush()
-    return published_at
 
 
 def make_phase_events(prefix: str, n: int, dead_share: float, healthy_port: int,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -24,24 +23,11 @@ from pathlib import Path
 
 import redis
 
-from bench.common import ROOT, Buyer, fleet_env
-from bench.run import Archiver, Fleet, make_events, percentile, wait_until
+from bench.common import ROOT, Buyer, fleet_env, publish_paced
+from bench.run import Archiver, Fleet, cpu_seconds, make_events, percentile, wait_until
 from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
 from producer.publisher import Publisher
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ticks(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total
 
 
 def worker_pids() -> list[int]:
@@ -77,15 +63,9 @@ def main() -> None:
             workers = worker_pids()
             gc.collect()
             gc.freeze()
-            redis0, workers0 = cpu_ticks([server.process.pid]), cpu_ticks(workers)
+            redis0, workers0 = cpu_seconds([server.process.pid]), cpu_seconds(workers)
             with Publisher(Settings.from_env(env)) as publisher:
-                started = time.perf_counter()
-                for i, event in enumerate(events):
-                    pause = started + i / args.rate - time.perf_counter()
-                    if pause > 0:
-                        time.sleep(pause)
-                    published_at[event["id"]] = time.time()
-                    publisher.publish(event)
+                published_at.update(publish_paced(publisher, events, args.rate))
             ids = list(published_at)
 
             def last_ones_called() -> bool:
@@ -96,8 +76,8 @@ def main() -> None:
 
             wait_until(last_ones_called, 60, 0.2)
             time.sleep(0.5)
-            redis_cpu = (cpu_ticks([server.process.pid]) - redis0) / CLOCK_TICKS
-            workers_cpu = (cpu_ticks(workers) - workers0) / CLOCK_TICKS
+            redis_cpu = cpu_seconds([server.process.pid]) - redis0
+            workers_cpu = cpu_seconds(workers) - workers0
             gc.unfreeze()
             for start in range(0, n, 1000):
                 pipe = client.pipeline(transaction=False)

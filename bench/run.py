@@ -36,7 +36,7 @@ import redis
 
 from archive.files import stream_key
 from bench.cluster import print_cluster, run_cluster_bench
-from bench.common import ROOT, Buyer, bench_event, fleet_env, percentile, wait_until
+from bench.common import ROOT, Buyer, bench_event, fleet_env, percentile, publish_paced, wait_until
 from bench.https import print_https, run_https
 from bench.isolation import print_report, run_isolation
 from bench.reconcile import run as run_reconcile_bench
@@ -489,14 +489,7 @@ def measure_latency(
     gc.collect()
     gc.freeze()
     with Publisher(settings) as publisher:
-        started = time.perf_counter()
-        for i, event in enumerate(events):
-            target = started + i / rate
-            pause = target - time.perf_counter()
-            if pause > 0:
-                time.sleep(pause)
-            published_at[event["id"]] = time.time()
-            publisher.publish(event)
+        published_at.update(publish_paced(publisher, events, rate))
     ids = list(published_at)
 
     def all_first_attempts_done() -> bool:
