@@ -16,6 +16,7 @@ from typing import Any
 
 from bench.buyers import find_nginx, start_nginx
 from cgrid.redis_server import free_port
+from producer import Publisher
 from tests.helpers import process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +87,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[max(0, math.ceil(len(sorted_values) * q) - 1)]
 
 
-def publish_paced(publisher: Any, events: list[dict[str, Any]], rate: int) -> dict[str, float]:
+def publish_paced(publisher: Publisher, events: list[dict[str, Any]], rate: int) -> dict[str, float]:
     """Publish at ``rate`` events/s to a schedule; returns when each was handed to publish()."""
     published_at: dict[str, float] = {}
     started = time.perf_counter()
