@@ -16,7 +16,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +27,6 @@ from bench.run import Archiver, Fleet, cpu_seconds, make_events, percentile, wai
 from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
 from producer.publisher import Publisher
-
-
-def worker_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "celery -A worker worker"], capture_output=True, text=True).stdout
-    return [int(pid) for pid in found.split()]
 
 
 def main() -> None:
@@ -60,7 +54,7 @@ def main() -> None:
             events = make_events(n, buyer.port, f"parts{time.time():.0f}")
             published_at: dict[str, float] = {}
             assert server.process is not None
-            workers = worker_pids()
+            workers = fleet.tree()
             gc.collect()
             gc.freeze()
             redis0, workers0 = cpu_seconds([server.process.pid]), cpu_seconds(workers)

@@ -212,17 +212,16 @@ class DeliveryEngine:
     def _to_ledger(self, done: list[Handled], parks: list[Park], pulls: list[tuple[str, int, int]]) -> None:
         with self._cond:
             work = self._ledger_work
-            # The ledger thread is woken when this makes its work due, or starts its wait for
-            # more outcomes; not for every outcome that joins a wait already under way.
-            wake = bool(parks or pulls) or (bool(done) and not work.done)
-            if done and not work.done:
+            first_done = bool(done) and not work.done
+            if first_done:
                 self._done_since = time.monotonic()
             work.done += done
             work.parks += parks
             work.pulls += pulls
-            if len(work.done) >= RECORD_BATCH and len(work.done) - len(done) < RECORD_BATCH:
-                wake = True
-            if wake:
+            # The ledger thread is woken when this makes its work due, or starts its wait for
+            # more outcomes; not for every outcome that joins a wait already under way.
+            batch_filled = len(work.done) >= RECORD_BATCH > len(work.done) - len(done)
+            if parks or pulls or first_done or batch_filled:
                 self._cond.notify_all()
 
     def _ledger_work_due(self) -> float:
