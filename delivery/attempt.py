@@ -16,7 +16,9 @@ from delivery.headers import build_headers
 from delivery.http_client import CallResult, ClientConfig, call_result
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per call, and a frozen dataclass's __init__ costs three times as much
+# (object.__setattr__ per field). Nothing changes one once made.
+@dataclass(slots=True)
 class Attempt:
     """One attempt at calling the buyer, or the decision not to call (``rejected``)."""
 

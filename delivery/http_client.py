@@ -69,7 +69,9 @@ class InvalidTarget(CgridError):
     """libcurl cannot form a request from the URL."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per call, and a frozen dataclass's __init__ costs three times as much
+# (object.__setattr__ per field). Nothing changes one once made.
+@dataclass(slots=True)
 class CallResult:
     """What one transfer came to: an HTTP status, an error class, or a refusal to call."""
 

@@ -151,3 +151,41 @@ def test_ids_and_buyers_near_the_reserved_forms_are_fine() -> None:
         assert parse_event({**BASE, "id": event_id}).id == event_id
     for buyer in ("a-", "a-b", "_", "+1"):
         assert parse_event({**BASE, "buyer": buyer}).buyer == buyer
+
+
+def _final_json_by_the_encoder(event: Event, keep_call: bool) -> str:
+    """What to_final_json wrote before it was written by hand: the same object, encoded."""
+    out: dict[str, object] = {"id": event.id, "kind": event.kind.value, "upstream": event.upstream.value,
+                              "created_at": event.created_at_s}
+    if event.buyer is not None:
+        out["buyer"] = event.buyer
+    if keep_call:
+        out["url"] = event.url
+        if event.macros:
+            out["macros"] = dict(event.macros)
+    else:
+        out["host"] = event.url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+        ids = {name: event.macros[name] for name in ("AUCTION_ID", "AUCTION_IMP_ID") if name in event.macros}
+        if ids:
+            out["macros"] = ids
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("keep_call", [False, True])
+@pytest.mark.parametrize("changes", [
+    {},
+    {"buyer": None, "macros": {}},
+    {"id": 'q"uo\\te', "buyer": "b\"\\x", "url": "https://h\u00e9.example:8443/p?q=\u2603&x=\"y\"#f"},
+    {"macros": {"AUCTION_ID": "a\u0001b\u00e9\"", "AUCTION_IMP_ID": 7, "AUCTION_PRICE": 1e-07}},
+    {"macros": {"AUCTION_ID": 1.2345678901234567, "AUCTION_IMP_ID": 10**30, "AUCTION_PRICE": 1e16}},
+    {"macros": {"AUCTION_IMP_ID": -3.5}, "created_at_s": 1700000000},
+    {"url": "http://h", "created_at_s": 1e16},
+])
+def test_a_final_record_is_byte_for_byte_what_the_json_encoder_writes(changes: dict[str, object],
+                                                                       keep_call: bool) -> None:
+    base: dict[str, object] = {"id": "e-1", "kind": Kind.BURL, "upstream": Upstream.S2S, "buyer": "dsp-1",
+                               "url": "http://buyer.example/win?a=${AUCTION_ID}", "created_at_s": 1796076407.341318,
+                               "macros": {"AUCTION_ID": "auc-1", "AUCTION_PRICE": 1.25}, "user_agent": "UA",
+                               "forwarded_for": ("1.2.3.4",)}
+    event = Event(**{**base, **changes})  # type: ignore[arg-type]
+    assert event.to_final_json(keep_call=keep_call) == _final_json_by_the_encoder(event, keep_call)

@@ -176,7 +176,9 @@ class Park:
     claim_stamp: str = ""  # the claim's token, from claim() or pull() ('' = any claim)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per call, and a frozen dataclass's __init__ costs three times as much
+# (object.__setattr__ per field). Nothing changes one once made.
+@dataclass(slots=True)
 class Finish:
     """The result of one claimed attempt, to be written by :meth:`Ledger.finish`."""
 
