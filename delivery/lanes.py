@@ -104,7 +104,10 @@ class Lane(Generic[T]):
 
     @property
     def full(self) -> bool:
-        return self.in_flight >= self.limit
+        """``in_flight >= limit``, written without the property and its int(min()) (it runs
+        several times per call): an int reaches int(x) exactly when it is above x - 1."""
+        in_flight = self.in_flight + 1
+        return in_flight > self.cap or in_flight > self.width
 
     @property
     def room(self) -> int:

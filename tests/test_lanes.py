@@ -5,8 +5,11 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from delivery.classify import ErrorClass
-from delivery.lanes import INITIAL_WIDTH, MIN_CAP, LaneLimits, Lanes
+from delivery.lanes import INITIAL_WIDTH, MIN_CAP, Lane, LaneLimits, Lanes
 
 
 def lanes(call_slots: int = 100, cap: int = 4, timeout_s: float = 2.0, wait_s: float = 0.25,
@@ -260,3 +263,10 @@ def test_a_buyer_that_stops_answering_has_its_waiting_attempts_parked() -> None:
     assert s.overdue(now_s=last_answer_s + 0.2) == []  # not yet wait_s without an answer
     parked = s.overdue(now_s=last_answer_s + 0.3)
     assert parked and not lane.queue and lane.backlog
+
+
+@given(st.integers(0, 300), st.floats(0.5, 300), st.floats(1, 300))
+def test_a_lane_is_full_exactly_when_its_calls_reach_its_limit(in_flight: int, cap: float, width: float) -> None:
+    lane: Lane[str] = Lane("b", LaneLimits(max_concurrency=300, timeout_s=2.0), width=width)
+    lane.cap, lane.in_flight = cap, in_flight
+    assert lane.full == (in_flight >= lane.limit)
