@@ -1,7 +1,8 @@
 """Where the time from publish() to the first attempt goes, at one steady rate: the
 publisher's wait and its accept script (publish -> accepted, Redis's time in the record),
 the trigger's way to a worker, its claim and the lane (accepted -> the call started), and
-the call; with the workers' and Redis's CPU per event over the run.
+the call; with the workers' and Redis's CPU per event over the run, and the workers' by thread
+(the call loop, the ledger writer, Celery's main thread with the claims, the sweeper).
 
     python -m bench.latency_parts [--rate 4000] [--seconds 10] [--code CHECKOUT] [--set CGRID_NAME=VALUE ...]
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import redis
 
 from bench.common import ROOT, Buyer, fleet_env, publish_paced
-from bench.run import Archiver, Fleet, cpu_seconds, make_events, percentile, wait_until
+from bench.run import Archiver, Fleet, cpu_seconds, cpu_seconds_by_thread, make_events, percentile, wait_until
 from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
 from producer.publisher import Publisher
@@ -58,6 +59,7 @@ def main() -> None:
             gc.collect()
             gc.freeze()
             redis0, workers0 = cpu_seconds([server.process.pid]), cpu_seconds(workers)
+            threads0 = cpu_seconds_by_thread(workers)
             with Publisher(Settings.from_env(env)) as publisher:
                 published_at.update(publish_paced(publisher, events, args.rate))
             ids = list(published_at)
@@ -72,6 +74,8 @@ def main() -> None:
             time.sleep(0.5)
             redis_cpu = cpu_seconds([server.process.pid]) - redis0
             workers_cpu = cpu_seconds(workers) - workers0
+            threads = cpu_seconds_by_thread(workers)
+            by_thread = {name: threads[name] - threads0.get(name, 0.0) for name in sorted(threads)}
             gc.unfreeze()
             for start in range(0, n, 1000):
                 pipe = client.pipeline(transaction=False)
@@ -91,6 +95,8 @@ def main() -> None:
             server.stop()
     print(f"{args.rate}/s for {args.seconds:g} s, {len(rows)} first attempts; CPU per event: workers "
           f"{workers_cpu / n * 1e3:.3f} ms, Redis {redis_cpu / n * 1e3:.3f} ms")
+    print("  the workers' CPU per event by thread (main: Celery, the claims): " + ", ".join(
+        f"{name} {seconds / n * 1e3:.3f} ms" for name, seconds in by_thread.items() if seconds > 0))
     for index, name in enumerate(["publish -> accepted", "accepted -> call started", "call", "publish -> call done"]):
         values = sorted(row[index] * 1000 for row in rows)
         print(f"  {name:26} p50 {statistics.median(values):7.1f} ms  p90 {percentile(values, 0.9):7.1f} ms  "

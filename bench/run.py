@@ -78,6 +78,22 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def cpu_seconds_by_thread(pids: list[int]) -> dict[str, float]:
+    """CPU seconds of the processes' threads, summed by the threads' kernel names (the
+    engine's threads name themselves: cgrid/threads.py); a process's first thread counts as
+    ``main``. Threads that ended are not counted."""
+    by_name: dict[str, float] = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
+            except OSError:
+                continue
+            by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return by_name
+
+
 def peak_rss_mib(pids: list[int]) -> list[float]:
     peaks = []
     for pid in pids:

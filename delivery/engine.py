@@ -44,6 +44,7 @@ from cgrid.price_crypto import PriceCryptoError, encrypt_price
 from cgrid.redis_conn import ride_out_redis
 from cgrid.redis_replies import log_redis_error
 from cgrid.settings import Settings
+from cgrid.threads import daemon_thread
 from delivery.attempt import Attempt, attempt_from, expired
 from delivery.attempt_log import log_attempt
 from delivery.headers import build_headers
@@ -126,8 +127,8 @@ class DeliveryEngine:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        threading.Thread(target=self._call_loop, name="cgrid-curl-loop", daemon=True).start()
-        threading.Thread(target=self._ledger_loop, name="cgrid-ledger", daemon=True).start()
+        daemon_thread(self._call_loop, "cgrid-curl-loop").start()
+        daemon_thread(self._ledger_loop, "cgrid-ledger").start()
 
     def buyer(self, buyer: str | None) -> BuyerSettings:
         return self.buyers.config.get(buyer)

@@ -47,6 +47,7 @@ from cgrid.ledger.partitions import ledger_for
 from cgrid.redis_conn import mask_url, redis_client
 from cgrid.redis_replies import is_full
 from cgrid.settings import Settings
+from cgrid.threads import daemon_thread
 
 MAX_BUFFERED_EVENTS = 100_000
 # Why a send (one batch, one ledger script) was not accepted: Redis is full (its maxmemory,
@@ -114,7 +115,7 @@ class Publisher:
         self._closed = False
         self._thread: threading.Thread | None = None
         if self.linger_s > 0:
-            self._thread = threading.Thread(target=self._linger_loop, name="cgrid-publisher", daemon=True)
+            self._thread = daemon_thread(self._linger_loop, "cgrid-publisher")
             self._thread.start()
         atexit.register(self._close_at_exit)
 

@@ -23,6 +23,7 @@ from cgrid.logs import get_logger
 from cgrid.redis_replies import log_redis_error
 from cgrid.routing import Routing
 from cgrid.settings import Settings
+from cgrid.threads import daemon_thread
 
 SWEEP_LIMIT = 2000
 BACKLOG_GAUGES_S = 5.0  # how often the backlog gauges are read from Redis (metrics on)
@@ -162,7 +163,7 @@ class Sweeper:
         self._next_backlog_gauges = 0.0
         self._parked_labels: set[str] = set()
         self._stalls = QueueStalls()
-        self._thread = threading.Thread(target=self._run, name="cgrid-sweeper", daemon=True)
+        self._thread = daemon_thread(self._run, "cgrid-sweeper")
 
     def start(self) -> None:
         self._thread.start()
