@@ -6,7 +6,6 @@ writer and sweeper apart (CPython 3.11 leaves every thread named after the proce
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 import threading
 from collections.abc import Callable
@@ -16,26 +15,22 @@ OS_NAME_MAX_BYTES = 15  # the kernel's limit (16 with the terminating NUL)
 
 
 def _set_os_name(name: str) -> None:
-    """Name the calling thread for the kernel (Linux); elsewhere, or if it fails, nothing."""
+    """Name the calling thread for the kernel (Linux); elsewhere, or if it fails, nothing.
+    ``CDLL(None)`` is the process's own symbols, libc's ``prctl`` among them: no library
+    search (``ctypes.util.find_library`` runs ``ldconfig`` in a subprocess)."""
     if not sys.platform.startswith("linux"):
         return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode("ascii", "replace")[:OS_NAME_MAX_BYTES]), 0, 0, 0)
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode("ascii", "replace")[:OS_NAME_MAX_BYTES], 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
 
-def os_named(target: Callable[[], object], name: str) -> Callable[[], None]:
-    """``target``, run by a thread that first gives itself ``name`` (cut to 15 bytes)."""
+def daemon_thread(target: Callable[[], object], name: str) -> threading.Thread:
+    """A daemon thread (not started) running ``target``, named ``name`` in Python and, cut
+    to 15 bytes, for the kernel."""
     def run() -> None:
         _set_os_name(name)
         target()
 
-    return run
-
-
-def daemon_thread(target: Callable[[], object], name: str) -> threading.Thread:
-    """A daemon thread (not started) running ``target``, named ``name`` in Python and for
-    the kernel."""
-    return threading.Thread(target=os_named(target, name), name=name, daemon=True)
+    return threading.Thread(target=run, name=name, daemon=True)
