@@ -67,15 +67,20 @@ def code_env(env: dict[str, str], code: Path) -> dict[str, str]:
     return env if code == ROOT else {**env, "PYTHONPATH": str(code)}
 
 
+def _stat_cpu_s(stat: Path) -> float:
+    """utime + stime, in seconds, of a /proc stat file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+    total = 0.0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += _stat_cpu_s(Path(f"/proc/{pid}/stat"))
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / CLOCK_TICKS
+    return total
 
 
 def cpu_seconds_by_thread(pids: list[int]) -> dict[str, float]:
@@ -86,11 +91,11 @@ def cpu_seconds_by_thread(pids: list[int]) -> dict[str, float]:
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").glob("*"):
             try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                seconds = _stat_cpu_s(task / "stat")
                 name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
             except OSError:
                 continue
-            by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            by_name[name] = by_name.get(name, 0.0) + seconds
     return by_name
 
 
