@@ -99,15 +99,16 @@ def header_lines(headers: dict[str, str]) -> list[str]:
 class Transfer:
     """One reusable libcurl easy handle and the state of its current request."""
 
-    __slots__ = ("allowed", "block_status", "body_bytes", "connects", "curl", "headers", "headers_done", "item",
-                 "malformed", "refusals", "requests", "timeout_ms")
+    __slots__ = ("allowed", "body_bytes", "connects", "curl", "header_lines", "headers", "item", "refusals",
+                 "requests", "timeout_ms")
 
     def __init__(self, config: ClientConfig) -> None:
         self.allowed = config.allowed_networks
         self.item: Any = None  # what the engine is delivering with this transfer
-        self.headers_done = False  # the final answer's (2xx-5xx) status line and headers arrived
-        self.block_status = -1  # the status of the header block being read; -1 between blocks
-        self.malformed = ""  # a status line whose code is not three digits
+        # The answer's header lines as libcurl hands them over, read once the transfer ends
+        # (read_header_lines): libcurl calls the list's own append, a C method, where a
+        # Python function per line cost a frame each (five lines for a plain answer).
+        self.header_lines: list[bytes] = []
         self.body_bytes = 0
         self.connects = 0
         self.requests = 0
@@ -132,7 +133,7 @@ class Transfer:
             (pycurl.SSL_VERIFYHOST, 2),
             (pycurl.OPENSOCKETFUNCTION, self._open_socket),
             (pycurl.PREREQFUNCTION, self._before_request),
-            (pycurl.HEADERFUNCTION, self._on_header),
+            (pycurl.HEADERFUNCTION, self.header_lines.append),
             (pycurl.WRITEFUNCTION, self._on_body),
         ):
             curl.setopt(option, value)
@@ -141,9 +142,7 @@ class Transfer:
 
     def prepare(self, url: str, headers: list[str], timeout_s: float) -> None:
         """Set up the next request (the handle keeps its connections between requests)."""
-        self.headers_done = False
-        self.block_status = -1
-        self.malformed = ""
+        self.header_lines.clear()  # (the same list: libcurl holds its append)
         self.body_bytes = 0
         self.connects = 0
         self.requests = 0
@@ -191,25 +190,6 @@ class Transfer:
         self.requests += 1
         return PREREQ_OK if self.requests == 1 else PREREQ_ABORT
 
-    def _on_header(self, line: bytes) -> None:
-        """Each header block opens with a status line. A 1xx block (100 Continue, 103 Early
-        Hints) is interim: only the end of a final one (200 and up) is the answer. libcurl
-        reads ``HTTP/1.1 1000`` as 100 and ``2000`` as 200: a code that is not three
-        digits is marked malformed here (a protocol error)."""
-        if self.headers_done:
-            return  # the final answer's headers are in; what follows is trailers
-        if self.block_status < 0:  # the status line
-            parts = line.split(None, 2)
-            code = parts[1] if len(parts) > 1 else b""
-            if len(code) == 3 and code.isdigit():
-                self.block_status = int(code)
-            else:
-                self.block_status = 0
-                self.malformed = self.malformed or line[:80].decode("latin-1").strip()
-        elif line == b"\r\n" or line == b"\n":
-            self.headers_done = self.block_status >= 200
-            self.block_status = -1
-
     def _on_body(self, data: bytes) -> int | None:
         self.body_bytes += len(data)
         return 0 if self.body_bytes > BODY_READ_MAX_BYTES else None  # 0 stops the transfer
@@ -219,13 +199,14 @@ class Transfer:
     def result(self, errno: int, message: str = "") -> CallResult:
         """Classify the finished transfer (``errno`` 0 is success)."""
         status = int(self.curl.getinfo(pycurl.RESPONSE_CODE))
-        if self.malformed:
-            return CallResult(error=ErrorClass.PROTOCOL, detail=f"malformed status line: {self.malformed!r}")
+        headers_done, malformed = read_header_lines(self.header_lines)
+        if malformed:
+            return CallResult(error=ErrorClass.PROTOCOL, detail=f"malformed status line: {malformed!r}")
         if errno == 0:
             if status < 200:  # nothing but interim answers (e.g. 101 without an upgrade)
                 return CallResult(error=ErrorClass.PROTOCOL, detail=f"no final answer after {status}")
             return CallResult(status=status)
-        if status >= 200 and self.headers_done and errno in _BODY_ERRORS:
+        if status >= 200 and headers_done and errno in _BODY_ERRORS:
             return CallResult(status=status)  # the answer arrived; its body did not matter
         if self.refusals and not self.connects:
             return CallResult(refused="; ".join(dict.fromkeys(self.refusals)))
@@ -236,6 +217,32 @@ class Transfer:
             return CallResult(error=ErrorClass.CONNECTION_RESET, detail="connection closed without an answer")
         # A request went out (so a connection was up, new or reused) when PREREQ ran.
         return CallResult(error=error_class(errno, connected=self.requests > 0), detail=message[:200])
+
+
+def read_header_lines(lines: list[bytes]) -> tuple[bool, str]:
+    """Whether a final answer's (200 and up) status line and headers all arrived, and the
+    first malformed status line ('' if none). Each header block opens with a status line; a
+    1xx block (100 Continue, 103 Early Hints) is interim, and what follows the final block
+    is trailers. libcurl reads ``HTTP/1.1 1000`` as 100 and ``2000`` as 200: a code that is
+    not three digits is malformed here (a protocol error)."""
+    malformed = ""
+    opening = True  # the next line opens a block: a status line
+    status = 0
+    for line in lines:
+        if opening:
+            parts = line.split(None, 2)
+            code = parts[1] if len(parts) > 1 else b""
+            if len(code) == 3 and code.isdigit():
+                status = int(code)
+            else:
+                status = 0
+                malformed = malformed or line[:80].decode("latin-1").strip()
+            opening = False
+        elif line == b"\r\n" or line == b"\n":
+            if status >= 200:
+                return True, malformed
+            opening = True
+    return False, malformed
 
 
 def error_class(errno: int, *, connected: bool) -> ErrorClass:

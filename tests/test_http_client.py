@@ -16,7 +16,16 @@ from cgrid.errors import ForbiddenDestination
 from cgrid.event import parse_event
 from delivery.attempt import deliver
 from delivery.classify import ErrorClass
-from delivery.http_client import AttemptError, ClientConfig, Transfer, call, error_class, header_lines, make_client
+from delivery.http_client import (
+    AttemptError,
+    ClientConfig,
+    Transfer,
+    call,
+    error_class,
+    header_lines,
+    make_client,
+    read_header_lines,
+)
 from ops.mock_dsp import MockDspServer
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -126,6 +135,25 @@ def test_a_large_body_is_cut_after_a_few_kib_and_the_answer_stands(session, dsp:
 ])
 def test_every_libcurl_error_has_a_class(errno: int, connected: bool, expected: ErrorClass) -> None:
     assert error_class(errno, connected=connected) is expected
+
+
+@pytest.mark.parametrize(("lines", "expected"), [
+    ([b"HTTP/1.1 204 No Content\r\n", b"Server: nginx\r\n", b"\r\n"], (True, "")),
+    ([b"HTTP/1.1 200 OK\r\n", b"Content-Len"], (False, "")),  # cut off inside the headers
+    ([b"HTTP/1.1 100 Continue\r\n", b"\r\n"], (False, "")),  # an interim answer only
+    ([b"HTTP/1.1 103 Early Hints\r\n", b"Link: </a.css>\r\n", b"\r\n", b"HTTP/1.1 200 OK\r\n", b"\n"],
+     (True, "")),
+    ([b"HTTP/1.1 200 OK\r\n", b"\r\n", b"X-Trailer: HTTP/1.1 2000\r\n", b"\r\n"], (True, "")),  # trailers
+    ([b"HTTP/1.1 2000 Nope\r\n", b"\r\n"], (False, "HTTP/1.1 2000 Nope")),
+    ([b"HTTP/1.1 10 Up\r\n", b"\r\n", b"HTTP/1.1 204 No Content\r\n", b"\r\n"], (True, "HTTP/1.1 10 Up")),
+    ([b"garbage\r\n", b"\r\n"], (False, "garbage")),
+    ([], (False, "")),
+])
+def test_header_lines_are_read_block_by_block(lines: list[bytes], expected: tuple[bool, str]) -> None:
+    """The answer's header lines, read once the transfer ended: whether a final answer's
+    headers all arrived (a body error after them still leaves the answer), and the first
+    status line whose code is not three digits."""
+    assert read_header_lines(lines) == expected
 
 
 def test_malformed_answer_is_a_protocol_error(session) -> None:  # type: ignore[no-untyped-def]
