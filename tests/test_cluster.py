@@ -164,3 +164,25 @@ def test_events_flow_over_every_partition(cluster: Cluster, env: dict[str, str],
         worker.stop()
         archiver.terminate()
         archiver.wait(timeout=30)
+
+
+def test_a_cluster_whose_port_was_taken_starts_on_other_ports(tmp_path: Path) -> None:
+    """A port found free can be taken before its node binds it (a client's ephemeral port):
+    the cluster stops the nodes it started and tries other ports, leaving none behind."""
+    import socket
+
+    c = Cluster(tmp_path / "cluster", start_port=38000)
+    taken = c.ports[2]
+    first_nodes = list(c.nodes.values())
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        c.start()
+    try:
+        assert taken not in c.ports
+        assert all(node.process is None or node.process.poll() is not None for node in first_nodes)
+        client = c.client()
+        client.set("k", "v")
+        assert client.get("k") == b"v"
+    finally:
+        c.stop()
