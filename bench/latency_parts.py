@@ -21,8 +21,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +29,16 @@ from typing import Any
 import redis
 
 from bench.common import ROOT, Buyer, fleet_env, publish_paced
-from bench.run import Archiver, Fleet, code_env, cpu_seconds, cpu_seconds_by_thread, make_events, percentile, wait_until
+from bench.run import (
+    Archiver,
+    Fleet,
+    cpu_seconds,
+    cpu_seconds_by_thread,
+    make_events,
+    percentile,
+    start_arrivals,
+    wait_until,
+)
 from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
 from producer.publisher import Publisher
@@ -45,17 +52,13 @@ def lpush_calls(client: redis.Redis) -> int:
 
 def publish_from_processes(events: list[dict[str, Any]], rate: int, processes: int, env: dict[str, str],
                            work: Path, code: Path) -> None:
-    """``processes`` publishers (bench.arrivals, from the checkout ``code``), each publishing
-    its share one event at a time at rate / processes; returns when all are done."""
-    children = []
-    for index in range(processes):
-        path = work / f"arrivals-{index}.jsonl"
-        path.write_text("".join(json.dumps(event) + "\n" for event in events[index::processes]))
-        children.append(subprocess.Popen(
-            [sys.executable, "-m", "bench.arrivals", "--events", str(path), "--rate", str(rate / processes),
-             "--chunk", "1"], cwd=code, env=code_env(env, code), stdout=subprocess.DEVNULL))
+    """``processes`` publishers (bench/arrivals.py with the packages of ``code``), each
+    publishing its share one event at a time at rate / processes; returns when all are done."""
+    children = [start_arrivals(events[index::processes], work / f"arrivals-{index}.jsonl", rate / processes, env,
+                               code, chunk=1) for index in range(processes)]
     for child in children:
-        if child.wait() != 0:
+        child.communicate()
+        if child.returncode != 0:
             raise RuntimeError(f"a publisher exited with {child.returncode}")
 
 

@@ -406,6 +406,19 @@ def stop_archiver(archive: Archiver, client: redis.Redis, result: dict[str, Any]
         caught_up=bool(backlog and backlog[0] == 0 and lines == finished == distinct))
 
 
+def start_arrivals(events: list[dict[str, Any]], path: Path, rate: float, env: dict[str, str], code: Path,
+                   chunk: int | None = None) -> subprocess.Popen[bytes]:
+    """A publisher process (``bench/arrivals.py``: this checkout's script, ``code``'s packages,
+    so an older commit publishes with its own ledger scripts) publishing ``events``, written
+    to ``path``, at ``rate`` per second; ``chunk`` events at a time (None: the script's
+    default). Its JSON line of figures comes on its stdout."""
+    path.write_text("\n".join(json.dumps(e) for e in events))
+    args = [sys.executable, str(ROOT / "bench" / "arrivals.py"), "--events", str(path), "--rate", str(rate)]
+    if chunk is not None:
+        args += ["--chunk", str(chunk)]
+    return subprocess.Popen(args, cwd=code, env={**env, "PYTHONPATH": str(code)}, stdout=subprocess.PIPE)
+
+
 def run_arriving(events: list[dict[str, Any]], settings: Settings, settings_env: dict[str, str], pool: str,
                  processes: int, workdir: Path, client: redis.Redis, buyer: Buyer, archive: Archiver | None,
                  used0: int, arrival_rate: float, code: Path, metrics: bool) -> dict[str, Any]:
@@ -413,15 +426,12 @@ def run_arriving(events: list[dict[str, Any]], settings: Settings, settings_env:
     published while they run, by another process (``bench/arrivals.py``, from ``code``) at
     ``arrival_rate`` per second. Redis's CPU then includes publishing (the accept script,
     the triggers); the publisher's own CPU is reported apart (it is the auction server's)."""
-    path = workdir / f"arrivals-{time.time():.0f}.jsonl"
-    path.write_text("\n".join(json.dumps(e) for e in events))
     fleet = Fleet(settings_env, pool, processes, workdir, metrics=metrics, code=code)
     try:
         redis_cpu0 = redis_cpu_s(client)
         archiver_cpu0 = archive.cpu() if archive else 0.0
-        publisher = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "arrivals.py"), "--events", str(path), "--rate", str(arrival_rate)],
-            cwd=code, env={**settings_env, "PYTHONPATH": str(code)}, stdout=subprocess.PIPE)
+        publisher = start_arrivals(events, workdir / f"arrivals-{time.time():.0f}.jsonl", arrival_rate,
+                                   settings_env, code)
         result = measure_fleet(events, settings, fleet, client, buyer, archive, used0, redis_cpu0, archiver_cpu0,
                                latency=False)
         published = json.loads(publisher.communicate(timeout=600)[0])
