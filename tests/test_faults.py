@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from cgrid.broker import PREFETCH_PREFORK
 from cgrid.ledger import Ledger
 from cgrid.redis_server import RedisServer
+from cgrid.routing import DELIVER_QUEUE
 from cgrid.settings import Settings
 from ops.mock_dsp import MockDspServer
 from producer import Publisher
@@ -83,6 +85,44 @@ def test_warm_shutdown_finishes_or_hands_back_in_flight_work(
         for event_id in ids:
             record = ledger.record(event_id)
             assert record is not None and len(record["attempts"]) == 1, record
+            assert len(calls_for(dsp, event_id)) == 1, event_id
+    finally:
+        second.stop()
+
+
+def test_warm_shutdown_puts_the_triggers_it_held_back_on_their_queue(
+    redis_server: RedisServer, dsp: MockDspServer, tmp_path: Path
+) -> None:
+    """kombu's ack emulation is off (cgrid/broker.py): a prefork worker holds the triggers it
+    prefetched in memory only (Redis has no ``unacked`` copy), and a warm shutdown gives the
+    ones it had not started back to their queue. Here its one child waits for room in its
+    engine (one call at a time, each 1.5 s) while the parent holds the other triggers."""
+    env = fleet_env(redis_server.url, CGRID_TIMEOUT_S="3", CGRID_BATCH_SIZE="1", CGRID_CALL_CONCURRENCY="1")
+    client = redis.Redis.from_url(redis_server.url)
+    ledger = Ledger(client)
+    run = uuid.uuid4().hex[:8]
+    ids = [f"held-{run}-{i}" for i in range(12)]
+    first = WorkerProcess(env, tmp_path / "w1.log", pool="prefork", concurrency=1, name="holding").start()
+    with Publisher(Settings.from_env(env), linger_ms=0) as publisher:
+        for event_id in ids:  # a trigger each
+            publisher.publish({"id": event_id, "kind": "burl", "upstream": "s2s",
+                               "url": f"{dsp.url}/sleep/1500?e={event_id}"})
+    wait_for(lambda: client.llen(DELIVER_QUEUE) <= len(ids) - 1 - PREFETCH_PREFORK, 20,
+             "the worker to take its prefetch")
+    wait_for(lambda: any(calls_for(dsp, i) for i in ids), 20, "the first call")
+    assert not client.exists("unacked", "unacked_index"), "kombu copied a message into Redis"
+    first.terminate()  # warm shutdown
+    assert first.process is not None
+    first.process.wait(timeout=75)
+    first.stop()
+    pending = [i for i in ids if (ledger.record(i) or {}).get("state") == "pending"]
+    assert pending, "every event was claimed before the shutdown: the test did not hold triggers"
+    assert client.llen(DELIVER_QUEUE) >= len(pending), "a held trigger was not given back"
+    second = WorkerProcess(env, tmp_path / "w2.log", pool="solo", name="after").start()
+    try:
+        wait_for(lambda: all((ledger.record(i) or {}).get("state") == "delivered" for i in ids), 60,
+                 "every event delivered")
+        for event_id in ids:
             assert len(calls_for(dsp, event_id)) == 1, event_id
     finally:
         second.stop()

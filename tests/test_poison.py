@@ -198,8 +198,10 @@ def test_a_message_celery_fails_on_after_delivery_is_rejected(
     client = redis.Redis.from_url(redis_url)
     template = real_trigger(client, settings)
     bad = [crafted(template, headers={"timelimit": 5}), crafted(template, headers={"timelimit": 5}),
-           crafted(template, body={"a": 1}), crafted(template, drop=("id",)),
-           crafted(template, delivery_info={})]
+           crafted(template, body={"a": 1}), crafted(template, drop=("id",))]
+    # (An empty delivery_info made kombu's ack emulation fail on it here; with emulation off
+    # Celery takes it as a trigger. The check before delivery still refuses it: kombu's
+    # restore at a warm shutdown reads it.)
     worker = WorkerProcess(env, tmp_path / "worker.log", pool=pool, name=f"unchecked-{pool}",
                            app="tests.worker_unchecked").start()
     try:

@@ -1,10 +1,10 @@
 """Screening broker messages: what one must be before kombu and Celery are handed it.
 
-kombu's Redis transport pops a message with BRPOP, registers it as unacked and hands it to
-Celery; both read its fields without checks. A field of the wrong shape then fails in the
+kombu's Redis transport pops a message with BRPOP, registers it as unacked (in the
+worker's memory: its ack emulation is off) and hands it to Celery; both read its fields without checks. A field of the wrong shape then fails in the
 worker's consumer, at the worst moment:
 
-- before kombu registers the message (``delivery_info`` without ``exchange``) or while
+- when kombu gives it back at a warm shutdown (``delivery_info`` without ``exchange``) or while
   Celery builds its request (a header without ``id``) as a ``KeyError``, which kombu's Redis
   transport counts as a *connection* error: the worker reconnects and takes the same message
   again, first in line, for good;
@@ -54,7 +54,7 @@ def envelope_problem(message: Any) -> str | None:
     info = properties.get("delivery_info")
     if not isinstance(info, dict):
         return "envelope properties.delivery_info is not an object"
-    # kombu's unacked bookkeeping and its restore read both.
+    # kombu's restore of a message a worker held (at a warm shutdown) reads both.
     if not isinstance(info.get("exchange"), str) or not isinstance(info.get("routing_key"), str):
         return "envelope properties.delivery_info lacks the exchange and routing_key strings"
     if properties.get("body_encoding") not in BODY_ENCODINGS:

@@ -14,26 +14,25 @@ consumer reconnects with kombu's backoff (2 s, 4 s ... 30 s, for ever) and the w
 up. A channel checks that its Redis is a primary before it is used, so a worker started
 against a replica, or one that was demoted, waits (with that backoff) instead of
 restarting in a tight loop. And a full Redis (``maxmemory``, ``noeviction``) refuses none of
-the broker's work on triggers already sent (issue 15):
+the broker's work on triggers already sent (issue 15): the triggers a worker sends (the
+sweeper's retries and resends) are written by a ``#!lua flags=allow-oom`` script, so that the
+accepted events' retries go on (Redis 7; on 6.2, which reads no script flags, kombu's own
+LPUSH is used), and binding queues (housekeeping) logs and skips instead.
 
-- acks are sent outside ``MULTI`` (Redis 7 refuses every command queued in a transaction
-  when it is full, though ``HDEL`` and ``ZREM`` alone are allowed);
-- the unacked record of a message BRPOP has just taken, and the triggers a worker sends
-  (the sweeper's retries and resends), are written by ``#!lua flags=allow-oom`` scripts: a
-  trigger already taken off its list must not be lost, and the accepted events' retries
-  must go on (Redis 7; on 6.2, which reads no script flags, kombu's own commands are used);
-- restoring unacked messages and binding queues (housekeeping) log and skip instead.
+kombu's ack emulation is off (cgrid/broker.py): a message BRPOP took is held in the worker's
+memory only, not also in Redis's ``unacked`` hash, so taking and acking a trigger costs no
+Redis writes. What a worker holds and has not started goes back to its queue at a warm
+shutdown (kombu restores it from memory); what a killed worker held is resent by the
+sweeper (``CGRID_REDELIVER_AFTER_S``), as the ledger sees its events never claimed.
 """
 
 from __future__ import annotations
 
-import time
 from queue import Empty
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from cgrid.redis_conn import script_flags_supported
@@ -41,59 +40,12 @@ from cgrid.redis_replies import log_redis_error
 from worker.poison import record_poison
 from worker.screening import message_problem, message_sample
 
-# ZADD + HSET of an unacked message: what kombu's QoS.append does in MULTI.
-APPEND_UNACKED = """#!lua flags=allow-oom
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-return 1
-"""
 PUSH_MESSAGE = """#!lua flags=allow-oom
 return redis.call('LPUSH', KEYS[1], ARGV[1])
 """
 # Every error reply is Redis's state, not the message's, and so is a reply that cannot be
 # parsed: the consumer reconnects.
 REPLY_ERRORS: tuple[type[Exception], ...] = (redis.ResponseError, redis.exceptions.InvalidResponse)
-
-
-class _HardenedQoS:
-    """kombu's Redis QoS (ack emulation), made to work on a full Redis."""
-
-    channel: Any
-    unacked_key: str
-    unacked_index_key: str
-
-    def append(self, message: Any, delivery_tag: Any) -> None:
-        if not self.channel.script_flags:
-            super().append(message, delivery_tag)  # type: ignore[misc]
-            return
-        delivery = message.delivery_info
-        self.channel.allow_oom_script("append", APPEND_UNACKED)(
-            keys=[self.unacked_index_key, self.unacked_key],
-            args=[time.time(), delivery_tag,
-                  dumps([message._raw, delivery["exchange"], delivery["routing_key"]])])  # type: ignore[no-untyped-call]
-        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[arg-type, no-untyped-call]
-
-    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
-        # Inside restore_by_tag's WATCH/MULTI (pipe given) kombu's way stays; an ack sends
-        # HDEL + ZREM plainly (a full Redis refuses them inside MULTI).
-        if pipe is not None:
-            return super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[misc]
-        with self.channel.conn_or_acquire() as client:
-            return client.pipeline(transaction=False).hdel(self.unacked_key, delivery_tag) \
-                .zrem(self.unacked_index_key, delivery_tag)
-
-    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
-        # Messages unacked past the visibility timeout go back to their queue: housekeeping,
-        # tried again later, never worth a consumer restart.
-        try:
-            return super().restore_visible(*args, **kwargs)  # type: ignore[misc]
-        except REPLY_ERRORS as e:
-            log_redis_error("broker_redis_error", e, where="restore_unacked", action="skipped, tried again later")
-            return None
-
-
-class QoS(_HardenedQoS, kombu_redis.QoS):  # type: ignore[misc]
-    pass
 
 
 class _HardenedChannel:
@@ -221,11 +173,11 @@ class _HardenedChannel:
 
 
 class Channel(_HardenedChannel, kombu_redis.Channel):  # type: ignore[misc]
-    QoS = QoS
+    pass
 
 
 class SentinelChannel(_HardenedChannel, kombu_redis.SentinelChannel):  # type: ignore[misc]
-    QoS = QoS
+    pass
 
 
 class _HardenedTransport:
