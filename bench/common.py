@@ -75,6 +75,17 @@ def bench_event(run: str, i: int, buyer: str, origin: str) -> dict[str, Any]:
             "forwarded_for": ["77.16.215.3", "18.196.6.164"]}
 
 
+def publishes_like(code: Path) -> dict[str, str]:
+    """The settings that make this checkout's publisher send what the workers of the
+    checkout ``code`` take: an older commit's workers take no shared trigger, so a publisher
+    in this process (``make bench``'s events published first, the latency part) sends them
+    triggers with ids, as that commit's own publisher did."""
+    broker = code / "cgrid" / "broker.py"
+    if broker.exists() and "def send_shared" not in broker.read_text():
+        return {"CGRID_SHARED_TRIGGERS": "0"}
+    return {}
+
+
 def fleet_env(redis_url: str, extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CGRID_")}
     env.update({"CGRID_REDIS_URL": redis_url, "CGRID_ALLOWED_NETWORKS": "127.0.0.0/8",

@@ -36,7 +36,7 @@ import redis
 import trustme
 
 from bench.buyers import start_https_nginx
-from bench.common import Buyer, bench_event, fleet_env, wait_until
+from bench.common import Buyer, bench_event, fleet_env, publishes_like, wait_until
 from cgrid.redis_server import RedisServer, free_port
 
 ZIPF_S = 1.0  # P(buyer of rank k) is proportional to 1 / k ** ZIPF_S
@@ -148,7 +148,8 @@ def run_https(n: int, buyers: int, workdir: Path, server: RedisServer, run_ceili
         loop["connections"] = connections(before, tls.status(), n)
         print(f"[https] urllib3 loop {loop['rate']}/s, {loop['connections']['per_1000_calls']} new "
               f"connections per 1,000 calls; cgrid-s2s...", flush=True)
-        env = fleet_env(server.url, {"CGRID_TIMEOUT_S": str(TIMEOUT_S), "CGRID_CA_FILE": str(tls.ca_file)})
+        env = fleet_env(server.url, {"CGRID_TIMEOUT_S": str(TIMEOUT_S), "CGRID_CA_FILE": str(tls.ca_file),
+                                     **(publishes_like(code) if code else {})})
         before = tls.status()
         cgrid = run_cgrid(events, env, "solo", processes, workdir, client, tls.buyer, latency=False,
                           archiver=archiver, **({"code": code} if code else {}))

@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from bench.common import ROOT, Buyer, fleet_env
+from bench.common import ROOT, Buyer, fleet_env, publishes_like
 from bench.run import RESULTS, Archiver, Fleet, code_commit, measure_latency
 from cgrid.redis_server import RedisServer
 from cgrid.settings import Settings
@@ -45,7 +45,8 @@ def main() -> None:
                 code_text, _, batch = spec.partition(",")
                 code = Path(code_text).resolve()
                 client.flushall()
-                env = fleet_env(server.url, {"CGRID_TIMEOUT_S": "2", **({"CGRID_BATCH_SIZE": batch} if batch else {})})
+                env = fleet_env(server.url, {"CGRID_TIMEOUT_S": "2", **publishes_like(code),
+                                             **({"CGRID_BATCH_SIZE": batch} if batch else {})})
                 archive = Archiver(env, work / f"archive-{time.time():.0f}", client, code)
                 fleet = Fleet(env, "solo", 2, work, code=code)
                 try:

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from bench.common import ROOT, Buyer, fleet_env, publish_paced
+from bench.common import ROOT, Buyer, fleet_env, publish_paced, publishes_like
 from bench.run import (
     Archiver,
     Fleet,
@@ -79,7 +79,7 @@ def main() -> None:
         server = RedisServer(work / "redis").start()
         buyer = Buyer.start("fast", 3.0)
         client = redis.Redis.from_url(server.url)
-        env = fleet_env(server.url, {"CGRID_TIMEOUT_S": "2", **extra})
+        env = fleet_env(server.url, {"CGRID_TIMEOUT_S": "2", **publishes_like(code), **extra})
         archive = Archiver(env, work / "archive", client, code)
         fleet = Fleet(env, "solo", 2, work, code=code)
         try:

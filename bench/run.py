@@ -36,7 +36,16 @@ import redis
 
 from archive.files import stream_key
 from bench.cluster import print_cluster, run_cluster_bench
-from bench.common import ROOT, Buyer, bench_event, fleet_env, percentile, publish_paced, wait_until
+from bench.common import (
+    ROOT,
+    Buyer,
+    bench_event,
+    fleet_env,
+    percentile,
+    publish_paced,
+    publishes_like,
+    wait_until,
+)
 from bench.https import print_https, run_https
 from bench.isolation import print_report, run_isolation
 from bench.reconcile import run as run_reconcile_bench
@@ -624,7 +633,7 @@ def scenario(name: str, n: int, n_naive: int, pool: str, workdir: Path, server: 
     arriving: dict[str, Any] | None = None
     cost: dict[str, Any] | None = None
     timeout_s = 2.0
-    extra = {"CGRID_TIMEOUT_S": str(timeout_s), **settings_extra}
+    extra = {"CGRID_TIMEOUT_S": str(timeout_s), **publishes_like(code), **settings_extra}
     env = fleet_env(server.url, extra)
     settings = Settings.from_env(env)
     client = redis.Redis.from_url(server.url)

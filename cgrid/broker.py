@@ -95,3 +95,10 @@ def send_deliver(app: Celery, ids: list[str], attempt_n: int, sent_at_s: float, 
     more = f", ... {len(ids) - ARGSREPR_IDS} more" if len(ids) > ARGSREPR_IDS else ""
     app.send_task(DELIVER_TASK, args=[ids, attempt_n, sent_at_s], queue=queue,
                   argsrepr=f"([{shown}{more}], {attempt_n}, {sent_at_s!r})")
+
+
+def send_shared(app: Celery, queue: str, partition: int, sent_at_s: float) -> None:
+    """Send one shared trigger to ``queue``: "claim what waits in this queue's pending list
+    of ledger partition ``partition``" (worker/batch.py). It carries no ids."""
+    app.send_task(DELIVER_TASK, args=[[], 1, sent_at_s], kwargs={"shared": partition}, queue=queue,
+                  argsrepr=f"(shared trigger: pending list of {queue}, partition {partition}, {sent_at_s!r})")

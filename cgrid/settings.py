@@ -111,6 +111,10 @@ class Settings:
     event_max_age_s: float = 1800.0  # below CGRID_LEDGER_TTL_S: a record must outlive the wait
     batch_size: int = 500
     linger_ms: float = 20.0
+    # CGRID_SHARED_TRIGGERS: publishers share triggers through the ledger's pending lists
+    # (worker/batch.py); off: each sends triggers carrying its ids (while workers that take no
+    # shared trigger still run: docs/hosts.md, upgrading)
+    shared_triggers: bool = True
     call_concurrency: int = 1000
     buyer_max_concurrency: int = 100
     lane_wait_s: float = 0.25
@@ -148,6 +152,7 @@ class Settings:
             redis_url=env.get("CGRID_REDIS_URL", "").strip() or cls.redis_url,
             broker_url=env.get("CGRID_BROKER_URL", "").strip(),
             redis_cluster=_flag(env, "CGRID_REDIS_CLUSTER", cls.redis_cluster),
+            shared_triggers=_flag(env, "CGRID_SHARED_TRIGGERS", cls.shared_triggers),
             redis_master_name=env.get("CGRID_REDIS_MASTER_NAME", "").strip() or cls.redis_master_name,
             redis_sentinel_password=env.get("CGRID_REDIS_SENTINEL_PASSWORD", ""),
             redis_sentinel_tls=_flag(env, "CGRID_REDIS_SENTINEL_TLS", cls.redis_sentinel_tls),

@@ -4,8 +4,10 @@
 ``linger_ms`` after the first event into it (or as soon as ``batch_size`` events wait),
 like a Kafka producer.
 Sending = one Lua script that records the new events in the ledger (idempotently, by id)
-plus one Celery message per batch (a batch's events share a queue: cgrid/routing.py). An
-event is *accepted* once that script ran: ``flush()`` returns only when every event
+and adds them to their queue's pending list (a batch's events share a queue:
+cgrid/routing.py), plus a Celery message, the shared trigger, when none of that queue is on
+its way (docs/design.md, shared triggers; ``CGRID_SHARED_TRIGGERS=0``: a message per batch,
+carrying its ids). An event is *accepted* once that script ran: ``flush()`` returns only when every event
 published before it is accepted, and raises :class:`RedisUnavailable` if Redis cannot be
 reached within ``CGRID_PUBLISH_TIMEOUT_S``.
 
@@ -39,7 +41,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from cgrid.broker import make_celery, send_deliver
+from cgrid.broker import make_celery, send_deliver, send_shared
 from cgrid.errors import CgridError, PublishFailed, RedisUnavailable
 from cgrid.event import Event, parse_event
 from cgrid.ledger import Ledger, NotReplicated
@@ -296,10 +298,12 @@ class Publisher:
 
     def _send(self, batch: list[Event], queue: str) -> None:
         settings = self.settings
+        trigger: list[bool] = []
         try:
             sent_at_s, accepted = self._ledger.accept(
                 batch, ledger_ttl_s=settings.ledger_ttl_s, report_ttl_s=settings.report_ttl_s,
                 redeliver_after_s=settings.redeliver_after_s, max_memory_share=settings.publish_max_memory_share,
+                shared_queue=queue if settings.shared_triggers else "", trigger=trigger,
             )
         except NotReplicated as e:
             self._count_refused("not_replicated")
@@ -321,10 +325,14 @@ class Publisher:
         if not new_ids:
             return
         try:
-            send_deliver(self._celery, new_ids, 1, sent_at_s, queue)
+            if not settings.shared_triggers:
+                send_deliver(self._celery, new_ids, 1, sent_at_s, queue)
+            elif trigger and trigger[0]:  # (else a shared trigger of this queue is on its way)
+                send_shared(self._celery, queue, self._ledger.partition_of(new_ids[0]), sent_at_s)
         except Exception as e:
-            # The events are in the ledger, so they are accepted: the workers' sweeper
-            # sends their trigger again once it sees it was never delivered.
+            # The events are in the ledger, so they are accepted: the next accept of this
+            # queue asks for a trigger again (SHARED_TRIGGER_HOLD_MS), and the workers'
+            # sweeper sends their trigger once it sees it was never delivered.
             _log.warning("cgrid-s2s: the trigger of %d accepted events was not sent (%s); the workers' sweeper "
                          "sends it within CGRID_REDELIVER_AFTER_S", len(new_ids), type(e).__name__)
 

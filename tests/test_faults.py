@@ -97,7 +97,9 @@ def test_warm_shutdown_puts_the_triggers_it_held_back_on_their_queue(
     prefetched in memory only (Redis has no ``unacked`` copy), and a warm shutdown gives the
     ones it had not started back to their queue. Here its one child waits for room in its
     engine (one call at a time, each 1.5 s) while the parent holds the other triggers."""
-    env = fleet_env(redis_server.url, CGRID_TIMEOUT_S="3", CGRID_BATCH_SIZE="1", CGRID_CALL_CONCURRENCY="1")
+    # (a trigger per event: shared triggers off)
+    env = fleet_env(redis_server.url, CGRID_TIMEOUT_S="3", CGRID_BATCH_SIZE="1", CGRID_CALL_CONCURRENCY="1",
+                    CGRID_SHARED_TRIGGERS="0")
     client = redis.Redis.from_url(redis_server.url)
     ledger = Ledger(client)
     run = uuid.uuid4().hex[:8]

@@ -10,6 +10,7 @@ import redis
 
 from cgrid.event import parse_event
 from cgrid.ledger import Finish, Ledger, NotReplicated, Outcome, Park
+from cgrid.ledger.ledger import SHARED_TRIGGER_HOLD_MS
 from cgrid.routing import Routing
 
 TTL = dict(ledger_ttl_s=3600, report_ttl_s=3600)
@@ -423,3 +424,66 @@ def test_final_records_made_in_lua_keep_the_macros_byte_for_byte(ledger: Ledger)
             replayed = parse_event({k: v for k, v in final.items() if k != "id"})  # as replay parses it
             assert replayed.macros == TRICKY["macros"]
             assert replayed.target_url().endswith("p=1.2345678901234567&i=123456789012345678901234567")
+
+
+def test_publishers_share_a_trigger_and_its_claim_takes_what_waits_in_order(ledger: Ledger) -> None:
+    """Shared triggers: the first accept of a queue asks for a trigger, the next ones (other
+    publishers) add their ids to its pending list and ask for none; the claim takes them in
+    order, and the claim that empties the list lets the next accept ask again."""
+    asks: list[bool] = []
+    ledger.accept([event("s1"), event("s2")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
+    ledger.accept([event("s3")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
+    ledger.accept([event("s3")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)  # known: not added
+    ledger.accept([event("o1")], redeliver_after_s=30, shared_queue="other", trigger=asks, **TTL)
+    assert asks == [True, False, False, True]
+    left: list[int] = []
+    claimed = ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0, left=left)
+    assert [i for i, _ in claimed] == ["s1", "s2", "s3"] and left == [0]
+    assert ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0) == []  # a second trigger: nothing left
+    asks.clear()
+    ledger.accept([event("s4")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
+    assert asks == [True]
+    assert [i for i, _ in ledger.claim(["s1", "s4"], 1, lease_s=10, sent_at_s=0)] == ["s4"]  # by id (the sweeper)
+    assert ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0) == []  # s4 taken already: skipped
+
+
+def test_a_shared_claim_takes_a_batch_and_says_how_many_wait(ledger: Ledger) -> None:
+    ids = [f"w{i}" for i in range(7)]
+    ledger.accept([event(i) for i in ids], redeliver_after_s=30, shared_queue="q", **TTL)
+    left: list[int] = []
+    first = ledger.claim_shared("q", 0, 3, lease_s=10, sent_at_s=0, left=left)
+    second = ledger.claim_shared("q", 0, 3, lease_s=10, sent_at_s=0, left=left)
+    asks: list[bool] = []
+    ledger.accept([event("w7")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
+    assert asks == [False]  # ids still wait: the claim kept the trigger on its way
+    third = ledger.claim_shared("q", 0, 3, lease_s=10, sent_at_s=0, left=left)
+    assert [[i for i, _ in c] for c in (first, second, third)] == [ids[0:3], ids[3:6], ["w6", "w7"]]
+    assert left == [4, 1, 0]
+
+
+def test_a_shared_claim_sent_again_takes_the_same_ids(ledger: Ledger) -> None:
+    """Its reply lost, the same claim (same token) gets its own events again, not new ones."""
+    ledger.accept([event(f"t{i}") for i in range(4)], redeliver_after_s=30, shared_queue="q", **TTL)
+    token = "ab" * 8
+    once = ledger.claim_shared("q", 0, 2, lease_s=10, sent_at_s=0, token=token)
+    again = ledger.claim_shared("q", 0, 2, lease_s=10, sent_at_s=0, token=token)
+    assert [i for i, _ in once] == [i for i, _ in again] == ["t0", "t1"]
+    assert [i for i, _ in ledger.claim_shared("q", 0, 2, lease_s=10, sent_at_s=0)] == ["t2", "t3"]
+
+
+def test_a_shared_trigger_lost_on_its_way_is_asked_for_again_after_its_hold(ledger: Ledger) -> None:
+    asks: list[bool] = []
+    ledger.accept([event("h1")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
+    ledger.accept([event("h2")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
+    time.sleep(SHARED_TRIGGER_HOLD_MS / 1000 + 0.2)  # the first never reached a worker
+    ledger.accept([event("h3")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
+    assert asks == [True, False, True]
+    assert [i for i, _ in ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0)] == ["h1", "h2", "h3"]
+
+
+def test_a_pending_list_with_no_trigger_on_its_way_is_found_once(ledger: Ledger) -> None:
+    ledger.accept([event("o1")], redeliver_after_s=30, shared_queue="q", **TTL)
+    assert ledger.orphaned_pending(["q", "q.retry"]) == []  # its trigger is on its way
+    ledger.client.delete("cgrid:trigger:q")  # (as when its hold has passed)
+    assert ledger.orphaned_pending(["q", "q.retry"]) == [("q", 0)]
+    assert ledger.orphaned_pending(["q", "q.retry"]) == []  # marked: one trigger, not one per sweep

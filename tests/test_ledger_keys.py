@@ -38,6 +38,9 @@ FAMILIES = {
     "watermark:<queue>": rf"watermark:{QUEUE_NAME.pattern}",
     "open:<kind>": r"open:(nurl|burl)",
     "pulled:<token>": r"pulled:[0-9a-f]{16,64}",
+    "pending:<queue>": rf"pending:{QUEUE_NAME.pattern}",
+    "trigger:<queue>": rf"trigger:{QUEUE_NAME.pattern}",
+    "taken:<token>": r"taken:[0-9a-f]{16,64}",
 }
 # ... and the fixed keys, which none of those patterns may reach.
 FIXED = ("due", "report:days", "idx:parked-activity", "poison", "poison:count", "archive", "archive:format",

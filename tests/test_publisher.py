@@ -23,6 +23,8 @@ def settings_for(url: str, **extra: str) -> Settings:
 
 
 def queued_ids(client: redis.Redis, queue: str = "cgrid.deliver") -> list[str]:
+    """The ids waiting for a worker on ``queue``: those its triggers carry, and those in its
+    pending list for a shared trigger."""
     import base64
     import json
 
@@ -30,7 +32,7 @@ def queued_ids(client: redis.Redis, queue: str = "cgrid.deliver") -> list[str]:
     for raw in client.lrange(queue, 0, -1):
         body = json.loads(base64.b64decode(json.loads(raw)["body"]))
         ids += body[0][0]
-    return ids
+    return ids + [i.decode() for i in client.lrange(f"cgrid:pending:{queue}", 0, -1)]
 
 
 def test_publish_buffers_then_flush_accepts(redis_url: str) -> None:
@@ -83,10 +85,17 @@ def test_same_id_twice_is_one_delivery(redis_url: str) -> None:
 
 
 def test_batches_are_split_by_batch_size(redis_url: str) -> None:
+    """Three batches: one shared trigger for all (the others find it on its way); with shared
+    triggers off, a trigger per batch."""
     client = redis.Redis.from_url(redis_url)
     with Publisher(settings_for(redis_url), linger_ms=10_000, batch_size=40) as publisher:
         publisher.publish_many([dict(EVENT) for _ in range(100)])
+    assert client.llen("cgrid.deliver") == 1 and len(queued_ids(client)) == 100
+    client.flushall()
+    with Publisher(settings_for(redis_url, CGRID_SHARED_TRIGGERS="0"), linger_ms=10_000, batch_size=40) as publisher:
+        publisher.publish_many([dict(EVENT) for _ in range(100)])
     assert client.llen("cgrid.deliver") == 3 and len(queued_ids(client)) == 100
+    assert not client.exists("cgrid:pending:cgrid.deliver")
 
 
 def test_invalid_event_names_the_field_and_sends_nothing(redis_url: str) -> None:

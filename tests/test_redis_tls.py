@@ -106,7 +106,7 @@ def test_publish_deliver_status_report_and_flower_over_tls(
         # (queue lengths) opens its own TLS connection.
         def flower_saw_task() -> bool:
             tasks = get_json(f"{api}/tasks?taskname=cgrid.deliver") or {}
-            return any(ids[0] in (task.get("args") or "") for task in tasks.values())
+            return any(ids[0] in (task.get("args") or "") + (task.get("result") or "") for task in tasks.values())
 
         wait_for(flower_saw_task, 30, "Flower to list a delivery task")
         queues = wait_for(lambda: get_json(f"{api}/queues/length"), 30, "Flower's queue lengths over TLS")

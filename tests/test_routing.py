@@ -84,12 +84,16 @@ def test_a_worker_without_q_consumes_every_queue_of_the_routing() -> None:
 
 
 def queued(client: redis.Redis, queue: str) -> list[tuple[int, list[str]]]:
-    """(attempt, ids) of each trigger waiting on ``queue``, oldest first."""
+    """(attempt, ids) of each trigger waiting on ``queue``, oldest first; a shared trigger's
+    ids are those of the queue's pending list."""
     out = []
     for raw in reversed(client.lrange(queue, 0, -1)):
         message = json.loads(raw)
-        args = json.loads(base64.b64decode(message["body"]))[0]
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
         assert message["headers"]["task"] == "cgrid.deliver"
+        if "shared" in kwargs:
+            assert args[0] == []
+            args[0] = [i.decode() for i in client.lrange(f"cgrid:pending:{queue}", 0, -1)]
         out.append((args[1], args[0]))
     return out
 
@@ -98,26 +102,33 @@ def event(event_id: str, buyer: str | None) -> dict[str, object]:
     return {"id": event_id, "kind": "burl", "upstream": "s2s", "url": "https://d.example/", "buyer": buyer}
 
 
-def test_the_publisher_batches_each_queues_events_together(redis_url: str) -> None:
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_the_publisher_batches_each_queues_events_together(redis_url: str, shared: str) -> None:
     settings = Settings.from_env({"CGRID_REDIS_URL": redis_url, "CGRID_BUYER_QUEUES": GROUPS,
-                                  "CGRID_BATCH_SIZE": "3"})
+                                  "CGRID_BATCH_SIZE": "3", "CGRID_SHARED_TRIGGERS": shared})
     client = redis.Redis.from_url(redis_url)
     buyers = ["dsp-a", "dsp-x", "dsp-c", None, "dsp-b", "dsp-x", "dsp-a", "dsp-a"]
     with Publisher(settings, linger_ms=1000) as publisher:
         publisher.publish_many([event(f"e{i}", buyer) for i, buyer in enumerate(buyers)])
         publisher.flush()
-    assert queued(client, "cgrid.big") == [(1, ["e0", "e4", "e6"]), (1, ["e7"])]
+    if shared == "1":  # one trigger per queue, its pending list in order
+        assert queued(client, "cgrid.big") == [(1, ["e0", "e4", "e6", "e7"])]
+    else:  # a trigger per batch
+        assert queued(client, "cgrid.big") == [(1, ["e0", "e4", "e6"]), (1, ["e7"])]
     assert queued(client, "cgrid.deliver") == [(1, ["e1", "e3", "e5"])]
     assert queued(client, "cgrid.slow") == [(1, ["e2"])]
     assert client.llen("cgrid.retry") == 0 and client.llen("cgrid.big.retry") == 0
 
 
-def test_without_groups_the_publisher_sends_everything_to_the_deliver_queue(redis_url: str) -> None:
-    settings = Settings.from_env({"CGRID_REDIS_URL": redis_url, "CGRID_BATCH_SIZE": "4"})
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_without_groups_the_publisher_sends_everything_to_the_deliver_queue(redis_url: str, shared: str) -> None:
+    settings = Settings.from_env({"CGRID_REDIS_URL": redis_url, "CGRID_BATCH_SIZE": "4",
+                                  "CGRID_SHARED_TRIGGERS": shared})
     client = redis.Redis.from_url(redis_url)
     with Publisher(settings, linger_ms=0) as publisher:
         publisher.publish_many([event(f"e{i}", f"dsp-{i}") for i in range(6)])
-    assert queued(client, "cgrid.deliver") == [(1, ["e0", "e1", "e2", "e3"]), (1, ["e4", "e5"])]
+    expected = [["e0", "e1", "e2", "e3", "e4", "e5"]] if shared == "1" else [["e0", "e1", "e2", "e3"], ["e4", "e5"]]
+    assert queued(client, "cgrid.deliver") == [(1, ids) for ids in expected]
 
 
 @pytest.fixture()

@@ -105,7 +105,7 @@ def test_a_field_celery_or_kombu_would_fail_on_is_named(redis_url: str, path: st
 
 @pytest.mark.parametrize("body", [
     {"a": 1}, [1, 2], [1, 2, 3], [[["e"], 1, 0.0], [], {}], [[["e"]], {}, []],
-    [[["e"], 1, 0.0, "extra"], {}, None], [[["e"]], {"ids": ["f"]}, None], [[], {"attempt": 1}, None],
+    [[["e"], 1, 0.0, 0, "extra"], {}, None], [[["e"]], {"ids": ["f"]}, None], [[], {"attempt": 1}, None],
     [[["e"]], {"priority": 1}, None], [[["e"]], {}, {"callbacks": [{"task": "x"}]}],
     [[["e"]], {}, {"chain": [{"task": "x"}]}],
 ])

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+from celery import Celery
+
+from cgrid.broker import ARGSREPR_IDS, send_shared
 from cgrid.ledger import NotReplicated, new_claim_token
 from cgrid.logs import get_logger
 from cgrid.redis_conn import ride_out_redis
@@ -13,6 +17,10 @@ from worker.poison import record_poison
 from worker.runtime import Runtime
 
 MAX_IDS_PER_TASK = 10_000
+# How many triggers a shared trigger's claim sends on when more ids wait than it took: two,
+# so that a backlog spreads over the workers (each takes one and sends two on while it
+# waits for room in its engine) without a trigger per id batch in the queue.
+SHARED_FAN_OUT = 2
 
 
 def check_args(ids: Any, attempt: Any, sent_at: Any) -> str | None:
@@ -28,19 +36,34 @@ def check_args(ids: Any, attempt: Any, sent_at: Any) -> str | None:
     return None
 
 
+def check_shared_args(ids: Any, partition: Any, sent_at: Any, partitions: int) -> str | None:
+    """Why a shared trigger's message is malformed (poisoned), or None."""
+    if ids != []:
+        return "ids: a shared trigger carries none"
+    if isinstance(partition, bool) or not isinstance(partition, int) or not 0 <= partition < partitions:
+        return f"shared: must be a ledger partition, 0 to {partitions - 1}"
+    return check_args([], 1, sent_at)
+
+
 def claim(rt: Runtime, ids: list[str], attempt_n: int, sent_at_s: float,
           parked_buyers: list[str], queue: str, stamp: list[str]) -> tuple[list[tuple[str, str]], bool]:
     """Claim, riding out a short Redis outage; a longer one leaves the events to the
     sweeper (their trigger is resent), so nothing is lost by giving up. ``stamp`` receives
     the claim's stamp. Returns the claims and whether they must be handed back uncalled: no
     replica holds them and the sentinels do not vouch for the node that took them."""
+    return _claim_riding_out(rt, lambda token: rt.ledger.claim(
+        ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s, parked_buyers=parked_buyers, queue=queue,
+        stamp=stamp, token=token))
+
+
+def _claim_riding_out(rt: Runtime, claim_with: Callable[[str], list[tuple[str, str]]]
+                      ) -> tuple[list[tuple[str, str]], bool]:
     shortfalls = rt.ledger.replica_shortfalls
     token = new_claim_token()  # one per claim, sent again with it: a lost reply costs no events
 
     def claim_once() -> tuple[list[tuple[str, str]], bool]:
         try:
-            return rt.ledger.claim(ids, attempt_n, lease_s=rt.engine.lease_s, sent_at_s=sent_at_s,
-                                   parked_buyers=parked_buyers, queue=queue, stamp=stamp, token=token), False
+            return claim_with(token), False
         except NotReplicated as e:
             return e.result, True
 
@@ -76,3 +99,47 @@ def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any, queue: Any 
                       claim_stamp=stamp[-1] if stamp else "", hold=hold)
         claimed_total += len(claimed)
     return {"ids": len(ids), "claimed": claimed_total}
+
+
+def run_shared(rt: Runtime, ids: Any, partition: Any, sent_at_s: Any, queue: Any,
+               send_on: Callable[[str, int, int, float], None]) -> dict[str, Any]:
+    """A shared trigger: claim the first attempts of up to ``CGRID_BATCH_SIZE`` ids waiting
+    in the pending list of ``queue`` (ledger partition ``partition``) and queue their calls.
+    When ids stay in the list, ``send_on(queue, n, partition, sent_at_s)`` sends the trigger
+    on, as ``n`` triggers (at most :data:`SHARED_FAN_OUT`), before the calls are made, so
+    that other workers take them while this one calls."""
+    problem = check_shared_args(ids, partition, sent_at_s, len(rt.ledger.keyspaces))
+    if problem is not None:
+        record_poison(f"task arguments: {problem}", repr([ids, partition, sent_at_s]))
+        return {"poisoned": 1}
+    if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
+        queue = rt.settings.routing.queue_for(None, 1)
+    engine, take = rt.engine, rt.settings.batch_size
+    engine.reserve(take)
+    parked_buyers: list[str] = []
+    stamp: list[str] = []
+    left: list[int] = []
+    try:
+        claimed, hold = _claim_riding_out(rt, lambda token: rt.ledger.claim_shared(
+            queue, partition, take, lease_s=engine.lease_s, sent_at_s=float(sent_at_s), parked_buyers=parked_buyers,
+            stamp=stamp, token=token, left=left))
+    except BaseException:
+        engine.submit([], 1, reserved=take)
+        raise
+    waiting = left[-1] if left else 0
+    if waiting > 0:
+        try:
+            send_on(queue, min(SHARED_FAN_OUT, math.ceil(waiting / take)), partition, float(sent_at_s))
+        except Exception as e:  # the broker is away: the next accept asks again, or the sweeper resends
+            get_logger().warning("shared_trigger_not_sent", queue=queue, waiting=waiting, error=type(e).__name__)
+    engine.submit(claimed, 1, reserved=take, parked_buyers=parked_buyers, claim_stamp=stamp[-1] if stamp else "",
+                  hold=hold)
+    # (Flower shows a task's result: the first ids it took tell which trigger an event rode on)
+    return {"shared": 1, "claimed": len(claimed), "waiting": waiting,
+            "first_ids": [event_id for event_id, _ in claimed[:ARGSREPR_IDS]]}
+
+
+def send_on(app: Celery, queue: str, n: int, partition: int, sent_at_s: float) -> None:
+    """Send ``n`` shared triggers of ``queue`` (``run_shared``'s ``send_on``, with the app)."""
+    for _ in range(n):
+        send_shared(app, queue, partition, sent_at_s)

@@ -63,15 +63,20 @@ app.conf.worker_consumer = "worker.consumer:Consumer"  # reconnects every 2 s at
 # ledger (measured: ~0.16 CPU s per process in its first task). A prefork worker imports it
 # once, in the main process, before its children fork; nothing here makes a connection or a
 # libcurl handle (worker/runtime.py builds them in each process, after the fork).
-from worker.batch import run_batch  # noqa: E402
+from worker.batch import run_batch, run_shared, send_on  # noqa: E402
 from worker.runtime import get_runtime  # noqa: E402
 
 
 @app.task(name=DELIVER_TASK, bind=True)
-def deliver(self: Any, ids: Any, attempt: Any = 1, sent_at: Any = 0.0) -> dict[str, int]:
-    """Deliver a batch of events: attempt 1, or the one retry (attempt 2)."""
+def deliver(self: Any, ids: Any, attempt: Any = 1, sent_at: Any = 0.0, shared: Any = None) -> dict[str, Any]:
+    """Deliver a batch of events: attempt 1, or the one retry (attempt 2); or, for a shared
+    trigger (``shared``: its ledger partition), the first attempts waiting in its queue."""
     delivery_info = getattr(self.request, "delivery_info", None) or {}
-    return run_batch(get_runtime(settings), ids, attempt, sent_at, delivery_info.get("routing_key"))
+    queue = delivery_info.get("routing_key")
+    if shared is not None:
+        return run_shared(get_runtime(settings), ids, shared, sent_at, queue,
+                          lambda *trigger: send_on(self.app, *trigger))
+    return run_batch(get_runtime(settings), ids, attempt, sent_at, queue)
 
 
 _sweeper: Any = None

@@ -1,8 +1,9 @@
 """Screening broker messages: what one must be before kombu and Celery are handed it.
 
 kombu's Redis transport pops a message with BRPOP, registers it as unacked (in the
-worker's memory: its ack emulation is off) and hands it to Celery; both read its fields without checks. A field of the wrong shape then fails in the
-worker's consumer, at the worst moment:
+worker's memory: its ack emulation is off) and hands it to Celery; both read its fields
+without checks. A field of the wrong shape then fails in the worker's consumer, at the
+worst moment:
 
 - when kombu gives it back at a warm shutdown (``delivery_info`` without ``exchange``) or while
   Celery builds its request (a header without ``id``) as a ``KeyError``, which kombu's Redis
@@ -26,8 +27,8 @@ from typing import Any
 
 from cgrid.broker import DELIVER_TASK
 
-# What one trigger carries: cgrid.deliver(ids, attempt=1, sent_at=0.0) (worker/celery_app.py).
-TASK_PARAMS = ("ids", "attempt", "sent_at")
+# What one trigger carries: cgrid.deliver(ids, attempt=1, sent_at=0.0, shared=None) (worker/celery_app.py).
+TASK_PARAMS = ("ids", "attempt", "sent_at", "shared")
 # Celery links a task to others through these; our senders never do, and a message that did
 # would make the worker send tasks of its own.
 EMBED_LINKS = ("callbacks", "errbacks", "chain", "chord")

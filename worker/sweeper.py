@@ -3,7 +3,10 @@
 Each pass runs one Lua script over the events whose due time has passed. It sends the
 one retry when it is due, resends a trigger that was lost (producer crash, Redis restart,
 a worker killed with messages in hand), and gives up attempts whose worker died (they
-count as failed). Every worker runs one; the script is atomic, so they never collide.
+count as failed). It also sends a shared trigger for a pending list that holds ids while
+none is on its way (``Ledger.orphaned_pending``): within about a second, not
+``CGRID_REDELIVER_AFTER_S``, when no other publish asks for one. Every worker runs one;
+the script is atomic, so they never collide.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from cgrid import metrics
-from cgrid.broker import send_deliver
+from cgrid.broker import send_deliver, send_shared
 from cgrid.buyers import BuyersFile
 from cgrid.ledger import Ledger
 from cgrid.logs import get_logger
@@ -139,6 +142,9 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str
     )
     resent = send_triggers(app, first, 1, settings.batch_size, now_s, ledger)
     retries = send_triggers(app, second, 2, settings.batch_size, now_s, ledger)
+    orphans = ledger.orphaned_pending(routing.queues)
+    for queue, partition in orphans:  # a shared trigger lost on its way, or stuck behind a backlog
+        send_shared(app, queue, partition, now_s)
     if metrics.ENABLED:
         metrics.M.sweeper.labels("retry_triggers_sent").inc(retries)
         metrics.M.sweeper.labels("attempt1_triggers_resent").inc(resent)
@@ -149,6 +155,9 @@ def sweep_once(app: Celery, ledger: Ledger, settings: Settings, paused: dict[str
             metrics.M.queue_stalled.labels(queue).set(stalls.stalled_s(queue, depth, marks[queue], now_s))
     if resent:
         get_logger().warning("resent_lost_triggers", attempt=1, events=resent, queues=sorted(first))
+    if orphans:
+        get_logger().info("resent_shared_triggers", queues=sorted({queue for queue, _ in orphans}),
+                          triggers=len(orphans))
     return resent + retries
 
 

@@ -14,6 +14,12 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
                        buyer's lane (claimed, then handed back unstarted: no attempt counted)
 - ``P pulled:<token>`` set: the ids one pull claimed, for its lease (a pull sent again after
                        a lost reply gets them again)
+- ``P pending:<queue>``  list: ids accepted for that queue that wait for a shared trigger
+                       (a publisher's, or one a claim sent on: worker/batch.py)
+- ``P trigger:<queue>``  a shared trigger of that queue is on its way (for
+                       ``SHARED_TRIGGER_HOLD_MS`` at most): accepts add ids and send none
+- ``P taken:<token>``  the ids one shared trigger's claim took, for its lease (a claim sent
+                       again after a lost reply takes them again)
 - ``P idx:parked-activity`` sorted set: buyer -> when its parked set was last touched
 - ``P failed:<day>:<buyer>`` set of the ids that ended ``failed``, for replay
 - ``P open:<kind>``      events accepted and not yet final, per kind (the backlog)
@@ -72,6 +78,10 @@ from cgrid.redis_conn import script_flags_supported
 from cgrid.routing import DELIVER_QUEUE, Routing
 
 PREFIX = "cgrid:"
+# How long a shared trigger is taken to be on its way to a worker: while it is, accepts for
+# its queue add their ids to the pending list and ask for no other trigger. Past it (the
+# trigger lost, or waiting behind a backlog), the next accept asks for a new one.
+SHARED_TRIGGER_HOLD_MS = 1000
 CLAIM_WAIT_BACKOFF_S = 10.0  # after a WAIT found too few replicas, claims and outcomes stop waiting this long
 PRIMARY_CHECK_S = 0.5  # how long the sentinels' word on the primary is taken as still true
 CONFIRM_CHUNK = 500  # outcomes per finish script when they are written again
@@ -294,21 +304,27 @@ class Ledger:
 
     def accept(
         self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int, redeliver_after_s: float,
-        max_memory_share: float = 1.0,
+        max_memory_share: float = 1.0, shared_queue: str = "", trigger: list[bool] | None = None,
     ) -> tuple[float, list[bool]]:
         """Record new events as ``pending``. Returns the ledger's time (the trigger's
         ``sent_at``) and, per event, False for an id the ledger already holds. Raises
         ``redis.OutOfMemoryError`` when Redis's used memory is past ``max_memory_share`` of
-        its ``maxmemory`` (nothing is recorded), as Redis does at ``maxmemory`` itself."""
-        args: list[Any] = [self.prefix, ledger_ttl_s, report_ttl_s, _num(redeliver_after_s), _num(max_memory_share)]
+        its ``maxmemory`` (nothing is recorded), as Redis does at ``maxmemory`` itself.
+        ``shared_queue``: the new events wait in that queue's pending list for a shared
+        trigger (:meth:`claim_shared`); ``trigger`` receives True when the caller must send
+        one (none is on its way), else False."""
+        args: list[Any] = [self.prefix, ledger_ttl_s, report_ttl_s, _num(redeliver_after_s), _num(max_memory_share),
+                           shared_queue, SHARED_TRIGGER_HOLD_MS]
         for event in events:
             args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.to_json(), event.kind.value]
         try:
-            now, *flags = self._replicated(self._script("accept"), args, "accepted")
+            now, send, *flags = self._replicated(self._script("accept"), args, "accepted")
         except NotReplicated as e:
-            now, *flags = e.result
+            now, send, *flags = e.result
             e.withdrawn = self._withdraw_unreplicated(events, _text(now), flags)
             raise
+        if trigger is not None:
+            trigger.append(bool(int(send)))
         return float(_text(now)), [bool(flag) for flag in flags]
 
     def _withdraw_unreplicated(self, events: list[Event], accepted_at: str, flags: list[Any]) -> bool:
@@ -346,6 +362,44 @@ class Ledger:
             e.result = _claimed(e.result, stamp, parked_buyers)
             raise
         return _claimed(reply, stamp, parked_buyers)
+
+    def claim_shared(
+        self, queue: str, partition: int, take: int, *, lease_s: float, sent_at_s: float,
+        parked_buyers: list[str] | None = None, stamp: list[str] | None = None, token: str = "",
+        left: list[int] | None = None,
+    ) -> list[tuple[str, str]]:
+        """A shared trigger's claim: takes up to ``take`` ids from ``queue``'s pending list
+        (of ``partition``: 0 here; a cluster's ledger has several) and claims their first
+        attempts, as :meth:`claim` does. ``left`` receives how many ids stay in the list: the
+        caller then sends the trigger on (:func:`cgrid.broker.send_shared`)."""
+        if partition != 0:
+            raise CgridError(f"partition: this ledger has one, not {partition + 1}")
+        args: list[str | int] = [self.prefix, 1, _num(lease_s), _num(sent_at_s), queue, _checked_token(token), "",
+                                 take, SHARED_TRIGGER_HOLD_MS]
+        try:
+            reply = self._replicated(self._script("claim"), args, "claimed", required=False)
+        except NotReplicated as e:
+            e.result = _claimed(e.result, stamp, parked_buyers, left)
+            raise
+        return _claimed(reply, stamp, parked_buyers, left)
+
+    def orphaned_pending(self, queues: Collection[str]) -> list[tuple[str, int]]:
+        """The (queue, partition) pending lists that hold ids while no shared trigger is on
+        its way (it was lost, or waits past ``SHARED_TRIGGER_HOLD_MS`` behind a backlog):
+        each is marked as having one again, and the caller sends it (the sweeper)."""
+        places = [(queue, partition, prefix) for partition, (prefix, _) in enumerate(self.keyspaces)
+                  for queue in queues]
+        pipe = self.client.pipeline(transaction=False)
+        for queue, _, prefix in places:
+            pipe.llen(f"{prefix}pending:{queue}")
+        waiting = [place for place, length in zip(places, pipe.execute(), strict=True) if int(length)]
+        if not waiting:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for queue, _, prefix in waiting:
+            pipe.set(f"{prefix}trigger:{queue}", f"{time.time():.6f}", nx=True, px=SHARED_TRIGGER_HOLD_MS)
+        return [(queue, partition) for (queue, partition, _), marked in zip(waiting, pipe.execute(), strict=True)
+                if marked]
 
     def finish(
         self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,
@@ -772,15 +826,19 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _claimed(reply: Any, stamp: list[str] | None, parked_buyers: list[str] | None) -> list[tuple[str, str]]:
-    """The claim script's reply: (id, event JSON) of the claims won; ``stamp`` and
-    ``parked_buyers`` receive the claim's stamp and the buyers with parked events."""
+def _claimed(reply: Any, stamp: list[str] | None, parked_buyers: list[str] | None,
+             left: list[int] | None = None) -> list[tuple[str, str]]:
+    """The claim script's reply: (id, event JSON) of the claims won; ``stamp``,
+    ``parked_buyers`` and ``left`` receive the claim's stamp, the buyers with parked events
+    and how many ids stay in the pending list of a shared trigger."""
     flat = [_text(item) for item in reply]
     split = flat.index("|")
     if stamp is not None:
         stamp.append(flat[split + 1])
+    if left is not None:
+        left.append(int(flat[split + 2]))
     if parked_buyers is not None:
-        parked_buyers += flat[split + 2:]
+        parked_buyers += flat[split + 3:]
     return list(zip(flat[0:split:2], flat[1:split:2], strict=True))
 
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from cgrid.errors import CgridError
 from cgrid.event import Event
 from cgrid.ledger.ledger import (
     PREFIX,
@@ -103,18 +104,24 @@ class PartitionedLedger(Ledger):
         return groups
 
     def accept(self, events: list[Event], *, ledger_ttl_s: int, report_ttl_s: int,
-               redeliver_after_s: float, max_memory_share: float = 1.0) -> tuple[float, list[bool]]:
+               redeliver_after_s: float, max_memory_share: float = 1.0, shared_queue: str = "",
+               trigger: list[bool] | None = None) -> tuple[float, list[bool]]:
         """As :meth:`Ledger.accept`; the time is the latest of the partitions' (a publisher
-        batches per partition, so there is one)."""
+        batches per partition, so there is one, and a shared trigger names it). ``trigger``
+        receives True if any partition asks for a shared trigger."""
         flags = [False] * len(events)
         now_s = 0.0
+        sends: list[bool] = []
         for index, group in self._split(events, lambda e: e.id).items():
             part_now, part_flags = self.parts[index].accept(
                 [e for _, e in group], ledger_ttl_s=ledger_ttl_s, report_ttl_s=report_ttl_s,
-                redeliver_after_s=redeliver_after_s, max_memory_share=max_memory_share)
+                redeliver_after_s=redeliver_after_s, max_memory_share=max_memory_share,
+                shared_queue=shared_queue, trigger=sends)
             now_s = max(now_s, part_now)
             for (position, _), flag in zip(group, part_flags, strict=True):
                 flags[position] = flag
+        if trigger is not None:
+            trigger.append(any(sends))
         return now_s, flags
 
     def claim(self, ids: list[str], attempt: int, *, lease_s: float, sent_at_s: float,
@@ -134,6 +141,15 @@ class PartitionedLedger(Ledger):
         if stamp is not None and stamps:
             stamp.append(stamps[0])
         return claimed
+
+    def claim_shared(self, queue: str, partition: int, take: int, *, lease_s: float, sent_at_s: float,
+                     parked_buyers: list[str] | None = None, stamp: list[str] | None = None, token: str = "",
+                     left: list[int] | None = None) -> list[tuple[str, str]]:
+        """As :meth:`Ledger.claim_shared`, from the pending list of ``partition``."""
+        if not 0 <= partition < len(self.parts):
+            raise CgridError(f"partition: this ledger has {len(self.parts)}, not {partition + 1}")
+        return self.parts[partition].claim_shared(queue, 0, take, lease_s=lease_s, sent_at_s=sent_at_s,
+                                                  parked_buyers=parked_buyers, stamp=stamp, token=token, left=left)
 
     def finish(self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,
                retry_delay_s: float) -> list[str]:

@@ -1,14 +1,21 @@
 -- accept: records new events as `pending` and due for the sweeper's look.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, open:<kind>, report:<day>)
--- ARGV:  prefix, ledger_ttl, report_ttl, redeliver_after, max_memory_share, then per event:
---        id, day, buyer, event_json, kind
--- Reply: the ledger's time, then per event 1 (accepted) or 0 (already known); or an OOM
---        error when Redis's memory is past max_memory_share of its maxmemory
+-- ARGV:  prefix, ledger_ttl, report_ttl, redeliver_after, max_memory_share, the queue of the
+--        batch's shared trigger ('' = none: the caller sends a trigger with the ids), how
+--        long a shared trigger is taken to be on its way (ms), then per event: id, day,
+--        buyer, event_json, kind
+-- Reply: the ledger's time, 1 if the caller must send a shared trigger (else 0), then per
+--        event 1 (accepted) or 0 (already known); or an OOM error when Redis's memory is
+--        past max_memory_share of its maxmemory
+-- Shared triggers (worker/batch.py): the new ids are appended to P pending:<queue>, and a
+-- trigger is asked for only when none is on its way (P trigger:<queue>, set here for
+-- hold_ms, deleted by the claim that empties the list): many publishers share one.
 -- No `allow-oom` flag, unlike the scripts that move accepted events on: a full Redis refuses
 -- new events, and (max_memory_share < 1) they are refused before it is full, so that the
 -- events already accepted have room to end.
 local ttl, report_ttl, redeliver = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local share = tonumber(ARGV[5])
+local shared_queue, hold_ms = ARGV[6], ARGV[7]
 local due_at = num_text(now + redeliver)
 if share < 1 then
   local info = redis.pcall('INFO', 'memory')  -- an error (an ACL without INFO): no headroom check
@@ -22,8 +29,9 @@ if share < 1 then
     end
   end
 end
-local out = {now_text}
-for i = 6, #ARGV, 5 do
+local out = {now_text, 0}
+local new_ids = {}
+for i = 8, #ARGV, 5 do
   local id, day, buyer, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 4]
   local key = prefix .. 'ev:' .. id
   if redis.call('EXISTS', key) == 1 then
@@ -37,8 +45,15 @@ for i = 6, #ARGV, 5 do
     -- CGRID_LEDGER_TTL_S after it becomes final.
     redis.call('ZADD', prefix .. 'due', due_at, id)
     bump(day, buyer, 'events', report_ttl)
+    new_ids[#new_ids + 1] = id
     out[#out + 1] = 1
   end
+end
+if shared_queue ~= '' and #new_ids > 0 then
+  for start = 1, #new_ids, 1000 do
+    redis.call('RPUSH', prefix .. 'pending:' .. shared_queue, unpack(new_ids, start, math.min(start + 999, #new_ids)))
+  end
+  if redis.call('SET', prefix .. 'trigger:' .. shared_queue, now_text, 'NX', 'PX', hold_ms) then out[2] = 1 end
 end
 write_bumps()
 return out

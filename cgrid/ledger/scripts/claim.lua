@@ -2,13 +2,21 @@
 -- claim: claims attempt n of each id that may have it. This is the one-retry guard:
 -- attempt n of an event can be claimed once, attempt 2 only after attempt 1 failed.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, watermark:<queue>,
---        parked:<buyer>)
+--        parked:<buyer>, pending:<queue>, trigger:<queue>, taken:<token>)
 -- ARGV:  prefix, attempt n, lease_s, sent_at (of the trigger, by this clock), the queue the
---        trigger came from, this claim's token (random, made by the caller), then the ids
--- Reply: {id, event_json} per claimed event, then '|', this claim's stamp (its token), then
---        the claimed events' buyers that have parked events
+--        trigger came from, this claim's token (random, made by the caller), then the ids;
+--        or, for a shared trigger, '' then how many ids to take from P pending:<queue> and
+--        how long the trigger sent on is taken to be on its way (ms)
+-- Reply: {id, event_json} per claimed event, then '|', this claim's stamp (its token), how
+--        many ids stay in P pending:<queue> (0 for ids given), then the claimed events'
+--        buyers that have parked events
 -- A claim sent again with the same token (its reply was lost: redis-py or ride_out_redis
--- sent it again) gets the events it had claimed again, with those it can claim now.
+-- sent it again) gets the events it had claimed again, with those it can claim now. A
+-- shared trigger's claim keeps the ids it took under P taken:<token> for its lease, so that
+-- one sent again takes the same ids, not new ones.
+-- When ids stay in the list, the caller sends the shared trigger on (P trigger:<queue> is
+-- set again for that); the claim that leaves it empty deletes P trigger:<queue>, so the next
+-- accept asks for a new trigger.
 local n, lease, sent_at, token = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
 local wm_key = prefix .. 'watermark:' .. ARGV[5]
 local n_text, lease_end = num_text(n), num_text(now + lease)
@@ -18,10 +26,25 @@ local wm = tonumber(redis.call('GET', wm_key) or '0')
 if sent_at > wm then
   if sent_at > now then redis.call('SET', wm_key, now_text) else redis.call('SET', wm_key, ARGV[4]) end
 end
+local ids, left = {}, 0
+if ARGV[7] == '' then
+  local pending, flag = prefix .. 'pending:' .. ARGV[5], prefix .. 'trigger:' .. ARGV[5]
+  local taken = prefix .. 'taken:' .. token
+  local before = redis.call('GET', taken)  -- (ids are printable ASCII: a newline parts them)
+  if before then
+    for id in string.gmatch(before, '[^\n]+') do ids[#ids + 1] = id end
+  else
+    ids = redis.call('LPOP', pending, tonumber(ARGV[8])) or {}
+    if #ids > 0 then redis.call('SET', taken, table.concat(ids, '\n'), 'PX', math.ceil(lease * 1000)) end
+  end
+  left = redis.call('LLEN', pending)
+  if left > 0 then redis.call('SET', flag, now_text, 'PX', ARGV[9]) else redis.call('DEL', flag) end
+else
+  for i = 7, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
 local out = {}
 local seen, parked = {}, {}
-for i = 7, #ARGV do
-  local id = ARGV[i]
+for _, id in ipairs(ids) do
   local key = prefix .. 'ev:' .. id
   -- (a retry's claim also reads a2 and retry_at; the claim's token is read only when needed)
   local rec
@@ -60,5 +83,6 @@ end
 -- them may be gone) and let new events wait behind them.
 out[#out + 1] = '|'
 out[#out + 1] = token
+out[#out + 1] = left
 for _, buyer in ipairs(parked) do out[#out + 1] = buyer end
 return out
