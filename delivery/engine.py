@@ -161,6 +161,23 @@ class DeliveryEngine:
                 self._cond.wait()
             self._pending += n
 
+    def reserve_up_to(self, n: int, before_waiting: Callable[[], None] | None = None) -> int:
+        """Reserve room for at most ``n`` attempts, as much as there is (a shared trigger's
+        claim takes that many): waits only while there is none, calling ``before_waiting``
+        first. Returns how many were reserved (at least 1)."""
+        with self._cond:
+            if self._pending >= self.capacity and before_waiting is not None:
+                self._cond.release()
+                try:
+                    before_waiting()
+                finally:
+                    self._cond.acquire()
+            while self._pending >= self.capacity:
+                self._cond.wait()
+            room = max(1, min(n, self.capacity - self._pending))
+            self._pending += room
+            return room
+
     def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int,
                parked_buyers: list[str] | None = None, claim_stamp: str = "", *, hold: bool = False) -> None:
         """Hand claimed attempts to the call loop; give back the room of ids not claimed.

@@ -185,3 +185,23 @@ def test_a_warm_shutdown_writes_waiting_outcomes_at_once(
     assert engine.drain(30)
     assert time.monotonic() - started < 10  # not the linger's 60 s
     assert engine.ledger.record(ids[0])["state"] == "delivered"  # type: ignore[index]
+
+
+def test_reserve_up_to_takes_the_room_there_is_and_lets_go_before_it_waits(engine: DeliveryEngine) -> None:
+    """A shared trigger's claim takes as many as the engine has room for; with none, it
+    calls ``before_waiting`` (which lets the trigger go to another worker) and waits."""
+    import threading
+
+    let_go: list[int] = []
+    capacity = engine.capacity
+    engine.reserve(capacity - 3)
+    assert engine.reserve_up_to(10, before_waiting=lambda: let_go.append(1)) == 3 and not let_go
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(engine.reserve_up_to(10, lambda: let_go.append(1))))
+    waiter.start()
+    wait_for(lambda: let_go == [1], 5, "before_waiting to be called")
+    assert not got  # waiting for room
+    engine.submit([], 1, reserved=5)  # room for 5 comes back
+    waiter.join(5)
+    assert got == [5]
+    engine.submit([], 1, reserved=capacity)

@@ -487,3 +487,11 @@ def test_a_pending_list_with_no_trigger_on_its_way_is_found_once(ledger: Ledger)
     ledger.client.delete("cgrid:trigger:q")  # (as when its hold has passed)
     assert ledger.orphaned_pending(["q", "q.retry"]) == [("q", 0)]
     assert ledger.orphaned_pending(["q", "q.retry"]) == []  # marked: one trigger, not one per sweep
+
+
+def test_a_shared_trigger_let_go_is_asked_for_again(ledger: Ledger) -> None:
+    asks: list[bool] = []
+    ledger.accept([event("g1")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
+    ledger.release_shared("q", 0)  # its worker's engine is full
+    ledger.accept([event("g2")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
+    assert asks == [True, True]

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Celery
 
 from cgrid.broker import ARGSREPR_IDS, send_shared
@@ -104,7 +105,9 @@ def run_batch(rt: Runtime, ids: Any, attempt_n: Any, sent_at_s: Any, queue: Any 
 def run_shared(rt: Runtime, ids: Any, partition: Any, sent_at_s: Any, queue: Any,
                send_on: Callable[[str, int, int, float], None]) -> dict[str, Any]:
     """A shared trigger: claim the first attempts of up to ``CGRID_BATCH_SIZE`` ids waiting
-    in the pending list of ``queue`` (ledger partition ``partition``) and queue their calls.
+    in the pending list of ``queue`` (ledger partition ``partition``), as many as this
+    process's engine has room for, and queue their calls. With no room at all it first lets
+    the trigger go (another worker gets one) and waits for room.
     When ids stay in the list, ``send_on(queue, n, partition, sent_at_s)`` sends the trigger
     on, as ``n`` triggers (at most :data:`SHARED_FAN_OUT`), before the calls are made, so
     that other workers take them while this one calls."""
@@ -114,8 +117,15 @@ def run_shared(rt: Runtime, ids: Any, partition: Any, sent_at_s: Any, queue: Any
         return {"poisoned": 1}
     if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
         queue = rt.settings.routing.queue_for(None, 1)
-    engine, take = rt.engine, rt.settings.batch_size
-    engine.reserve(take)
+    engine = rt.engine
+
+    def let_go() -> None:  # (a full engine: another worker should take this queue's ids)
+        try:
+            rt.ledger.release_shared(queue, partition)
+        except (redis.RedisError, redis.exceptions.RedisClusterException):
+            pass  # then the mark's hold (1 s) lets it go
+
+    take = engine.reserve_up_to(rt.settings.batch_size, before_waiting=let_go)
     parked_buyers: list[str] = []
     stamp: list[str] = []
     left: list[int] = []

@@ -383,6 +383,12 @@ class Ledger:
             raise
         return _claimed(reply, stamp, parked_buyers, left)
 
+    def release_shared(self, queue: str, partition: int) -> None:
+        """Say that no shared trigger of ``queue`` (of ``partition``) is on its way: the one
+        a worker holds cannot be claimed soon (its engine is full), so the next accept, or
+        the sweeper, sends another, which a worker with room takes."""
+        self.client.delete(f"{self.keyspaces[partition][0]}trigger:{queue}")
+
     def orphaned_pending(self, queues: Collection[str]) -> list[tuple[str, int]]:
         """The (queue, partition) pending lists that hold ids while no shared trigger is on
         its way (it was lost, or waits past ``SHARED_TRIGGER_HOLD_MS`` behind a backlog):
