@@ -32,6 +32,7 @@ from archive.files import ensure_group
 from cgrid.event import Event, parse_event
 from cgrid.ledger import Finish, Ledger, Outcome
 from cgrid.redis_server import RedisServer, find_redis_server
+from cgrid.routing import DELIVER_QUEUE
 from delivery.attempt import Attempt
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -148,17 +149,25 @@ def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf:
                          for name, (c, u) in sorted(stats.items(), key=lambda item: -item[1][1])},
         }
 
+    # Shared triggers where the checkout has them (the accept fills the queue's pending list,
+    # the claim takes batches from it), as its publishers and workers do; else ids per trigger.
+    shared = hasattr(ledger, "claim_shared")
+
     def accept() -> None:
         for start in range(0, n, BATCH):
             ledger.accept(events[start:start + BATCH], ledger_ttl_s=2700, report_ttl_s=86400 * 40,
-                          redeliver_after_s=30.0, max_memory_share=0.9)
+                          redeliver_after_s=30.0, max_memory_share=0.9,
+                          **({"shared_queue": DELIVER_QUEUE} if shared else {}))
 
     claimed: list[tuple[str, str]] = []
 
     def claim() -> None:
         ids = [e.id for e in events]
         for start in range(0, n, BATCH):
-            claimed.extend(ledger.claim(ids[start:start + BATCH], 1, lease_s=60.0, sent_at_s=time.time()))
+            if shared:
+                claimed.extend(ledger.claim_shared(DELIVER_QUEUE, 0, BATCH, lease_s=60.0, sent_at_s=time.time()))
+            else:
+                claimed.extend(ledger.claim(ids[start:start + BATCH], 1, lease_s=60.0, sent_at_s=time.time()))
 
     def finish() -> None:
         now_s = time.time()
