@@ -166,15 +166,13 @@ class DeliveryEngine:
         claim takes that many): waits only while there is none, calling ``before_waiting``
         first. Returns how many were reserved (at least 1)."""
         with self._cond:
-            if self._pending >= self.capacity and before_waiting is not None:
-                self._cond.release()
-                try:
-                    before_waiting()
-                finally:
-                    self._cond.acquire()
+            full = self._pending >= self.capacity
+        if full and before_waiting is not None:
+            before_waiting()  # (outside the lock: it talks to Redis)
+        with self._cond:
             while self._pending >= self.capacity:
                 self._cond.wait()
-            room = max(1, min(n, self.capacity - self._pending))
+            room = min(n, self.capacity - self._pending)
             self._pending += room
             return room
 

@@ -354,14 +354,8 @@ class Ledger:
         token of one whose reply was lost gets that claim's events again."""
         if not ids:
             return []
-        args: list[str | int] = [self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue,
-                                 _checked_token(token), *ids]
-        try:
-            reply = self._replicated(self._script("claim"), args, "claimed", required=False)
-        except NotReplicated as e:  # claimed on a node not vouched for: the caller hands them back
-            e.result = _claimed(e.result, stamp, parked_buyers)
-            raise
-        return _claimed(reply, stamp, parked_buyers)
+        return self._run_claim([self.prefix, attempt, _num(lease_s), _num(sent_at_s), queue, _checked_token(token),
+                                *ids], stamp, parked_buyers)
 
     def claim_shared(
         self, queue: str, partition: int, take: int, *, lease_s: float, sent_at_s: float,
@@ -374,11 +368,15 @@ class Ledger:
         caller then sends the trigger on (:func:`cgrid.broker.send_shared`)."""
         if partition != 0:
             raise CgridError(f"partition: this ledger has one, not {partition + 1}")
-        args: list[str | int] = [self.prefix, 1, _num(lease_s), _num(sent_at_s), queue, _checked_token(token), "",
-                                 take, SHARED_TRIGGER_HOLD_MS]
+        return self._run_claim([self.prefix, 1, _num(lease_s), _num(sent_at_s), queue, _checked_token(token), "",
+                                take, SHARED_TRIGGER_HOLD_MS], stamp, parked_buyers, left)
+
+    def _run_claim(self, args: list[str | int], stamp: list[str] | None, parked_buyers: list[str] | None,
+                   left: list[int] | None = None) -> list[tuple[str, str]]:
+        """The claim script with ``args``; its reply read by :func:`_claimed`."""
         try:
             reply = self._replicated(self._script("claim"), args, "claimed", required=False)
-        except NotReplicated as e:
+        except NotReplicated as e:  # claimed on a node not vouched for: the caller hands them back
             e.result = _claimed(e.result, stamp, parked_buyers, left)
             raise
         return _claimed(reply, stamp, parked_buyers, left)

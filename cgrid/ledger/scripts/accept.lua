@@ -1,5 +1,6 @@
 -- accept: records new events as `pending` and due for the sweeper's look.
--- KEYS:  none (key names are built from the prefix: ev:<id>, due, open:<kind>, report:<day>)
+-- KEYS:  none (key names are built from the prefix: ev:<id>, due, open:<kind>, report:<day>,
+--        pending:<queue>, trigger:<queue>)
 -- ARGV:  prefix, ledger_ttl, report_ttl, redeliver_after, max_memory_share, the queue of the
 --        batch's shared trigger ('' = none: the caller sends a trigger with the ids), how
 --        long a shared trigger is taken to be on its way (ms), then per event: id, day,
