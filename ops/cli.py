@@ -240,7 +240,8 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     # The ledger's keyspaces: one, or a cluster's partitions (their archive entries carry the tag).
     keyspaces = [(prefix, f"{tag}/" if tag else "") for prefix, tag in ledger.keyspaces]
     return run(ledger.client, Path(settings.archive_path), file=args.file, buyer=args.buyer,
-               day=args.date, kind=args.kind, output=output, threshold_pct=args.threshold, keyspaces=keyspaces)
+               day=args.date, kind=args.kind, output=output, threshold_pct=args.threshold, keyspaces=keyspaces,
+               queues=settings.routing.queues)
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:

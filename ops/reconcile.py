@@ -4,8 +4,8 @@ and the buyer's, and the evidence for each (docs/operations.md#reconciling-with-
 Ours: the buyer's events created on the day (UTC) that ended ``delivered`` (of one kind with
 ``--kind``). They are read from, in this order:
 
-1. the events still open in the ledger (the due set and the buyer's parked set: every event
-   accepted and not final is in one of them);
+1. the events still open in the ledger (the queues' pending lists, the due set and the
+   buyer's parked set: every event accepted and not final is in one of them);
 2. the archive stream ``P archive``: records that became final and that no archiver has
    written yet;
 3. the day's archive files, ``<archive dir>/<day>/*.jsonl``.
@@ -48,6 +48,7 @@ import redis
 from archive.files import archive_line, as_text, stream_key
 from cgrid.errors import CgridError
 from cgrid.ledger import NO_BUYER, PREFIX, json_or_raw
+from cgrid.routing import Routing
 
 ACCEPTED_COLUMNS = "id | auction_id (optionally with imp_id) | hour,count"
 DEFAULT_THRESHOLD_PCT = 10.0
@@ -257,25 +258,31 @@ def _write_records(client: redis.Redis, prefix: str, ids: list[str], day: str, b
 
 
 def gather_ours(client: redis.Redis, root: Path, day: str, buyer: str, workdir: Path,
-                keyspaces: Sequence[tuple[str, str]] = ((PREFIX, ""),)) -> Sources:
+                keyspaces: Sequence[tuple[str, str]] = ((PREFIX, ""),),
+                queues: Sequence[str] = Routing().queues) -> Sources:
     """Write the buyer's records of the day that only Redis holds into one file, beside the
     day's archive files (see the module's docstring for the order and why). ``keyspaces``:
     the ledger's key prefix and the archive's entry prefix of each partition (one, unless the
-    ledger is on a Redis Cluster)."""
+    ledger is on a Redis Cluster); ``queues``: the broker queues (routing), whose pending
+    lists hold events waiting for a shared trigger."""
     stored_buyer = buyer or NO_BUYER
     sources = Sources(files=[], hot_path=workdir / "hot.jsonl", archive_stream=False)
     with open(sources.hot_path, "wb") as out:
         for prefix, entry_prefix in keyspaces:
-            _gather_keyspace(client, prefix, entry_prefix, day, stored_buyer, sources, out)
+            _gather_keyspace(client, prefix, entry_prefix, day, stored_buyer, sources, out, queues)
     # 3. The day's archive files, listed after Redis was read.
     sources.files = sorted((root / day).glob("*.jsonl")) if (root / day).is_dir() else []
     return sources
 
 
 def _gather_keyspace(client: redis.Redis, prefix: str, entry_prefix: str, day: str, stored_buyer: str,
-                     sources: Sources, out: IO[bytes]) -> None:
-    # 1. Open events: the due set (queued, in flight, retry waiting) and the parked set.
-    open_ids = [as_text(i) for i in client.zrange(prefix + "due", 0, -1)]
+                     sources: Sources, out: IO[bytes], queues: Sequence[str]) -> None:
+    # 1. Open events: the pending lists (waiting for a shared trigger: a claim moves them on
+    # to the due set), the due set (in flight, retry waiting) and the parked set.
+    open_ids: list[str] = []
+    for queue in queues:
+        open_ids += [as_text(i) for i in client.lrange(f"{prefix}pending:{queue}", 0, -1)]
+    open_ids += [as_text(i) for i in client.zrange(prefix + "due", 0, -1)]
     open_ids += [as_text(i) for i in client.zrange(prefix + "parked:" + stored_buyer, 0, -1)]
     sources.open_records += _write_records(client, prefix, open_ids, day, stored_buyer, out)
     # 2. Final records no archiver has written yet.
@@ -712,7 +719,7 @@ def write_plain(out: IO[str], result: Result, head: dict[str, Any]) -> None:
 
 def run(client: redis.Redis, archive_root: Path, *, file: str, buyer: str, day: str, kind: str | None,
         output: str, threshold_pct: float, out: IO[str] | None = None,
-        keyspaces: Sequence[tuple[str, str]] = ((PREFIX, ""),)) -> int:
+        keyspaces: Sequence[tuple[str, str]] = ((PREFIX, ""),), queues: Sequence[str] = Routing().queues) -> int:
     """The whole command: 0, or 1 when |discrepancy_pct| is above the threshold. A bad file
     raises :class:`BadFile` (exit 2)."""
     out = out or sys.stdout
@@ -728,7 +735,7 @@ def run(client: redis.Redis, archive_root: Path, *, file: str, buyer: str, day: 
             theirs = read_theirs(path, name, day)
         except OSError as e:
             raise BadFile(f"{file}: cannot be read: {e.strerror or e}") from None
-        sources = gather_ours(client, archive_root, day, buyer, workdir, keyspaces)
+        sources = gather_ours(client, archive_root, day, buyer, workdir, keyspaces, queues)
         try:
             result = reconcile(sources, theirs, day=day, buyer=buyer, kind=kind, workdir=workdir)
         except duckdb.Error as e:

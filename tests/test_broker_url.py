@@ -57,7 +57,10 @@ def test_the_worker_and_the_command_line_refuse_a_bad_broker_url(tmp_path: Path)
 
 def test_events_flow_with_the_broker_on_its_own_redis(redis_url: str, broker: RedisServer, dsp: MockDspServer,
                                                       tmp_path: Path) -> None:
-    env = fleet_env(redis_url, CGRID_BROKER_URL=broker.url, CGRID_REDELIVER_AFTER_S="1")
+    # Triggers with ids (CGRID_SHARED_TRIGGERS=0): the sweeper tells one lost by the queue it
+    # reads on the broker. (A shared trigger lost is told by its pending list in the ledger:
+    # tests/test_shared_triggers.py.)
+    env = fleet_env(redis_url, CGRID_BROKER_URL=broker.url, CGRID_REDELIVER_AFTER_S="1", CGRID_SHARED_TRIGGERS="0")
     settings = Settings.from_env(env)
     ledger_redis, broker_redis = redis.Redis.from_url(redis_url), redis.Redis.from_url(broker.url)
     ledger = Ledger(ledger_redis)
@@ -67,7 +70,7 @@ def test_events_flow_with_the_broker_on_its_own_redis(redis_url: str, broker: Re
     with Publisher(settings) as publisher:
         first = [publisher.publish({"id": f"b-{i}", "kind": "burl", "upstream": "s2s", "buyer": "dsp-1",
                                     "url": f"{base}/status/204"}) for i in range(5)]
-    assert broker_redis.llen("cgrid.deliver") == 1 and not ledger_redis.exists("cgrid.deliver")
+    assert broker_redis.llen("cgrid.deliver") >= 1 and not ledger_redis.exists("cgrid.deliver")
     assert ledger_redis.exists("cgrid:ev:b-0") and not broker_redis.keys("cgrid:*")
 
     # The trigger is lost (the broker Redis lost its data, say): a worker's sweeper, reading the

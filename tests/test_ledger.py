@@ -471,6 +471,23 @@ def test_a_shared_claim_sent_again_takes_the_same_ids(ledger: Ledger) -> None:
     assert [i for i, _ in ledger.claim_shared("q", 0, 2, lease_s=10, sent_at_s=0)] == ["t2", "t3"]
 
 
+def test_an_event_waiting_for_a_shared_trigger_is_in_its_list_not_the_due_set(ledger: Ledger) -> None:
+    """The pending list is where the sweeper looks for it (no due entry, no sent_at: a write
+    each spared per event); the backlog counts it from the list; its claim puts it in the due
+    set for its lease, so a killed worker's attempt is found as before."""
+    ledger.accept([event("d1"), event("d2")], redeliver_after_s=30, shared_queue="q", **TTL)
+    ledger.accept([event("i1")], redeliver_after_s=30, **TTL)  # ids sent in the trigger: due
+    due = ledger.client.zrange("cgrid:due", 0, -1)
+    assert due == [b"i1"]
+    assert "sent_at" not in (ledger.record("d1") or {})
+    assert ledger.backlog(["q"]) == (3, {})
+    assert ledger.backlog() == (1, {})
+    claimed = ledger.claim_shared("q", 0, 1, lease_s=10, sent_at_s=0)
+    assert [i for i, _ in claimed] == ["d1"]
+    assert sorted(ledger.client.zrange("cgrid:due", 0, -1)) == [b"d1", b"i1"]
+    assert ledger.backlog(["q"]) == (3, {})  # d1 in flight, d2 waiting, i1 queued
+
+
 def test_a_shared_trigger_lost_on_its_way_is_asked_for_again_after_its_hold(ledger: Ledger) -> None:
     asks: list[bool] = []
     ledger.accept([event("h1")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)

@@ -5,7 +5,10 @@ is one Lua script, so it is atomic however many workers, duplicate messages or s
 race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 
 - ``P ev:<id>``        hash: event JSON, state, attempts ``a1``/``a2``, claim bookkeeping
-- ``P due``            sorted set: id -> when the sweeper must look at it next
+- ``P due``            sorted set: id -> when the sweeper must look at it next (claimed
+                       attempts: their lease's end; retries: their time; events whose
+                       trigger carries their id: when it may be lost. An event waiting in a
+                       pending list is not in it: the sweeper watches the lists)
 - ``P report:<day>``   hash: ``<buyer>\t<counter>`` -> count, per UTC day of ``created_at``
 - ``P report:days``    sorted set of days that have counters
 - ``P watermark:<queue>`` newest ``sent_at`` of any trigger a worker has started from that
@@ -702,15 +705,21 @@ class Ledger:
         values = self.client.mget([f"{self.prefix}open:nurl", f"{self.prefix}open:burl"])
         return {"nurl": int(values[0] or 0), "burl": int(values[1] or 0)}
 
-    def backlog(self) -> tuple[int, dict[str, int]]:
-        """Events in the due set (queued, in flight, retry waiting), and parked per buyer."""
+    def backlog(self, queues: Collection[str] = ()) -> tuple[int, dict[str, int]]:
+        """Events queued, in flight or waiting for their retry (the due set, and the pending
+        lists of ``queues``: events that wait for a shared trigger are in no due set), and
+        parked per buyer."""
         buyers = [_text(b) for b in self.client.zrange(self.prefix + "idx:parked-activity", 0, -1)]
         pipe = self.client.pipeline(transaction=False)
         pipe.zcard(self.prefix + "due")
+        for queue in queues:
+            pipe.llen(f"{self.prefix}pending:{queue}")
         for buyer in buyers:
             pipe.zcard(self.prefix + "parked:" + buyer)
-        due, *parked = pipe.execute()
-        return int(due), dict(zip(buyers, map(int, parked), strict=True))
+        replies = pipe.execute()
+        due = sum(int(n) for n in replies[:1 + len(queues)])
+        parked = replies[1 + len(queues):]
+        return due, dict(zip(buyers, map(int, parked), strict=True))
 
     def archive_backlog(self) -> tuple[int, float] | None:
         """Final records not yet archived (the archive stream's length) and the age in

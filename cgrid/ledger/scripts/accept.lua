@@ -1,4 +1,5 @@
--- accept: records new events as `pending` and due for the sweeper's look.
+-- accept: records new events as `pending`: waiting in their queue's pending list for a
+-- shared trigger, or (ids sent in the trigger) due for the sweeper's look.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, open:<kind>, report:<day>,
 --        pending:<queue>, trigger:<queue>)
 -- ARGV:  prefix, ledger_ttl, report_ttl, redeliver_after, max_memory_share, the queue of the
@@ -38,13 +39,23 @@ for i = 8, #ARGV, 5 do
   if redis.call('EXISTS', key) == 1 then
     out[#out + 1] = 0
   else
-    redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
-      'buyer', buyer, 'kind', kind, 'accepted_at', now_text, 'sent_at', now_text)
-    opened(kind, 1)
     -- No expiry while the event is open: its record must outlive any wait (a fleet down for
     -- longer than the ledger TTL must still find it, end it and archive it). It expires
     -- CGRID_LEDGER_TTL_S after it becomes final.
-    redis.call('ZADD', prefix .. 'due', due_at, id)
+    if shared_queue == '' then
+      -- Its trigger carries its id: it is due for the sweeper's look once that trigger may
+      -- be lost (sent_at, the trigger's time, tells the sweeper so).
+      redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
+        'buyer', buyer, 'kind', kind, 'accepted_at', now_text, 'sent_at', now_text)
+      redis.call('ZADD', prefix .. 'due', due_at, id)
+    else
+      -- It waits in its queue's pending list, which the sweeper watches (a list without a
+      -- trigger on its way gets one: Ledger.orphaned_pending); the claim that takes it puts
+      -- it in the due set for its lease. No sent_at, no due entry: a write each spared.
+      redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
+        'buyer', buyer, 'kind', kind, 'accepted_at', now_text)
+    end
+    opened(kind, 1)
     bump(day, buyer, 'events', report_ttl)
     new_ids[#new_ids + 1] = id
     out[#out + 1] = 1
