@@ -5,17 +5,20 @@ nothing and writing nothing twice when it is killed at any instant.
 One batch at a time, as a member of the stream's consumer group:
 
 1. read up to :data:`BATCH` entries (``XREADGROUP``): they are now pending on this name;
+   an entry holds the records one ledger script made final (``archive/files.py``);
 2. append their lines to ``<dir>/<day>/<name>.jsonl``, flush and ``fsync`` every file;
-3. delete and acknowledge them (``XDEL``, then ``XACK``: neither is refused by a full Redis,
-   which is when the archive must drain; an entry deleted but not acknowledged is read
-   again without its fields and only acknowledged).
+3. delete and acknowledge them and take their records off the backlog's count, in one
+   script (``Ledger.archive_acknowledge``), which a full Redis still runs: that is when the
+   archive must drain. (An entry deleted but not acknowledged, left by an archiver of an
+   earlier version, is read again without its fields and only acknowledged.)
 
 Nothing is read before the last batch is acknowledged, so after a crash this name's
-pending entries are that one batch, and its lines, if written, are among the last
-:data:`BATCH` lines of their files. On start (and after any failure) the archiver therefore
-reads its own pending entries first (id 0) and skips those whose entry id is in the tail of
-their file; a torn last line is cut away first. The name must be stable across restarts
-(the host name by default) and is locked in the directory, so two archivers never share it.
+pending entries are that one batch, and its lines, if written, are among the last lines of
+their files, no more of them than the batch holds records. On start (and after any failure)
+the archiver therefore reads its own pending entries first (id 0) and skips the records
+whose ``entry`` is in that tail of their file; a torn last line is cut away first. The name
+must be stable across restarts (the host name by default) and is locked in the directory, so
+two archivers never share it.
 
 Entries pending on a name that no longer runs (another host's archiver, gone) are taken over
 with ``XAUTOCLAIM`` once idle for ``CGRID_ARCHIVE_CLAIM_IDLE_S``. If that archiver had
@@ -37,7 +40,16 @@ from typing import Any
 
 import redis
 
-from archive.files import GROUP, archive_line, as_text, ensure_group, file_for, recover_tail, stream_key
+from archive.files import (
+    GROUP,
+    archive_lines,
+    as_text,
+    batch_records,
+    ensure_group,
+    file_for,
+    recover_tail,
+    stream_key,
+)
 from cgrid.errors import ArchiveError
 from cgrid.ledger import PREFIX, Ledger
 from cgrid.ledger.partitions import ledger_for
@@ -46,7 +58,7 @@ from cgrid.redis_conn import long_lived_client
 from cgrid.redis_replies import log_redis_error
 from cgrid.settings import Settings
 
-BATCH = 500  # entries per batch (and lines of a file's tail looked at on recovery)
+BATCH = 500  # entries per batch
 BLOCK_MS = 1000  # how long one read waits for new entries (a stop is noticed within it)
 CLAIM_EVERY_S = 30.0  # how often entries idle on other names are looked for
 IDLE_FILE_S = 300.0  # a day's file not written for this long is closed
@@ -96,6 +108,7 @@ class Archiver:
         self.claim_idle_s = claim_idle_s
         self.key = stream_key(prefix)
         self.prefix = prefix
+        self.ledger = Ledger(client, prefix=prefix)
         self.batch = batch
         self.files: dict[str, DayFile] = {}
         self.recovering = True  # this name's pending entries are read (again) first
@@ -223,18 +236,22 @@ class Archiver:
 
     def _archive(self, entries: list[tuple[str, dict[Any, Any] | None]], *, skip_written: bool) -> int:
         self._last_read = len(entries)
+        made = [archive_lines(self.entry_prefix + entry_id, fields) for entry_id, fields in entries
+                if fields is not None]  # (an entry deleted already: nothing to write, only to acknowledge)
+        # A batch entry holds many records: a file's tail is looked at as far back as this
+        # read's records could reach.
+        tail_lines = max(self.batch, sum(len(records) for records in made))
         lines: dict[str, list[bytes]] = {}
-        for entry_id, fields in entries:
-            if fields is None:
-                continue  # deleted from the stream already: nothing to write, only to acknowledge
-            day, line = archive_line(self.entry_prefix + entry_id, fields)
-            day_file = self._file(day)
-            if skip_written and self.entry_prefix + entry_id in day_file.tail_ids:
-                self.skipped += 1
-                continue
-            lines.setdefault(day, []).append(line)
+        for records in made:
+            for entry, day, line in records:
+                day_file = self._file(day, tail_lines)
+                if skip_written and entry in day_file.tail_ids:
+                    self.skipped += 1
+                    continue
+                lines.setdefault(day, []).append(line)
         self._write(lines)
-        self._acknowledge([entry_id for entry_id, _ in entries])
+        self._acknowledge([entry_id for entry_id, _ in entries],
+                          sum(batch_records(fields) for _, fields in entries if fields is not None))
         count = sum(len(day_lines) for day_lines in lines.values())
         self.written += count
         return count
@@ -258,19 +275,13 @@ class Archiver:
             path = self.files[day].path if day in self.files else self.root
             raise ArchiveError(f"cannot write {path}: {e.strerror or e}") from None
 
-    def _acknowledge(self, entry_ids: list[str]) -> None:
-        if not entry_ids:
-            return
-        # Not in MULTI: a full Redis refuses every command queued in a transaction, and these
-        # two alone it takes. XDEL first: an entry deleted but not acknowledged (the second
-        # command lost) is read again without fields and acknowledged; the other way round it
-        # would stay in the stream for good.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xdel(self.key, *entry_ids)
-        pipe.xack(self.key, GROUP, *entry_ids)
-        pipe.execute()
+    def _acknowledge(self, entry_ids: list[str], records: int) -> None:
+        """Delete and acknowledge the entries, and take their batch records off the count of
+        records waiting: one script (which a full Redis still runs), so none of it happens
+        without the rest."""
+        self.ledger.archive_acknowledge(GROUP, entry_ids, records)
 
-    def _file(self, day: str) -> DayFile:
+    def _file(self, day: str, tail_lines: int) -> DayFile:
         day_file = self.files.get(day)
         if day_file is not None:
             return day_file
@@ -279,7 +290,7 @@ class Archiver:
             if not path.parent.is_dir():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(self.root)
-            tail_ids = recover_tail(path, self.batch) if path.exists() else set()
+            tail_ids = recover_tail(path, tail_lines) if path.exists() else set()
             created = not path.exists()
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             if created:

@@ -35,7 +35,9 @@ from cgrid.ledger import PREFIX, json_or_raw
 
 STREAM = "archive"  # the stream's key is the ledger prefix + this
 FORMAT_KEY = "archive:format"  # ledger prefix + this: the entries' format the archivers read
-LINE_FORMAT = "line"  # one field, `line` (the previous format, a field per value, has no mark)
+# A batch entry: `lines` (how many), then each line as a field (its value empty): a script's
+# records in one entry. The formats before: one field, `line`; a field per value (no mark).
+LINES_FORMAT = "lines"
 GROUP = "archivers"  # the archivers' consumer group
 UNKNOWN_DAY = "unknown-day"  # a record without a readable day (a corrupt one) goes here
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
@@ -48,9 +50,10 @@ def stream_key(prefix: str = PREFIX) -> str:
 
 def ensure_group(client: redis.Redis, prefix: str = PREFIX) -> None:
     """Make the stream and the archivers' group (from the stream's start) if missing, and
-    say that this archiver reads one-field ``line`` entries (``P archive:format``). From
-    then on the ledger scripts add every final record to the stream, in that format (until
-    an archiver has said so, in the previous one: a field per value)."""
+    say that this archiver reads batch entries (``P archive:format`` ``lines``). From then
+    on the ledger scripts add every final record to the stream, a script's records in one
+    entry (until an archiver has said so, in the previous formats: one-field ``line``
+    entries, or a field per value)."""
     try:
         client.xgroup_create(stream_key(prefix), GROUP, id="0", mkstream=True)
     except redis.ResponseError as e:
@@ -59,7 +62,7 @@ def ensure_group(client: redis.Redis, prefix: str = PREFIX) -> None:
         if "BUSYGROUP" not in str(e) and not full_with_group:
             raise
     with contextlib.suppress(redis.exceptions.OutOfMemoryError):  # full: the entries keep the previous format
-        client.set(prefix + FORMAT_KEY, LINE_FORMAT)
+        client.set(prefix + FORMAT_KEY, LINES_FORMAT)
 
 
 def _group_exists(client: redis.Redis, prefix: str) -> bool:
@@ -83,7 +86,43 @@ def _float_or_none(text: str) -> float | None:
 
 
 LINE_FIELD = b"line"  # an entry's one field: its line without the entry id (the ledger scripts make it)
+LINES_FIELD = b"lines"  # a batch entry's first field: how many lines follow (each a field)
 _LINE_DAY = re.compile(rb',"day":"(\d{4}-\d{2}-\d{2})"')
+
+
+def batch_records(fields: Mapping[Any, Any]) -> int:
+    """How many records an entry holds that count in ``P archive:records`` (those of a
+    batch entry; 0 for an entry of the earlier formats)."""
+    first = next(iter(fields), None)
+    if first == LINES_FIELD or first == "lines":
+        return len(fields) - 1
+    return 0
+
+
+def _bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def archive_lines(entry_id: str, fields: Mapping[Any, Any]) -> list[tuple[str, str, bytes]]:
+    """(entry, day, JSON line) of each record of one stream entry. A batch entry's records
+    are ``<entry id>/<n>`` (n from 0, in the entry's order: the same however often it is
+    read); an entry of the earlier formats holds one, ``<entry id>``."""
+    if next(iter(fields), None) not in (LINES_FIELD, "lines"):
+        return [(entry_id, *archive_line(entry_id, fields))]
+    items = iter(fields.items())
+    _, finished_at = next(items)
+    out = []
+    for n, (line, accepted_at) in enumerate(items):
+        entry = f"{entry_id}/{n}"
+        body = _bytes(line)
+        if accepted_at:
+            # A line the worker made: its two parts, the times go between them (the format:
+            # cgrid/ledger/scripts/common.lua).
+            head, _, tail = body.partition(b"\n")
+            body = (head + b',"accepted_at":' + _bytes(accepted_at) + b',"finished_at":' + _bytes(finished_at)
+                    + b"," + tail)
+        out.append((entry, *_made_line(entry, body)))
+    return out
 
 
 def archive_line(entry_id: str, fields: Mapping[Any, Any]) -> tuple[str, bytes]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cgrid.errors import InvalidEvent
 from cgrid.event import Event
-from cgrid.ledger import Finish, Outcome
+from cgrid.ledger import NO_BUYER, Finish, Outcome, day_of, delivered_line_parts
 from delivery.classify import ErrorClass, classify_status
 from delivery.headers import build_headers
 from delivery.http_client import CallResult, ClientConfig, call_result
@@ -46,17 +46,23 @@ class Attempt:
     def to_finish(self, event_id: str, retry_delay_s: float | None = None, event: Event | None = None) -> Finish:
         # A failed first attempt is not final (its retry is scheduled); anything else is,
         # and the final record is made here, off Redis's CPU.
-        final = ""
+        final = line_parts = ""
+        attempt_json = self.to_json() if self.called else ""
         if event is not None and not (self.outcome is Outcome.FAIL and self.n == 1):
             final = event.to_final_json(keep_call=self.outcome in (Outcome.FAIL, Outcome.EXPIRED))
+            if self.n == 1 and self.outcome in (Outcome.OK, Outcome.UNEXPECTED):
+                # Its archive line too: the script adds it to the archive as it is.
+                line_parts = delivered_line_parts(event_id, day_of(event.created_at_s), event.buyer or NO_BUYER,
+                                                  event.kind.value, attempt_json, final)
         return Finish(
             event_id=event_id,
             outcome=self.outcome,
-            attempt_json=self.to_json() if self.called else "",
+            attempt_json=attempt_json,
             reason=self.reason,
             retry_delay_s=retry_delay_s,
             duration_ms=self.duration_ms if self.called else None,
             final_event=final,
+            line_parts=line_parts,
         )
 
 

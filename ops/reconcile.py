@@ -45,7 +45,7 @@ from typing import IO, Any
 import duckdb
 import redis
 
-from archive.files import archive_line, as_text, stream_key
+from archive.files import archive_lines, as_text, stream_key
 from cgrid.errors import CgridError
 from cgrid.ledger import NO_BUYER, PREFIX, json_or_raw
 from cgrid.routing import Routing
@@ -294,11 +294,11 @@ def _gather_keyspace(client: redis.Redis, prefix: str, entry_prefix: str, day: s
         while True:
             entries: Any = client.xrange(key, min=after, max="+", count=REDIS_CHUNK)
             for entry_id, fields in entries:
-                _, line = archive_line(entry_prefix + as_text(entry_id), fields)
-                record = json.loads(line)
-                if record.get("day") == day and record.get("buyer") == stored_buyer:
-                    out.write(line)
-                    sources.stream_records += 1
+                for _, _, line in archive_lines(entry_prefix + as_text(entry_id), fields):
+                    record = json.loads(line)
+                    if record.get("day") == day and record.get("buyer") == stored_buyer:
+                        out.write(line)
+                        sources.stream_records += 1
             if len(entries) < REDIS_CHUNK:
                 break
             after = "(" + as_text(entries[-1][0])

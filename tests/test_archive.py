@@ -3,6 +3,7 @@ happens to the archiver (kill -9 at any instant, a torn line, a full disk, Redis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -24,6 +25,7 @@ from cgrid.event import parse_event
 from cgrid.ledger import Finish, Ledger, Outcome, Park, day_of
 from cgrid.redis_server import RedisServer
 from cgrid.routing import Routing
+from delivery.attempt import Attempt
 from tests.helpers import ROOT, fleet_env, wait_for
 
 pytestmark = pytest.mark.integration
@@ -114,32 +116,89 @@ def test_every_final_state_is_archived_with_its_fields(client: redis.Redis, tmp_
     assert Ledger(client).archive_backlog() == (0, 0.0)
 
 
-def test_entries_of_the_previous_format_left_in_the_stream_are_still_archived(
+def test_entries_of_the_previous_formats_left_in_the_stream_are_still_archived(
         client: redis.Redis, tmp_path: Path) -> None:
-    """An upgrade: until an archiver that reads one-field entries has started (P
-    archive:format), the scripts add a field per value, as the previous version did (a fleet
-    upgraded before its archivers loses nothing); entries of both formats wait in the
-    stream, and the archiver writes both the same way."""
-    client.delete("cgrid:archive:format")  # the stream as an archiver of the previous version made it
+    """An upgrade: until an archiver that reads batch entries has started (P
+    archive:format), the scripts add entries as the previous versions did, a field per value
+    or one-field `line` entries (a fleet upgraded before its archivers loses nothing);
+    entries of every format wait in the stream, and the archiver writes them the same way."""
+    client.delete("cgrid:archive:format")  # the stream as an archiver of an older version made it
     day = day_of(time.time())
     deliver_all(Ledger(client), ["old-format"])
+    client.set("cgrid:archive:format", "line")  # as an archiver of the previous version says
+    deliver_all(Ledger(client), ["line-format"])
     ensure_group(client)  # an archiver of this version starts
-    assert client.get("cgrid:archive:format") == b"line"
-    deliver_all(Ledger(client), ["new-format"])
-    assert [list(f) for _, f in client.xrange(stream_key())] == [
+    assert client.get("cgrid:archive:format") == b"lines"
+    deliver_all(Ledger(client), ["new-format", "new-format-2"])
+    entries = client.xrange(stream_key())
+    assert [list(f) for _, f in entries] == [
         [b"id", b"state", b"day", b"buyer", b"kind", b"accepted_at", b"finished_at", b"a1", b"a2", b"reason",
-         b"event"], [b"line"]]
+         b"event"], [b"line"], [b"lines", *list(entries[2][1])[1:]]]
+    assert len(entries[2][1]) == 3  # one entry for the script's two records
+    assert Ledger(client).archive_backlog()[0] == 2  # type: ignore[index]  # (the earlier formats' are left out)
     root = tmp_path / "archive"
     archiver = Archiver(client, root, "a1", claim_idle_s=600)
     archiver.open()
     drain(archiver, client)
-    old, new = archived(root)
-    assert list(old) == list(new) == ["entry", "id", "state", "day", "buyer", "kind", "accepted_at",
-                                      "finished_at", "attempts", "event"]
-    for record, event_id in ((old, "old-format"), (new, "new-format")):
+    records = archived(root)
+    assert [r["id"] for r in records] == ["old-format", "line-format", "new-format", "new-format-2"]
+    batch_entry = entries[2][0].decode()
+    assert [r["entry"] for r in records[2:]] == [f"{batch_entry}/0", f"{batch_entry}/1"]
+    for record, event_id in zip(records, ["old-format", "line-format", "new-format", "new-format-2"], strict=True):
+        assert list(record) == ["entry", "id", "state", "day", "buyer", "kind", "accepted_at", "finished_at",
+                                "attempts", "event"]
         assert (record["id"], record["state"], record["day"], record["buyer"]) == (event_id, "delivered", day, "b1")
         assert [a["status"] for a in record["attempts"]] == [204] and record["event"]["host"] == "d.example"
         assert record["finished_at"] >= record["accepted_at"] > 0
+    assert Ledger(client).archive_backlog() == (0, 0.0)
+
+
+def test_a_line_the_worker_made_is_the_line_the_script_makes(client: redis.Redis, tmp_path: Path) -> None:
+    """A first attempt's delivery comes with its archive line made by the worker
+    (Attempt.to_finish, cgrid.ledger.delivered_line_parts): the script adds it as it is and
+    the archiver puts the record's times in. The same record, made by the script (no line
+    given, or one that does not fit what the script found), reads the same."""
+    ledger = Ledger(client)
+    ids = ["by-worker", "by-script", "unexpected", "retried"]
+    created_at = time.time()
+    events = {i: make_event(i, created_at=created_at) for i in ids}
+    ledger.accept(list(events.values()), redeliver_after_s=30, **TTL)
+    ledger.claim(ids, 1, lease_s=30, sent_at_s=0)
+    ok = Attempt(1, Outcome.OK, time.time(), 12.5, status=204)
+    odd = Attempt(1, Outcome.UNEXPECTED, time.time(), 3.0, status=302)
+    fail = Attempt(1, Outcome.FAIL, time.time(), 3.0, status=500)
+    by_worker = ok.to_finish("by-worker", None, events["by-worker"])
+    assert by_worker.line_parts.count("\n") == 1
+    by_script = dataclasses.replace(ok.to_finish("by-script", None, events["by-script"]), line_parts="")
+    assert fail.to_finish("retried", None, events["retried"]).line_parts == ""  # not final: no line
+    ledger.finish([by_worker, by_script, odd.to_finish("unexpected", None, events["unexpected"]),
+                   fail.to_finish("retried", None, events["retried"])], 1, retry_delay_s=0, **TTL)
+    ledger.claim(["retried"], 2, lease_s=30, sent_at_s=0)
+    # A retry's line is the script's (the first attempt is in the record, not the worker's).
+    ledger.finish([Attempt(2, Outcome.OK, time.time(), 1.0, status=204).to_finish("retried", None, events["retried"])],
+                  2, retry_delay_s=0, **TTL)
+    root = tmp_path / "archive"
+    archiver = Archiver(client, root, "a1", claim_idle_s=600)
+    archiver.open()
+    drain(archiver, client)
+    records = {r["id"]: r for r in archived(root)}
+    assert sorted(records) == sorted(ids)
+    for record in records.values():
+        status = ledger.record(record["id"])
+        assert status is not None
+        assert record["accepted_at"] == float(status["accepted_at"]) and record["finished_at"] >= record["accepted_at"]
+        assert record["state"] == "delivered" and record["event"] == json.loads(events[record["id"]].to_final_json(
+            keep_call=False))
+    same = {k: v for k, v in records["by-worker"].items() if k not in ("entry", "id", "accepted_at", "finished_at")}
+    other = {k: v for k, v in records["by-script"].items() if k not in ("entry", "id", "accepted_at", "finished_at")}
+    same["event"] = {k: v for k, v in same["event"].items() if k != "id"}
+    other["event"] = {k: v for k, v in other["event"].items() if k != "id"}
+    same["attempts"][0].pop("started_at")
+    other["attempts"][0].pop("started_at")
+    assert same == other
+    assert list(records["by-worker"]) == list(records["by-script"])
+    assert records["unexpected"]["attempts"][0]["unexpected_status"] is True
+    assert [a["status"] for a in records["retried"]["attempts"]] == [500, 204]
 
 
 def test_a_corrupt_record_still_gets_a_line_of_json(client: redis.Redis, tmp_path: Path) -> None:
@@ -176,7 +235,8 @@ def test_after_a_short_batch_the_archiver_waits_for_more(client: redis.Redis, tm
     followed at once by the next read."""
     from archive.archiver import IDLE_POLL_S, LINGER_S
 
-    deliver_all(Ledger(client), [f"l{i}" for i in range(7)])
+    for i in range(7):  # seven entries (a script's records are one entry)
+        deliver_all(Ledger(client), [f"l{i}"])
     archiver = Archiver(client, tmp_path / "archive", "a1", claim_idle_s=600, batch=5, block_ms=None)
     archiver.open()
     log = type("Log", (), {"info": lambda *a, **k: None})()
@@ -195,17 +255,20 @@ def test_without_an_archiver_nothing_is_kept_for_one(redis_url: str) -> None:
 
 def test_a_torn_last_line_is_cut_and_a_batch_already_written_is_not_written_again(
         client: redis.Redis, tmp_path: Path) -> None:
-    deliver_all(Ledger(client), [f"t{i}" for i in range(5)])
-    # A previous run of "a1" read the five entries, wrote three lines and half of the fourth, and died.
+    deliver_all(Ledger(client), [f"t{i}" for i in range(3)])
+    deliver_all(Ledger(client), [f"t{i}" for i in range(3, 5)])
+    # A previous run of "a1" read the two entries (five records), wrote three lines and half
+    # of the fourth, and died.
     read = client.xreadgroup(GROUP, "a1", {stream_key(): ">"}, count=10)
     entries = read[0][1]
+    assert len(entries) == 2
     root = tmp_path / "archive"
-    from archive.files import archive_line
+    from archive.files import archive_lines
 
-    day, _ = archive_line(entries[0][0].decode(), entries[0][1])
-    path = file_for(root, day, "a1")
+    lines = [made for e, f in entries for made in archive_lines(e.decode(), f)]
+    path = file_for(root, lines[0][1], "a1")
     path.parent.mkdir(parents=True)
-    written = b"".join(archive_line(e.decode(), f)[1] for e, f in entries[:4])
+    written = b"".join(line for _, _, line in lines[:4])
     path.write_bytes(written[:-40])
     archiver = Archiver(client, root, "a1", claim_idle_s=600)
     archiver.open()
@@ -230,7 +293,7 @@ def test_entries_left_pending_by_a_gone_archiver_are_taken_over(client: redis.Re
     archiver = Archiver(client, root, "a2", claim_idle_s=0.2)
     archiver.open()
     archiver.step()
-    assert archived(root) == [] and client.xlen(stream_key()) == 4  # not idle long enough yet
+    assert archived(root) == [] and Ledger(client).archive_backlog()[0] == 4  # type: ignore[index]  # not idle yet
     time.sleep(0.3)
     archiver._next_claim_s = 0.0
     archiver.step()
@@ -365,7 +428,7 @@ def test_a_failing_disk_acknowledges_nothing_and_the_archive_resumes(redis_url: 
     process = start_archiver(env, root, "a1", log, preexec_fn=_small_file_limit)
     try:
         wait_for(lambda: "archive_write_failed" in log.read_text(), 20, "the write failure logged")
-        assert client.xlen(stream_key()) == 300  # nothing acknowledged, nothing deleted
+        assert Ledger(client).archive_backlog()[0] == 300  # type: ignore[index]  # nothing acknowledged, deleted
         assert archived(root) == []  # cut back: no partial batch
     finally:
         process.send_signal(signal.SIGTERM)

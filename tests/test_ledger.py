@@ -347,7 +347,7 @@ def test_a_late_success_of_a_lost_retry_ends_delivered_and_corrects_report_repla
     replay, streamed to the archive), then the slow worker's success arrived: the buyer did
     get the notice. The event ends delivered; the failed count, the replay set and the
     archive (a second, correcting line) follow, and nothing can call it a third time."""
-    from archive.files import archive_line, ensure_group, stream_key
+    from archive.files import archive_lines, ensure_group, stream_key
 
     ensure_group(ledger.client)
     sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=0, report_ttl_s=3600, routing=Q)
@@ -375,7 +375,8 @@ def test_a_late_success_of_a_lost_retry_ends_delivered_and_corrects_report_repla
     assert ledger.open_events()["burl"] == 0  # final once: not taken off the backlog twice
     assert ledger.claim(["a", "b"], 2, lease_s=10, sent_at_s=0) == []  # no third call
     assert ledger.sweep(**sweep)[1:] == ({}, {})
-    records = [json.loads(archive_line(i.decode(), f)[1]) for i, f in ledger.client.xrange(stream_key())]
+    records = [json.loads(line) for i, f in ledger.client.xrange(stream_key())
+               for _, _, line in archive_lines(i.decode(), f)]
     lines = [(r["id"], r["state"]) for r in records]
     assert lines == [("a", "failed"), ("b", "failed"), ("c", "failed"), ("a", "delivered"), ("b", "delivered")]
 

@@ -20,6 +20,7 @@ from cgrid.ledger.ledger import (
     WaitReason,
     bucket_percentile,
     day_of,
+    delivered_line_parts,
     json_or_raw,
     latency_bucket,
     new_claim_token,
@@ -28,6 +29,6 @@ from cgrid.ledger.ledger import (
 __all__ = [
     "CLAIM_WAIT_BACKOFF_S", "LATENCY_BUCKETS_MS", "NO_BUYER", "POISON_COUNT_KEY", "POISON_LIST_KEY", "PREFIX",
     "TERMINAL_STATES", "WAIT_DETAILS", "Counter", "Finish", "Ledger", "NotReplicated", "Outcome", "Park", "State",
-    "WaitReason", "bucket_percentile", "day_of", "json_or_raw", "latency_bucket",
+    "WaitReason", "bucket_percentile", "day_of", "delivered_line_parts", "json_or_raw", "latency_bucket",
     "new_claim_token",
 ]

@@ -29,17 +29,20 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P poison``         the last poisoned messages dropped (``P poison:count`` counts all)
 - ``P archive``        stream: every record that became final, until the archiver has written
                        it to disk (``archive/files.py``); exists once an archiver has started
-- ``P archive:format`` ``line`` once an archiver that reads one-field entries has started (the
-                       scripts add entries in that format; before, a field per value)
+- ``P archive:format`` ``lines`` once an archiver that reads batch entries has started (a
+                       script adds one entry for the records it made final); ``line``, one
+                       entry a record, one field; before either, a field per value
+- ``P archive:records`` the records the batch entries of ``P archive`` hold (the backlog)
 - ``P wait-mark``      a time written before WAIT when outcomes are written again
                        (:meth:`Ledger.confirm`), so that the WAIT covers all this node holds
 
 No id can forge a key: each family starts with its own word, ids and buyers come last (a
 day is always YYYY-MM-DD, without ':'), queue names have no ':', and the fixed keys (``due``,
 ``report:days``, ``idx:parked-activity``, ``poison``, ``poison:count``, ``archive``,
-``archive:format``) are out of every family's reach (``tests/test_ledger_keys.py``). The index of parked sets was
-``parked:activity`` before, the parked set of a buyer named ``activity``: the sweep moves
-what it finds there (docs/operations.md).
+``archive:format``, ``archive:records``) are out of every family's reach
+(``tests/test_ledger_keys.py``). The index of parked sets was ``parked:activity`` before,
+the parked set of a buyer named ``activity``: the sweep moves what it finds there
+(docs/operations.md).
 
 The one-retry guard is the claim script (``scripts/claim.lua``): attempt ``n`` of an event can be claimed once,
 attempt 2 only after attempt 1 failed, so no event is called more than twice. Each claim and
@@ -202,12 +205,13 @@ class Finish:
     retry_delay_s: float | None = None  # the buyer's, or None for CGRID_RETRY_DELAY_S
     duration_ms: float | None = None  # of the call, for the report's latency (None: no call)
     final_event: str = ""  # the event as a final record keeps it ('' = made by the script)
+    line_parts: str = ""  # a first attempt's delivery: its archive line (delivered_line_parts)
 
 
 # The scripts, one file per operation in scripts/, each opening with its KEYS, ARGV and
 # reply; common.lua, their shared prelude, goes in front of each (after a `#!lua` line).
 SCRIPTS_DIR = Path(__file__).parent / "scripts"
-SCRIPT_NAMES = ("accept", "claim", "finish", "sweep", "park", "pull", "withdraw")
+SCRIPT_NAMES = ("accept", "claim", "finish", "sweep", "park", "pull", "withdraw", "archive_ack")
 
 
 def load_script(name: str, *, flags: bool = True) -> str:
@@ -249,6 +253,21 @@ def _num(value: float) -> str:
 
 def day_of(created_at_s: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(created_at_s))
+
+
+def _json_ascii_id(text: str) -> str:
+    # (ids and buyers are printable ASCII, cgrid/event.py: only a quote or a backslash is escaped)
+    return f'"{text}"' if '"' not in text and "\\" not in text else json.dumps(text)
+
+
+def delivered_line_parts(event_id: str, day: str, buyer: str, kind: str, attempt_json: str, final_event: str) -> str:
+    """The archive line of an event whose first attempt delivered it, made by the worker
+    (the finish script uses it as it is, sparing Redis the string work): the part before
+    ``accepted_at`` and the part after ``finished_at``, a newline between them (neither
+    holds one). The archiver puts the record's two times between them (archive/files.py);
+    the line is byte for byte the one the script would make."""
+    return (f'"id":{_json_ascii_id(event_id)},"state":"delivered","day":"{day}","buyer":{_json_ascii_id(buyer)},'
+            f'"kind":"{kind}"\n"attempts":[{attempt_json}],"event":{final_event}}}')
 
 
 class Ledger:
@@ -433,7 +452,7 @@ class Ledger:
             delay = "" if result.retry_delay_s is None else _num(result.retry_delay_s)
             bucket = "" if result.duration_ms is None else latency_bucket(result.duration_ms)
             args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket,
-                     result.final_event]
+                     result.final_event, result.line_parts]
         return args
 
     def confirm(self, outcomes: list[tuple[int, Finish | Park, str]], *, ledger_ttl_s: int, report_ttl_s: int,
@@ -722,23 +741,36 @@ class Ledger:
         return due, dict(zip(buyers, map(int, parked), strict=True))
 
     def archive_backlog(self) -> tuple[int, float] | None:
-        """Final records not yet archived (the archive stream's length) and the age in
-        seconds of the oldest (by its entry id, Redis's clock); None when the archive is off
-        (no archiver ever made the stream)."""
+        """Final records not yet archived and the age in seconds of the oldest (by its entry
+        id, Redis's clock); None when the archive is off (no archiver ever made the stream).
+        Records of batch entries are counted in ``P archive:records``; an entry of the
+        earlier formats holds one."""
         key = self.prefix + "archive"
         pipe = self._node_client().pipeline(transaction=False)  # TIME: of the node that holds the stream
         pipe.exists(key)
         pipe.xlen(key)
         pipe.xrange(key, count=1)
+        pipe.get(self.prefix + "archive:format")
+        pipe.get(self.prefix + "archive:records")
         pipe.time()
-        exists, length, first, (now_s, now_us) = pipe.execute()
+        exists, length, first, format_, records, (now_s, now_us) = pipe.execute()
         if not exists:
             return None
         oldest_s = 0.0
         if first:
             entry_ms = int(_text(first[0][0]).split("-")[0])
             oldest_s = max(0.0, int(now_s) + int(now_us) / 1e6 - entry_ms / 1000)
+        if format_ is not None and _text(format_) == "lines":
+            # (entries of the earlier formats still waiting are left out: an upgrade's few)
+            return max(0, int(records or 0)), oldest_s
         return int(length), oldest_s
+
+    def archive_acknowledge(self, group: str, entry_ids: list[str], records: int) -> None:
+        """Take entries an archiver has written off the archive stream (deleted and
+        acknowledged in one script, which a full Redis still runs), and ``records``, the
+        records of the batch entries among them, off the count of records waiting."""
+        if entry_ids:
+            self._script("archive_ack")(keys=self._keys, args=[self.prefix, group, records, *entry_ids])
 
     def memory(self) -> tuple[int, int]:
         """Redis's used memory and its ``maxmemory`` (0: no limit), in bytes."""

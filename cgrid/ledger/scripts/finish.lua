@@ -6,7 +6,9 @@
 -- first attempt's cancels the retry; a retry's turns `failed` into `delivered`.
 -- ARGV:  prefix, attempt n, ledger_ttl, report_ttl, retry_delay, then per event: id, outcome,
 --        attempt_json, reason, the buyer's retry delay ('' = the default), the call's latency
---        bucket ('' = no call), and the event as its final record keeps it ('' = made here)
+--        bucket ('' = no call), the event as its final record keeps it ('' = made here), and
+--        the archive line of a first attempt's delivery, made by the worker in two parts
+--        (cgrid.ledger.delivered_line_parts; '' = none: made here)
 -- Reply: the new state per event ('' if the attempt was not ours)
 local n, ttl, report_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local default_delay = tonumber(ARGV[5])
@@ -15,10 +17,10 @@ local due = prefix .. 'due'
 local out = {}
 -- Per event: one HMGET reads all the script needs (the archive line too), one HSET writes
 -- the new fields.
-for i = 6, #ARGV, 7 do
+for i = 6, #ARGV, 8 do
   local id, outcome, attempt, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local delay = tonumber(ARGV[i + 4]) or default_delay
-  local bucket, final_event = ARGV[i + 5], ARGV[i + 6]
+  local bucket, final_event, line_parts = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2', 'kind', 'accepted_at',
     'reason')
@@ -101,8 +103,15 @@ for i = 6, #ARGV, 7 do
       redis.call('ZREM', due, id)
       if not was_final then closed(key, rec[7]) end
       redis.call('EXPIRE', key, ttl_text)
-      archive_line(id, new, day, buyer, rec[7], rec[8], attempts[1], attempts[2], new_reason or rec[9], event,
-        readable)
+      -- The worker's line is for a first attempt delivered as it claimed it, the record
+      -- holding no reason and an acceptance time; any other line is made here.
+      if line_parts ~= '' and n == 1 and claim == n and new == 'delivered' and rec[8] and not rec[9]
+          and event == final_event and archive_enabled() and archive_batch then
+        archive_made(line_parts, rec[8])
+      else
+        archive_line(id, new, day, buyer, rec[7], rec[8], attempts[1], attempts[2], new_reason or rec[9], event,
+          readable)
+      end
     end
   end
   out[#out + 1] = new
