@@ -4,8 +4,8 @@ and the buyer's, and the evidence for each (docs/operations.md#reconciling-with-
 Ours: the buyer's events created on the day (UTC) that ended ``delivered`` (of one kind with
 ``--kind``). They are read from, in this order:
 
-1. the events still open in the ledger (the queues' pending lists, the due set and the
-   buyer's parked set: every event accepted and not final is in one of them);
+1. the events still open in the ledger (the queues' pending lists, the claims' leases, the
+   due set and the buyer's parked set: every event accepted and not final is in one of them);
 2. the archive stream ``P archive``: records that became final and that no archiver has
    written yet;
 3. the day's archive files, ``<archive dir>/<day>/*.jsonl``.
@@ -278,10 +278,14 @@ def gather_ours(client: redis.Redis, root: Path, day: str, buyer: str, workdir: 
 def _gather_keyspace(client: redis.Redis, prefix: str, entry_prefix: str, day: str, stored_buyer: str,
                      sources: Sources, out: IO[bytes], queues: Sequence[str]) -> None:
     # 1. Open events: the pending lists (waiting for a shared trigger: a claim moves them on
-    # to the due set), the due set (in flight, retry waiting) and the parked set.
+    # under its lease), the claims' leases (in flight), the due set (queued with their ids in
+    # their trigger, retry waiting) and the parked set.
     open_ids: list[str] = []
     for queue in queues:
         open_ids += [as_text(i) for i in client.lrange(f"{prefix}pending:{queue}", 0, -1)]
+    for token in client.zrange(prefix + "leases", 0, -1):
+        claimed = client.hget(f"{prefix}lease:{as_text(token)}", "ids")
+        open_ids += as_text(claimed).split("\n") if claimed else []
     open_ids += [as_text(i) for i in client.zrange(prefix + "due", 0, -1)]
     open_ids += [as_text(i) for i in client.zrange(prefix + "parked:" + stored_buyer, 0, -1)]
     sources.open_records += _write_records(client, prefix, open_ids, day, stored_buyer, out)

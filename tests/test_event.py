@@ -189,3 +189,15 @@ def test_a_final_record_is_byte_for_byte_what_the_json_encoder_writes(changes: d
                                "forwarded_for": ("1.2.3.4",)}
     event = Event(**{**base, **changes})  # type: ignore[arg-type]
     assert event.to_final_json(keep_call=keep_call) == _final_json_by_the_encoder(event, keep_call)
+
+
+def test_the_reports_day_is_the_utc_day_of_created_at_across_day_ends() -> None:
+    """cgrid.ledger.day_of keeps the days it has made (it runs per event, at the accept and
+    for each delivered line): the cached text is the day of every second of that day."""
+    import time
+
+    from cgrid.ledger import day_of
+
+    for created_at in (0.5, 86399.999, 86400.0, 1764100000.1, 1796116572.3, 4102444799.9, 4102444800.0):
+        assert day_of(created_at) == time.strftime("%Y-%m-%d", time.gmtime(created_at)), created_at
+        assert day_of(created_at) == time.strftime("%Y-%m-%d", time.gmtime(created_at))  # (the kept one)

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from cgrid.event import parse_event
-from cgrid.ledger import Finish, Ledger, NotReplicated, Outcome, Park
+from cgrid.ledger import Finish, Ledger, NotReplicated, Outcome, Park, WaitReason
 from cgrid.ledger.ledger import SHARED_TRIGGER_HOLD_MS
 from cgrid.routing import Routing
 
@@ -97,6 +97,59 @@ def test_lost_attempt_counts_as_failed_and_late_success_cancels_the_retry(ledger
     assert ledger.claim(["a"], 2, lease_s=10, sent_at_s=0) == []
     # "b"'s failure arriving late changes nothing: the sweeper already decided.
     assert finish(ledger, "b", 1, Outcome.FAIL) == ""
+
+
+def test_a_claim_has_one_lease_which_its_finishes_and_parks_count_down(ledger: Ledger) -> None:
+    """No due entry per claimed event: the claim's lease (P leases, P lease:<token>) holds
+    its ids and how many attempts are open; the finish and park scripts count it down and
+    drop it at 0; what is left of it when its lease passes, the sweeper ends (lost)."""
+    ledger.accept([event(i) for i in ("l1", "l2", "l3")], redeliver_after_s=30, shared_queue="q", **TTL)
+    token = "ef" * 8
+    assert len(ledger.claim_shared("q", 0, 3, lease_s=30, sent_at_s=0, token=token)) == 3
+    assert ledger.client.zcard("cgrid:due") == 0
+    assert ledger.client.hget(f"cgrid:lease:{token}", "open") == b"3"
+    finish(ledger, "l1", 1, Outcome.OK)
+    assert ledger.client.hget(f"cgrid:lease:{token}", "open") == b"2"
+    ledger.park([Park("l2", 1, time.time(), "b1", WaitReason.PAUSED, token)])
+    assert ledger.client.hget(f"cgrid:lease:{token}", "open") == b"1"
+    assert finish(ledger, "l3", 1, Outcome.FAIL, delay_s=60.0) == "retry_scheduled"
+    assert not ledger.client.exists(f"cgrid:lease:{token}") and ledger.client.zcard("cgrid:leases") == 0
+    assert ledger.client.zrange("cgrid:due", 0, -1) == [b"l3"]  # its retry's time
+    assert finish(ledger, "l1", 1, Outcome.OK) == ""  # written again: counts nothing
+
+
+def test_a_claim_whose_lease_passed_with_attempts_open_has_them_lost(ledger: Ledger) -> None:
+    sweep = dict(limit=100, redeliver_after_s=30, retry_delay_s=60, report_ttl_s=3600, routing=Q)
+    ledger.accept([event(i) for i in ("m1", "m2")], redeliver_after_s=30, shared_queue="q", **TTL)
+    token = "aa" * 8
+    assert len(ledger.claim_shared("q", 0, 2, lease_s=0.05, sent_at_s=0, token=token)) == 2
+    finish(ledger, "m1", 1, Outcome.OK)
+    assert ledger.sweep(**sweep)[1:] == ({}, {})  # the lease runs
+    assert (ledger.record("m2") or {})["state"] == "pending"
+    time.sleep(0.1)
+    ledger.sweep(**sweep)
+    m1, m2 = ledger.record("m1"), ledger.record("m2")
+    assert m1 is not None and m1["state"] == "delivered"
+    assert m2 is not None and m2["state"] == "retry_scheduled" and m2["attempts"][0]["error"] == "lost"
+    assert not ledger.client.exists(f"cgrid:lease:{token}") and ledger.client.zcard("cgrid:leases") == 0
+
+
+def test_an_event_due_for_its_trigger_and_claimed_under_a_running_lease_is_not_lost(ledger: Ledger) -> None:
+    """Ids sent in the trigger: the event is due for the sweeper's look after
+    redeliver_after_s, which may come before its claim's lease ends: then it is looked at
+    again at the lease's end, not taken for lost; its finish takes it off the due set."""
+    sweep = dict(limit=100, redeliver_after_s=0.05, retry_delay_s=60, report_ttl_s=3600, routing=Q)
+    ledger.accept([event("n1")], redeliver_after_s=0.05, **TTL)
+    token = "bb" * 8
+    assert len(ledger.claim(["n1"], 1, lease_s=30, sent_at_s=0, token=token)) == 1
+    time.sleep(0.1)
+    ledger.sweep(**sweep)
+    record = ledger.record("n1")
+    assert record is not None and record["state"] == "pending" and record["attempts"] == []
+    lease_end = float(ledger.client.zscore("cgrid:leases", token) or 0)
+    assert ledger.client.zscore("cgrid:due", "n1") == pytest.approx(lease_end)
+    assert finish(ledger, "n1", 1, Outcome.OK) == "delivered"
+    assert ledger.client.zcard("cgrid:due") == 0 and ledger.client.zcard("cgrid:leases") == 0
 
 
 def test_lost_retry_is_final(ledger: Ledger) -> None:
@@ -474,19 +527,20 @@ def test_a_shared_claim_sent_again_takes_the_same_ids(ledger: Ledger) -> None:
 
 def test_an_event_waiting_for_a_shared_trigger_is_in_its_list_not_the_due_set(ledger: Ledger) -> None:
     """The pending list is where the sweeper looks for it (no due entry, no sent_at: a write
-    each spared per event); the backlog counts it from the list; its claim puts it in the due
-    set for its lease, so a killed worker's attempt is found as before."""
+    each spared per event); its claim puts it under the claim's lease, not in the due set;
+    the backlog counts both."""
     ledger.accept([event("d1"), event("d2")], redeliver_after_s=30, shared_queue="q", **TTL)
     ledger.accept([event("i1")], redeliver_after_s=30, **TTL)  # ids sent in the trigger: due
-    due = ledger.client.zrange("cgrid:due", 0, -1)
-    assert due == [b"i1"]
+    assert ledger.client.zrange("cgrid:due", 0, -1) == [b"i1"]
     assert "sent_at" not in (ledger.record("d1") or {})
-    assert ledger.backlog(["q"]) == (3, {})
-    assert ledger.backlog() == (1, {})
-    claimed = ledger.claim_shared("q", 0, 1, lease_s=10, sent_at_s=0)
+    assert ledger.backlog() == (3, {})
+    token = "cd" * 8
+    claimed = ledger.claim_shared("q", 0, 1, lease_s=10, sent_at_s=0, token=token)
     assert [i for i, _ in claimed] == ["d1"]
-    assert sorted(ledger.client.zrange("cgrid:due", 0, -1)) == [b"d1", b"i1"]
-    assert ledger.backlog(["q"]) == (3, {})  # d1 in flight, d2 waiting, i1 queued
+    assert ledger.client.zrange("cgrid:due", 0, -1) == [b"i1"]
+    assert ledger.client.zrange("cgrid:leases", 0, -1) == [token.encode()]
+    assert ledger.client.hgetall(f"cgrid:lease:{token}") == {b"ids": b"d1", b"open": b"1"}
+    assert ledger.backlog() == (3, {})  # d1 in flight, d2 waiting, i1 queued
 
 
 def test_a_shared_trigger_lost_on_its_way_is_asked_for_again_after_its_hold(ledger: Ledger) -> None:

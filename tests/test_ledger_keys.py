@@ -40,11 +40,11 @@ FAMILIES = {
     "pulled:<token>": r"pulled:[0-9a-f]{16,64}",
     "pending:<queue>": rf"pending:{QUEUE_NAME.pattern}",
     "trigger:<queue>": rf"trigger:{QUEUE_NAME.pattern}",
-    "taken:<token>": r"taken:[0-9a-f]{16,64}",
+    "lease:<token>": r"lease:[0-9a-f]{16,64}",
 }
 # ... and the fixed keys, which none of those patterns may reach.
-FIXED = ("due", "report:days", "idx:parked-activity", "poison", "poison:count", "archive", "archive:format",
-         "archive:records", "wait-mark")
+FIXED = ("due", "leases", "report:days", "idx:parked-activity", "poison", "poison:count", "archive",
+         "archive:format", "archive:records", "wait-mark")
 LEGACY = ("parked:activity",)  # the index's former name: the sweep only moves entries out of it
 
 

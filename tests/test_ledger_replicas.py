@@ -99,11 +99,12 @@ def test_a_new_primary_gets_what_it_lacks_and_a_late_success_cancels_the_retry(p
     answering now. One whose attempt is still claimed there is simply written; one whose
     attempt the sweeper has meanwhile counted lost (its retry scheduled) is a late success:
     delivered, and no retry. A kept park takes back the claim it was made for."""
-    stamp = claimed(primary, "still-claimed", "counted-lost", "to-park")
+    stamp = claimed(primary, "still-claimed", "to-park")
+    lost_stamp = claimed(primary, "counted-lost")
     plain = Ledger(client_of(primary))
     client_of(primary).hset("cgrid:ev:counted-lost", "claimed_at", "0")
-    plain.client.zadd("cgrid:due", {"counted-lost": 0})
-    plain.sweep(**SWEEP)  # its lease has passed: lost, retry scheduled
+    plain.client.zadd("cgrid:leases", {lost_stamp: 0})
+    plain.sweep(**SWEEP)  # its claim's lease has passed: lost, retry scheduled
     assert (plain.record("counted-lost") or {})["state"] == "retry_scheduled"
     ledger = Ledger(client_of(primary), wait_replicas=1, wait_timeout_ms=100)
     kept = [(1, Park("to-park", 1, time.time(), "b1", claim_stamp=stamp), "old-primary"),

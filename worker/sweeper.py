@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection
 
 import redis
 from celery import Celery
@@ -33,13 +32,12 @@ SWEEP_LIMIT = 2000
 BACKLOG_GAUGES_S = 5.0  # how often the backlog gauges are read from Redis (metrics on)
 
 
-def backlog_gauges(ledger: Ledger, shown: set[str] | None = None, queues: Collection[str] = ()) -> set[str]:
-    """Events accepted and not yet final: due (with those waiting in the pending lists of
-    ``queues``), parked per buyer, open per kind; final records not yet archived; Redis's
-    memory against its maxmemory. ``shown``: the buyer labels the last call set, which read 0
-    once their buyer has nothing parked; returns this call's (buyer labels are bounded:
-    cgrid/metrics.py)."""
-    due, parked = ledger.backlog(queues)
+def backlog_gauges(ledger: Ledger, shown: set[str] | None = None) -> set[str]:
+    """Events accepted and not yet final: due (queued, in flight, retry waiting), parked per
+    buyer, open per kind; final records not yet archived; Redis's memory against its
+    maxmemory. ``shown``: the buyer labels the last call set, which read 0 once their buyer
+    has nothing parked; returns this call's (buyer labels are bounded: cgrid/metrics.py)."""
+    due, parked = ledger.backlog()
     metrics.M.due.set(due)
     per_label: dict[str, int] = {}
     for buyer, count in parked.items():
@@ -198,7 +196,7 @@ class Sweeper:
                 sent = sweep_once(self.app, self.ledger, self.settings, paused, delays, self.broker, self._stalls)
                 if metrics.ENABLED and time.monotonic() >= self._next_backlog_gauges:
                     self._next_backlog_gauges = time.monotonic() + BACKLOG_GAUGES_S
-                    self._parked_labels = backlog_gauges(self.ledger, self._parked_labels, self.settings.routing.queues)
+                    self._parked_labels = backlog_gauges(self.ledger, self._parked_labels)
                 pause_s = 0.0 if sent >= SWEEP_LIMIT else self.settings.sweep_interval_s
             except (redis.RedisError, OSError, OperationalError) as e:
                 # Redis away, or an error reply (full, a replica ...): kombu wraps a failed

@@ -5,10 +5,11 @@ is one Lua script, so it is atomic however many workers, duplicate messages or s
 race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 
 - ``P ev:<id>``        hash: event JSON, state, attempts ``a1``/``a2``, claim bookkeeping
-- ``P due``            sorted set: id -> when the sweeper must look at it next (claimed
-                       attempts: their lease's end; retries: their time; events whose
-                       trigger carries their id: when it may be lost. An event waiting in a
-                       pending list is not in it: the sweeper watches the lists)
+- ``P due``            sorted set: id -> when the sweeper must look at it next (retries:
+                       their time; events whose trigger carries their id: when it may be
+                       lost; attempts a pull claimed: their lease's end. An event waiting in
+                       a pending list is not in it, the sweeper watches the lists; nor is
+                       an attempt claimed under a lease, ``P leases``)
 - ``P report:<day>``   hash: ``<buyer>\t<counter>`` -> count, per UTC day of ``created_at``
 - ``P report:days``    sorted set of days that have counters
 - ``P watermark:<queue>`` newest ``sent_at`` of any trigger a worker has started from that
@@ -21,8 +22,13 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
                        (a publisher's, or one a claim sent on: worker/batch.py)
 - ``P trigger:<queue>``  a shared trigger of that queue is on its way (for
                        ``SHARED_TRIGGER_HOLD_MS`` at most): accepts add ids and send none
-- ``P taken:<token>``  the ids one shared trigger's claim took, for its lease (a claim sent
-                       again after a lost reply takes them again)
+- ``P leases``         sorted set: claim token -> when its lease ends (one per claim, not
+                       per event: the sweeper ends a claim whose lease passed with
+                       attempts still open)
+- ``P lease:<token>``  hash: ``ids`` the ids one claim took (a shared trigger's claim: all
+                       it took from the list, so a claim sent again after a lost reply
+                       takes them again), ``open`` how many of its attempts are not yet
+                       finished or handed back (at 0 both keys go)
 - ``P idx:parked-activity`` sorted set: buyer -> when its parked set was last touched
 - ``P failed:<day>:<buyer>`` set of the ids that ended ``failed``, for replay
 - ``P open:<kind>``      events accepted and not yet final, per kind (the backlog)
@@ -38,7 +44,7 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 
 No id can forge a key: each family starts with its own word, ids and buyers come last (a
 day is always YYYY-MM-DD, without ':'), queue names have no ':', and the fixed keys (``due``,
-``report:days``, ``idx:parked-activity``, ``poison``, ``poison:count``, ``archive``,
+``leases``, ``report:days``, ``idx:parked-activity``, ``poison``, ``poison:count``, ``archive``,
 ``archive:format``, ``archive:records``) are out of every family's reach
 (``tests/test_ledger_keys.py``). The index of parked sets was ``parked:activity`` before,
 the parked set of a buyer named ``activity``: the sweep moves what it finds there
@@ -251,8 +257,18 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
+_DAYS: dict[int, str] = {}  # UTC day number -> its text (day_of runs per event: strftime is ~1 µs)
+
+
 def day_of(created_at_s: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(created_at_s))
+    """The UTC day (YYYY-MM-DD) of a ``created_at``: the report's day."""
+    day = int(created_at_s // 86400)
+    text = _DAYS.get(day)
+    if text is None:
+        if len(_DAYS) > 1000:
+            _DAYS.clear()
+        text = _DAYS[day] = time.strftime("%Y-%m-%d", time.gmtime(day * 86400))
+    return text
 
 
 def _json_ascii_id(text: str) -> str:
@@ -724,21 +740,19 @@ class Ledger:
         values = self.client.mget([f"{self.prefix}open:nurl", f"{self.prefix}open:burl"])
         return {"nurl": int(values[0] or 0), "burl": int(values[1] or 0)}
 
-    def backlog(self, queues: Collection[str] = ()) -> tuple[int, dict[str, int]]:
-        """Events queued, in flight or waiting for their retry (the due set, and the pending
-        lists of ``queues``: events that wait for a shared trigger are in no due set), and
-        parked per buyer."""
+    def backlog(self) -> tuple[int, dict[str, int]]:
+        """Events queued, in flight or waiting for their retry, and parked per buyer. The
+        first is the open events (``P open:<kind>``) less the parked ones: an event waiting
+        in a pending list or claimed under a lease is in no due set."""
         buyers = [_text(b) for b in self.client.zrange(self.prefix + "idx:parked-activity", 0, -1)]
         pipe = self.client.pipeline(transaction=False)
-        pipe.zcard(self.prefix + "due")
-        for queue in queues:
-            pipe.llen(f"{self.prefix}pending:{queue}")
+        pipe.get(f"{self.prefix}open:nurl")  # (GETs: a cluster's pipeline takes no MGET)
+        pipe.get(f"{self.prefix}open:burl")
         for buyer in buyers:
             pipe.zcard(self.prefix + "parked:" + buyer)
-        replies = pipe.execute()
-        due = sum(int(n) for n in replies[:1 + len(queues)])
-        parked = replies[1 + len(queues):]
-        return due, dict(zip(buyers, map(int, parked), strict=True))
+        nurl, burl, *parked = pipe.execute()
+        counts = list(map(int, parked))
+        return max(0, int(nurl or 0) + int(burl or 0) - sum(counts)), dict(zip(buyers, counts, strict=True))
 
     def archive_backlog(self) -> tuple[int, float] | None:
         """Final records not yet archived and the age in seconds of the oldest (by its entry

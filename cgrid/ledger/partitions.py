@@ -262,11 +262,11 @@ class PartitionedLedger(Ledger):
                 total[kind] += count
         return total
 
-    def backlog(self, queues: Collection[str] = ()) -> tuple[int, dict[str, int]]:
+    def backlog(self) -> tuple[int, dict[str, int]]:
         due_total = 0
         parked_total: dict[str, int] = {}
         for part in self.parts:
-            due, parked = part.backlog(queues)
+            due, parked = part.backlog()
             due_total += due
             for buyer, count in parked.items():
                 parked_total[buyer] = parked_total.get(buyer, 0) + count

@@ -1,8 +1,8 @@
 #!lua flags=allow-oom
 -- claim: claims attempt n of each id that may have it. This is the one-retry guard:
 -- attempt n of an event can be claimed once, attempt 2 only after attempt 1 failed.
--- KEYS:  none (key names are built from the prefix: ev:<id>, due, watermark:<queue>,
---        parked:<buyer>, pending:<queue>, trigger:<queue>, taken:<token>)
+-- KEYS:  none (key names are built from the prefix: ev:<id>, watermark:<queue>,
+--        parked:<buyer>, pending:<queue>, trigger:<queue>, leases, lease:<token>)
 -- ARGV:  prefix, attempt n, lease_s, sent_at (of the trigger, by this clock), the queue the
 --        trigger came from, this claim's token (random, made by the caller), then the ids;
 --        or, for a shared trigger, '' then how many ids to take from P pending:<queue> and
@@ -11,9 +11,13 @@
 --        many ids stay in P pending:<queue> (0 for ids given), then the claimed events'
 --        buyers that have parked events
 -- A claim sent again with the same token (its reply was lost: redis-py or ride_out_redis
--- sent it again) gets the events it had claimed again, with those it can claim now. A
--- shared trigger's claim keeps the ids it took under P taken:<token> for its lease, so that
--- one sent again takes the same ids, not new ones.
+-- sent it again) gets the events it had claimed again, with those it can claim now.
+-- The lease: one per claim, not one per event. The claim's ids (a shared trigger's: all it
+-- took from the list, so that one sent again takes the same ids, not new ones) and how many
+-- of its attempts are open go in P lease:<token>, its end in P leases; the finish and park
+-- scripts count the attempts down and drop both at 0; the sweeper ends a claim whose lease
+-- passed with attempts still open (their worker is gone). No due entry per event: a ZADD at
+-- the claim and a ZREM at the finish were a tenth of Redis's work per event.
 -- When ids stay in the list, the caller sends the shared trigger on (P trigger:<queue> is
 -- set again for that); the claim that leaves it empty deletes P trigger:<queue>, so the next
 -- accept asks for a new trigger.
@@ -27,15 +31,16 @@ if sent_at > wm then
   if sent_at > now then redis.call('SET', wm_key, now_text) else redis.call('SET', wm_key, ARGV[4]) end
 end
 local ids, left = {}, 0
+local lease_key = prefix .. 'lease:' .. token
+local ids_text = nil  -- the ids this claim keeps under its lease (a shared claim's: all it took)
 if ARGV[7] == '' then
   local pending, flag = prefix .. 'pending:' .. ARGV[5], prefix .. 'trigger:' .. ARGV[5]
-  local taken = prefix .. 'taken:' .. token
-  local before = redis.call('GET', taken)  -- (ids are printable ASCII: a newline parts them)
+  local before = redis.call('HGET', lease_key, 'ids')  -- (ids are printable ASCII: a newline parts them)
   if before then
     for id in string.gmatch(before, '[^\n]+') do ids[#ids + 1] = id end
   else
     ids = redis.call('LPOP', pending, tonumber(ARGV[8])) or {}
-    if #ids > 0 then redis.call('SET', taken, table.concat(ids, '\n'), 'PX', math.ceil(lease * 1000)) end
+    if #ids > 0 then ids_text = table.concat(ids, '\n') end
   end
   left = redis.call('LLEN', pending)
   if left > 0 then redis.call('SET', flag, now_text, 'PX', ARGV[9]) else redis.call('DEL', flag) end
@@ -44,6 +49,7 @@ else
 end
 local out = {}
 local seen, parked = {}, {}
+local new_claims, mine = 0, {}
 for _, id in ipairs(ids) do
   local key = prefix .. 'ev:' .. id
   -- (a retry's claim also reads a2 and retry_at; the claim's token is read only when needed)
@@ -67,8 +73,11 @@ for _, id in ipairs(ids) do
     ok, again = true, true  -- this claim's own, sent again: its lease starts now
   end
   if ok then
-    if not again then redis.call('HSET', key, 'claim', n_text, 'claimed_at', now_text, 'claim_id', token) end
-    redis.call('ZADD', prefix .. 'due', lease_end, id)
+    if not again then
+      redis.call('HSET', key, 'claim', n_text, 'claimed_at', now_text, 'claim_id', token)
+      new_claims = new_claims + 1
+    end
+    mine[#mine + 1] = id
     out[#out + 1] = id
     out[#out + 1] = rec[4]
     local buyer = rec[6]
@@ -77,6 +86,14 @@ for _, id in ipairs(ids) do
       if redis.call('EXISTS', prefix .. 'parked:' .. buyer) == 1 then parked[#parked + 1] = buyer end
     end
   end
+end
+-- The lease (for all this claim's attempts: those claimed again restart it too).
+if ids_text or #mine > 0 then
+  if new_claims > 0 or ids_text then
+    redis.call('HSET', lease_key, 'ids', ids_text or table.concat(mine, '\n'))
+  end
+  if new_claims > 0 then redis.call('HINCRBY', lease_key, 'open', new_claims) end
+  redis.call('ZADD', prefix .. 'leases', lease_end, token)
 end
 -- Then this claim's stamp (its token: a park must show it, see park.lua), and the claimed
 -- events' buyers that have parked events: their lanes must pull them (a worker that parked

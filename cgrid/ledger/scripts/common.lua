@@ -128,9 +128,14 @@ local function slim_event(text, keep_call)
 end
 -- An event became final: it leaves the backlog, and its claim bookkeeping goes (a final
 -- record needs none of it: 71 bytes of its ~600 in Redis).
-local function closed(key, kind)
+local function closed(key, kind, only_claim)
   opened(kind, -1)
-  redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id', 'sent_at', 'retry_at')
+  if only_claim then  -- (the caller knows the record has no sent_at nor retry_at: a field
+    -- the hash lacks costs HDEL a search of the whole record)
+    redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id')
+  else
+    redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id', 'sent_at', 'retry_at')
+  end
 end
 -- The final record's event made from the event's text (nil: none), and whether that text
 -- is readable JSON (an unreadable one is kept as it is).

@@ -1,7 +1,7 @@
 #!lua flags=allow-oom
 -- finish: writes the outcomes of claimed attempts of one attempt number.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, report:<day>,
---        failed:<day>:<buyer>, open:<kind>, archive)
+--        failed:<day>:<buyer>, open:<kind>, archive, leases, lease:<token>)
 -- A success that arrives after the sweeper gave its attempt up for lost still counts: a
 -- first attempt's cancels the retry; a retry's turns `failed` into `delivered`.
 -- ARGV:  prefix, attempt n, ledger_ttl, report_ttl, retry_delay, then per event: id, outcome,
@@ -15,6 +15,17 @@ local default_delay = tonumber(ARGV[5])
 local ttl_text = num_text(ttl)
 local due = prefix .. 'due'
 local out = {}
+-- Claims under a lease (claim.lua): the attempts this ends, per claim, are counted off it.
+local leased, ended = {}, {}
+local function under_lease(token)
+  if not token then return false end
+  local known = leased[token]
+  if known == nil then
+    known = redis.call('EXISTS', prefix .. 'lease:' .. token) == 1
+    leased[token] = known
+  end
+  return known
+end
 -- Per event: one HMGET reads all the script needs (the archive line too), one HSET writes
 -- the new fields.
 for i = 6, #ARGV, 8 do
@@ -23,14 +34,21 @@ for i = 6, #ARGV, 8 do
   local bucket, final_event, line_parts = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2', 'kind', 'accepted_at',
-    'reason')
+    'reason', 'claim_id', 'sent_at')
   local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
   local new, was_final = '', false
   local akey = 'a' .. n
   local attempts = {rec[5], rec[6]}  -- as the record holds them once this is written
   local written = nil  -- the attempt this writes, if any
   local new_reason = nil  -- the reason this writes, if any
+  -- Its due entry: one made at the accept or by the sweeper (sent_at), or its claim's own
+  -- when the claim has no lease (a pull, or a worker of an earlier version).
+  local in_due = true
   if claim == n then
+    if under_lease(rec[10]) then
+      ended[rec[10]] = (ended[rec[10]] or 0) + 1
+      in_due = rec[11] ~= false  -- (a field the hash lacks reads false)
+    end
     if attempt ~= '' then written = attempt end
     if outcome == 'ok' or outcome == 'unexpected' then
       new = 'delivered'
@@ -100,8 +118,9 @@ for i = 6, #ARGV, 8 do
         fields[#fields + 1] = event
       end
       redis.call('HSET', key, unpack(fields))
-      redis.call('ZREM', due, id)
-      if not was_final then closed(key, rec[7]) end
+      if in_due then redis.call('ZREM', due, id) end
+      -- (a first attempt claimed when pending, under a lease: no sent_at, no retry_at)
+      if not was_final then closed(key, rec[7], n == 1 and state == 'pending' and not rec[11]) end
       redis.call('EXPIRE', key, ttl_text)
       -- The worker's line is for a first attempt delivered as it claimed it, the record
       -- holding no reason and an acceptance time; any other line is made here.
@@ -115,6 +134,13 @@ for i = 6, #ARGV, 8 do
     end
   end
   out[#out + 1] = new
+end
+for token, count in pairs(ended) do
+  local lease_key = prefix .. 'lease:' .. token
+  if redis.call('HINCRBY', lease_key, 'open', -count) <= 0 then
+    redis.call('DEL', lease_key)
+    redis.call('ZREM', prefix .. 'leases', token)
+  end
 end
 write_bumps()
 return out

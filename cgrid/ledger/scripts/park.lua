@@ -2,12 +2,13 @@
 -- park: hands claimed attempts back unstarted: the claim is released, no attempt is
 -- recorded, and the event waits in its buyer's parked set.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, parked:<buyer>,
---        idx:parked-activity)
+--        idx:parked-activity, leases, lease:<token>)
 -- ARGV:  prefix, then per event: id, attempt n, created_at, buyer, reason, the claim's stamp
 --        (its token, from claim.lua or pull.lua; '' = any claim of attempt n)
 -- Reply: per event, 1 (parked) or 0 (not ours)
 local out = {}
 local touched = {}  -- the buyers whose parked sets this touched: indexed once each, at the end
+local ended = {}  -- per claim, the attempts handed back (counted off its lease, claim.lua)
 for i = 2, #ARGV, 6 do
   local id, n, buyer, reason, stamp = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local key = prefix .. 'ev:' .. id
@@ -15,6 +16,7 @@ for i = 2, #ARGV, 6 do
   -- Only the claim this park was made for: a park sent again after a lost reply must not
   -- take back the claim of the process that has pulled the event since.
   if tonumber(rec[1] or '0') == n and (stamp == '' or rec[2] == stamp) then
+    if rec[2] then ended[rec[2]] = (ended[rec[2]] or 0) + 1 end
     redis.call('HSET', key, 'claim', 0, 'wait', reason, 'waiting_since', now_text)
     redis.call('HDEL', key, 'claim_id')
     redis.call('ZREM', prefix .. 'due', id)
@@ -26,4 +28,11 @@ for i = 2, #ARGV, 6 do
   end
 end
 for buyer in pairs(touched) do redis.call('ZADD', prefix .. 'idx:parked-activity', now, buyer) end
+for token, count in pairs(ended) do
+  local lease_key = prefix .. 'lease:' .. token
+  if redis.call('EXISTS', lease_key) == 1 and redis.call('HINCRBY', lease_key, 'open', -count) <= 0 then
+    redis.call('DEL', lease_key)
+    redis.call('ZREM', prefix .. 'leases', token)
+  end
+end
 return out

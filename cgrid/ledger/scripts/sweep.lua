@@ -3,8 +3,11 @@
 -- due retries and lost triggers are sent), and at parked sets no worker has touched for
 -- revive_after (their workers are gone): a few of those are sent again as triggers. A paused
 -- buyer's parked events are left alone, but those past its maximum age end `expired`.
+-- sweep: also ends the claims whose lease passed with attempts still open (leases,
+-- claim.lua): their workers are gone, and those attempts count as lost.
 -- KEYS:  none (key names are built from the prefix: due, ev:<id>, parked:<buyer>,
---        idx:parked-activity, watermark:<queue>, report:<day>, failed:<day>:<buyer>, archive;
+--        idx:parked-activity, watermark:<queue>, report:<day>, failed:<day>:<buyer>, archive,
+--        leases, lease:<token>;
 --        and parked:activity, the index's former name (its entries are moved here as found);
 --        the broker's queues are not read here: they may live on another Redis)
 -- ARGV:  prefix, limit, redeliver_after, retry_delay, report_ttl, deliver queue,
@@ -81,34 +84,63 @@ for i = delays_at + 1 + 2 * n_delays, #ARGV, 2 do
   end
 end
 local due = prefix .. 'due'
+local leases = prefix .. 'leases'
+-- The attempt was claimed but never finished in its lease: its worker died. It counts as a
+-- failed attempt (SPEC §5). rec: state, claim, claimed_at, sent_at, day, buyer, event, kind.
+local function lost_attempt(key, id, rec, claim)
+  local lost = '{"n":' .. claim .. ',"started_at":' .. (rec[3] or '0') ..
+    ',"ms":null,"status":null,"error":"lost"}'
+  redis.call('HSET', key, 'a' .. claim, lost, 'claim', 0)
+  if claim == 1 then
+    local retry_at = now + (own_delay[rec[6]] or delay)  -- the buyer's retry delay, if it has one
+    redis.call('HSET', key, 'state', 'retry_scheduled', 'retry_at', stamp(retry_at))
+    redis.call('HDEL', key, 'sent_at')
+    redis.call('ZADD', due, retry_at, id)
+  else
+    redis.call('HSET', key, 'state', 'failed')
+    redis.call('ZREM', due, id)
+    closed(key, rec[8])
+    local _, readable = finalize(key, rec[7], 'failed')
+    redis.call('EXPIRE', key, ledger_ttl)
+    bump(rec[5], rec[6], 'failed', report_ttl)
+    note_failed(rec[5], rec[6], id, ledger_ttl)
+    archive(key, id, 'failed', readable)
+  end
+end
+-- Claims whose lease passed with attempts open: those still theirs are lost.
+for _, token in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit)) do
+  local lease_key = prefix .. 'lease:' .. token
+  for id in string.gmatch(redis.call('HGET', lease_key, 'ids') or '', '[^\n]+') do
+    local key = prefix .. 'ev:' .. id
+    local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event', 'kind',
+      'claim_id')
+    local claim = tonumber(rec[2] or '0')
+    if claim ~= 0 and rec[9] == token and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
+      lost_attempt(key, id, rec, claim)
+    end
+  end
+  redis.call('DEL', lease_key)
+  redis.call('ZREM', leases, token)
+end
 local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do
   local key = prefix .. 'ev:' .. id
-  local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event', 'kind')
+  local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event', 'kind',
+    'claim_id')
   local state, claim = rec[1], tonumber(rec[2] or '0')
+  local lease_end = nil
+  if claim ~= 0 and rec[9] then
+    local score = redis.call('ZSCORE', leases, rec[9])
+    if score then lease_end = tonumber(score) end
+  end
   if not state or (state ~= 'pending' and state ~= 'retry_scheduled') then
     redis.call('ZREM', due, id)
+  elseif claim ~= 0 and lease_end and lease_end > now then
+    -- Claimed under a lease that has not passed (its due entry is from its trigger): looked
+    -- at again when the lease ends.
+    redis.call('ZADD', due, lease_end, id)
   elseif claim ~= 0 then
-    -- The attempt was claimed but never finished in its lease: its worker died. It
-    -- counts as a failed attempt (SPEC §5).
-    local lost = '{"n":' .. claim .. ',"started_at":' .. (rec[3] or '0') ..
-      ',"ms":null,"status":null,"error":"lost"}'
-    redis.call('HSET', key, 'a' .. claim, lost, 'claim', 0)
-    if claim == 1 then
-      local retry_at = now + (own_delay[rec[6]] or delay)  -- the buyer's retry delay, if it has one
-      redis.call('HSET', key, 'state', 'retry_scheduled', 'retry_at', stamp(retry_at))
-      redis.call('HDEL', key, 'sent_at')
-      redis.call('ZADD', due, retry_at, id)
-    else
-      redis.call('HSET', key, 'state', 'failed')
-      redis.call('ZREM', due, id)
-      closed(key, rec[8])
-      local _, readable = finalize(key, rec[7], 'failed')
-      redis.call('EXPIRE', key, ledger_ttl)
-      bump(rec[5], rec[6], 'failed', report_ttl)
-      note_failed(rec[5], rec[6], id, ledger_ttl)
-      archive(key, id, 'failed', readable)
-    end
+    lost_attempt(key, id, rec, claim)
   else
     local sent_at = tonumber(rec[4] or '-1')
     -- A trigger is (re)sent when none was sent yet (a due retry), or when the one sent
