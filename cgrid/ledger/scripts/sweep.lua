@@ -3,8 +3,8 @@
 -- due retries and lost triggers are sent), and at parked sets no worker has touched for
 -- revive_after (their workers are gone): a few of those are sent again as triggers. A paused
 -- buyer's parked events are left alone, but those past its maximum age end `expired`.
--- sweep: also ends the claims whose lease passed with attempts still open (leases,
--- claim.lua): their workers are gone, and those attempts count as lost.
+-- It also ends the claims whose lease passed with attempts still open (leases, claim.lua):
+-- their workers are gone, and those attempts count as lost.
 -- KEYS:  none (key names are built from the prefix: due, ev:<id>, parked:<buyer>,
 --        idx:parked-activity, watermark:<queue>, report:<day>, failed:<day>:<buyer>, archive,
 --        leases, lease:<token>;
