@@ -134,6 +134,24 @@ def test_a_claim_whose_lease_passed_with_attempts_open_has_them_lost(ledger: Led
     assert not ledger.client.exists(f"cgrid:lease:{token}") and ledger.client.zcard("cgrid:leases") == 0
 
 
+def test_a_sweep_ends_passed_leases_a_bounded_number_of_events_at_a_time(ledger: Ledger) -> None:
+    """As for the due set, one sweep looks at about `limit` events of passed leases (a claim
+    whole), so that a fleet that died with many claims in flight does not make one long
+    script; the next sweep takes the rest."""
+    sweep = dict(limit=3, redeliver_after_s=30, retry_delay_s=60, report_ttl_s=3600, routing=Q)
+    ids = [f"p{i}" for i in range(6)]
+    ledger.accept([event(i) for i in ids], redeliver_after_s=30, shared_queue="q", **TTL)
+    for _ in range(3):
+        assert len(ledger.claim_shared("q", 0, 2, lease_s=0.0, sent_at_s=0)) == 2
+    time.sleep(0.01)
+    ledger.sweep(**sweep)
+    lost = [i for i in ids if (ledger.record(i) or {}).get("state") == "retry_scheduled"]
+    assert len(lost) == 4 and ledger.client.zcard("cgrid:leases") == 1
+    ledger.sweep(**sweep)
+    assert all((ledger.record(i) or {}).get("state") == "retry_scheduled" for i in ids)
+    assert ledger.client.zcard("cgrid:leases") == 0
+
+
 def test_an_event_due_for_its_trigger_and_claimed_under_a_running_lease_is_not_lost(ledger: Ledger) -> None:
     """Ids sent in the trigger: the event is due for the sweeper's look after
     redeliver_after_s, which may come before its claim's lease ends: then it is looked at

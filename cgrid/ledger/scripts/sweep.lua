@@ -107,10 +107,15 @@ local function lost_attempt(key, id, rec, claim)
     archive(key, id, 'failed', readable)
   end
 end
--- Claims whose lease passed with attempts open: those still theirs are lost.
+-- Claims whose lease passed with attempts open: those still theirs are lost. (At most
+-- about `limit` events a pass, as for the due set: a claim is taken whole, and the next
+-- pass takes the claims left.)
+local looked_at = 0
 for _, token in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit)) do
+  if looked_at >= limit then break end
   local lease_key = prefix .. 'lease:' .. token
   for id in string.gmatch(redis.call('HGET', lease_key, 'ids') or '', '[^\n]+') do
+    looked_at = looked_at + 1
     local key = prefix .. 'ev:' .. id
     local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event', 'kind',
       'claim_id')
