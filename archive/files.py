@@ -10,13 +10,15 @@ where the day is the UTC day of the event's ``created_at`` (the report's day) an
 is the archiver's (its host name by default): one file per archiver and day, so archivers
 never write the same file. One line per final record (``docs/archive.md``)::
 
-    {"entry": "1764100000000-0", "id": "a1:imp1:burl", "state": "delivered", "day": "2026-11-25",
+    {"entry": "1764100000000-0/0", "id": "a1:imp1:burl", "state": "delivered", "day": "2026-11-25",
      "buyer": "dsp-7", "kind": "burl", "accepted_at": 1764099999.9, "finished_at": 1764100000.1,
      "attempts": [{"n": 1, "started_at": ..., "ms": 41.2, "status": 204, "error": null}],
      "event": {...the final record's event: no user agent, no IP chain; URL and macros
                only for failed events...}}
 
-``entry`` is the stream entry's id: unique per final record, the key to de-duplicate on.
+``entry`` is the stream entry's id and the record's place in it (``<id>/<n>``; an entry of
+the earlier formats holds one record, ``<id>``): unique per final record, the key to
+de-duplicate on.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from cgrid.ledger import PREFIX, json_or_raw
 
 STREAM = "archive"  # the stream's key is the ledger prefix + this
 FORMAT_KEY = "archive:format"  # ledger prefix + this: the entries' format the archivers read
-# A batch entry: `lines` (how many), then each line as a field (its value empty): a script's
-# records in one entry. The formats before: one field, `line`; a field per value (no mark).
+# A batch entry, a script's records in one entry: `lines` = the time they became final, then
+# a field per record, its line (value '') or the worker's two parts of it (value: its
+# accepted_at; cgrid/ledger/scripts/common.lua). The formats before: one field, `line`; a
+# field per value (no mark).
 LINES_FORMAT = "lines"
 GROUP = "archivers"  # the archivers' consumer group
 UNKNOWN_DAY = "unknown-day"  # a record without a readable day (a corrupt one) goes here
@@ -86,17 +90,14 @@ def _float_or_none(text: str) -> float | None:
 
 
 LINE_FIELD = b"line"  # an entry's one field: its line without the entry id (the ledger scripts make it)
-LINES_FIELD = b"lines"  # a batch entry's first field: how many lines follow (each a field)
+LINES_FIELD = b"lines"  # a batch entry's first field (its value: when its records became final)
 _LINE_DAY = re.compile(rb',"day":"(\d{4}-\d{2}-\d{2})"')
 
 
 def batch_records(fields: Mapping[Any, Any]) -> int:
     """How many records an entry holds that count in ``P archive:records`` (those of a
     batch entry; 0 for an entry of the earlier formats)."""
-    first = next(iter(fields), None)
-    if first == LINES_FIELD or first == "lines":
-        return len(fields) - 1
-    return 0
+    return len(fields) - 1 if next(iter(fields), None) in (LINES_FIELD, "lines") else 0
 
 
 def _bytes(value: Any) -> bytes:
