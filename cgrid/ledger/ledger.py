@@ -257,6 +257,7 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
+_encode_json_string: Callable[[str], str] = json.encoder.encode_basestring  # (C; as cgrid/event.py writes strings)
 _DAYS: dict[int, str] = {}  # UTC day number -> its text (day_of runs per event: strftime is ~1 µs)
 
 
@@ -271,19 +272,16 @@ def day_of(created_at_s: float) -> str:
     return text
 
 
-def _json_ascii_id(text: str) -> str:
-    # (ids and buyers are printable ASCII, cgrid/event.py: only a quote or a backslash is escaped)
-    return f'"{text}"' if '"' not in text and "\\" not in text else json.dumps(text)
-
-
 def delivered_line_parts(event_id: str, day: str, buyer: str, kind: str, attempt_json: str, final_event: str) -> str:
     """The archive line of an event whose first attempt delivered it, made by the worker
     (the finish script uses it as it is, sparing Redis the string work): the part before
     ``accepted_at`` and the part after ``finished_at``, a newline between them (neither
     holds one). The archiver puts the record's two times between them (archive/files.py);
-    the line is byte for byte the one the script would make."""
-    return (f'"id":{_json_ascii_id(event_id)},"state":"delivered","day":"{day}","buyer":{_json_ascii_id(buyer)},'
-            f'"kind":"{kind}"\n"attempts":[{attempt_json}],"event":{final_event}}}')
+    the record is the one the script would make (the same JSON; ids and buyers are printable
+    ASCII, escaped here as cgrid/event.py escapes them)."""
+    return (f'"id":{_encode_json_string(event_id)},"state":"delivered","day":"{day}",'
+            f'"buyer":{_encode_json_string(buyer)},"kind":"{kind}"\n"attempts":[{attempt_json}],'
+            f'"event":{final_event}}}')
 
 
 class Ledger:
@@ -746,13 +744,10 @@ class Ledger:
         in a pending list or claimed under a lease is in no due set."""
         buyers = [_text(b) for b in self.client.zrange(self.prefix + "idx:parked-activity", 0, -1)]
         pipe = self.client.pipeline(transaction=False)
-        pipe.get(f"{self.prefix}open:nurl")  # (GETs: a cluster's pipeline takes no MGET)
-        pipe.get(f"{self.prefix}open:burl")
         for buyer in buyers:
             pipe.zcard(self.prefix + "parked:" + buyer)
-        nurl, burl, *parked = pipe.execute()
-        counts = list(map(int, parked))
-        return max(0, int(nurl or 0) + int(burl or 0) - sum(counts)), dict(zip(buyers, counts, strict=True))
+        counts = list(map(int, pipe.execute()))
+        return max(0, sum(self.open_events().values()) - sum(counts)), dict(zip(buyers, counts, strict=True))
 
     def archive_backlog(self) -> tuple[int, float] | None:
         """Final records not yet archived and the age in seconds of the oldest (by its entry

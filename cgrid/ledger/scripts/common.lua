@@ -137,6 +137,18 @@ local function closed(key, kind, only_claim)
     redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id', 'sent_at', 'retry_at')
   end
 end
+-- Claims under a lease (claim.lua): counts the attempts a script ended or handed back, per
+-- claim (token -> how many), off its lease; a lease with none open goes. ``known``: every
+-- token is known to have a lease (else one without is skipped: a pull's, or an old claim's).
+local function count_off_leases(ended, known)
+  for token, count in pairs(ended) do
+    local lease_key = prefix .. 'lease:' .. token
+    if (known or redis.call('EXISTS', lease_key) == 1) and redis.call('HINCRBY', lease_key, 'open', -count) <= 0 then
+      redis.call('DEL', lease_key)
+      redis.call('ZREM', prefix .. 'leases', token)
+    end
+  end
+end
 -- The final record's event made from the event's text (nil: none), and whether that text
 -- is readable JSON (an unreadable one is kept as it is).
 local function final_event_of(event_text, state)

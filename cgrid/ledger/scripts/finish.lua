@@ -135,12 +135,6 @@ for i = 6, #ARGV, 8 do
   end
   out[#out + 1] = new
 end
-for token, count in pairs(ended) do
-  local lease_key = prefix .. 'lease:' .. token
-  if redis.call('HINCRBY', lease_key, 'open', -count) <= 0 then
-    redis.call('DEL', lease_key)
-    redis.call('ZREM', prefix .. 'leases', token)
-  end
-end
+count_off_leases(ended, true)
 write_bumps()
 return out

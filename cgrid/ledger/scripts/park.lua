@@ -28,11 +28,5 @@ for i = 2, #ARGV, 6 do
   end
 end
 for buyer in pairs(touched) do redis.call('ZADD', prefix .. 'idx:parked-activity', now, buyer) end
-for token, count in pairs(ended) do
-  local lease_key = prefix .. 'lease:' .. token
-  if redis.call('EXISTS', lease_key) == 1 and redis.call('HINCRBY', lease_key, 'open', -count) <= 0 then
-    redis.call('DEL', lease_key)
-    redis.call('ZREM', prefix .. 'leases', token)
-  end
-end
+count_off_leases(ended, false)
 return out
