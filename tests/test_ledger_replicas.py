@@ -145,6 +145,46 @@ def test_a_claim_short_of_replicas_goes_ahead_only_on_a_primary_the_sentinels_vo
     assert ledger.claims_refused == 2
 
 
+def test_a_claim_goes_by_what_the_sentinels_say_after_it_ran_not_by_an_earlier_word(
+    primary: RedisServer, replica: RedisServer
+) -> None:
+    """What the sentinels said is kept half a second, but a claim's call may not go by a word
+    from before the claim: a replica promoted meanwhile lacks the claim (a planned failover
+    made an event's successful call twice: claimed on the replaced primary, and again on the
+    new one). Here the sentinels change their word right after a claim asked them, and the
+    very next claim hears it — with no replica acknowledging (the primary running alone) and
+    with one (a second replica still attached to a primary being replaced)."""
+    plain = Ledger(client_of(primary))
+    plain.accept([event(i) for i in ("alone-1", "alone-2", "acked-1", "acked-2")], redeliver_after_s=30, **TTL)
+    said = {"run_id": run_id(primary), "failover": False}
+    asked = []
+
+    def primary_check() -> tuple[str, bool]:
+        asked.append(time.monotonic())
+        return str(said["run_id"]), bool(said["failover"])
+
+    # No replica acknowledges (it waits for two, and there is one): vouched, the call is made.
+    alone = Ledger(client_of(primary), wait_replicas=2, wait_timeout_ms=100, primary_check=primary_check)
+    assert [i for i, _ in alone.claim(["alone-1"], 1, lease_s=10, sent_at_s=0)] == ["alone-1"]
+    said["run_id"] = "the-new-primary"  # at once: no half second passes
+    with pytest.raises(NotReplicated):
+        alone.claim(["alone-2"], 1, lease_s=10, sent_at_s=0)
+    assert alone.claims_refused == 1
+    # The replica acknowledges the claim, but the sentinels now see a failover.
+    said.update(run_id=run_id(primary), failover=False)
+    acked = Ledger(client_of(primary), wait_replicas=1, wait_timeout_ms=2000, primary_check=primary_check)
+    assert [i for i, _ in acked.claim(["acked-1"], 1, lease_s=10, sent_at_s=0)] == ["acked-1"]
+    said["failover"] = True
+    with pytest.raises(NotReplicated):
+        acked.claim(["acked-2"], 1, lease_s=10, sent_at_s=0)
+    # Outcomes may go by the kept word (they are kept until a replica holds them anyway).
+    before = len(asked)
+    for _ in range(3):
+        with pytest.raises(NotReplicated):
+            acked.finish([ok("acked-1")], 1, retry_delay_s=10, **TTL)
+    assert len(asked) - before <= 1
+
+
 def test_a_replica_acknowledging_does_not_count_while_the_sentinels_see_a_failover(
     primary: RedisServer, replica: RedisServer
 ) -> None:

@@ -543,7 +543,10 @@ class Ledger:
           vouch for — one they have just replaced, which stays writable for seconds and then
           drops what it took — it raises :class:`NotReplicated` (the caller hands the claims
           back uncalled) and the client's connections are dropped, so the next command asks
-          the sentinels for the primary. Without Sentinel it goes ahead.
+          the sentinels for the primary. Without Sentinel it goes ahead. The sentinels' word
+          a claim or a pull goes by (that they vouch for its node, or see no failover when a
+          replica did acknowledge it) is one asked after its reply came: a word kept from
+          before could predate the promotion of a replica that lacks the claim.
 
         WAIT does not return early when replicas are missing: after a shortfall, for
         CLAIM_WAIT_BACKOFF_S, claims, pulls and outcomes do not wait (each would lose the
@@ -567,9 +570,12 @@ class Ledger:
                 # learn the cluster's layout again, so the caller's next try finds the new one.
                 self._let_go()
             raise
+        # A claim's or a pull's call goes by what the sentinels say once it has run (None: an
+        # outcome or an accept, which may go by their word of the last PRIMARY_CHECK_S).
+        asked_after = None if required or kept else time.monotonic()
         result, replicas = replies[0], int(replies[1]) if waits else 0
         node = str(replies[-1].get("run_id", "")) if identify else ""
-        if replicas >= self.wait_replicas and not self._contradicted(node):
+        if replicas >= self.wait_replicas and not self._contradicted(node, asked_after):
             return result
         if required:
             raise NotReplicated(
@@ -581,7 +587,7 @@ class Ledger:
             # rather than each claim, pull and outcome losing the whole timeout.
             self.replica_shortfalls += 1
             self._claims_wait_again_at = time.monotonic() + CLAIM_WAIT_BACKOFF_S
-        vouched = self._vouched(node)
+        vouched = self._vouched(node, asked_after)
         if not vouched:
             self._let_go()  # the next command asks the sentinels
         if kept:
@@ -594,32 +600,35 @@ class Ledger:
                                 "as the primary (a failover under way?)", result)
         return result
 
-    def _sentinels(self) -> tuple[str, bool]:
-        """What the sentinels say of the primary (asked at most every PRIMARY_CHECK_S): the
-        run id they agree on ('' if none), and whether a failover may be under way."""
+    def _sentinels(self, asked_after: float | None = None) -> tuple[str, bool]:
+        """What the sentinels say of the primary: the run id they agree on ('' if none), and
+        whether a failover may be under way. Asked at most every PRIMARY_CHECK_S, and again
+        when what they said was asked before ``asked_after`` (a monotonic time)."""
         asked_at, run_id, failover = self._sentinels_said
-        if self.primary_check is not None and time.monotonic() - asked_at >= PRIMARY_CHECK_S:
+        if self.primary_check is not None and (time.monotonic() - asked_at >= PRIMARY_CHECK_S
+                                               or (asked_after is not None and asked_at < asked_after)):
+            asked_at = time.monotonic()
             try:
                 run_id, failover = self.primary_check()
             except redis.RedisError:
                 run_id, failover = "", False
-            self._sentinels_said = (time.monotonic(), run_id, failover)
+            self._sentinels_said = (asked_at, run_id, failover)
         return run_id, failover
 
-    def _vouched(self, node: str) -> bool:
+    def _vouched(self, node: str, asked_after: float | None = None) -> bool:
         """The sentinels agree that ``node`` (a run id) is the primary (True without Sentinel)."""
         if self.primary_check is None:
             return True
-        run_id, failover = self._sentinels()
+        run_id, failover = self._sentinels(asked_after)
         return not failover and run_id != "" and node == run_id
 
-    def _contradicted(self, node: str) -> bool:
+    def _contradicted(self, node: str, asked_after: float | None = None) -> bool:
         """The sentinels see a failover under way, or another node as the primary: what
         ``node`` took may be dropped even though a replica acknowledged it (a second replica
         still attached to a primary being replaced)."""
         if self.primary_check is None or not node:
             return False
-        run_id, failover = self._sentinels()
+        run_id, failover = self._sentinels(asked_after)
         return failover or (run_id != "" and node != run_id)
 
     def park(self, parks: list[Park]) -> list[bool]:
