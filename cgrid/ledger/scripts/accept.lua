@@ -51,7 +51,7 @@ for i = 8, #ARGV, 5 do
     else
       -- It waits in its queue's pending list, which the sweeper watches (a list without a
       -- trigger on its way gets one: Ledger.orphaned_pending); the claim that takes it puts
-      -- it in the due set for its lease. No sent_at, no due entry: a write each spared.
+      -- it under the claim's lease (claim.lua). No sent_at, no due entry: a write each spared.
       redis.call('HSET', key, 'event', ARGV[i + 3], 'state', 'pending', 'day', day,
         'buyer', buyer, 'kind', kind, 'accepted_at', now_text)
     end
