@@ -33,15 +33,13 @@ from typing import Any
 
 import redis
 
-from cgrid.ledger import PREFIX, json_or_raw
+from cgrid.ledger import ARCHIVE_FORMAT_KEY, ARCHIVE_LINES_FORMAT, PREFIX, json_or_raw
 
 STREAM = "archive"  # the stream's key is the ledger prefix + this
-FORMAT_KEY = "archive:format"  # ledger prefix + this: the entries' format the archivers read
 # A batch entry, a script's records in one entry: `lines` = the time they became final, then
 # a field per record, its line (value '') or the worker's two parts of it (value: its
 # accepted_at; cgrid/ledger/scripts/common.lua). The formats before: one field, `line`; a
-# field per value (no mark).
-LINES_FORMAT = "lines"
+# field per value (no mark). ``P archive:format`` (ARCHIVE_FORMAT_KEY) says which the scripts write.
 GROUP = "archivers"  # the archivers' consumer group
 UNKNOWN_DAY = "unknown-day"  # a record without a readable day (a corrupt one) goes here
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
@@ -66,7 +64,7 @@ def ensure_group(client: redis.Redis, prefix: str = PREFIX) -> None:
         if "BUSYGROUP" not in str(e) and not full_with_group:
             raise
     with contextlib.suppress(redis.exceptions.OutOfMemoryError):  # full: the entries keep the previous format
-        client.set(prefix + FORMAT_KEY, LINES_FORMAT)
+        client.set(prefix + ARCHIVE_FORMAT_KEY, ARCHIVE_LINES_FORMAT)
 
 
 def _group_exists(client: redis.Redis, prefix: str) -> bool:

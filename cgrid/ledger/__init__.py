@@ -2,6 +2,8 @@
 key layout and the typed API; ``scripts/`` one Lua file per operation)."""
 
 from cgrid.ledger.ledger import (
+    ARCHIVE_FORMAT_KEY,
+    ARCHIVE_LINES_FORMAT,
     CLAIM_WAIT_BACKOFF_S,
     LATENCY_BUCKETS_MS,
     NO_BUYER,
@@ -27,8 +29,8 @@ from cgrid.ledger.ledger import (
 )
 
 __all__ = [
-    "CLAIM_WAIT_BACKOFF_S", "LATENCY_BUCKETS_MS", "NO_BUYER", "POISON_COUNT_KEY", "POISON_LIST_KEY", "PREFIX",
-    "TERMINAL_STATES", "WAIT_DETAILS", "Counter", "Finish", "Ledger", "NotReplicated", "Outcome", "Park", "State",
-    "WaitReason", "bucket_percentile", "day_of", "delivered_line_parts", "json_or_raw", "latency_bucket",
-    "new_claim_token",
+    "ARCHIVE_FORMAT_KEY", "ARCHIVE_LINES_FORMAT", "CLAIM_WAIT_BACKOFF_S", "LATENCY_BUCKETS_MS", "NO_BUYER",
+    "POISON_COUNT_KEY", "POISON_LIST_KEY", "PREFIX", "TERMINAL_STATES", "WAIT_DETAILS", "Counter", "Finish", "Ledger",
+    "NotReplicated", "Outcome", "Park", "State", "WaitReason", "bucket_percentile", "day_of", "delivered_line_parts",
+    "json_or_raw", "latency_bucket", "new_claim_token",
 ]

@@ -101,6 +101,11 @@ NO_BUYER = "-"
 # Poisoned messages (worker/poison.py): a capped list of the last ones, and a counter.
 POISON_LIST_KEY = PREFIX + "poison"
 POISON_COUNT_KEY = PREFIX + "poison:count"
+# The archive stream's entries: an archiver that reads batch entries sets P archive:format to
+# `lines` (archive/files.py: ensure_group); the scripts then add one entry per script
+# (common.lua), and the archivers' backlog is counted in P archive:records.
+ARCHIVE_FORMAT_KEY = "archive:format"
+ARCHIVE_LINES_FORMAT = "lines"
 
 
 class NotReplicated(CgridError, redis.RedisError):
@@ -768,7 +773,7 @@ class Ledger:
         pipe.exists(key)
         pipe.xlen(key)
         pipe.xrange(key, count=1)
-        pipe.get(self.prefix + "archive:format")
+        pipe.get(self.prefix + ARCHIVE_FORMAT_KEY)
         pipe.get(self.prefix + "archive:records")
         pipe.time()
         exists, length, first, format_, records, (now_s, now_us) = pipe.execute()
@@ -778,7 +783,7 @@ class Ledger:
         if first:
             entry_ms = int(_text(first[0][0]).split("-")[0])
             oldest_s = max(0.0, int(now_s) + int(now_us) / 1e6 - entry_ms / 1000)
-        if format_ is not None and _text(format_) == "lines":
+        if format_ is not None and _text(format_) == ARCHIVE_LINES_FORMAT:
             # (entries of the earlier formats still waiting are left out: an upgrade's few)
             return max(0, int(records or 0)), oldest_s
         return int(length), oldest_s

@@ -199,7 +199,8 @@ local function archive_enabled()
   end
   return archive_on
 end
--- Adds this script's batch of lines to the stream (write_bumps calls it, at the end).
+-- Adds this script's batch of lines to the stream: the scripts that archive (finish.lua,
+-- sweep.lua) call it at their end.
 local function flush_archive()
   local records = #batch_lines / 2
   if records == 0 then return end
@@ -270,8 +271,9 @@ local function archive(key, id, state, event_readable)
   local r = redis.call('HMGET', key, 'day', 'buyer', 'kind', 'accepted_at', 'a1', 'a2', 'reason', 'event')
   archive_line(id, state, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], event_readable ~= false)
 end
+-- The counters a script summed (open events per kind, report counters per day), written
+-- once at its end. (A script that archives calls flush_archive() first.)
 local function write_bumps()
-  flush_archive()
   for kind, delta in pairs(open_delta) do redis.call('INCRBY', prefix .. 'open:' .. kind, delta) end
   for day, fields in pairs(bumps) do
     local key = prefix .. 'report:' .. day

@@ -136,5 +136,6 @@ for i = 6, #ARGV, 8 do
   out[#out + 1] = new
 end
 count_off_leases(ended, true)
+flush_archive()  -- the archive entry of the records this script made final
 write_bumps()
 return out

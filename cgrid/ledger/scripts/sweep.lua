@@ -198,6 +198,7 @@ for _, buyer in ipairs(redis.call('ZRANGEBYSCORE', activity, '-inf', now - reviv
   end
   end
 end
+flush_archive()  -- the archive entry of the records this script made final
 write_bumps()
 local out = {now_text, #sections}
 for _, section in ipairs(sections) do
