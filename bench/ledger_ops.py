@@ -15,6 +15,7 @@ code's). ``--perf FILE`` records Redis with ``perf record`` (cpu-clock, call gra
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -159,22 +160,29 @@ def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf:
                           redeliver_after_s=30.0, max_memory_share=0.9,
                           **({"shared_queue": DELIVER_QUEUE} if shared else {}))
 
-    claimed: list[tuple[str, str]] = []
+    claimed: list[tuple[str, str]] = []  # (id, the claim's token)
+    # A shared claim's attempts are known to the finish by their claim's token where the
+    # checkout sends it (the record has no claim fields then).
+    tokens = "claim_token" in inspect.signature(Attempt.to_finish).parameters
 
     def claim() -> None:
         ids = [e.id for e in events]
         for start in range(0, n, BATCH):
+            stamp: list[str] = []
+            kw: dict[str, Any] = {"stamp": stamp} if "stamp" in inspect.signature(ledger.claim).parameters else {}
             if shared:
-                claimed.extend(ledger.claim_shared(DELIVER_QUEUE, 0, BATCH, lease_s=60.0, sent_at_s=time.time()))
+                got = ledger.claim_shared(DELIVER_QUEUE, 0, BATCH, lease_s=60.0, sent_at_s=time.time(), **kw)
             else:
-                claimed.extend(ledger.claim(ids[start:start + BATCH], 1, lease_s=60.0, sent_at_s=time.time()))
+                got = ledger.claim(ids[start:start + BATCH], 1, lease_s=60.0, sent_at_s=time.time(), **kw)
+            claimed.extend((event_id, stamp[-1] if stamp else "") for event_id, _text in got)
 
     def finish() -> None:
         now_s = time.time()
         results: list[Finish] = []
-        for event_id, _text in claimed:
+        for event_id, token in claimed:
             attempt = Attempt(1, Outcome.OK, now_s, 12.5, status=204)
-            results.append(attempt.to_finish(event_id, event=by_id[event_id]))
+            own = {"claim_token": token} if tokens else {}
+            results.append(attempt.to_finish(event_id, event=by_id[event_id], **own))
         for start in range(0, len(results), finish_batch):
             ledger.finish(results[start:start + finish_batch], 1, ledger_ttl_s=2700, report_ttl_s=86400 * 40,
                           retry_delay_s=60.0)

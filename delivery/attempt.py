@@ -43,7 +43,8 @@ class Attempt:
         return (f'{{"n":{self.n},"started_at":{self.started_at_s:.6f},"ms":{self.duration_ms:.3f},'
                 f'"status":{status},"error":{error}{flag}}}')
 
-    def to_finish(self, event_id: str, retry_delay_s: float | None = None, event: Event | None = None) -> Finish:
+    def to_finish(self, event_id: str, retry_delay_s: float | None = None, event: Event | None = None,
+                  claim_token: str = "") -> Finish:
         # A failed first attempt is not final (its retry is scheduled); anything else is,
         # and the final record is made here, off Redis's CPU.
         final = line_parts = ""
@@ -63,6 +64,7 @@ class Attempt:
             duration_ms=self.duration_ms if self.called else None,
             final_event=final,
             line_parts=line_parts,
+            claim_token=claim_token,
         )
 
 

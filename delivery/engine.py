@@ -77,6 +77,7 @@ class Handled:
     event_id: str
     event: Event | None
     attempt: Attempt
+    claim_stamp: str = ""  # the claim's token: the finish names it (a shared claim's record has none)
 
 
 @dataclass(slots=True, eq=False)
@@ -299,7 +300,7 @@ class DeliveryEngine:
         cancels the retry the sweeper may have scheduled meanwhile)."""
         settings = self.settings
         finishes = [h.attempt.to_finish(h.event_id, self.buyer(h.event.buyer if h.event else None).retry_delay_s,
-                                        h.event) for h in batch]
+                                        h.event, h.claim_stamp) for h in batch]
 
         def write() -> tuple[list[str], str | None]:
             try:
@@ -591,11 +592,11 @@ class _CallLoop:
             event = Event.from_ledger_json(event_json)
         except InvalidEvent as e:
             attempt = Attempt(attempt_n, Outcome.REJECTED, time.time(), 0.0, reason=str(e))
-            self.done.append(Handled(event_id, None, attempt))
+            self.done.append(Handled(event_id, None, attempt, claim_stamp))
             return None
         decision = expired(event, attempt_n, self.engine.buyer(event.buyer).max_age_s or self.settings.event_max_age_s)
         if decision is not None:
-            self.done.append(Handled(event_id, event, decision))
+            self.done.append(Handled(event_id, event, decision, claim_stamp))
             return None
         return Item(event_id, attempt_n, event, event.buyer or NO_BUYER, claim_stamp)
 
@@ -767,4 +768,4 @@ class _CallLoop:
         assert item.lane is not None
         self.lanes.finished(item.lane, answered=attempt.status is not None, error=attempt.error,
                             now_s=time.monotonic(), duration_s=attempt.duration_ms / 1000)
-        self.done.append(Handled(item.event_id, item.event, attempt))
+        self.done.append(Handled(item.event_id, item.event, attempt, item.claim_stamp))

@@ -283,7 +283,7 @@ def _gather_keyspace(client: redis.Redis, prefix: str, entry_prefix: str, day: s
     open_ids: list[str] = []
     for queue in queues:
         open_ids += [as_text(i) for i in client.lrange(f"{prefix}pending:{queue}", 0, -1)]
-    for token in client.zrange(prefix + "leases", 0, -1):
+    for token in client.zrange(prefix + "leases", 0, -1) + client.zrange(prefix + "leases:shared", 0, -1):
         claimed = client.hget(f"{prefix}lease:{as_text(token)}", "ids")
         open_ids += as_text(claimed).split("\n") if claimed else []
     open_ids += [as_text(i) for i in client.zrange(prefix + "due", 0, -1)]

@@ -31,8 +31,10 @@ def attempt(n: int, status: int | None = 204, error: str | None = None) -> str:
     return json.dumps({"n": n, "started_at": time.time(), "ms": 1.0, "status": status, "error": error})
 
 
-def finish(ledger: Ledger, event_id: str, n: int, outcome: Outcome, delay_s: float = 0.0) -> str:
-    return ledger.finish([Finish(event_id, outcome, attempt(n))], n, retry_delay_s=delay_s, **TTL)[0]
+def finish(ledger: Ledger, event_id: str, n: int, outcome: Outcome, delay_s: float = 0.0, token: str = "") -> str:
+    """``token``: the claim's (a shared claim's first attempts are known by it alone)."""
+    return ledger.finish([Finish(event_id, outcome, attempt(n), claim_token=token)], n, retry_delay_s=delay_s,
+                         **TTL)[0]
 
 
 def test_accept_is_idempotent_by_id(ledger: Ledger) -> None:
@@ -100,22 +102,29 @@ def test_lost_attempt_counts_as_failed_and_late_success_cancels_the_retry(ledger
 
 
 def test_a_claim_has_one_lease_which_its_finishes_and_parks_count_down(ledger: Ledger) -> None:
-    """No due entry per claimed event: the claim's lease (P leases, P lease:<token>) holds
-    its ids and how many attempts are open; the finish and park scripts count it down and
-    drop it at 0; what is left of it when its lease passes, the sweeper ends (lost)."""
+    """No due entry per claimed event: the claim's lease (P leases:shared, P lease:<token>)
+    holds its ids and how many attempts are open; the finish and park scripts count it down
+    and drop it at 0; what is left of it when its lease passes, the sweeper ends (lost). A
+    shared claim writes nothing into the records: the finish and the park name the claim."""
     ledger.accept([event(i) for i in ("l1", "l2", "l3")], redeliver_after_s=30, shared_queue="q", **TTL)
     token = "ef" * 8
     assert len(ledger.claim_shared("q", 0, 3, lease_s=30, sent_at_s=0, token=token)) == 3
     assert ledger.client.zcard("cgrid:due") == 0
     assert ledger.client.hget(f"cgrid:lease:{token}", "open") == b"3"
-    finish(ledger, "l1", 1, Outcome.OK)
+    assert not ledger.client.hexists("cgrid:ev:l1", "claim") and not ledger.client.hexists("cgrid:ev:l1", "claim_id")
+    assert (ledger.record("l1") or {})["waiting"]["reason"] == "in_flight"  # found through the lease
+    assert finish(ledger, "l1", 1, Outcome.OK, token="") == ""  # no claim named: not ours
+    assert finish(ledger, "l1", 1, Outcome.OK, token=token) == "delivered"
     assert ledger.client.hget(f"cgrid:lease:{token}", "open") == b"2"
+    assert [k for k in ledger.client.hkeys("cgrid:ev:l1") if k.startswith(b"claim")] == []
     ledger.park([Park("l2", 1, time.time(), "b1", WaitReason.PAUSED, token)])
     assert ledger.client.hget(f"cgrid:lease:{token}", "open") == b"1"
-    assert finish(ledger, "l3", 1, Outcome.FAIL, delay_s=60.0) == "retry_scheduled"
-    assert not ledger.client.exists(f"cgrid:lease:{token}") and ledger.client.zcard("cgrid:leases") == 0
+    assert (ledger.record("l2") or {})["waiting"]["reason"] == "paused"
+    assert finish(ledger, "l3", 1, Outcome.FAIL, delay_s=60.0, token=token) == "retry_scheduled"
+    assert not ledger.client.exists(f"cgrid:lease:{token}") and ledger.client.zcard("cgrid:leases:shared") == 0
     assert ledger.client.zrange("cgrid:due", 0, -1) == [b"l3"]  # its retry's time
-    assert finish(ledger, "l1", 1, Outcome.OK) == ""  # written again: counts nothing
+    assert finish(ledger, "l1", 1, Outcome.OK, token=token) == ""  # written again: counts nothing
+    assert finish(ledger, "l2", 1, Outcome.OK, token=token) == ""  # parked: not this claim's any more
 
 
 def test_a_claim_whose_lease_passed_with_attempts_open_has_them_lost(ledger: Ledger) -> None:
@@ -123,7 +132,8 @@ def test_a_claim_whose_lease_passed_with_attempts_open_has_them_lost(ledger: Led
     ledger.accept([event(i) for i in ("m1", "m2")], redeliver_after_s=30, shared_queue="q", **TTL)
     token = "aa" * 8
     assert len(ledger.claim_shared("q", 0, 2, lease_s=0.05, sent_at_s=0, token=token)) == 2
-    finish(ledger, "m1", 1, Outcome.OK)
+    claimed_at = float(ledger.client.hget(f"cgrid:lease:{token}", "at") or 0)
+    finish(ledger, "m1", 1, Outcome.OK, token=token)
     assert ledger.sweep(**sweep)[1:] == ({}, {})  # the lease runs
     assert (ledger.record("m2") or {})["state"] == "pending"
     time.sleep(0.1)
@@ -131,7 +141,8 @@ def test_a_claim_whose_lease_passed_with_attempts_open_has_them_lost(ledger: Led
     m1, m2 = ledger.record("m1"), ledger.record("m2")
     assert m1 is not None and m1["state"] == "delivered"
     assert m2 is not None and m2["state"] == "retry_scheduled" and m2["attempts"][0]["error"] == "lost"
-    assert not ledger.client.exists(f"cgrid:lease:{token}") and ledger.client.zcard("cgrid:leases") == 0
+    assert m2["attempts"][0]["started_at"] == claimed_at > 0  # when its claim took it
+    assert not ledger.client.exists(f"cgrid:lease:{token}") and ledger.client.zcard("cgrid:leases:shared") == 0
 
 
 def test_a_sweep_ends_passed_leases_a_bounded_number_of_events_at_a_time(ledger: Ledger) -> None:
@@ -146,10 +157,10 @@ def test_a_sweep_ends_passed_leases_a_bounded_number_of_events_at_a_time(ledger:
     time.sleep(0.01)
     ledger.sweep(**sweep)
     lost = [i for i in ids if (ledger.record(i) or {}).get("state") == "retry_scheduled"]
-    assert len(lost) == 4 and ledger.client.zcard("cgrid:leases") == 1
+    assert len(lost) == 4 and ledger.client.zcard("cgrid:leases:shared") == 1
     ledger.sweep(**sweep)
     assert all((ledger.record(i) or {}).get("state") == "retry_scheduled" for i in ids)
-    assert ledger.client.zcard("cgrid:leases") == 0
+    assert ledger.client.zcard("cgrid:leases:shared") == 0
 
 
 def test_an_event_due_for_its_trigger_and_claimed_under_a_running_lease_is_not_lost(ledger: Ledger) -> None:
@@ -515,8 +526,10 @@ def test_publishers_share_a_trigger_and_its_claim_takes_what_waits_in_order(ledg
     asks.clear()
     ledger.accept([event("s4")], redeliver_after_s=30, shared_queue="q", trigger=asks, **TTL)
     assert asks == [True]
-    assert [i for i, _ in ledger.claim(["s1", "s4"], 1, lease_s=10, sent_at_s=0)] == ["s4"]  # by id (the sweeper)
-    assert ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0) == []  # s4 taken already: skipped
+    # By ids, neither: s1 was taken by the shared claim (its record has no claim fields: a
+    # trigger with its id must not claim it again), s4 waits in its list.
+    assert ledger.claim(["s1", "s4"], 1, lease_s=10, sent_at_s=0) == []
+    assert [i for i, _ in ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0)] == ["s4"]
 
 
 def test_a_shared_claim_takes_a_batch_and_says_how_many_wait(ledger: Ledger) -> None:
@@ -540,7 +553,53 @@ def test_a_shared_claim_sent_again_takes_the_same_ids(ledger: Ledger) -> None:
     once = ledger.claim_shared("q", 0, 2, lease_s=10, sent_at_s=0, token=token)
     again = ledger.claim_shared("q", 0, 2, lease_s=10, sent_at_s=0, token=token)
     assert [i for i, _ in once] == [i for i, _ in again] == ["t0", "t1"]
+    assert ledger.client.hget(f"cgrid:lease:{token}", "open") == b"2"  # not counted twice
     assert [i for i, _ in ledger.claim_shared("q", 0, 2, lease_s=10, sent_at_s=0)] == ["t2", "t3"]
+
+
+def test_a_withdrawn_event_leaves_its_list_and_one_a_shared_claim_took_stays(ledger: Ledger) -> None:
+    """An accept no replica held is withdrawn; an event of it a shared claim already took
+    off the list (no claim fields say so) is in use: it stays, and is delivered. The others
+    leave the list, so the same ids published again are in it once, and claimed once."""
+    ledger.accept([event("x1"), event("x2")], redeliver_after_s=30, shared_queue="q", **TTL)
+    token = "be" * 8
+    assert [i for i, _ in ledger.claim_shared("q", 0, 1, lease_s=10, sent_at_s=0, token=token)] == ["x1"]
+    accepted_at = ledger.client.hget("cgrid:ev:x1", "accepted_at").decode()  # type: ignore[union-attr]
+    assert not ledger._withdraw_unreplicated([event("x1"), event("x2")], accepted_at, [1, 1], "q")
+    assert (ledger.record("x1") or {})["state"] == "pending" and ledger.record("x2") is None
+    assert ledger.client.lrange("cgrid:pending:q", 0, -1) == []
+    assert ledger.accept([event("x2")], redeliver_after_s=30, shared_queue="q", **TTL)[1] == [True]
+    assert [i for i, _ in ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0)] == ["x2"]
+    assert ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0) == []
+    assert finish(ledger, "x1", 1, Outcome.OK, token=token) == "delivered"
+
+
+def test_an_outcome_written_again_where_its_shared_claim_is_unknown_still_counts(ledger: Ledger) -> None:
+    """After a failover the worker writes its outcomes again on the new primary, which may
+    lack the claim (the event still in its list there): a success counts, and the list's
+    entry claims nothing, so the event is not called a second time."""
+    ledger.accept([event("f1")], redeliver_after_s=30, shared_queue="q", **TTL)
+    assert finish(ledger, "f1", 1, Outcome.OK, token="99" * 8) == "delivered"
+    assert ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0) == []
+    assert ledger.backlog() == (0, {})
+
+
+def test_a_shared_claim_of_an_event_with_sent_at_writes_its_claim_fields(ledger: Ledger) -> None:
+    """An event accepted with sent_at (by a publisher of an earlier version) may also have a
+    trigger with its id: a shared claim marks it claimed in its record, as a claim by id does,
+    and the sweeper's look at its due entry finds the lease (P leases:shared) running."""
+    sweep = dict(limit=100, redeliver_after_s=0.05, retry_delay_s=60, report_ttl_s=3600, routing=Q)
+    ledger.accept([event("v1")], redeliver_after_s=30, shared_queue="q", **TTL)
+    ledger.client.hset("cgrid:ev:v1", "sent_at", "1")
+    ledger.client.zadd("cgrid:due", {"v1": 0})
+    token = "c0" * 8
+    assert [i for i, _ in ledger.claim_shared("q", 0, 1, lease_s=30, sent_at_s=0, token=token)] == ["v1"]
+    assert ledger.client.hget("cgrid:ev:v1", "claim_id") == token.encode()
+    assert ledger.claim(["v1"], 1, lease_s=10, sent_at_s=0) == []  # by id: claimed already
+    ledger.sweep(**sweep)
+    assert (ledger.record("v1") or {})["state"] == "pending"  # not lost: its lease runs
+    assert float(ledger.client.zscore("cgrid:due", "v1") or 0) > time.time() + 20  # looked at again at its end
+    assert finish(ledger, "v1", 1, Outcome.OK) == "delivered"
 
 
 def test_an_event_waiting_for_a_shared_trigger_is_in_its_list_not_the_due_set(ledger: Ledger) -> None:
@@ -556,8 +615,9 @@ def test_an_event_waiting_for_a_shared_trigger_is_in_its_list_not_the_due_set(le
     claimed = ledger.claim_shared("q", 0, 1, lease_s=10, sent_at_s=0, token=token)
     assert [i for i, _ in claimed] == ["d1"]
     assert ledger.client.zrange("cgrid:due", 0, -1) == [b"i1"]
-    assert ledger.client.zrange("cgrid:leases", 0, -1) == [token.encode()]
-    assert ledger.client.hgetall(f"cgrid:lease:{token}") == {b"ids": b"d1", b"open": b"1"}
+    assert ledger.client.zrange("cgrid:leases:shared", 0, -1) == [token.encode()]
+    lease = ledger.client.hgetall(f"cgrid:lease:{token}")
+    assert lease.keys() == {b"ids", b"at", b"open"} and (lease[b"ids"], lease[b"open"]) == (b"d1", b"1")
     assert ledger.backlog() == (3, {})  # d1 in flight, d2 waiting, i1 queued
 
 

@@ -43,7 +43,7 @@ FAMILIES = {
     "lease:<token>": r"lease:[0-9a-f]{16,64}",
 }
 # ... and the fixed keys, which none of those patterns may reach.
-FIXED = ("due", "leases", "report:days", "idx:parked-activity", "poison", "poison:count", "archive",
+FIXED = ("due", "leases", "leases:shared", "report:days", "idx:parked-activity", "poison", "poison:count", "archive",
          "archive:format", "archive:records", "wait-mark")
 LEGACY = ("parked:activity",)  # the index's former name: the sweep only moves entries out of it
 

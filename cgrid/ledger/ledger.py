@@ -25,10 +25,15 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 - ``P leases``         sorted set: claim token -> when its lease ends (one per claim, not
                        per event: the sweeper ends a claim whose lease passed with
                        attempts still open)
+- ``P leases:shared``  the same for the claims of shared triggers, whose first attempts have
+                       no claim fields in their records (the list's LPOP was the claim; the
+                       finish and park know it by the token the worker sends): kept apart
+                       so that a sweeper of an earlier version, which reads ``P leases``
+                       only, cannot end such a lease without counting its attempts lost
 - ``P lease:<token>``  hash: ``ids`` the ids one claim took (a shared trigger's claim: all
                        it took from the list, so a claim sent again after a lost reply
-                       takes them again), ``open`` how many of its attempts are not yet
-                       finished or handed back (at 0 both keys go)
+                       takes them again), ``at`` when, ``open`` how many of its attempts are
+                       not yet finished or handed back (at 0 the lease goes)
 - ``P idx:parked-activity`` sorted set: buyer -> when its parked set was last touched
 - ``P failed:<day>:<buyer>`` set of the ids that ended ``failed``, for replay
 - ``P open:<kind>``      events accepted and not yet final, per kind (the backlog)
@@ -44,7 +49,7 @@ race on the same event. Keys (``P`` is the key prefix, ``cgrid:`` by default):
 
 No id can forge a key: each family starts with its own word, ids and buyers come last (a
 day is always YYYY-MM-DD, without ':'), queue names have no ':', and the fixed keys (``due``,
-``leases``, ``report:days``, ``idx:parked-activity``, ``poison``, ``poison:count``, ``archive``,
+``leases``, ``leases:shared``, ``report:days``, ``idx:parked-activity``, ``poison``, ``poison:count``, ``archive``,
 ``archive:format``, ``archive:records``) are out of every family's reach
 (``tests/test_ledger_keys.py``). The index of parked sets was ``parked:activity`` before,
 the parked set of a buyer named ``activity``: the sweep moves what it finds there
@@ -55,7 +60,9 @@ attempt 2 only after attempt 1 failed, so no event is called more than twice. Ea
 pull carries a random token (:func:`new_claim_token`), kept in the record while the attempt is
 claimed: the same call sent again after its reply was lost (redis-py's retry on a timeout,
 :func:`cgrid.redis_conn.ride_out_redis`) gets its own claims back instead of nothing, and a
-park must show it.
+park must show it. A shared trigger's claim of first attempts is the exception: an id is in
+its queue's pending list once, so taking it off the list claims it, and the record keeps no
+claim fields (its lease lists it; the worker sends the token with the outcome or the park).
 
 A full Redis (``maxmemory``, ``noeviction``) refuses new events, never the work on accepted
 ones: the scripts that move accepted events on (claim, finish, park, pull, sweep, withdraw)
@@ -217,6 +224,9 @@ class Finish:
     duration_ms: float | None = None  # of the call, for the report's latency (None: no call)
     final_event: str = ""  # the event as a final record keeps it ('' = made by the script)
     line_parts: str = ""  # a first attempt's delivery: its archive line (delivered_line_parts)
+    # The token of the claim that took the attempt (its stamp): a first attempt a shared claim
+    # took off the pending list has no claim fields in its record, and is known by it.
+    claim_token: str = ""
 
 
 # The scripts, one file per operation in scripts/, each opening with its KEYS, ARGV and
@@ -362,20 +372,23 @@ class Ledger:
             now, send, *flags = self._replicated(self._script("accept"), args, "accepted")
         except NotReplicated as e:
             now, send, *flags = e.result
-            e.withdrawn = self._withdraw_unreplicated(events, _text(now), flags)
+            e.withdrawn = self._withdraw_unreplicated(events, _text(now), flags, shared_queue)
             raise
         if trigger is not None:
             trigger.append(bool(int(send)))
         return float(_text(now)), [bool(flag) for flag in flags]
 
-    def _withdraw_unreplicated(self, events: list[Event], accepted_at: str, flags: list[Any]) -> bool:
+    def _withdraw_unreplicated(self, events: list[Event], accepted_at: str, flags: list[Any],
+                               shared_queue: str = "") -> bool:
         """Take back the events an accept just recorded (those it found new) that no replica
-        holds; True when every one of them is withdrawn (none can be called)."""
-        args: list[Any] = [self.prefix, accepted_at]
+        holds; True when every one of them is withdrawn (none can be called). ``shared_queue``:
+        the pending list the accept added them to (a withdrawn id leaves it; one no longer
+        there was taken by a shared claim and stays)."""
+        args: list[Any] = [self.prefix, accepted_at, shared_queue]
         for event, is_new in zip(events, flags, strict=True):
             if int(is_new):
                 args += [event.id, day_of(event.created_at_s), event.buyer or NO_BUYER, event.kind.value]
-        if len(args) == 2:
+        if len(args) == 3:
             return True
         try:
             return all(int(flag) for flag in self._script("withdraw")(keys=self._keys, args=args))
@@ -471,7 +484,7 @@ class Ledger:
             delay = "" if result.retry_delay_s is None else _num(result.retry_delay_s)
             bucket = "" if result.duration_ms is None else latency_bucket(result.duration_ms)
             args += [result.event_id, result.outcome.value, result.attempt_json, result.reason, delay, bucket,
-                     result.final_event, result.line_parts]
+                     result.final_event, result.line_parts, result.claim_token]
         return args
 
     def confirm(self, outcomes: list[tuple[int, Finish | Park, str]], *, ledger_ttl_s: int, report_ttl_s: int,
@@ -707,6 +720,9 @@ class Ledger:
         if not raw:
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}
+        if (fields.get("state") == State.PENDING and fields.get("claim", "0") == "0"
+                and not {"a1", "wait", "sent_at"} & fields.keys() and self._shared_claim_holds(event_id)):
+            fields["claim"] = "1"  # a shared claim took it off the list: no claim fields say so
         attempts = [json_or_raw(fields[key]) for key in ("a1", "a2") if key in fields]
         record: dict[str, Any] = {
             "id": event_id,
@@ -733,6 +749,17 @@ class Ledger:
                 record["waiting"]["buyer"] = buyer
                 record["waiting"]["since"] = float(fields.get("waiting_since", "0"))
         return record
+
+    def _shared_claim_holds(self, event_id: str) -> bool:
+        """Whether a shared trigger's claim took ``event_id`` off its pending list and its
+        lease is not yet ended (claim.lua: such a claim writes nothing into the record)."""
+        tokens = self.client.zrange(self.prefix + "leases:shared", 0, -1)
+        if not tokens:
+            return False
+        pipe = self.client.pipeline(transaction=False)
+        for token in tokens:
+            pipe.hget(f"{self.prefix}lease:{_text(token)}", "ids")
+        return any(ids and event_id in _text(ids).split("\n") for ids in pipe.execute())
 
     def failed_ids(self, day: str, buyer: str) -> list[str]:
         """The events of ``buyer`` created on ``day`` that ended ``failed`` or ``expired``

@@ -127,11 +127,14 @@ local function slim_event(text, keep_call)
   return slim_event_text(text, keep_call) or text
 end
 -- An event became final: it leaves the backlog, and its claim bookkeeping goes (a final
--- record needs none of it: 71 bytes of its ~600 in Redis).
-local function closed(key, kind, only_claim)
+-- record needs none of it: 71 bytes of its ~600 in Redis). ``has``: what the caller knows
+-- the record holds of it: 'none' (a first attempt a shared claim took off the list, with no
+-- claim fields: claim.lua), 'claim' (claim fields, no sent_at nor retry_at), or nil (any):
+-- a field the hash lacks costs HDEL a search of the whole record.
+local function closed(key, kind, has)
   opened(kind, -1)
-  if only_claim then  -- (the caller knows the record has no sent_at nor retry_at: a field
-    -- the hash lacks costs HDEL a search of the whole record)
+  if has == 'none' then return end
+  if has == 'claim' then
     redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id')
   else
     redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id', 'sent_at', 'retry_at')
@@ -146,6 +149,7 @@ local function count_off_leases(ended, known)
     if (known or redis.call('EXISTS', lease_key) == 1) and redis.call('HINCRBY', lease_key, 'open', -count) <= 0 then
       redis.call('DEL', lease_key)
       redis.call('ZREM', prefix .. 'leases', token)
+      redis.call('ZREM', prefix .. 'leases:shared', token)
     end
   end
 end

@@ -1,14 +1,16 @@
 #!lua flags=allow-oom
 -- finish: writes the outcomes of claimed attempts of one attempt number.
 -- KEYS:  none (key names are built from the prefix: ev:<id>, due, report:<day>,
---        failed:<day>:<buyer>, open:<kind>, archive, leases, lease:<token>)
+--        failed:<day>:<buyer>, open:<kind>, archive, leases, leases:shared, lease:<token>)
 -- A success that arrives after the sweeper gave its attempt up for lost still counts: a
 -- first attempt's cancels the retry; a retry's turns `failed` into `delivered`.
 -- ARGV:  prefix, attempt n, ledger_ttl, report_ttl, retry_delay, then per event: id, outcome,
 --        attempt_json, reason, the buyer's retry delay ('' = the default), the call's latency
 --        bucket ('' = no call), the event as its final record keeps it ('' = made here), and
 --        the archive line of a first attempt's delivery, made by the worker in two parts
---        (cgrid.ledger.delivered_line_parts; '' = none: made here)
+--        (cgrid.ledger.delivered_line_parts; '' = none: made here), and the token of the
+--        claim that took the attempt ('' = unknown): a first attempt a shared claim took off
+--        the pending list has no claim fields (claim.lua), and is known as ours by it
 -- Reply: the new state per event ('' if the attempt was not ours)
 local n, ttl, report_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local default_delay = tonumber(ARGV[5])
@@ -28,14 +30,18 @@ local function under_lease(token)
 end
 -- Per event: one HMGET reads all the script needs (the archive line too), one HSET writes
 -- the new fields.
-for i = 6, #ARGV, 8 do
+for i = 6, #ARGV, 9 do
   local id, outcome, attempt, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local delay = tonumber(ARGV[i + 4]) or default_delay
-  local bucket, final_event, line_parts = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local bucket, final_event, line_parts, token = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2', 'kind', 'accepted_at',
-    'reason', 'claim_id', 'sent_at')
+    'reason', 'claim_id', 'sent_at', 'wait')
   local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
+  -- A first attempt a shared claim took off the list (no claim fields): still open, as the
+  -- claim left it (pending, no attempt, not parked, no sent_at).
+  local bare = n == 1 and claim == 0 and token ~= '' and state == 'pending' and not rec[5] and not rec[12]
+    and not rec[11]
   local new, was_final = '', false
   local akey = 'a' .. n
   local attempts = {rec[5], rec[6]}  -- as the record holds them once this is written
@@ -44,8 +50,12 @@ for i = 6, #ARGV, 8 do
   -- Its due entry: one made at the accept or by the sweeper (sent_at), or its claim's own
   -- when the claim has no lease (a pull, or a worker of an earlier version).
   local in_due = true
-  if claim == n then
-    if under_lease(rec[10]) then
+  if bare then
+    if under_lease(token) then ended[token] = (ended[token] or 0) + 1 end
+    in_due = false
+  end
+  if claim == n or bare then
+    if not bare and under_lease(rec[10]) then
       ended[rec[10]] = (ended[rec[10]] or 0) + 1
       in_due = rec[11] ~= false  -- (a field the hash lacks reads false)
     end
@@ -120,11 +130,13 @@ for i = 6, #ARGV, 8 do
       redis.call('HSET', key, unpack(fields))
       if in_due then redis.call('ZREM', due, id) end
       -- (a first attempt claimed when pending, under a lease: no sent_at, no retry_at)
-      if not was_final then closed(key, rec[7], n == 1 and state == 'pending' and not rec[11]) end
+      if not was_final then
+        closed(key, rec[7], bare and 'none' or (n == 1 and state == 'pending' and not rec[11] and 'claim' or nil))
+      end
       redis.call('EXPIRE', key, ttl_text)
       -- The worker's line is for a first attempt delivered as it claimed it, the record
       -- holding no reason and an acceptance time; any other line is made here.
-      if line_parts ~= '' and n == 1 and claim == n and new == 'delivered' and rec[8] and not rec[9]
+      if line_parts ~= '' and n == 1 and (claim == n or bare) and new == 'delivered' and rec[8] and not rec[9]
           and event == final_event and archive_enabled() and archive_batch then
         archive_made(line_parts, rec[8])
       else

@@ -3,11 +3,11 @@
 -- due retries and lost triggers are sent), and at parked sets no worker has touched for
 -- revive_after (their workers are gone): a few of those are sent again as triggers. A paused
 -- buyer's parked events are left alone, but those past its maximum age end `expired`.
--- It also ends the claims whose lease passed with attempts still open (leases, claim.lua):
--- their workers are gone, and those attempts count as lost.
+-- It also ends the claims whose lease passed with attempts still open (leases and
+-- leases:shared, claim.lua): their workers are gone, and those attempts count as lost.
 -- KEYS:  none (key names are built from the prefix: due, ev:<id>, parked:<buyer>,
 --        idx:parked-activity, watermark:<queue>, report:<day>, failed:<day>:<buyer>, archive,
---        leases, lease:<token>;
+--        leases, leases:shared, lease:<token>;
 --        and parked:activity, the index's former name (its entries are moved here as found);
 --        the broker's queues are not read here: they may live on another Redis)
 -- ARGV:  prefix, limit, redeliver_after, retry_delay, report_ttl, deliver queue,
@@ -84,7 +84,7 @@ for i = delays_at + 1 + 2 * n_delays, #ARGV, 2 do
   end
 end
 local due = prefix .. 'due'
-local leases = prefix .. 'leases'
+local leases, shared_leases = prefix .. 'leases', prefix .. 'leases:shared'
 -- The attempt was claimed but never finished in its lease: its worker died. It counts as a
 -- failed attempt (SPEC §5). rec: state, claim, claimed_at, sent_at, day, buyer, event, kind.
 local function lost_attempt(key, id, rec, claim)
@@ -110,22 +110,32 @@ end
 -- Claims whose lease passed with attempts open: those still theirs are lost. (At most
 -- about `limit` events a pass, as for the due set: a claim is taken whole, and the next
 -- pass takes the claims left.)
+-- A shared claim's first attempts have no claim fields (claim.lua): one of its lease is
+-- open while its record is pending with no attempt, no wait and no sent_at (parked, or
+-- sent again by id, it has one of those), and its start is the claim's (the lease's `at`).
 local looked_at = 0
-for _, token in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit)) do
-  if looked_at >= limit then break end
-  local lease_key = prefix .. 'lease:' .. token
-  for id in string.gmatch(redis.call('HGET', lease_key, 'ids') or '', '[^\n]+') do
-    looked_at = looked_at + 1
-    local key = prefix .. 'ev:' .. id
-    local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event', 'kind',
-      'claim_id')
-    local claim = tonumber(rec[2] or '0')
-    if claim ~= 0 and rec[9] == token and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
-      lost_attempt(key, id, rec, claim)
+for _, set in ipairs({leases, shared_leases}) do
+  for _, token in ipairs(redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, limit)) do
+    if looked_at >= limit then break end
+    local lease_key = prefix .. 'lease:' .. token
+    local lease = redis.call('HMGET', lease_key, 'ids', 'at')
+    for id in string.gmatch(lease[1] or '', '[^\n]+') do
+      looked_at = looked_at + 1
+      local key = prefix .. 'ev:' .. id
+      local rec = redis.call('HMGET', key, 'state', 'claim', 'claimed_at', 'sent_at', 'day', 'buyer', 'event', 'kind',
+        'claim_id', 'a1', 'wait')
+      local claim = tonumber(rec[2] or '0')
+      if claim ~= 0 and rec[9] == token and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
+        lost_attempt(key, id, rec, claim)
+      elseif set == shared_leases and claim == 0 and rec[1] == 'pending' and not rec[10] and not rec[11]
+          and not rec[4] then
+        rec[3] = lease[2]
+        lost_attempt(key, id, rec, 1)
+      end
     end
+    redis.call('DEL', lease_key)
+    redis.call('ZREM', set, token)
   end
-  redis.call('DEL', lease_key)
-  redis.call('ZREM', leases, token)
 end
 local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do
@@ -135,7 +145,7 @@ for _, id in ipairs(ids) do
   local state, claim = rec[1], tonumber(rec[2] or '0')
   local lease_end = nil
   if claim ~= 0 and rec[9] then
-    local score = redis.call('ZSCORE', leases, rec[9])
+    local score = redis.call('ZSCORE', leases, rec[9]) or redis.call('ZSCORE', shared_leases, rec[9])
     if score then lease_end = tonumber(score) end
   end
   if not state or (state ~= 'pending' and state ~= 'retry_scheduled') then
