@@ -76,7 +76,12 @@ def dead_calls(calls_file: Path) -> Counter[str]:
 
 
 def read_ledger(client: redis.Redis, ids: list[str]) -> dict[str, dict[str, Any]]:
-    """state, claim, wait, retry_at and the attempts (decoded) of each id."""
+    """state, claim, wait, retry_at and the attempts (decoded) of each id. A first attempt a
+    shared trigger's claim holds has no claim fields: its claim is found in the leases."""
+    shared_held: set[str] = set()
+    for token in client.zrange("cgrid:leases:shared", 0, -1):
+        ids = client.hget(f"cgrid:lease:{token.decode()}", "ids")
+        shared_held.update(ids.decode().split("\n") if ids else [])
     out: dict[str, dict[str, Any]] = {}
     for start in range(0, len(ids), 1000):
         chunk = ids[start:start + 1000]
@@ -86,7 +91,8 @@ def read_ledger(client: redis.Redis, ids: list[str]) -> dict[str, dict[str, Any]
         for event_id, (state, claim, wait, retry_at, a1, a2) in zip(chunk, pipe.execute(), strict=True):
             out[event_id] = {
                 "state": state.decode() if state else None,
-                "claim": int(claim or 0),
+                "claim": int(claim or 0) or int(event_id in shared_held and state == b"pending"
+                                                 and not a1 and not wait),
                 "wait": wait.decode() if wait else None,
                 "retry_at": float(retry_at) if retry_at else None,
                 "attempts": [json.loads(a) for a in (a1, a2) if a],

@@ -574,6 +574,30 @@ def test_a_withdrawn_event_leaves_its_list_and_one_a_shared_claim_took_stays(led
     assert finish(ledger, "x1", 1, Outcome.OK, token=token) == "delivered"
 
 
+def test_a_park_naming_another_claim_cannot_take_an_event_a_shared_claim_holds(ledger: Ledger) -> None:
+    """After a failover the new primary may have given an id to another claim (its call on)
+    while the first claim's worker hands the event back there: with no claim fields to
+    compare, the park holds only if the claim it names lists the id."""
+    ledger.accept([event("y1")], redeliver_after_s=30, shared_queue="q", **TTL)
+    holder, other = "d1" * 8, "d2" * 8
+    assert [i for i, _ in ledger.claim_shared("q", 0, 1, lease_s=10, sent_at_s=0, token=holder)] == ["y1"]
+    assert ledger.park([Park("y1", 1, time.time(), "b1", WaitReason.NO_REPLICA, other)]) == [False]
+    assert (ledger.record("y1") or {})["waiting"]["reason"] == "in_flight"
+    assert ledger.client.zcard("cgrid:parked:b1") == 0
+    assert finish(ledger, "y1", 1, Outcome.OK, token=holder) == "delivered"
+
+
+def test_an_id_twice_in_one_claimed_batch_is_claimed_once(ledger: Ledger) -> None:
+    """An earlier version's withdrawal left its ids in the list, so the same id published
+    again is there twice: one claim taking both entries claims it once (entries taken by two
+    claims are why publishers are upgraded first: docs/hosts.md)."""
+    ledger.accept([event("z1")], redeliver_after_s=30, shared_queue="q", **TTL)
+    ledger.client.rpush("cgrid:pending:q", "z1")
+    token = "d3" * 8
+    assert [i for i, _ in ledger.claim_shared("q", 0, 10, lease_s=10, sent_at_s=0, token=token)] == ["z1"]
+    assert ledger.client.hget(f"cgrid:lease:{token}", "open") == b"1"
+
+
 def test_an_outcome_written_again_where_its_shared_claim_is_unknown_still_counts(ledger: Ledger) -> None:
     """After a failover the worker writes its outcomes again on the new primary, which may
     lack the claim (the event still in its list there): a success counts, and the list's
@@ -595,6 +619,8 @@ def test_a_shared_claim_of_an_event_with_sent_at_writes_its_claim_fields(ledger:
     token = "c0" * 8
     assert [i for i, _ in ledger.claim_shared("q", 0, 1, lease_s=30, sent_at_s=0, token=token)] == ["v1"]
     assert ledger.client.hget("cgrid:ev:v1", "claim_id") == token.encode()
+    # Its lease where every sweeper looks: an earlier one reads P leases only.
+    assert ledger.client.zscore("cgrid:leases", token) and not ledger.client.zscore("cgrid:leases:shared", token)
     assert ledger.claim(["v1"], 1, lease_s=10, sent_at_s=0) == []  # by id: claimed already
     ledger.sweep(**sweep)
     assert (ledger.record("v1") or {})["state"] == "pending"  # not lost: its lease runs

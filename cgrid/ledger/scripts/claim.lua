@@ -64,6 +64,7 @@ end
 local out = {}
 local seen, parked = {}, {}
 local new_claims, mine = 0, {}
+local taken, any_bare = {}, false  -- the ids this claim holds; whether any has no claim fields
 for _, id in ipairs(ids) do
   local key = prefix .. 'ev:' .. id
   -- (a retry's claim also reads a2 and retry_at; the claim's token is read only when needed)
@@ -77,7 +78,9 @@ for _, id in ipairs(ids) do
   local bare = shared and n == 1 and not rec[7]  -- claimed by the list alone: no claim fields
   local ok, again = false, false
   -- A parked event (wait set) is claimed by its lane's pull, never by a stray trigger.
-  if claim == 0 and not rec[5] then
+  if taken[id] then
+    ok = false  -- (an id twice in one batch: claimed once)
+  elseif claim == 0 and not rec[5] then
     if n == 1 then
       ok = state == 'pending' and not rec[3]
       again = ok and bare and resent  -- this claim's own, sent again: no fields say so
@@ -93,6 +96,8 @@ for _, id in ipairs(ids) do
     ok, again = true, true  -- this claim's own, sent again: its lease starts now
   end
   if ok then
+    taken[id] = true
+    if bare then any_bare = true end
     if not again then
       if not bare then redis.call('HSET', key, 'claim', n_text, 'claimed_at', now_text, 'claim_id', token) end
       new_claims = new_claims + 1
@@ -113,7 +118,8 @@ if ids_text or #mine > 0 then
     redis.call('HSET', lease_key, 'ids', ids_text or table.concat(mine, '\n'), 'at', now_text)
   end
   if new_claims > 0 then redis.call('HINCRBY', lease_key, 'open', new_claims) end
-  redis.call('ZADD', prefix .. (shared and 'leases:shared' or 'leases'), lease_end, token)
+  -- (a claim of records with claim fields only keeps its lease where every sweeper looks)
+  redis.call('ZADD', prefix .. (any_bare and 'leases:shared' or 'leases'), lease_end, token)
 end
 -- Then this claim's stamp (its token: a park must show it, see park.lua), and the claimed
 -- events' buyers that have parked events: their lanes must pull them (a worker that parked

@@ -17,7 +17,8 @@ for i = 4, #ARGV, 4 do
   local id, day, buyer, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'state', 'claim', 'accepted_at', 'a1')
-  -- (from the list's end: the accept has just added it there)
+  -- (from the list's end: the accept has just added it there, behind every id a claim can
+  -- take first, so one a claim took is gone only from a list short enough to scan)
   if rec[1] == 'pending' and tonumber(rec[2] or '0') == 0 and rec[3] == ARGV[2] and not rec[4]
       and (not pending or redis.call('LREM', pending, -1, id) == 1) then
     redis.call('DEL', key)
