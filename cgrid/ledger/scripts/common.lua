@@ -140,6 +140,13 @@ local function closed(key, kind, has)
     redis.call('HDEL', key, 'claim', 'claimed_at', 'claim_id', 'sent_at', 'retry_at')
   end
 end
+-- A first attempt a shared trigger's claim took off its pending list has no claim fields
+-- (claim.lua): it is open while its record is as the claim left it — pending, no attempt,
+-- not parked (wait), not sent again by id (sent_at). The finish, park and sweep scripts
+-- know such an attempt by this and by its claim's token.
+local function open_off_list(state, a1, wait, sent_at)
+  return state == 'pending' and not a1 and not wait and not sent_at
+end
 -- Claims under a lease (claim.lua): counts the attempts a script ended or handed back, per
 -- claim (token -> how many), off its lease; a lease with none open goes. ``known``: every
 -- token is known to have a lease (else one without is skipped: a pull's, or an old claim's).

@@ -38,10 +38,8 @@ for i = 6, #ARGV, 9 do
   local rec = redis.call('HMGET', key, 'state', 'claim', 'day', 'buyer', 'a1', 'a2', 'kind', 'accepted_at',
     'reason', 'claim_id', 'sent_at', 'wait')
   local state, claim, day, buyer = rec[1], tonumber(rec[2] or '0'), rec[3], rec[4]
-  -- A first attempt a shared claim took off the list (no claim fields): still open, as the
-  -- claim left it (pending, no attempt, not parked, no sent_at).
-  local bare = n == 1 and claim == 0 and token ~= '' and state == 'pending' and not rec[5] and not rec[12]
-    and not rec[11]
+  -- A first attempt a shared claim took off the list (no claim fields), named by its token.
+  local bare = n == 1 and claim == 0 and token ~= '' and open_off_list(state, rec[5], rec[12], rec[11])
   local new, was_final = '', false
   local akey = 'a' .. n
   local attempts = {rec[5], rec[6]}  -- as the record holds them once this is written

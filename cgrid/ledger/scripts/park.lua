@@ -30,8 +30,8 @@ for i = 2, #ARGV, 6 do
   local key = prefix .. 'ev:' .. id
   local rec = redis.call('HMGET', key, 'claim', 'claim_id', 'state', 'a1', 'wait', 'sent_at')
   local claim = tonumber(rec[1] or '0')
-  local bare = n == 1 and claim == 0 and stamp ~= '' and rec[3] == 'pending' and not rec[4] and not rec[5]
-    and not rec[6] and lease_lists(stamp, id)
+  local bare = n == 1 and claim == 0 and stamp ~= '' and open_off_list(rec[3], rec[4], rec[5], rec[6])
+    and lease_lists(stamp, id)
   -- Only the claim this park was made for: a park sent again after a lost reply must not
   -- take back the claim of the process that has pulled the event since.
   if bare or (claim == n and (stamp == '' or rec[2] == stamp)) then

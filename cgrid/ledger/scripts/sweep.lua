@@ -110,9 +110,8 @@ end
 -- Claims whose lease passed with attempts open: those still theirs are lost. (At most
 -- about `limit` events a pass, as for the due set: a claim is taken whole, and the next
 -- pass takes the claims left.)
--- A shared claim's first attempts have no claim fields (claim.lua): one of its lease is
--- open while its record is pending with no attempt, no wait and no sent_at (parked, or
--- sent again by id, it has one of those), and its start is the claim's (the lease's `at`).
+-- A shared claim's first attempts have no claim fields: one of its lease is open while
+-- open_off_list says so (common.lua), and its start is the claim's (the lease's `at`).
 local looked_at = 0
 for _, set in ipairs({leases, shared_leases}) do
   for _, token in ipairs(redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, limit)) do
@@ -127,8 +126,7 @@ for _, set in ipairs({leases, shared_leases}) do
       local claim = tonumber(rec[2] or '0')
       if claim ~= 0 and rec[9] == token and (rec[1] == 'pending' or rec[1] == 'retry_scheduled') then
         lost_attempt(key, id, rec, claim)
-      elseif set == shared_leases and claim == 0 and rec[1] == 'pending' and not rec[10] and not rec[11]
-          and not rec[4] then
+      elseif set == shared_leases and claim == 0 and open_off_list(rec[1], rec[10], rec[11], rec[4]) then
         rec[3] = lease[2]
         lost_attempt(key, id, rec, 1)
       end
