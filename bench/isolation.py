@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 from bench.common import Buyer, fleet_env, percentile, publish_paced
+from cgrid.ledger import PREFIX, SHARED_LEASES, leased_ids
 from cgrid.redis_server import RedisServer, free_port
 from cgrid.settings import Settings
 from producer import Publisher
@@ -78,10 +79,7 @@ def dead_calls(calls_file: Path) -> Counter[str]:
 def read_ledger(client: redis.Redis, ids: list[str]) -> dict[str, dict[str, Any]]:
     """state, claim, wait, retry_at and the attempts (decoded) of each id. A first attempt a
     shared trigger's claim holds has no claim fields: its claim is found in the leases."""
-    shared_held: set[str] = set()
-    for token in client.zrange("cgrid:leases:shared", 0, -1):
-        ids = client.hget(f"cgrid:lease:{token.decode()}", "ids")
-        shared_held.update(ids.decode().split("\n") if ids else [])
+    shared_held = set(leased_ids(client, PREFIX, (SHARED_LEASES,)))
     out: dict[str, dict[str, Any]] = {}
     for start in range(0, len(ids), 1000):
         chunk = ids[start:start + 1000]

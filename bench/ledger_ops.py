@@ -164,12 +164,13 @@ def one_round(client: redis.Redis, pid: int, n: int, run: str, root: Path, perf:
     # A shared claim's attempts are known to the finish by their claim's token where the
     # checkout sends it (the record has no claim fields then).
     tokens = "claim_token" in inspect.signature(Attempt.to_finish).parameters
+    stamps = "stamp" in inspect.signature(ledger.claim).parameters  # (an older checkout's claim has none)
 
     def claim() -> None:
         ids = [e.id for e in events]
         for start in range(0, n, BATCH):
             stamp: list[str] = []
-            kw: dict[str, Any] = {"stamp": stamp} if "stamp" in inspect.signature(ledger.claim).parameters else {}
+            kw: dict[str, Any] = {"stamp": stamp} if stamps else {}
             if shared:
                 got = ledger.claim_shared(DELIVER_QUEUE, 0, BATCH, lease_s=60.0, sent_at_s=time.time(), **kw)
             else:

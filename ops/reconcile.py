@@ -47,7 +47,7 @@ import redis
 
 from archive.files import archive_lines, as_text, stream_key
 from cgrid.errors import CgridError
-from cgrid.ledger import NO_BUYER, PREFIX, json_or_raw
+from cgrid.ledger import NO_BUYER, PREFIX, json_or_raw, leased_ids
 from cgrid.routing import Routing
 
 ACCEPTED_COLUMNS = "id | auction_id (optionally with imp_id) | hour,count"
@@ -283,9 +283,7 @@ def _gather_keyspace(client: redis.Redis, prefix: str, entry_prefix: str, day: s
     open_ids: list[str] = []
     for queue in queues:
         open_ids += [as_text(i) for i in client.lrange(f"{prefix}pending:{queue}", 0, -1)]
-    for token in client.zrange(prefix + "leases", 0, -1) + client.zrange(prefix + "leases:shared", 0, -1):
-        claimed = client.hget(f"{prefix}lease:{as_text(token)}", "ids")
-        open_ids += as_text(claimed).split("\n") if claimed else []
+    open_ids += leased_ids(client, prefix)
     open_ids += [as_text(i) for i in client.zrange(prefix + "due", 0, -1)]
     open_ids += [as_text(i) for i in client.zrange(prefix + "parked:" + stored_buyer, 0, -1)]
     sources.open_records += _write_records(client, prefix, open_ids, day, stored_buyer, out)

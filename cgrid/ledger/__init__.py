@@ -10,6 +10,7 @@ from cgrid.ledger.ledger import (
     POISON_COUNT_KEY,
     POISON_LIST_KEY,
     PREFIX,
+    SHARED_LEASES,
     TERMINAL_STATES,
     WAIT_DETAILS,
     Counter,
@@ -25,12 +26,13 @@ from cgrid.ledger.ledger import (
     delivered_line_parts,
     json_or_raw,
     latency_bucket,
+    leased_ids,
     new_claim_token,
 )
 
 __all__ = [
     "ARCHIVE_FORMAT_KEY", "ARCHIVE_LINES_FORMAT", "CLAIM_WAIT_BACKOFF_S", "LATENCY_BUCKETS_MS", "NO_BUYER",
-    "POISON_COUNT_KEY", "POISON_LIST_KEY", "PREFIX", "TERMINAL_STATES", "WAIT_DETAILS", "Counter", "Finish", "Ledger",
-    "NotReplicated", "Outcome", "Park", "State", "WaitReason", "bucket_percentile", "day_of", "delivered_line_parts",
-    "json_or_raw", "latency_bucket", "new_claim_token",
+    "POISON_COUNT_KEY", "POISON_LIST_KEY", "PREFIX", "SHARED_LEASES", "TERMINAL_STATES", "WAIT_DETAILS", "Counter",
+    "Finish", "Ledger", "NotReplicated", "Outcome", "Park", "State", "WaitReason", "bucket_percentile", "day_of",
+    "delivered_line_parts", "json_or_raw", "latency_bucket", "leased_ids", "new_claim_token",
 ]

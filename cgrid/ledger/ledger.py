@@ -115,6 +115,23 @@ ARCHIVE_FORMAT_KEY = "archive:format"
 ARCHIVE_LINES_FORMAT = "lines"
 
 
+# The leases' sorted sets: claims that write claim fields into their records, and shared
+# triggers' claims, which write none (claim.lua).
+LEASES, SHARED_LEASES = "leases", "leases:shared"
+
+
+def leased_ids(client: redis.Redis, prefix: str, lease_sets: tuple[str, ...] = (LEASES, SHARED_LEASES)) -> list[str]:
+    """The ids the claims in ``lease_sets`` hold (``P lease:<token>`` ``ids``), their leases
+    not yet ended: an event a shared claim holds is found only this way."""
+    tokens = [token for name in lease_sets for token in client.zrange(prefix + name, 0, -1)]
+    if not tokens:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for token in tokens:
+        pipe.hget(f"{prefix}lease:{_text(token)}", "ids")
+    return [event_id for ids in pipe.execute() if ids for event_id in _text(ids).split("\n")]
+
+
 class NotReplicated(CgridError, redis.RedisError):
     """The primary took a write that fewer replicas than CGRID_REDIS_WAIT_REPLICAS hold.
     ``result`` is the script's answer; for an accept, ``withdrawn`` says whether its new
@@ -721,7 +738,8 @@ class Ledger:
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}
         if (fields.get("state") == State.PENDING and fields.get("claim", "0") == "0"
-                and not {"a1", "wait", "sent_at"} & fields.keys() and self._shared_claim_holds(event_id)):
+                and not {"a1", "wait", "sent_at"} & fields.keys()
+                and event_id in leased_ids(self.client, self.prefix, (SHARED_LEASES,))):
             fields["claim"] = "1"  # a shared claim took it off the list: no claim fields say so
         attempts = [json_or_raw(fields[key]) for key in ("a1", "a2") if key in fields]
         record: dict[str, Any] = {
@@ -749,17 +767,6 @@ class Ledger:
                 record["waiting"]["buyer"] = buyer
                 record["waiting"]["since"] = float(fields.get("waiting_since", "0"))
         return record
-
-    def _shared_claim_holds(self, event_id: str) -> bool:
-        """Whether a shared trigger's claim took ``event_id`` off its pending list and its
-        lease is not yet ended (claim.lua: such a claim writes nothing into the record)."""
-        tokens = self.client.zrange(self.prefix + "leases:shared", 0, -1)
-        if not tokens:
-            return False
-        pipe = self.client.pipeline(transaction=False)
-        for token in tokens:
-            pipe.hget(f"{self.prefix}lease:{_text(token)}", "ids")
-        return any(ids and event_id in _text(ids).split("\n") for ids in pipe.execute())
 
     def failed_ids(self, day: str, buyer: str) -> list[str]:
         """The events of ``buyer`` created on ``day`` that ended ``failed`` or ``expired``
