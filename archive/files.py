@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis
 
 from cgrid.ledger import ARCHIVE_FORMAT_KEY, ARCHIVE_LINES_FORMAT, PREFIX, json_or_raw
@@ -89,6 +90,7 @@ def _float_or_none(text: str) -> float | None:
 
 LINE_FIELD = b"line"  # an entry's one field: its line without the entry id (the ledger scripts make it)
 LINES_FIELD = b"lines"  # a batch entry's first field (its value: when its records became final)
+_ENTRY_ID = re.compile(r"[0-9]+-[0-9]+(/[0-9]+)?")
 _LINE_DAY = re.compile(rb',"day":"(\d{4}-\d{2}-\d{2})"')
 
 
@@ -142,11 +144,10 @@ def _made_line(entry_id: str, body: bytes) -> tuple[str, bytes]:
     """The line of a ``line`` entry: the entry id put in front; checked to be JSON (a record
     whose attempt was corrupt in Redis is written as {"entry", "day", "unreadable"}) and
     written with non-ASCII escaped, as every line is."""
-    line = b'{"entry":' + json.dumps(entry_id).encode() + b"," + body + b"\n"
-    try:
-        record = json.loads(line)
-    except ValueError:
-        record = None
+    # (an entry id is a stream id, digits and '-', with '/<n>' for a batch's record)
+    entry = entry_id.encode() if _ENTRY_ID.fullmatch(entry_id) else json.dumps(entry_id)[1:-1].encode()
+    line = b'{"entry":"' + entry + b'",' + body + b"\n"
+    record = _json_object(line)
     if not isinstance(record, dict):
         found = _LINE_DAY.search(body)
         day = found.group(1).decode() if found else UNKNOWN_DAY
@@ -156,8 +157,21 @@ def _made_line(entry_id: str, body: bytes) -> tuple[str, bytes]:
     if not isinstance(day, str) or not _DAY.match(day):
         day = UNKNOWN_DAY
     if not line.isascii():
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        line = (json.dumps(json.loads(line), separators=(",", ":")) + "\n").encode()
     return day, line
+
+
+def _json_object(line: bytes) -> Any:
+    """The line decoded, or None when it is not JSON. orjson accepts less than json (no NaN,
+    no lone surrogates, RFC 8259 only) at a quarter of its CPU: what it refuses, json decides."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def _line_of_fields(entry_id: str, fields: Mapping[Any, Any]) -> tuple[str, bytes]:

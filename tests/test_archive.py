@@ -566,3 +566,28 @@ def test_an_open_record_never_expires_a_final_one_after_the_ledger_ttl(redis_url
     assert 0 < client.ttl("cgrid:ev:w1") <= 120
     bookkeeping = {b"claim", b"claimed_at", b"claim_id", b"sent_at"}
     assert not bookkeeping & set(client.hkeys("cgrid:ev:w1"))  # final: bookkeeping gone
+
+
+def test_the_line_check_decides_as_json_does() -> None:
+    """A line the ledger made is written as it is when json reads it as an object (orjson
+    checks first, json decides what orjson refuses: NaN, a lone surrogate); anything else
+    becomes {"entry", "day", "unreadable"}; non-ASCII is escaped, numbers kept as written."""
+    from archive.files import _made_line
+
+    day = "2026-12-01"
+    plain = f'"id":"e1","state":"delivered","day":"{day}","n":123456789012345678901234567890}}'.encode()
+    assert _made_line("1-0/3", plain) == (day, b'{"entry":"1-0/3",' + plain + b"\n")
+    nan = f'"id":"e2","day":"{day}","ms":NaN}}'.encode()  # json reads it (orjson does not)
+    assert _made_line("1-0/4", nan) == (day, b'{"entry":"1-0/4",' + nan + b"\n")
+    surrogate = f'"id":"e3","day":"{day}","x":"\\ud800"}}'.encode()
+    assert _made_line("1-0/5", surrogate)[1].startswith(b'{"entry":"1-0/5","id":"e3"')
+    broken_bodies = [f'"id":"e4","day":"{day}","x":', f'"id":"e5","day":"{day}"}}, {{"x":1',
+                     f'"id":"e6","day":"{day}"] ']
+    for broken in (body.encode() for body in broken_bodies):
+        got_day, line = _made_line("1-0/6", broken)
+        record = json.loads(line)
+        assert set(record) == {"entry", "day", "unreadable"} and got_day == day == record["day"]
+    wide = f'"id":"é","day":"{day}","n":123456789012345678901234567890}}'.encode()
+    assert _made_line("1-0/7", wide)[1] == (
+        b'{"entry":"1-0/7","id":"\\u00e9","day":"2026-12-01","n":123456789012345678901234567890}\n')
+    assert json.loads(_made_line('odd"id', plain)[1])["entry"] == 'odd"id'
