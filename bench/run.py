@@ -438,6 +438,7 @@ def run_arriving(events: list[dict[str, Any]], settings: Settings, settings_env:
     fleet = Fleet(settings_env, pool, processes, workdir, metrics=metrics, code=code)
     try:
         redis_cpu0 = redis_cpu_s(client)
+        client.config_resetstat()  # measure_fleet's commands: publishing's and delivering's, from here
         archiver_cpu0 = archive.cpu() if archive else 0.0
         publisher = start_arrivals(events, workdir / f"arrivals-{time.time():.0f}.jsonl", arrival_rate,
                                    settings_env, code)
