@@ -115,6 +115,10 @@ class Settings:
     # (worker/batch.py); off: each sends triggers carrying its ids (while workers that take no
     # shared trigger still run: docs/hosts.md, upgrading)
     shared_triggers: bool = True
+    # CGRID_CLAIM_RUN_MS: a worker that took a shared trigger goes on claiming its queue's new
+    # events itself, while they keep coming, for this long (worker/follow.py); 0: one claim
+    # per trigger
+    claim_run_ms: float = 200.0
     call_concurrency: int = 1000
     buyer_max_concurrency: int = 100
     lane_wait_s: float = 0.25
@@ -169,6 +173,7 @@ class Settings:
             event_max_age_s=_number(env, "CGRID_EVENT_MAX_AGE_S", cls.event_max_age_s, minimum=1),
             batch_size=_integer(env, "CGRID_BATCH_SIZE", cls.batch_size),
             linger_ms=_number(env, "CGRID_LINGER_MS", cls.linger_ms),
+            claim_run_ms=_number(env, "CGRID_CLAIM_RUN_MS", cls.claim_run_ms),
             call_concurrency=_integer(env, "CGRID_CALL_CONCURRENCY", cls.call_concurrency),
             buyer_max_concurrency=_integer(env, "CGRID_BUYER_MAX_CONCURRENCY", cls.buyer_max_concurrency),
             lane_wait_s=_number(env, "CGRID_LANE_WAIT_MS", cls.lane_wait_s * 1000) / 1000,

@@ -177,6 +177,20 @@ class DeliveryEngine:
             self._pending += room
             return room
 
+    def reserve_now(self, n: int) -> int:
+        """Reserve room for at most ``n`` attempts without waiting: how many were reserved
+        (0: none is free, or the engine is draining)."""
+        with self._cond:
+            if self._draining:
+                return 0
+            room = max(0, min(n, self.capacity - self._pending))
+            self._pending += room
+            return room
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def submit(self, claimed: list[tuple[str, str]], attempt_n: int, reserved: int,
                parked_buyers: list[str] | None = None, claim_stamp: str = "", *, hold: bool = False) -> None:
         """Hand claimed attempts to the call loop; give back the room of ids not claimed.

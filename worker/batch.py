@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from cgrid.ledger import NotReplicated, new_claim_token
 from cgrid.logs import get_logger
 from cgrid.redis_conn import ride_out_redis
 from cgrid.routing import QUEUE_NAME
+from worker.follow import ClaimRuns
 from worker.poison import record_poison
 from worker.runtime import Runtime
 
@@ -110,7 +112,9 @@ def run_shared(rt: Runtime, ids: Any, partition: Any, sent_at_s: Any, queue: Any
     the trigger go (another worker gets one) and waits for room.
     When ids stay in the list, ``send_on(queue, n, partition, sent_at_s)`` sends the trigger
     on, as ``n`` triggers (at most :data:`SHARED_FAN_OUT`), before the calls are made, so
-    that other workers take them while this one calls."""
+    that other workers take them while this one calls. When the claim empties the list, a
+    claim run follows (``CGRID_CLAIM_RUN_MS``, worker/follow.py): this process claims the
+    queue's new events itself while they keep coming."""
     problem = check_shared_args(ids, partition, sent_at_s, len(rt.ledger.keyspaces))
     if problem is not None:
         record_poison(f"task arguments: {problem}", repr([ids, partition, sent_at_s]))
@@ -118,35 +122,83 @@ def run_shared(rt: Runtime, ids: Any, partition: Any, sent_at_s: Any, queue: Any
     if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
         queue = rt.settings.routing.queue_for(None, 1)
     engine = rt.engine
+    let_go_called: list[bool] = []
 
     def let_go() -> None:  # (a full engine: another worker should take this queue's ids)
-        try:
-            rt.ledger.release_shared(queue, partition)
-        except (redis.RedisError, redis.exceptions.RedisClusterException):
-            pass  # then the mark's hold (1 s) lets it go
+        let_go_called.append(True)
+        release_shared(rt, queue, partition)
 
     take = engine.reserve_up_to(rt.settings.batch_size, before_waiting=let_go)
+    run = rt.settings.claim_run_ms > 0 and not let_go_called and not engine.draining
+    first_ids: list[str] = []
+    claimed, waiting, hold = claim_shared_step(rt, send_on, queue, partition, take, float(sent_at_s), run,
+                                               first_ids)
+    if run and not waiting:
+        if hold:  # handed back: no run on a node nobody vouches for
+            release_shared(rt, queue, partition)
+        else:
+            claim_runs(rt, send_on).start(queue, partition, float(sent_at_s))
+    # (Flower shows a task's result: the first ids it took tell which trigger an event rode on)
+    return {"shared": 1, "claimed": claimed, "waiting": waiting, "first_ids": first_ids}
+
+
+def claim_shared_step(rt: Runtime, send_on: Callable[[str, int, int, float], None], queue: str, partition: int,
+                      take: int, sent_at_s: float, again: bool, first_ids: list[str] | None = None
+                      ) -> tuple[int, int, bool]:
+    """One claim of a shared queue, ``take`` attempts' room reserved in the engine: the
+    claimed attempts handed to the engine, the trigger sent on when ids stay in the list.
+    ``again``: the caller claims the queue again soon (a claim run: the mark stays).
+    Returns how many were claimed, how many ids stay in the list, and whether the claims
+    were handed back (no replica holds them on a node the sentinels do not vouch for)."""
+    engine = rt.engine
     parked_buyers: list[str] = []
     stamp: list[str] = []
     left: list[int] = []
     try:
         claimed, hold = _claim_riding_out(rt, lambda token: rt.ledger.claim_shared(
-            queue, partition, take, lease_s=engine.lease_s, sent_at_s=float(sent_at_s), parked_buyers=parked_buyers,
-            stamp=stamp, token=token, left=left))
+            queue, partition, take, lease_s=engine.lease_s, sent_at_s=sent_at_s, parked_buyers=parked_buyers,
+            stamp=stamp, token=token, left=left, again=again))
     except BaseException:
         engine.submit([], 1, reserved=take)
         raise
     waiting = left[-1] if left else 0
     if waiting > 0:
         try:
-            send_on(queue, min(SHARED_FAN_OUT, math.ceil(waiting / take)), partition, float(sent_at_s))
+            send_on(queue, min(SHARED_FAN_OUT, math.ceil(waiting / take)), partition, sent_at_s)
         except Exception as e:  # the broker is away: the next accept asks again, or the sweeper resends
             get_logger().warning("shared_trigger_not_sent", queue=queue, waiting=waiting, error=type(e).__name__)
     engine.submit(claimed, 1, reserved=take, parked_buyers=parked_buyers, claim_stamp=stamp[-1] if stamp else "",
                   hold=hold)
-    # (Flower shows a task's result: the first ids it took tell which trigger an event rode on)
-    return {"shared": 1, "claimed": len(claimed), "waiting": waiting,
-            "first_ids": [event_id for event_id, _ in claimed[:ARGSREPR_IDS]]}
+    if first_ids is not None:
+        first_ids += [event_id for event_id, _ in claimed[:ARGSREPR_IDS]]
+    return len(claimed), waiting, hold
+
+
+def release_shared(rt: Runtime, queue: str, partition: int) -> None:
+    """Clear ``queue``'s trigger mark: the next accept (or the sweeper) sends a trigger."""
+    try:
+        rt.ledger.release_shared(queue, partition)
+    except (redis.RedisError, redis.exceptions.RedisClusterException):
+        pass  # then the mark's hold (1 s) lets it go
+
+
+def claim_runs(rt: Runtime, send_on: Callable[[str, int, int, float], None]) -> ClaimRuns:
+    """This process's claim runs (one thread, made at the first run). Runs send triggers on
+    with the ``send_on`` of the task that started the first run (the process's Celery app)."""
+    with _runs_lock:
+        runs = rt.claim_runs
+        if not isinstance(runs, ClaimRuns):
+            settings = rt.settings
+            runs = rt.claim_runs = ClaimRuns(
+                run_ms=settings.claim_run_ms, linger_ms=settings.linger_ms, batch_size=settings.batch_size,
+                reserve_now=rt.engine.reserve_now,
+                step=lambda queue, partition, take, sent_at_s, again: claim_shared_step(
+                    rt, send_on, queue, partition, take, sent_at_s, again),
+                release=lambda queue, partition: release_shared(rt, queue, partition))
+        return runs
+
+
+_runs_lock = threading.Lock()
 
 
 def send_on(app: Celery, queue: str, n: int, partition: int, sent_at_s: float) -> None:

@@ -20,6 +20,7 @@ class Runtime:
     ledger: Ledger
     pid: int
     _engine: DeliveryEngine | None = field(default=None, repr=False)
+    claim_runs: object = field(default=None, repr=False)  # worker.follow.ClaimRuns, made at the first run
 
     @property
     def engine(self) -> DeliveryEngine:

@@ -431,16 +431,18 @@ class Ledger:
     def claim_shared(
         self, queue: str, partition: int, take: int, *, lease_s: float, sent_at_s: float,
         parked_buyers: list[str] | None = None, stamp: list[str] | None = None, token: str = "",
-        left: list[int] | None = None,
+        left: list[int] | None = None, again: bool = False,
     ) -> list[tuple[str, str]]:
         """A shared trigger's claim: takes up to ``take`` ids from ``queue``'s pending list
         (of ``partition``: 0 here; a cluster's ledger has several) and claims their first
         attempts, as :meth:`claim` does. ``left`` receives how many ids stay in the list: the
-        caller then sends the trigger on (:func:`cgrid.broker.send_shared`)."""
+        caller then sends the trigger on (:func:`cgrid.broker.send_shared`). ``again``: the
+        caller claims this queue again soon (a claim run, worker/follow.py), so a claim that
+        empties the list keeps the trigger's mark (accepts send none meanwhile)."""
         if partition != 0:
             raise CgridError(f"partition: this ledger has one, not {partition + 1}")
         return self._run_claim([self.prefix, 1, _num(lease_s), _num(sent_at_s), queue, _checked_token(token), "",
-                                take, SHARED_TRIGGER_HOLD_MS], stamp, parked_buyers, left)
+                                take, SHARED_TRIGGER_HOLD_MS, "1" if again else ""], stamp, parked_buyers, left)
 
     def _run_claim(self, args: list[str | int], stamp: list[str] | None, parked_buyers: list[str] | None,
                    left: list[int] | None = None) -> list[tuple[str, str]]:

@@ -144,12 +144,13 @@ class PartitionedLedger(Ledger):
 
     def claim_shared(self, queue: str, partition: int, take: int, *, lease_s: float, sent_at_s: float,
                      parked_buyers: list[str] | None = None, stamp: list[str] | None = None, token: str = "",
-                     left: list[int] | None = None) -> list[tuple[str, str]]:
+                     left: list[int] | None = None, again: bool = False) -> list[tuple[str, str]]:
         """As :meth:`Ledger.claim_shared`, from the pending list of ``partition``."""
         if not 0 <= partition < len(self.parts):
             raise CgridError(f"partition: this ledger has {len(self.parts)}, not {partition + 1}")
         return self.parts[partition].claim_shared(queue, 0, take, lease_s=lease_s, sent_at_s=sent_at_s,
-                                                  parked_buyers=parked_buyers, stamp=stamp, token=token, left=left)
+                                                  parked_buyers=parked_buyers, stamp=stamp, token=token, left=left,
+                                                  again=again)
 
     def finish(self, results: list[Finish], attempt: int, *, ledger_ttl_s: int, report_ttl_s: int,
                retry_delay_s: float) -> list[str]:

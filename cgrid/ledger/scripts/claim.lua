@@ -6,8 +6,9 @@
 --        lease:<token>)
 -- ARGV:  prefix, attempt n, lease_s, sent_at (of the trigger, by this clock), the queue the
 --        trigger came from, this claim's token (random, made by the caller), then the ids;
---        or, for a shared trigger, '' then how many ids to take from P pending:<queue> and
---        how long the trigger sent on is taken to be on its way (ms)
+--        or, for a shared trigger, '' then how many ids to take from P pending:<queue>, how
+--        long the trigger sent on is taken to be on its way (ms), and '1' when the caller
+--        claims this queue again soon itself (a claim run: worker/follow.py), else ''
 -- Reply: {id, event_json} per claimed event, then '|', this claim's stamp (its token), how
 --        many ids stay in P pending:<queue> (0 for ids given), then the claimed events'
 --        buyers that have parked events
@@ -21,7 +22,8 @@
 -- the claim and a ZREM at the finish were a tenth of Redis's work per event.
 -- When ids stay in the list, the caller sends the shared trigger on (P trigger:<queue> is
 -- set again for that); the claim that leaves it empty deletes P trigger:<queue>, so the next
--- accept asks for a new trigger.
+-- accept asks for a new trigger, unless its caller claims the queue again soon (a claim
+-- run): then P trigger:<queue> is set again, and accepts send no trigger meanwhile.
 -- A shared trigger's claim writes nothing into the records of the events it takes off the
 -- list when they were accepted for a shared trigger (no sent_at): an id is in the list once,
 -- so the list's LPOP is that first attempt's claim, and its lease (P leases:shared, and
@@ -57,7 +59,7 @@ if shared then
     if #ids > 0 then ids_text = table.concat(ids, '\n') end
   end
   left = redis.call('LLEN', pending)
-  if left > 0 then redis.call('SET', flag, now_text, 'PX', ARGV[9]) else redis.call('DEL', flag) end
+  if left > 0 or ARGV[10] == '1' then redis.call('SET', flag, now_text, 'PX', ARGV[9]) else redis.call('DEL', flag) end
 else
   for i = 7, #ARGV do ids[#ids + 1] = ARGV[i] end
 end

@@ -1,0 +1,149 @@
+"""Claim runs (worker/follow.py): a worker that took a shared trigger claims its queue's new
+events itself while they keep coming, so steady publishing costs a trigger per run, not one
+per send. The run's rules on their own (no Redis), the mark in a real Redis, and a real
+``celery worker`` delivering events published one by one."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from cgrid.event import Event
+from cgrid.ledger import Ledger
+from cgrid.routing import DELIVER_QUEUE
+from cgrid.settings import Settings
+from ops.mock_dsp import MockDspServer
+from producer import Publisher
+from tests.helpers import WorkerProcess, fleet_env, wait_for
+from worker.follow import ClaimRuns
+
+
+class Steps:
+    """A claim step that records what it was asked (``again``) and answers as told."""
+
+    def __init__(self, claimed: int = 1, waiting: int = 0) -> None:
+        self.claimed, self.waiting = claimed, waiting
+        self.agains: list[bool] = []
+        self.released: list[tuple[str, int]] = []
+        self.done = threading.Event()
+
+    def step(self, queue: str, partition: int, take: int, sent_at_s: float, again: bool) -> tuple[int, int, bool]:
+        self.agains.append(again)
+        if not again:
+            self.done.set()
+        return self.claimed, self.waiting, False
+
+    def release(self, queue: str, partition: int) -> None:
+        self.released.append((queue, partition))
+        self.done.set()
+
+
+def runs_with(steps: Steps, run_ms: float, room: int = 500) -> ClaimRuns:
+    return ClaimRuns(run_ms=run_ms, linger_ms=10, batch_size=500, reserve_now=lambda n: min(n, room),
+                     step=steps.step, release=steps.release)
+
+
+def test_a_run_claims_every_half_linger_until_its_time_is_up_and_its_last_claim_lets_the_mark_go() -> None:
+    steps = Steps(claimed=3)
+    runs = runs_with(steps, run_ms=150)
+    runs.start("q", 0, 1.0)
+    assert steps.done.wait(5)
+    time.sleep(0.05)
+    assert steps.agains[-1] is False and all(steps.agains[:-1]), steps.agains
+    assert 8 <= len(steps.agains) <= 40, len(steps.agains)  # every 5 ms for 150 ms, give or take a busy machine
+    assert runs.running() == [] and steps.released == []
+
+
+def test_a_run_ends_when_nothing_comes_for_a_while() -> None:
+    steps = Steps(claimed=0)
+    runs = runs_with(steps, run_ms=60_000)
+    runs.start("q", 0, 1.0)
+    assert steps.done.wait(5)
+    time.sleep(0.05)
+    assert steps.agains[-1] is False and 2 <= len(steps.agains) <= 20, steps.agains
+    assert runs.running() == []
+
+
+def test_a_run_ends_when_its_claim_leaves_ids_for_the_trigger_sent_on() -> None:
+    steps = Steps(claimed=500, waiting=200)
+    runs = runs_with(steps, run_ms=60_000)
+    runs.start("q", 0, 1.0)
+    wait_for(lambda: steps.agains and runs.running() == [], 5, "the run ended")
+    assert steps.agains == [True]
+
+
+def test_a_run_with_no_room_in_the_engine_lets_the_queue_go_at_once() -> None:
+    steps = Steps()
+    runs = runs_with(steps, run_ms=60_000, room=0)
+    runs.start("q", 3, 1.0)
+    assert steps.done.wait(5)
+    assert steps.released == [("q", 3)] and steps.agains == []
+    wait_for(lambda: runs.running() == [], 5, "the run ended")
+
+
+def event(run: str, n: int, dsp: MockDspServer) -> Event:
+    return Event.from_dict({"id": f"run-{run}-{n}", "kind": "burl", "upstream": "s2s", "url": f"{dsp.url}/?e={n}"})
+
+
+def test_a_claim_that_goes_on_keeps_the_mark_and_accepts_send_no_trigger(redis_url: str,
+                                                                          dsp: MockDspServer) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    ledger = Ledger(client)
+    run = uuid.uuid4().hex[:6]
+
+    def accept(n: int) -> bool:
+        trigger: list[bool] = []
+        ledger.accept([event(run, n, dsp)], ledger_ttl_s=600, report_ttl_s=600, redeliver_after_s=30,
+                      shared_queue=DELIVER_QUEUE, trigger=trigger)
+        return trigger[-1]
+
+    assert accept(1) is True  # no trigger on its way: the publisher sends one
+    got = ledger.claim_shared(DELIVER_QUEUE, 0, 100, lease_s=60, sent_at_s=time.time(), token="a" * 32, again=True)
+    assert [i for i, _ in got] == [f"run-{run}-1"]
+    assert accept(2) is False  # the run claims it: no trigger
+    got = ledger.claim_shared(DELIVER_QUEUE, 0, 100, lease_s=60, sent_at_s=time.time(), token="b" * 32)
+    assert [i for i, _ in got] == [f"run-{run}-2"]
+    assert accept(3) is True  # the run's last claim let the mark go
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("run_ms", "triggers_at_most"), [("2000", 3), ("0", None)])
+def test_events_published_one_by_one_ride_on_a_few_triggers(
+        redis_url: str, dsp: MockDspServer, tmp_path: Path, run_ms: str, triggers_at_most: int | None) -> None:
+    """Forty events, one every 25 ms, to a real worker: with a 2 s run they ride on one trigger
+    (three on a slow machine); with runs off, on a trigger each, or nearly (the counter-check).
+    Each is called once."""
+    env = fleet_env(redis_url, CGRID_CLAIM_RUN_MS=run_ms)
+    client = redis.Redis.from_url(redis_url)
+    ledger = Ledger(client)
+    run = uuid.uuid4().hex[:6]
+    worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", name=f"runs-{run}").start()
+    ids = []
+    try:
+        lpush0 = int(client.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0))
+        with Publisher(Settings.from_env(env), linger_ms=0) as publisher:
+            for n in range(40):
+                ids.append(f"run-{run}-{n}")
+                publisher.publish({"id": ids[-1], "kind": "burl", "upstream": "s2s", "url": f"{dsp.url}/?e={ids[-1]}"})
+                publisher.flush()
+                time.sleep(0.025)
+        wait_for(lambda: all((ledger.record(i) or {}).get("state") == "delivered" for i in ids), 40,
+                 "every event delivered")
+        triggers = int(client.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0)) - lpush0
+        for event_id in ids:
+            assert sum(1 for c in dsp.log.snapshot() if c["target"].endswith(f"e={event_id}")) == 1, event_id
+        if triggers_at_most is not None:
+            assert 1 <= triggers <= triggers_at_most, triggers
+        else:
+            assert triggers >= 20, triggers
+        assert "claim_run_failed" not in worker.log_text()
+    finally:
+        worker.stop()
+    assert client.llen(f"cgrid:pending:{DELIVER_QUEUE}") == 0
+    wait_for(lambda: not client.exists(f"cgrid:trigger:{DELIVER_QUEUE}"), 5, "the run's mark let go")
