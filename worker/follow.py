@@ -54,7 +54,7 @@ class _Run:
 
 
 class ClaimRuns:
-    """The claim runs of one process, made by one daemon thread (``cgrid-claim-runs``)."""
+    """The claim runs of one process, made by one daemon thread (``cgrid-claim-run``)."""
 
     def __init__(self, *, run_ms: float, linger_ms: float, batch_size: int, reserve_now: Callable[[int], int],
                  step: ClaimStep, release: Callable[[str, int], None]) -> None:
@@ -71,7 +71,7 @@ class ClaimRuns:
         self._runs: dict[tuple[str, int], _Run] = {}
         self._cond = threading.Condition()
         self.claims = 0  # claims made by runs (tests, bench)
-        daemon_thread(self._loop, "cgrid-claim-runs").start()
+        daemon_thread(self._loop, "cgrid-claim-run").start()
 
     def start(self, queue: str, partition: int, sent_at_s: float) -> None:
         """A trigger's claim of ``queue`` kept its mark: claim it again from here on."""
