@@ -9,13 +9,13 @@ per publisher send (every ``CGRID_LINGER_MS``), each costing the worker that tak
 fifth of a worker's CPU at 6,000 events/s (docs/performance.md). In a run, the trigger's
 claim keeps the mark when it empties the list (``claim.lua``, ``again``), so accepts send
 no trigger meanwhile, and this process's claim-run thread claims the queue again every
-``CGRID_LINGER_MS`` / 2 (the publishers' pace) with what arrived. Claims are the same
+``CGRID_LINGER_MS`` (the publishers' pace) with what arrived. Claims are the same
 claims, each under its own lease; only who asks changes. The run ends, and its last claim
 clears the mark when it leaves the list empty (the next accept sends a trigger, which any
 worker may take: runs spread the work), when:
 
 - ``CGRID_CLAIM_RUN_MS`` has passed since its trigger;
-- nothing arrived for 2 x ``CGRID_LINGER_MS``, at least 50 ms (the publishers went quiet);
+- nothing arrived for 3 x ``CGRID_LINGER_MS``, at least 50 ms (the publishers went quiet);
 - a claim left ids in the list: the trigger is sent on, as a trigger's claim does, so
   other workers share a backlog;
 - the engine has no room, or the process is shutting down: the mark is cleared at once
@@ -62,8 +62,8 @@ class ClaimRuns:
         ``step``: one claim (its room reserved) and the hand-over of what it got;
         ``release(queue, partition)``: clear the queue's trigger mark."""
         self.run_s = run_ms / 1000
-        self.every_s = max(linger_ms / 2000, MIN_EVERY_S)
-        self.quiet_s = max(2 * linger_ms / 1000, MIN_QUIET_S)
+        self.every_s = max(linger_ms / 1000, MIN_EVERY_S)
+        self.quiet_s = max(3 * linger_ms / 1000, MIN_QUIET_S)
         self.batch_size = batch_size
         self._reserve_now = reserve_now
         self._step = step

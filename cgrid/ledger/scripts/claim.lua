@@ -59,7 +59,15 @@ if shared then
     if #ids > 0 then ids_text = table.concat(ids, '\n') end
   end
   left = redis.call('LLEN', pending)
-  if left > 0 or ARGV[10] == '1' then redis.call('SET', flag, now_text, 'PX', ARGV[9]) else redis.call('DEL', flag) end
+  if left > 0 then
+    redis.call('SET', flag, now_text, 'PX', ARGV[9])
+  elseif ARGV[10] == '1' then
+    -- (a run claims every few ms: its mark is set again only when half its hold has passed,
+    -- so a claim that finds nothing writes nothing)
+    if redis.call('PTTL', flag) < tonumber(ARGV[9]) / 2 then redis.call('SET', flag, now_text, 'PX', ARGV[9]) end
+  else
+    redis.call('DEL', flag)
+  end
 else
   for i = 7, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
