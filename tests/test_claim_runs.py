@@ -81,6 +81,41 @@ def test_a_run_with_no_room_in_the_engine_lets_the_queue_go_at_once() -> None:
     wait_for(lambda: runs.running() == [], 5, "the run ended")
 
 
+def test_a_warm_shutdown_ends_the_runs_and_lets_their_marks_go_at_once() -> None:
+    steps = Steps(claimed=2)
+    runs = runs_with(steps, run_ms=60_000)
+    runs.start("q", 0, 1.0)
+    runs.start("r", 1, 1.0)
+    wait_for(lambda: len(steps.agains) >= 4, 5, "the runs claim")
+    runs.stop()
+    assert sorted(steps.released) == [("q", 0), ("r", 1)] and runs.running() == []
+    claims = len(steps.agains)
+    time.sleep(0.1)
+    assert len(steps.agains) == claims  # no claim after the stop
+    runs.start("s", 0, 1.0)  # a trigger's claim that ends after the stop: its mark goes too
+    assert steps.released[-1] == ("s", 0) and runs.running() == [] and not runs.ready()
+
+
+def test_no_run_starts_while_the_thread_is_stuck_in_a_claim() -> None:
+    """A claim that hangs (a partition of a cluster slow to answer) must not hold back other
+    queues: a trigger then claims without a run, as before runs."""
+    unblock = threading.Event()
+    steps = Steps(claimed=1)
+
+    def slow_step(queue: str, partition: int, take: int, sent_at_s: float, again: bool) -> tuple[int, int, bool]:
+        unblock.wait(5)
+        return steps.step(queue, partition, take, sent_at_s, again)
+
+    runs = ClaimRuns(run_ms=60_000, linger_ms=10, batch_size=500, reserve_now=lambda n: n, step=slow_step,
+                     release=steps.release)
+    assert runs.ready()
+    runs.start("q", 0, 1.0)
+    wait_for(lambda: not runs.ready(), 5, "the stuck claim seen")
+    unblock.set()
+    wait_for(runs.ready, 5, "the thread free again")
+    runs.stop()
+
+
 def event(run: str, n: int, dsp: MockDspServer) -> Event:
     return Event.from_dict({"id": f"run-{run}-{n}", "kind": "burl", "upstream": "s2s", "url": f"{dsp.url}/?e={n}"})
 

@@ -129,7 +129,8 @@ def run_shared(rt: Runtime, ids: Any, partition: Any, sent_at_s: Any, queue: Any
         release_shared(rt, queue, partition)
 
     take = engine.reserve_up_to(rt.settings.batch_size, before_waiting=let_go)
-    run = rt.settings.claim_run_ms > 0 and not let_go_called and not engine.draining
+    run = (rt.settings.claim_run_ms > 0 and not let_go_called and not engine.draining
+           and claim_runs(rt, send_on).ready())
     first_ids: list[str] = []
     claimed, waiting, hold = claim_shared_step(rt, send_on, queue, partition, take, float(sent_at_s), run,
                                                first_ids)
@@ -187,7 +188,7 @@ def claim_runs(rt: Runtime, send_on: Callable[[str, int, int, float], None]) -> 
     with the ``send_on`` of the task that started the first run (the process's Celery app)."""
     with _runs_lock:
         runs = rt.claim_runs
-        if not isinstance(runs, ClaimRuns):
+        if runs is None:
             settings = rt.settings
             runs = rt.claim_runs = ClaimRuns(
                 run_ms=settings.claim_run_ms, linger_ms=settings.linger_ms, batch_size=settings.batch_size,

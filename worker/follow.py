@@ -23,8 +23,11 @@ worker may take: runs spread the work), when:
 - a claim failed (Redis away): the mark's hold (1 s) lets it go, and the sweeper sends a
   trigger for a list left without one, as for a lost trigger.
 
-The thread never waits on the engine and never runs Celery's code: the main thread stays
-free for the other queues' triggers.
+The thread never waits on the engine and runs no task (it sends a trigger on, as a task
+does, when a claim leaves ids): the main thread stays free for the other queues' triggers. A
+trigger starts no run while the thread is gone or stuck in a claim (Redis slow to answer:
+one partition of a cluster must not hold back the others' runs), and a warm shutdown ends
+every run and lets its mark go before the engine drains (:meth:`ClaimRuns.stop`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from cgrid.threads import daemon_thread
 ClaimStep = Callable[[str, int, int, float, bool], tuple[int, int, bool]]
 MIN_EVERY_S = 0.005  # claims of a run come at most this often (CGRID_LINGER_MS=0)
 MIN_QUIET_S = 0.05  # a run ends after this long without events at the least
+STUCK_S = 0.25  # a claim that takes longer: no new run starts until it is done
 
 
 @dataclass
@@ -70,16 +74,43 @@ class ClaimRuns:
         self._release = release
         self._runs: dict[tuple[str, int], _Run] = {}
         self._cond = threading.Condition()
+        self._busy_since: float | None = None  # when the claim under way began
+        self._stopped = False
         self.claims = 0  # claims made by runs (tests, bench)
-        daemon_thread(self._loop, "cgrid-claim-run").start()
+        self._thread = daemon_thread(self._loop, "cgrid-claim-run")
+        self._thread.start()
+
+    def ready(self) -> bool:
+        """Whether a new run would be served now: the thread runs, is not stopped, and is not
+        stuck in a claim (then a trigger's claim lets its mark go, as without runs)."""
+        busy_since = self._busy_since
+        return (self._thread.is_alive() and not self._stopped
+                and (busy_since is None or time.monotonic() - busy_since < STUCK_S))
+
+    def stop(self, wait_s: float = 1.0) -> None:
+        """Warm shutdown: no more claims; the claim under way is let finish (``wait_s`` at
+        most), then every run's mark is let go, so the next publish sends a trigger that
+        another worker takes."""
+        give_up_at = time.monotonic() + wait_s
+        with self._cond:
+            self._stopped = True
+            while self._busy_since is not None and time.monotonic() < give_up_at:
+                self._cond.wait(0.05)
+            runs, self._runs = list(self._runs), {}
+        for queue, partition in runs:
+            self._release(queue, partition)
 
     def start(self, queue: str, partition: int, sent_at_s: float) -> None:
         """A trigger's claim of ``queue`` kept its mark: claim it again from here on."""
         now = time.monotonic()
         with self._cond:
-            self._runs[(queue, partition)] = _Run(queue, partition, sent_at_s, ends_at=now + self.run_s,
-                                                  found_at=now, next_at=now + self.every_s)
-            self._cond.notify()
+            stopped = self._stopped
+            if not stopped:
+                self._runs[(queue, partition)] = _Run(queue, partition, sent_at_s, ends_at=now + self.run_s,
+                                                      found_at=now, next_at=now + self.every_s)
+                self._cond.notify()
+        if stopped:  # (shutting down: the mark goes at once)
+            self._release(queue, partition)
 
     def running(self) -> list[tuple[str, int]]:
         with self._cond:
@@ -92,6 +123,7 @@ class ClaimRuns:
                     now = time.monotonic()
                     due = [run for run in self._runs.values() if run.next_at <= now]
                     if due:
+                        self._busy_since = now
                         break
                     soonest = min((run.next_at for run in self._runs.values()), default=None)
                     self._cond.wait(None if soonest is None else soonest - now)
@@ -102,10 +134,14 @@ class ClaimRuns:
                     get_logger().warning("claim_run_failed", queue=run.queue, partition=run.partition,
                                          error=repr(e)[:300])
                     going = False
-                if not going:
-                    with self._cond:
-                        if self._runs.get((run.queue, run.partition)) is run:
-                            del self._runs[(run.queue, run.partition)]
+                with self._cond:
+                    if not going and self._runs.get((run.queue, run.partition)) is run:
+                        del self._runs[(run.queue, run.partition)]
+                    if self._stopped:
+                        break
+            with self._cond:
+                self._busy_since = None
+                self._cond.notify_all()
 
     def _claim(self, run: _Run) -> bool:
         """One claim of a run; whether the run goes on."""

@@ -12,6 +12,7 @@ from cgrid.ledger.partitions import ledger_for
 from cgrid.redis_conn import long_lived_client, sentinel_primary
 from cgrid.settings import Settings
 from delivery.engine import DeliveryEngine
+from worker.follow import ClaimRuns
 
 
 @dataclass
@@ -20,7 +21,7 @@ class Runtime:
     ledger: Ledger
     pid: int
     _engine: DeliveryEngine | None = field(default=None, repr=False)
-    claim_runs: object = field(default=None, repr=False)  # worker.follow.ClaimRuns, made at the first run
+    claim_runs: ClaimRuns | None = field(default=None, repr=False)  # made at the first run (worker/batch.py)
 
     @property
     def engine(self) -> DeliveryEngine:
@@ -33,7 +34,10 @@ class Runtime:
     def drain(self) -> bool:
         """Wait until the attempts this process claimed are made and recorded, at most their
         lease (which covers the longest deadline of any buyer, a buyer's own ``timeout_s``
-        included); a process that never delivered has nothing to wait for."""
+        included); a process that never delivered has nothing to wait for. Its claim runs
+        end first, their marks let go (the next publish sends a trigger another worker takes)."""
+        if self.claim_runs is not None:
+            self.claim_runs.stop()
         return self._engine is None or self._engine.drain(self._engine.lease_s)
 
 
