@@ -63,6 +63,7 @@ _UPSTREAMS = {upstream.value: upstream for upstream in Upstream}
 # Made once: json.dumps with options builds an encoder per call.
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _decode_json = json.JSONDecoder().decode
+_encode_json_string: Callable[[str], str] = json.encoder.encode_basestring  # ensure_ascii=False's (C)
 # orjson reads a record at a quarter of json's CPU, to the same values but for an integer
 # past 64 bits (a float: a macro may be an integer up to 10**30): json reads such a record,
 # and what orjson refuses (NaN, a lone surrogate). (Floats: both round correctly, and the
@@ -81,7 +82,6 @@ def _decode_ledger_json(text: str) -> Any:
             if type(value) is float and abs(value) >= _ORJSON_INT_MAX:
                 return _decode_json(text)
     return data
-_encode_json_string: Callable[[str], str] = json.encoder.encode_basestring  # ensure_ascii=False's (C)
 
 
 def _json_value(value: object) -> str:

@@ -129,16 +129,13 @@ def run_shared(rt: Runtime, ids: Any, partition: Any, sent_at_s: Any, queue: Any
         release_shared(rt, queue, partition)
 
     take = engine.reserve_up_to(rt.settings.batch_size, before_waiting=let_go)
-    run = (rt.settings.claim_run_ms > 0 and not let_go_called and not engine.draining
-           and claim_runs(rt, send_on).ready())
+    runs = claim_runs(rt, send_on) if rt.settings.claim_run_ms > 0 else None
+    run = runs is not None and not let_go_called and not engine.draining and runs.ready()
     first_ids: list[str] = []
     claimed, waiting, hold = claim_shared_step(rt, send_on, queue, partition, take, float(sent_at_s), run,
                                                first_ids)
-    if run and not waiting:
-        if hold:  # handed back: no run on a node nobody vouches for
-            release_shared(rt, queue, partition)
-        else:
-            claim_runs(rt, send_on).start(queue, partition, float(sent_at_s))
+    if runs is not None and run and not waiting and not hold:
+        runs.start(queue, partition, float(sent_at_s))
     # (Flower shows a task's result: the first ids it took tell which trigger an event rode on)
     return {"shared": 1, "claimed": claimed, "waiting": waiting, "first_ids": first_ids}
 
@@ -150,7 +147,8 @@ def claim_shared_step(rt: Runtime, send_on: Callable[[str, int, int, float], Non
     claimed attempts handed to the engine, the trigger sent on when ids stay in the list.
     ``again``: the caller claims the queue again soon (a claim run: the mark stays).
     Returns how many were claimed, how many ids stay in the list, and whether the claims
-    were handed back (no replica holds them on a node the sentinels do not vouch for)."""
+    were handed back (no replica holds them on a node the sentinels do not vouch for: then
+    no run follows, and a mark ``again`` kept is let go)."""
     engine = rt.engine
     parked_buyers: list[str] = []
     stamp: list[str] = []
@@ -170,6 +168,8 @@ def claim_shared_step(rt: Runtime, send_on: Callable[[str, int, int, float], Non
             get_logger().warning("shared_trigger_not_sent", queue=queue, waiting=waiting, error=type(e).__name__)
     engine.submit(claimed, 1, reserved=take, parked_buyers=parked_buyers, claim_stamp=stamp[-1] if stamp else "",
                   hold=hold)
+    if again and hold and not waiting:
+        release_shared(rt, queue, partition)
     if first_ids is not None:
         first_ids += [event_id for event_id, _ in claimed[:ARGSREPR_IDS]]
     return len(claimed), waiting, hold

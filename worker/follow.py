@@ -63,7 +63,8 @@ class ClaimRuns:
     def __init__(self, *, run_ms: float, linger_ms: float, batch_size: int, reserve_now: Callable[[int], int],
                  step: ClaimStep, release: Callable[[str, int], None]) -> None:
         """``reserve_now(n)``: room for up to n attempts in the engine, without waiting;
-        ``step``: one claim (its room reserved) and the hand-over of what it got;
+        ``step``: one claim (its room reserved) and the hand-over of what it got (claims
+        handed back: it lets the mark go);
         ``release(queue, partition)``: clear the queue's trigger mark."""
         self.run_s = run_ms / 1000
         self.every_s = max(linger_ms / 1000, MIN_EVERY_S)
@@ -76,7 +77,6 @@ class ClaimRuns:
         self._cond = threading.Condition()
         self._busy_since: float | None = None  # when the claim under way began
         self._stopped = False
-        self.claims = 0  # claims made by runs (tests, bench)
         self._thread = daemon_thread(self._loop, "cgrid-claim-run")
         self._thread.start()
 
@@ -152,14 +152,9 @@ class ClaimRuns:
             self._release(run.queue, run.partition)
             return False
         claimed, waiting, handed_back = self._step(run.queue, run.partition, take, run.sent_at_s, not last)
-        self.claims += 1
-        if handed_back:  # claimed on a node no replica or sentinel vouched for
-            if not last and not waiting:
-                self._release(run.queue, run.partition)
-            return False
         if claimed:
             run.found_at = now
-        if last or waiting:
+        if last or waiting or handed_back:  # (handed back: the step let the mark go)
             return False
         run.next_at = time.monotonic() + self.every_s
         return True
